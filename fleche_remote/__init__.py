@@ -1,0 +1,89 @@
+"""fleche-remote: a persistent, content-addressed cache of function results
+whose layers can live on any machine reachable by ``ssh``.
+
+Everything public is re-exported here. Nothing heavy is imported: the
+remote client, the config loader and the SQL/HDF5 backends load on first
+use, so ``import fleche_remote`` stays cheap on a login node.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .call import Call, CallRecord, LazyCall
+from .caches import BaseCache, Cache, CacheStack
+from .digest import Digest, UnstableDigestWarning, digest_of
+from .errors import (
+    AmbiguousDigestError,
+    ConfigError,
+    CorruptEntryError,
+    FlecheRemoteError,
+    IncompatibleProtocolError,
+    ProtocolError,
+    Rejected,
+    RemoteConnectionError,
+    RemoteError,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SshCache": "fleche_remote.remote.client",
+    "serve": "fleche_remote.remote.server",
+    "load_config": "fleche_remote.config",
+    "cache_from_config": "fleche_remote.config",
+    "cache_to_config": "fleche_remote.config",
+    "load_cache": "fleche_remote.config",
+    "redact": "fleche_remote.config",
+    "cached": "fleche_remote.cached",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cached import cached
+    from .config import cache_from_config, cache_to_config, load_cache, load_config, redact
+    from .remote.client import SshCache
+    from .remote.server import serve
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fleche_remote' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "AmbiguousDigestError",
+    "BaseCache",
+    "Cache",
+    "CacheStack",
+    "Call",
+    "CallRecord",
+    "ConfigError",
+    "CorruptEntryError",
+    "Digest",
+    "FlecheRemoteError",
+    "IncompatibleProtocolError",
+    "LazyCall",
+    "ProtocolError",
+    "Rejected",
+    "RemoteConnectionError",
+    "RemoteError",
+    "SshCache",
+    "StorageError",
+    "UnstableDigestWarning",
+    "__version__",
+    "cache_from_config",
+    "cache_to_config",
+    "cached",
+    "digest_of",
+    "load_cache",
+    "load_config",
+    "redact",
+    "serve",
+]

@@ -1,0 +1,199 @@
+"""``BaseCache``: the one interface every cache offers.
+
+A cache is built from a handful of record-level primitives, which move
+:class:`~fleche_remote.call.CallRecord` s and value
+:class:`~fleche_remote.values.Blob` s without ever decoding a result. The
+user-facing methods (``save``, ``load``, ``query``, ...) are written once,
+here, on top of them. That split is what lets the same interface be a
+local directory (:class:`~fleche_remote.caches.Cache`), a stack of layers
+(:class:`~fleche_remote.caches.CacheStack`) or a server across ssh
+(:class:`~fleche_remote.remote.client.SshCache`): the remote forwards the
+primitives, so the server never unpickles what a client saved, and a
+back-fill between layers copies bytes, not objects.
+
+The batch primitives (``contains_many``, ``load_records``,
+``save_records``) exist so that a remote can answer a batch in one round
+trip; local caches just loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from ..call import Call, CallRecord, LazyCall, make_record
+from ..digest import Digest, digest_of
+from ..errors import Rejected
+from ..values import Blob, blob_digest, decode_value, encode_value
+
+#: Filter keys with this name match metadata instead of an argument.
+METADATA_FILTER = "metadata"
+
+
+class BaseCache(abc.ABC):
+    """A persistent map from call keys to calls and their results."""
+
+    # -- primitives ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
+        """Store each record with the blob of its result.
+
+        Raises:
+            Rejected: the cache is read-only.
+        """
+
+    @abc.abstractmethod
+    def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
+        """Records for full ``keys`` in order; ``None`` where absent."""
+
+    @abc.abstractmethod
+    def load_blob(self, value_digest: str) -> Blob:
+        """The blob of a stored result; ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def contains_many(self, keys: Sequence[str]) -> List[bool]:
+        """Whether each full key is stored, in one pass (one round trip)."""
+
+    @abc.abstractmethod
+    def evict(self, key: str) -> None:
+        """Forget the call under ``key`` (a full key or a unique prefix).
+
+        The result's value stays until no call refers to it and
+        ``collect_garbage`` runs, because equal results are shared.
+
+        Raises:
+            KeyError: nothing is stored under ``key``.
+            Rejected: the cache is read-only.
+        """
+
+    @abc.abstractmethod
+    def expand(self, short_key: str) -> Digest:
+        """The one full key that starts with ``short_key``.
+
+        Raises:
+            KeyError: no stored key starts with it.
+            AmbiguousDigestError: more than one does.
+        """
+
+    @abc.abstractmethod
+    def query_records(
+        self,
+        name: Optional[str] = None,
+        arg_digests: Optional[Mapping[str, str]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> Iterator[CallRecord]:
+        """Records matching all given filters (see :meth:`query`)."""
+
+    @property
+    @abc.abstractmethod
+    def read_only(self) -> bool:
+        """True when writes raise :class:`~fleche_remote.errors.Rejected`."""
+
+    def close(self) -> None:
+        """Release files, connections and subprocesses (reopened on use)."""
+
+    def __enter__(self) -> "BaseCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the user-facing API, built on the primitives ----------------------
+
+    def save(self, call: Call) -> Digest:
+        """Store ``call`` with its result; returns the key it is filed under.
+
+        Saving a call that is already stored is a no-op that succeeds, so
+        concurrent writers of the same work never fail each other.
+
+        Raises:
+            Rejected: the cache is read-only.
+            TypeError: ``call.metadata`` is not plain data.
+        """
+        return self.save_many([call])[0]
+
+    def save_many(self, calls: Iterable[Call]) -> List[Digest]:
+        """Save several calls (one round trip on a remote)."""
+        self._check_writable("save")
+        items = []
+        for call in calls:
+            blob = encode_value(call.result)
+            items.append((make_record(call, blob, blob_digest(blob)), blob))
+        if items:
+            self.save_records(items)
+        return [Digest(r.key) for r, _ in items]
+
+    def load(self, key: str) -> LazyCall:
+        """The stored call under ``key`` (full or unique prefix); its
+        ``result`` loads on first access.
+
+        Raises:
+            KeyError: nothing stored under ``key``.
+            AmbiguousDigestError: a prefix matched more than one key.
+        """
+        full = self._full_key(key)
+        record = self.load_records([full])[0]
+        if record is None:
+            raise KeyError(key)
+        return self._lazy(record)
+
+    def load_many(self, keys: Sequence[str]) -> List[Optional[LazyCall]]:
+        """Stored calls for full ``keys``, ``None`` where absent (one round trip)."""
+        return [None if r is None else self._lazy(r) for r in self.load_records(list(keys))]
+
+    def load_value(self, key: str) -> Any:
+        """The result stored under ``key`` (full or unique prefix).
+
+        Raises:
+            KeyError: nothing stored under ``key``.
+        """
+        return self.load(key).result
+
+    def contains(self, key: str) -> bool:
+        """Whether a call is stored under the full ``key``."""
+        return self.contains_many([key])[0]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.contains(key)
+
+    def query(self, name: Optional[str] = None, **filters: Any) -> Iterator[LazyCall]:
+        """Stream stored calls of ``name`` whose arguments equal ``filters``.
+
+        Arguments compare by their stable digest, so ``x=1`` matches a call
+        made with ``x=1`` but not ``x=1.0``. The reserved filter
+        ``metadata={...}`` matches metadata values instead.
+        """
+        meta = filters.pop(METADATA_FILTER, None)
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError("the metadata filter must be a mapping")
+        arg_digests = {k: str(digest_of(v)) for k, v in filters.items()}
+        for record in self.query_records(name, arg_digests or None, meta):
+            yield self._lazy(record)
+
+    def collect_garbage(self) -> int:
+        """Remove stored values no call refers to; returns how many.
+
+        Only meaningful for caches that own their storage; others return 0.
+        """
+        return 0
+
+    # -- helpers ------------------------------------------------------------
+
+    def _lazy(self, record: CallRecord) -> LazyCall:
+        digest = record.value
+        return LazyCall(record, lambda: decode_value(self.load_blob(digest)))
+
+    def _full_key(self, key: str) -> str:
+        key = str(key)
+        if len(key) == 64:
+            return key
+        return str(self.expand(key))
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise Rejected(f"cannot {what}: {self!r} is read-only")
+
+    def describe(self) -> Dict[str, Any]:
+        """A short plain-data description (for ``info`` and the CLI)."""
+        return {"class": type(self).__name__, "read_only": self.read_only}

@@ -1,0 +1,151 @@
+"""Calls as the user sees them (``Call``, ``LazyCall``) and as stores keep
+them (``CallRecord``).
+
+A :class:`CallRecord` is plain data only: the arguments ride along as
+opaque cloudpickle bytes plus one stable digest per argument, so a store
+or a server can index, filter and move records without unpickling
+anything a user wrote. The result is not in the record at all; the record
+points at it by its value digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
+
+from .digest import Digest, call_digest, digest_of
+from .plain import check_plain, register_plain
+
+if TYPE_CHECKING:
+    from .values import Blob
+
+
+@dataclass
+class Call:
+    """One function call: what was called, with what, and what it returned.
+
+    Args:
+        name: the function's qualified name (``module.qualname`` for
+            :func:`~fleche_remote.cached`).
+        arguments: parameter name to value, as bound by the function.
+        result: the return value.
+        metadata: plain data (str/int/float/bool/None/list/dict) recorded
+            next to the call, e.g. wall time and host.
+        version: bump it to invalidate earlier results of ``name``.
+    """
+
+    name: str
+    arguments: Dict[str, Any]
+    result: Any = None
+    metadata: Optional[Dict[str, Any]] = None
+    version: Optional[str] = None
+
+    def key(self) -> Digest:
+        """The digest ``save`` files this call under; stable across processes."""
+        return call_digest(self.name, dict(self.arguments), self.version)
+
+
+@register_plain
+@dataclass(frozen=True)
+class CallRecord:
+    """A call as stored: plain fields only, safe to decode anywhere."""
+
+    key: str
+    name: str
+    version: Optional[str]
+    arguments: bytes
+    arg_digests: Dict[str, str]
+    metadata: Dict[str, Any]
+    value: str
+    value_kind: str = "pickle"
+    value_size: int = 0
+
+
+def make_record(call: Call, blob: "Blob", value_digest: str) -> CallRecord:
+    """Build the stored form of ``call`` whose result encodes to ``blob``."""
+    import cloudpickle
+
+    metadata = dict(call.metadata or {})
+    check_plain(metadata, "Call.metadata")
+    arguments = dict(call.arguments)
+    return CallRecord(
+        key=str(call.key()),
+        name=call.name,
+        version=call.version,
+        arguments=cloudpickle.dumps(arguments, protocol=4),
+        arg_digests={k: str(digest_of(v)) for k, v in arguments.items()},
+        metadata=metadata,
+        value=str(value_digest),
+        value_kind=blob.kind,
+        value_size=blob.size,
+    )
+
+
+_UNSET: Any = object()
+
+
+class LazyCall:
+    """A stored call whose ``result`` is loaded on first access.
+
+    ``name``, ``arguments``, ``metadata`` and ``key`` are available at once;
+    the (possibly large) result is fetched from its cache only when
+    ``.result`` is read, and then kept.
+    """
+
+    __slots__ = ("record", "arguments", "_loader", "_result")
+
+    def __init__(self, record: CallRecord, loader: Callable[[], Any]) -> None:
+        import cloudpickle
+
+        self.record = record
+        self.arguments: Dict[str, Any] = cloudpickle.loads(record.arguments)
+        self._loader = loader
+        self._result = _UNSET
+
+    @property
+    def key(self) -> Digest:
+        return Digest(self.record.key)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def version(self) -> Optional[str]:
+        return self.record.version
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self.record.metadata
+
+    @property
+    def value_digest(self) -> Digest:
+        return Digest(self.record.value)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether ``result`` has been fetched already."""
+        return self._result is not _UNSET
+
+    @property
+    def result(self) -> Any:
+        if self._result is _UNSET:
+            self._result = self._loader()
+        return self._result
+
+    def to_call(self) -> Call:
+        """A plain :class:`Call` (loads the result)."""
+        return Call(self.name, dict(self.arguments), self.result, dict(self.metadata), self.version)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"<LazyCall {self.name} key={self.record.key[:12]} result {state}>"
+
+
+def replace_record(record: CallRecord, **changes: Any) -> CallRecord:
+    """A copy of ``record`` with some fields changed."""
+    return dataclasses.replace(record, **changes)
+
+
+__all__ = ["Call", "CallRecord", "LazyCall", "make_record", "replace_record"]

@@ -1,0 +1,116 @@
+"""Plain-data pickling with a restricted decoder.
+
+Records on disk and messages on the wire are encoded with the standard
+pickle protocol (fast, compact, handles ``bytes`` natively) but decoded
+with an unpickler that resolves *only* an explicit allow-list of classes.
+A pickle that names anything else (``os.system``, ``builtins.eval``, a
+user class) is refused before any object is built, so bytes written by
+another user or sent by a client can never run code in this process.
+
+Values a user caches are *not* decoded here: they travel and rest as opaque
+bytes, and only the process that asked for them unpickles them.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any, Dict, FrozenSet, Iterable, Tuple
+
+from .errors import ProtocolError
+
+#: Protocol 4 is understood by every Python we support (3.9+) and frames
+#: large bytes objects without copying them through the memo.
+PLAIN_PROTOCOL = 4
+
+_BUILTIN_NAMES: FrozenSet[Tuple[str, str]] = frozenset(
+    {
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "complex"),
+        ("builtins", "bytearray"),
+    }
+)
+
+_registry: Dict[Tuple[str, str], type] = {}
+
+
+def register_plain(cls: type) -> type:
+    """Allow ``cls`` to be rebuilt by :func:`loads_plain` (class decorator).
+
+    Only frozen dataclasses of plain fields belong here: the decoder
+    restores them by filling ``__dict__``, never by calling user code.
+    """
+    _registry[(cls.__module__, cls.__qualname__)] = cls
+    return cls
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        cls = _registry.get((module, name))
+        if cls is not None:
+            return cls
+        if (module, name) in _BUILTIN_NAMES:
+            return super().find_class(module, name)
+        raise ProtocolError(
+            f"refusing to decode {module}.{name}: only plain data and "
+            f"fleche-remote's own record types may appear here"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ProtocolError("refusing to decode a persistent id")
+
+
+def dumps_plain(obj: Any) -> bytes:
+    """Encode plain data (and registered record types) as bytes."""
+    return pickle.dumps(obj, protocol=PLAIN_PROTOCOL)
+
+
+def loads_plain(data: "bytes | bytearray | memoryview") -> Any:
+    """Decode bytes from :func:`dumps_plain` without running foreign code.
+
+    Raises:
+        ProtocolError: the bytes name a class outside the allow-list, or
+            are not a pickle at all.
+    """
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except ProtocolError:
+        raise
+    except Exception as exc:  # truncated, garbage, wrong opcodes ...
+        raise ProtocolError(f"undecodable plain-data pickle: {type(exc).__name__}: {exc}") from None
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None), bytes)
+
+
+def check_plain(obj: Any, what: str = "value", _depth: int = 0) -> None:
+    """Raise ``TypeError`` unless ``obj`` is JSON-like plain data.
+
+    Metadata must be plain so that a server (and a SQL index) can read and
+    filter it without unpickling anything.
+    """
+    if _depth > 64:
+        raise TypeError(f"{what} is nested too deeply")
+    if isinstance(obj, _PLAIN_SCALARS):
+        return
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            check_plain(item, what, _depth + 1)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{what} keys must be str, got {type(k).__name__}")
+            check_plain(v, what, _depth + 1)
+        return
+    raise TypeError(
+        f"{what} must be plain data (str, int, float, bool, None, bytes, "
+        f"list, tuple, dict); got {type(obj).__name__}"
+    )
+
+
+def iter_allowed() -> Iterable[str]:
+    """Names the restricted decoder accepts (for docs and tests)."""
+    yield from sorted(f"{m}.{n}" for m, n in _registry)
+    yield from sorted(f"{m}.{n}" for m, n in _BUILTIN_NAMES)

@@ -1,0 +1,262 @@
+"""Value stores and call stores: the two halves of a cache.
+
+As in fleche.toml's ``values.type`` / ``calls.type``, a :class:`Cache`
+pairs one :class:`ValueStore` (result blobs, by value digest) with one
+:class:`CallStore` (call records, by call key). Each backend is one module
+that registers its classes under a ``type`` name; heavy imports (SQLAlchemy,
+h5py, NumPy) happen inside that module only, when the type is used.
+
+The ABCs hold the few primitives a backend must write; generic operations
+(batches, prefix expansion, filtering) have default implementations here
+that a backend overrides where it can do better (SQL indexes, for one).
+
+Contract shared by every backend:
+
+* ``put`` is idempotent: writing a key that exists leaves one entry and
+  succeeds, even when two processes race on it.
+* writes are atomic: a reader sees the whole entry or no entry.
+* ``get`` of a missing key raises ``KeyError``; a present but unreadable
+  entry raises :class:`~fleche_remote.errors.CorruptEntryError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Type
+
+from ..call import CallRecord
+from ..errors import ConfigError
+from ..values import Blob
+
+
+class ValueStore(ABC):
+    """Blobs addressed by their content digest."""
+
+    #: the ``values.type`` name this class is registered under
+    type_name: ClassVar[str] = ""
+
+    @abstractmethod
+    def put(self, digest: str, blob: Blob) -> None:
+        """Store ``blob`` under ``digest`` atomically; a no-op if present.
+
+        The store may stop reading ``blob`` early when the digest is
+        already present; callers that stream drain the rest themselves.
+        """
+
+    @abstractmethod
+    def get(self, digest: str) -> Blob:
+        """The blob stored under ``digest``; ``KeyError`` if absent."""
+
+    @abstractmethod
+    def contains(self, digest: str) -> bool:
+        """Whether ``digest`` is stored."""
+
+    @abstractmethod
+    def delete(self, digest: str) -> None:
+        """Remove ``digest``; no error if it is absent."""
+
+    @abstractmethod
+    def digests(self) -> Iterator[str]:
+        """Every stored digest (for garbage collection and copying)."""
+
+    @abstractmethod
+    def to_config(self) -> Dict[str, Any]:
+        """The fleche.toml table that rebuilds this store (``type`` first)."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "ValueStore":
+        """Build the store from its fleche.toml table.
+
+        Relative paths resolve against ``base_dir`` (the directory of the
+        file that declared them), else the current directory. Unknown or
+        mistyped keys raise :class:`~fleche_remote.errors.ConfigError`.
+        """
+
+    def close(self) -> None:
+        """Release files, connections and locks; the store may be reopened."""
+
+
+class CallStore(ABC):
+    """Call records addressed by call key."""
+
+    type_name: ClassVar[str] = ""
+
+    @abstractmethod
+    def put(self, record: CallRecord) -> None:
+        """Store ``record`` atomically; idempotent for an existing key."""
+
+    @abstractmethod
+    def get(self, key: str) -> CallRecord:
+        """The record under ``key``; ``KeyError`` if absent."""
+
+    @abstractmethod
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is stored."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error if it is absent."""
+
+    @abstractmethod
+    def keys(self) -> Iterator[str]:
+        """Every stored call key."""
+
+    @abstractmethod
+    def to_config(self) -> Dict[str, Any]:
+        """The fleche.toml table that rebuilds this store (``type`` first)."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "CallStore":
+        """Build the store from its fleche.toml table.
+
+        Relative paths resolve against ``base_dir`` (the directory of the
+        file that declared them), else the current directory. Unknown or
+        mistyped keys raise :class:`~fleche_remote.errors.ConfigError`.
+        """
+
+    # -- generic operations; backends override where they can index --------
+
+    def get_many(self, keys: Iterable[str]) -> List[Optional[CallRecord]]:
+        """Records for ``keys`` in order, ``None`` where absent."""
+        out: List[Optional[CallRecord]] = []
+        for key in keys:
+            try:
+                out.append(self.get(key))
+            except KeyError:
+                out.append(None)
+        return out
+
+    def contains_many(self, keys: Iterable[str]) -> List[bool]:
+        return [self.contains(k) for k in keys]
+
+    def keys_with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
+        """Up to ``limit`` stored keys starting with ``prefix``."""
+        found: List[str] = []
+        for key in self.keys():
+            if key.startswith(prefix):
+                found.append(key)
+                if len(found) >= limit:
+                    break
+        return found
+
+    def query(
+        self,
+        name: Optional[str] = None,
+        arg_digests: Optional[Mapping[str, str]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> Iterator[CallRecord]:
+        """Records matching a name, argument digests and metadata values."""
+        for key in self.keys():
+            try:
+                record = self.get(key)
+            except KeyError:  # evicted while we iterate
+                continue
+            if record_matches(record, name, arg_digests, metadata):
+                yield record
+
+    def close(self) -> None:
+        """Release files, connections and locks; the store may be reopened."""
+
+
+def record_matches(
+    record: CallRecord,
+    name: Optional[str],
+    arg_digests: Optional[Mapping[str, str]],
+    metadata: Optional[Mapping[str, Any]],
+) -> bool:
+    """The filter semantics every backend's ``query`` must implement."""
+    if name is not None and record.name != name:
+        return False
+    for arg, d in (arg_digests or {}).items():
+        if record.arg_digests.get(arg) != d:
+            return False
+    for mkey, mval in (metadata or {}).items():
+        if mkey not in record.metadata or record.metadata[mkey] != mval:
+            return False
+    return True
+
+
+# -- registry ---------------------------------------------------------------
+
+_VALUE_TYPES: Dict[str, str] = {
+    "memory": "fleche_remote.storage.memory:MemoryValueStore",
+    "pickle": "fleche_remote.storage.file:FileValueStore",
+    "cloudpickle": "fleche_remote.storage.file:FileValueStore",
+    "sql": "fleche_remote.storage.sql:SqlValueStore",
+    "hdf5": "fleche_remote.storage.hdf5:Hdf5ValueStore",
+}
+_CALL_TYPES: Dict[str, str] = {
+    "memory": "fleche_remote.storage.memory:MemoryCallStore",
+    "pickle": "fleche_remote.storage.file:FileCallStore",
+    "cloudpickle": "fleche_remote.storage.file:FileCallStore",
+    "sql": "fleche_remote.storage.sql:SqlCallStore",
+    "hdf5": "fleche_remote.storage.hdf5:Hdf5CallStore",
+}
+
+
+def register_value_store(name: str, cls: "Type[ValueStore] | str") -> None:
+    """Make ``values.type = name`` build ``cls`` (a class or "module:Class")."""
+    _register(_VALUE_TYPES, ValueStore, name, cls)
+
+
+def register_call_store(name: str, cls: "Type[CallStore] | str") -> None:
+    """Make ``calls.type = name`` build ``cls`` (a class or "module:Class")."""
+    _register(_CALL_TYPES, CallStore, name, cls)
+
+
+def _register(table: Dict[str, Any], base: type, name: str, cls: Any) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"store type name must be an identifier, got {name!r}")
+    if not isinstance(cls, str):
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"{cls!r} is not a subclass of {base.__name__}")
+        if getattr(cls, "__abstractmethods__", None):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"{cls.__name__} does not implement {missing}")
+    table[name] = cls
+
+
+def _resolve(table: Dict[str, Any], name: str, what: str) -> Any:
+    try:
+        entry = table[name]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise ConfigError(f"unknown {what} type {name!r}; known types: {known}", key="type") from None
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def value_store_class(name: str) -> Type[ValueStore]:
+    return _resolve(_VALUE_TYPES, name, "values")  # type: ignore[no-any-return]
+
+
+def call_store_class(name: str) -> Type[CallStore]:
+    return _resolve(_CALL_TYPES, name, "calls")  # type: ignore[no-any-return]
+
+
+def value_store_types() -> List[str]:
+    return sorted(_VALUE_TYPES)
+
+
+def call_store_types() -> List[str]:
+    return sorted(_CALL_TYPES)
+
+
+def build_store(kind: str, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> Any:
+    """Build a store from its config table (``kind`` is "values" or "calls").
+
+    Each store class offers ``from_config(table, base_dir)``; ``base_dir``
+    is the directory of the fleche.toml that declared the table, against
+    which relative paths resolve.
+    """
+    type_name = table.get("type")
+    if not isinstance(type_name, str):
+        raise ConfigError(f"{kind}.type must be a string naming a store type", key=f"{kind}.type")
+    cls = value_store_class(type_name) if kind == "values" else call_store_class(type_name)
+    return cls.from_config(dict(table), base_dir)

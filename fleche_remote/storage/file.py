@@ -1,0 +1,268 @@
+"""Files under a root directory: one file per value and per call record.
+
+Layout: ``root/ab/abcdef...`` (values) and ``root/ab/abcdef....call``
+(calls), sharded on the first two hex characters so that no directory
+holds more than ~1/256 of the entries and prefix expansion reads one
+directory.
+
+Every write goes to a temp file in the same directory and is then
+``os.replace``-d into place, so a reader (in any process, on any node of
+a shared file system with POSIX rename) sees a whole file or none, and two
+writers of the same content both succeed. A failed write (full disk,
+quota) removes its temp file and raises; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
+
+from ..call import CallRecord
+from ..errors import CorruptEntryError, StorageError
+from ..plain import dumps_plain, loads_plain
+from ..values import Blob, FileBlob
+from ._config import check_keys, resolve_path, typed
+from .base import CallStore, ValueStore
+
+_VALUE_MAGIC = b"FRV1\n"
+_CALL_MAGIC = b"FRC1\n"
+_LEN = struct.Struct(">I")
+
+
+def _shard(root: Path, key: str) -> Path:
+    return root / key[:2]
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write via ``write(fh)`` to a temp file beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(exc.errno, f"no space left writing {path}: {exc.strerror}") from exc
+        raise
+
+
+def _check_key(key: str) -> str:
+    # keys become file names: refuse anything that could escape the root
+    if not key or len(key) > 128 or not all(c in "0123456789abcdef" for c in key):
+        raise KeyError(key)
+    return key
+
+
+def _file_options(table: Dict[str, Any], base_dir: Optional[Path], where: str) -> Dict[str, Any]:
+    check_keys(table, ("root", "compress"), where)
+    root = typed(table, "root", (str, os.PathLike))
+    return {
+        "root": resolve_path(root, base_dir),
+        "compress": typed(table, "compress", bool, False),
+        "type_name": table.get("type", "cloudpickle"),
+    }
+
+
+class FileValueStore(ValueStore):
+    """Value blobs as files; optional gzip compression of the body.
+
+    Args:
+        root: directory (created on first write).
+        compress: gzip the body (level 1: cheap, and most of the win for
+            the redundant data scientists store).
+    """
+
+    type_name = "cloudpickle"
+
+    def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
+        self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
+        self.compress = compress
+        self.type_name = type_name
+
+    @classmethod
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "FileValueStore":
+        return cls(**_file_options(table, base_dir, f"values.type = {table.get('type')!r}"))
+
+    def to_config(self) -> Dict[str, Any]:
+        cfg: Dict[str, Any] = {"type": self.type_name, "root": str(self.root)}
+        if self.compress:
+            cfg["compress"] = True
+        return cfg
+
+    def _path(self, digest: str) -> Path:
+        return _shard(self.root, _check_key(digest)) / digest
+
+    def put(self, digest: str, blob: Blob) -> None:
+        path = self._path(digest)
+        if path.exists():
+            return
+        header = json.dumps(
+            {"kind": blob.kind, "meta": blob.meta, "size": blob.size, "gzip": self.compress}
+        ).encode()
+
+        def write(fh: BinaryIO) -> None:
+            fh.write(_VALUE_MAGIC + _LEN.pack(len(header)) + header)
+            out: Any = gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) if self.compress else fh
+            written = 0
+            for chunk in blob.chunks():
+                out.write(chunk)
+                written += len(chunk)
+            if out is not fh:
+                out.close()
+            if written != blob.size:
+                raise CorruptEntryError(f"value {digest[:16]}: got {written} bytes, expected {blob.size}")
+
+        _atomic_write(path, write)
+
+    def get(self, digest: str) -> Blob:
+        path = self._path(digest)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise KeyError(digest) from None
+        with fh:
+            head = fh.read(len(_VALUE_MAGIC) + _LEN.size)
+            if len(head) < len(_VALUE_MAGIC) + _LEN.size or not head.startswith(_VALUE_MAGIC):
+                raise CorruptEntryError(f"{path} is not a fleche-remote value file")
+            (hlen,) = _LEN.unpack(head[len(_VALUE_MAGIC) :])
+            try:
+                header = json.loads(fh.read(hlen))
+            except ValueError as exc:
+                raise CorruptEntryError(f"{path}: unreadable header ({exc})") from None
+        offset = len(head) + hlen
+        if header.get("gzip"):
+
+            def opener() -> Any:
+                raw = open(path, "rb")
+                raw.seek(offset)
+                return gzip.GzipFile(fileobj=raw, mode="rb")
+
+            return FileBlob(header["kind"], header["meta"], header["size"], path, offset, opener)
+        return FileBlob(header["kind"], header["meta"], header["size"], path, offset)
+
+    def contains(self, digest: str) -> bool:
+        try:
+            return self._path(digest).exists()
+        except KeyError:
+            return False
+
+    def delete(self, digest: str) -> None:
+        try:
+            os.unlink(self._path(digest))
+        except (FileNotFoundError, KeyError):
+            pass
+
+    def digests(self) -> Iterator[str]:
+        yield from _walk(self.root, "")
+
+
+def _walk(root: Path, suffix: str) -> Iterator[str]:
+    try:
+        shards = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for shard in shards:
+        if len(shard.name) != 2 or not shard.is_dir():
+            continue
+        yield from _list_shard(Path(shard.path), suffix)
+
+
+def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
+    try:
+        entries = os.listdir(shard)
+    except FileNotFoundError:
+        return
+    for name in sorted(entries):
+        if name.startswith(".") or not name.endswith(suffix):
+            continue
+        key = name[: len(name) - len(suffix)] if suffix else name
+        if key.startswith(prefix):
+            yield key
+
+
+class FileCallStore(CallStore):
+    """Call records as small files, decoded with the restricted decoder."""
+
+    type_name = "cloudpickle"
+
+    def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
+        self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
+        self.compress = compress
+        self.type_name = type_name
+
+    @classmethod
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "FileCallStore":
+        return cls(**_file_options(table, base_dir, f"calls.type = {table.get('type')!r}"))
+
+    def to_config(self) -> Dict[str, Any]:
+        cfg: Dict[str, Any] = {"type": self.type_name, "root": str(self.root)}
+        if self.compress:
+            cfg["compress"] = True
+        return cfg
+
+    def _path(self, key: str) -> Path:
+        return _shard(self.root, _check_key(key)) / (key + ".call")
+
+    def put(self, record: CallRecord) -> None:
+        path = self._path(record.key)
+        if path.exists():
+            return
+        data = dumps_plain(record)
+        if self.compress:
+            data = gzip.compress(data, compresslevel=1, mtime=0)
+        _atomic_write(path, lambda fh: fh.write(_CALL_MAGIC + data))
+
+    def get(self, key: str) -> CallRecord:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        if not data.startswith(_CALL_MAGIC):
+            raise CorruptEntryError(f"{path} is not a fleche-remote call file")
+        body = data[len(_CALL_MAGIC) :]
+        try:
+            if body[:2] == b"\x1f\x8b":
+                body = gzip.decompress(body)
+            record = loads_plain(body)
+        except Exception as exc:
+            raise CorruptEntryError(f"{path} does not decode: {exc}") from None
+        if not isinstance(record, CallRecord):
+            raise CorruptEntryError(f"{path} holds a {type(record).__name__}, not a call record")
+        return record
+
+    def contains(self, key: str) -> bool:
+        try:
+            return self._path(key).exists()
+        except KeyError:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except (FileNotFoundError, KeyError):
+            pass
+
+    def keys(self) -> Iterator[str]:
+        yield from _walk(self.root, ".call")
+
+    def keys_with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
+        if len(prefix) < 2:
+            return super().keys_with_prefix(prefix, limit)
+        found: List[str] = []
+        for key in _list_shard(_shard(self.root, prefix), ".call", prefix):
+            found.append(key)
+            if len(found) >= limit:
+                break
+        return found
