@@ -32,14 +32,15 @@ class AmbiguousDigestError(FlecheRemoteError, KeyError):
     def __init__(self, prefix: str, candidates: Sequence[str]) -> None:
         self.prefix = prefix
         self.candidates = tuple(candidates)
-        shown = ", ".join(c[:16] for c in self.candidates[:5])
-        super().__init__(
-            f"key prefix {prefix!r} is ambiguous: it matches "
-            f"{len(self.candidates)}+ entries ({shown}); give more characters"
-        )
+        # args stay plain data so the error can travel from a server
+        super().__init__(prefix, list(self.candidates))
 
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
+    def __str__(self) -> str:
+        shown = ", ".join(c[:16] for c in self.candidates[:5])
+        return (
+            f"key prefix {self.prefix!r} is ambiguous: it matches {len(self.candidates)}+ "
+            f"entries ({shown}); give more characters"
+        )
 
 
 class ConfigError(FlecheRemoteError, ValueError):

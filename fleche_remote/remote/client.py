@@ -1,0 +1,424 @@
+"""``SshCache``: a cache that lives on another machine, reached over ssh.
+
+One ``ssh host python -m fleche_remote serve`` subprocess is started on
+first use and reused for the life of the process, so a session costs one
+authentication (one 2FA prompt). Every :class:`BaseCache` primitive is one
+request on that connection; batches (``contains_many``, ``load_many``,
+``save_many``) are one round trip each, and values stream in bounded
+chunks both ways.
+"""
+
+from __future__ import annotations
+
+
+import shlex
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from ..call import CallRecord
+from ..caches.base import BaseCache
+from ..digest import Digest
+from ..errors import ConfigError, Rejected
+from ..values import Blob, BytesBlob, StreamBlob, decode_value
+from .connection import Connection
+from .protocol import PROTOCOL_VERSION, BlobHeader
+from .transport import PipeTransport, SubprocessTransport, Transport
+
+#: Spool a fetched value to disk past this size (``load_blob`` hands the
+#: bytes to another store, so they must outlive the wire stream).
+SPOOL_IN_MEMORY_BELOW = 64 << 20
+
+
+def _sh_path(path: str) -> str:
+    """Quote a path for the remote shell, keeping a leading ``~`` live."""
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _startup_message(host: str, python: str, setup: Sequence[str]) -> Callable[[Optional[int], List[str]], str]:
+    def explain(code: Optional[int], tail: List[str]) -> str:
+        text = "\n".join(tail)
+        if code == 255:
+            last = tail[-1] if tail else "no message"
+            return f"ssh could not connect to {host}: {last}"
+        if "No module named fleche_remote" in text or "No module named 'fleche_remote'" in text:
+            return (
+                f"fleche_remote is not installed for {python!r} on {host}: install it there "
+                f"(pip install fleche-remote) or activate its environment with setup_commands"
+            )
+        if code == 127:
+            return (
+                f"the remote shell on {host} could not run a command (exit 127): is python={python!r} "
+                f"on the remote PATH, and do setup_commands {list(setup)!r} exist there?"
+            )
+        if code == 126:
+            return f"the remote command on {host} is not executable (exit 126): python={python!r}"
+        if code is not None and code != 0 and setup and "fleche-remote serve" not in text:
+            return f"the remote command on {host} failed before the server started (setup_commands {list(setup)!r})"
+        return f"the server on {host} exited before its banner"
+
+    return explain
+
+
+class SshCache(BaseCache):
+    """A :class:`BaseCache` whose storage is a cache on another host.
+
+    Args:
+        host: anything ``ssh`` accepts (``user@host``, an alias from
+            ``~/.ssh/config``).
+        cache_name: which cache of the remote's fleche.toml to serve
+            (default: its ``[default] cache``).
+        python: the remote interpreter that has fleche-remote installed.
+        ssh_options: extra ``ssh`` arguments, e.g. ``("-o",
+            "ControlMaster=auto", ...)`` or ``("-p", "2222")``.
+        setup_commands: shell commands run first (``module load ...``,
+            ``source venv/bin/activate``), joined with ``&&``; the server
+            is ``exec``'d after them so no shell stays in the pipe.
+        workdir: remote directory to ``cd`` into first (``~`` works); its
+            fleche.toml is found from there.
+        connect_timeout: seconds for ssh to log in and the server to
+            announce itself (generous: a 2FA prompt happens in this time).
+        timeout: seconds any single wait may last once connected; a hung
+            server becomes a :class:`RemoteConnectionError` after it.
+        read_only: refuse writes locally, and start the server
+            ``--read-only`` as well.
+        ssh: the ssh program.
+        command: run this argv instead of building an ssh command (a local
+            ``python -m fleche_remote serve``, a container exec, ...).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        cache_name: Optional[str] = None,
+        python: str = "python3",
+        ssh_options: Sequence[str] = (),
+        setup_commands: Sequence[str] = (),
+        workdir: Optional[str] = None,
+        *,
+        connect_timeout: float = 60.0,
+        timeout: float = 60.0,
+        read_only: bool = False,
+        ssh: str = "ssh",
+        command: Optional[Sequence[str]] = None,
+        _transport_factory: Optional[Callable[[], Transport]] = None,
+    ) -> None:
+        if isinstance(ssh_options, str) or isinstance(setup_commands, str):
+            raise TypeError("ssh_options and setup_commands are sequences of strings, not one string")
+        self.host = host
+        self.cache_name = cache_name
+        self.python = python
+        self.ssh_options = tuple(ssh_options)
+        self.setup_commands = tuple(setup_commands)
+        self.workdir = workdir
+        self.connect_timeout = float(connect_timeout)
+        self.timeout = float(timeout)
+        self._local_read_only = bool(read_only)
+        self.ssh = ssh
+        self.command = list(command) if command is not None else None
+        self._transport_factory = _transport_factory
+        self._conn: Optional[Connection] = None
+        self._conn_lock = threading.Lock()
+        self._finalizer: Optional[weakref.finalize] = None
+
+    # -- construction helpers ----------------------------------------------
+
+    @classmethod
+    def in_process(cls, cache: BaseCache, *, read_only: bool = False, **kwargs: Any) -> "SshCache":
+        """An SshCache whose server is a thread in this process, over OS pipes.
+
+        Same client, protocol and server code as over ssh, minus the
+        process boundary; meant for tests and for measuring the protocol.
+        """
+        from .server import serve
+
+        def factory() -> Transport:
+            return PipeTransport(lambda i, o: serve(i, o, cache, read_only=read_only))
+
+        return cls("in-process", _transport_factory=factory, read_only=read_only, **kwargs)
+
+    _CONFIG_KEYS = {
+        "host": str,
+        "cache_name": str,
+        "python": str,
+        "ssh_options": list,
+        "setup_commands": list,
+        "workdir": str,
+        "connect_timeout": (int, float),
+        "timeout": (int, float),
+        "read_only": bool,
+        "ssh": str,
+    }
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> "SshCache":
+        """Build from a ``type = "ssh"`` table of fleche.toml (keys as the constructor's)."""
+        kwargs: Dict[str, Any] = {}
+        for key, value in table.items():
+            if key == "type":
+                continue
+            expected = cls._CONFIG_KEYS.get(key)
+            if expected is None:
+                raise ConfigError(
+                    f"unknown key {key!r} for type = 'ssh'; expected one of {', '.join(sorted(cls._CONFIG_KEYS))}",
+                    key=key,
+                )
+            if isinstance(value, bool) and expected != bool:
+                raise ConfigError(f"{key!r} must be {_type_names(expected)}, got a boolean", key=key)
+            if not isinstance(value, expected):
+                raise ConfigError(
+                    f"{key!r} must be {_type_names(expected)}, got {type(value).__name__} {value!r}", key=key
+                )
+            if expected is list and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key!r} must be a list of strings", key=key)
+            kwargs[key] = value
+        if "host" not in kwargs:
+            raise ConfigError("type = 'ssh' needs host = 'user@machine'", key="host")
+        return cls(**kwargs)
+
+    def to_config(self) -> Dict[str, Any]:
+        """The fleche.toml table that rebuilds this cache."""
+        cfg: Dict[str, Any] = {"type": "ssh", "host": self.host}
+        if self.cache_name is not None:
+            cfg["cache_name"] = self.cache_name
+        if self.python != "python3":
+            cfg["python"] = self.python
+        if self.ssh_options:
+            cfg["ssh_options"] = list(self.ssh_options)
+        if self.setup_commands:
+            cfg["setup_commands"] = list(self.setup_commands)
+        if self.workdir is not None:
+            cfg["workdir"] = self.workdir
+        if self.connect_timeout != 60.0:
+            cfg["connect_timeout"] = self.connect_timeout
+        if self.timeout != 60.0:
+            cfg["timeout"] = self.timeout
+        if self._local_read_only:
+            cfg["read_only"] = True
+        if self.ssh != "ssh":
+            cfg["ssh"] = self.ssh
+        return cfg
+
+    def remote_command(self) -> str:
+        """The shell command line ssh runs on the remote."""
+        serve = [_sh_path(self.python), "-m", "fleche_remote", "serve"]
+        if self.cache_name is not None:
+            serve += ["--cache", shlex.quote(self.cache_name)]
+        if self._local_read_only:
+            serve.append("--read-only")
+        steps = []
+        if self.workdir:
+            steps.append(f"cd {_sh_path(self.workdir)}")
+        steps.extend(self.setup_commands)
+        steps.append("exec " + " ".join(serve))
+        return " && ".join(steps)
+
+    def argv(self) -> List[str]:
+        """The full local command that starts the connection."""
+        if self.command is not None:
+            return list(self.command)
+        return [self.ssh, "-T", *self.ssh_options, self.host, self.remote_command()]
+
+    def __repr__(self) -> str:
+        name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
+        return f"SshCache({self.host!r}{name})"
+
+    # -- connection lifecycle ----------------------------------------------
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None:
+            return conn
+        with self._conn_lock:
+            if self._conn is None:
+                self._conn = self._open()
+            return self._conn
+
+    def _open(self) -> Connection:
+        if self._transport_factory is not None:
+            transport = self._transport_factory()
+        else:
+            transport = SubprocessTransport(self.argv(), label=self.host)
+        conn = Connection(
+            transport,
+            target=self.host,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            diagnose_startup=_startup_message(self.host, self.python, self.setup_commands),
+        )
+        self._finalizer = weakref.finalize(self, Connection.close, conn)
+        _warn_on_skew(self.host, conn.hello.library)
+        return conn
+
+    def reconnect(self) -> None:
+        """Close the connection (if any) and open a new one now.
+
+        Connection failures never reconnect on their own (that would
+        repeat a 2FA prompt unasked); call this to go on after one.
+        """
+        with self._conn_lock:
+            self._close_locked()
+            self._conn = self._open()
+
+    def close(self) -> None:
+        """End the remote server; the next operation starts a new one."""
+        with self._conn_lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # closes the connection exactly once
+            self._finalizer = None
+        self._conn = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a live connection is open (no connection is started)."""
+        return self._conn is not None and self._conn.broken is None
+
+    def _request(self, op: str, args: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Any:
+        return self._connection().request(op, args, **kwargs)
+
+    # -- information ---------------------------------------------------------
+
+    def info(self, refresh: bool = True) -> Dict[str, Any]:
+        """The server's description: cache (redacted), cache_name, read_only,
+        versions, cwd, hostname, python, pid.
+
+        Args:
+            refresh: ask the server now; ``False`` returns what it said in
+                the handshake, without a round trip.
+        """
+        if refresh:
+            return dict(self._request("info"))
+        return dict(self._connection().hello.info)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether writes are refused; known from the handshake, no round trip."""
+        return self._local_read_only or bool(self._connection().hello.info.get("read_only"))
+
+    @property
+    def login_noise(self) -> bytes:
+        """What the remote login shell printed before the server's banner."""
+        return self._connection().noise
+
+    def ping(self) -> None:
+        """One empty round trip (for latency checks)."""
+        self._request("ping")
+
+    # -- primitives ----------------------------------------------------------
+
+    def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
+        if self.read_only:
+            raise Rejected(f"cannot save: {self!r} is read-only")
+        blobs = [(BlobHeader(b.kind, b.meta, b.size, r.value), b) for r, b in items]
+        self._request("save_records", {"records": [r for r, _ in items]}, blobs=blobs)
+
+    def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
+        return list(self._request("load_records", {"keys": [str(k) for k in keys]}))
+
+    def load_blob(self, value_digest: str) -> Blob:
+        return self._request("load_blob", {"digest": str(value_digest)}, consume=_spool)  # type: ignore[no-any-return]
+
+    def contains_many(self, keys: Sequence[str]) -> List[bool]:
+        return list(self._request("contains_many", {"keys": [str(k) for k in keys]}))
+
+    def evict(self, key: str) -> None:
+        if self.read_only:
+            raise Rejected(f"cannot evict: {self!r} is read-only")
+        self._request("evict", {"key": str(key)})
+
+    def expand(self, short_key: str) -> Digest:
+        return Digest(self._request("expand", {"prefix": str(short_key)}))
+
+    def query_records(
+        self,
+        name: Optional[str] = None,
+        arg_digests: Optional[Mapping[str, str]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> Iterator[CallRecord]:
+        args = {
+            "name": name,
+            "arg_digests": dict(arg_digests) if arg_digests else None,
+            "metadata": dict(metadata) if metadata else None,
+        }
+        return iter(self._request("query_records", args))
+
+    def collect_garbage(self) -> int:
+        if self.read_only:
+            raise Rejected(f"cannot collect garbage: {self!r} is read-only")
+        return int(self._request("collect_garbage"))
+
+    # -- one-round-trip overrides ---------------------------------------------
+
+    def load_value(self, key: str) -> Any:
+        """The result under ``key`` (full or unique prefix), in one round
+        trip; an array streams straight into its final buffer."""
+        return self._request("load_value", {"key": str(key)}, consume=_decode_first)
+
+    def _lazy(self, record: CallRecord) -> Any:
+        from ..call import LazyCall
+
+        digest = record.value
+        return LazyCall(record, lambda: self._request("load_blob", {"digest": digest}, consume=_decode_first))
+
+
+def _type_names(expected: Any) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return "/".join("number" if t in (int, float) else t.__name__ for t in types)
+
+
+def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
+    header, chunks = streams[0]
+    return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
+
+
+class _SpooledBlob(Blob):
+    """A fetched value held in memory or, past a size, in a temp file."""
+
+    def __init__(self, header: BlobHeader, spool: Any) -> None:
+        self.kind = header.kind
+        self.meta = dict(header.meta)
+        self.size = header.size
+        self._spool = spool
+
+    def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        self._spool.seek(0)
+        while True:
+            data = self._spool.read(chunk_size)
+            if not data:
+                return
+            yield data
+
+
+def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
+    header, chunks = streams[0]
+    if header.size < SPOOL_IN_MEMORY_BELOW:
+        return BytesBlob(header.kind, header.meta, b"".join(chunks))
+    spool = tempfile.TemporaryFile(prefix="fleche-remote-")
+    for chunk in chunks:
+        spool.write(chunk)
+    return _SpooledBlob(header, spool)
+
+
+def _warn_on_skew(host: str, remote_version: str) -> None:
+    from .. import __version__
+
+    if remote_version != __version__:
+        import warnings
+
+        warnings.warn(
+            f"{host} runs fleche-remote {remote_version}, this client {__version__} "
+            f"(protocol {PROTOCOL_VERSION} on both); consider upgrading the older side",
+            stacklevel=4,
+        )
+
+
+__all__ = ["SshCache"]

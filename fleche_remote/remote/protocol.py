@@ -1,0 +1,299 @@
+"""The fleche-remote wire protocol. No I/O happens in this module.
+
+Design rules (everything that shapes the bytes lives here):
+
+* The server speaks first: a fixed magic banner, then a 2-byte protocol
+  version, then frames. The client scans for the banner and treats every
+  byte before it as login-shell noise (motd, ``module``, conda), which it
+  reports but never parses.
+* After the banner everything is a frame: a 14-byte header
+  ``marker(0xFE) type(u8) id(u32) length(u64)`` and ``length`` payload
+  bytes. The marker makes garbage on the wire fail loudly at the first
+  bad byte instead of being read as a length.
+* ``MSG`` frames carry one message (a registered frozen dataclass) encoded
+  with :mod:`fleche_remote.plain`, and decoded with its restricted
+  unpickler: nothing that arrives can name a class outside the allow-list.
+* Values travel as ``DATA`` frames (raw bytes, at most ``max_chunk``
+  each) after the message that announced them in a :class:`BlobHeader`,
+  closed by ``END``; ``ABORT`` ends a stream early with an error message.
+  So a value of any size streams in bounded chunks and neither side holds
+  more than a chunk beyond the value itself.
+* Every request carries an id and every frame of its answer repeats it;
+  replies are matched by id, never by order, so a reply to an abandoned
+  request can be skipped and can never be taken for the next one's.
+* A length over the configured limit is refused before anything is
+  allocated.
+
+Compatibility policy: ``PROTOCOL_VERSION`` changes only when the frame
+layout or the meaning of an existing message changes; the two sides must
+then agree exactly. New operations and new optional arguments do not bump
+it: arguments travel by name, and a server answers an operation it does
+not know with an error the client reports.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..errors import ProtocolError
+from ..plain import dumps_plain, loads_plain, register_plain
+
+PROTOCOL_VERSION = 1
+
+#: PNG-style magic: the high-bit byte and CR LF / ^Z catch text-mode
+#: mangling; the name makes a hexdump self-explanatory.
+MAGIC = b"\x89FLECHE-REMOTE\r\n\x1a\n"
+_VERSION = struct.Struct(">H")
+BANNER = MAGIC + _VERSION.pack(PROTOCOL_VERSION)
+
+MARKER = 0xFE
+_HEADER = struct.Struct(">BBIQ")
+HEADER_SIZE = _HEADER.size
+
+MSG = 1
+DATA = 2
+END = 3
+ABORT = 4
+FRAME_TYPES = {MSG: "MSG", DATA: "DATA", END: "END", ABORT: "ABORT"}
+
+#: Messages hold call records, whose arguments can be large arrays; 1 GiB
+#: admits them while refusing a corrupted 64-bit length before allocating.
+DEFAULT_MAX_MESSAGE = 1 << 30
+#: Data chunks are sent at 1 MiB; allow 16x slack for other senders.
+DEFAULT_MAX_CHUNK = 16 << 20
+#: How much login noise to wade through before deciding no server is there.
+DEFAULT_MAX_NOISE = 1 << 20
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+
+# -- messages -----------------------------------------------------------------
+
+
+@register_plain
+@dataclass(frozen=True)
+class BlobHeader:
+    """Announces a value stream that follows as DATA frames, then END."""
+
+    kind: str
+    meta: Dict[str, Any]
+    size: int
+    digest: str
+
+
+@register_plain
+@dataclass(frozen=True)
+class Hello:
+    """The server's first message: versions and its ``info`` dict."""
+
+    protocol: int
+    library: str
+    info: Dict[str, Any]
+
+
+@register_plain
+@dataclass(frozen=True)
+class Request:
+    """One operation; ``args`` by name; ``blobs`` stream after it in order."""
+
+    id: int
+    op: str
+    args: Dict[str, Any] = field(default_factory=dict)
+    blobs: List[BlobHeader] = field(default_factory=list)
+
+
+@register_plain
+@dataclass(frozen=True)
+class Response:
+    """A successful answer; ``blobs`` stream after it in order."""
+
+    id: int
+    result: Any = None
+    blobs: List[BlobHeader] = field(default_factory=list)
+
+
+@register_plain
+@dataclass(frozen=True)
+class ErrorResponse:
+    """A failed operation, as data: the client rebuilds the exception."""
+
+    id: int
+    type: str
+    message: str
+    args: Tuple[Any, ...] = ()
+    traceback: str = ""
+
+
+Message = Union[Hello, Request, Response, ErrorResponse]
+_MESSAGE_TYPES = (Hello, Request, Response, ErrorResponse)
+
+
+# -- frames -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame. ``payload`` is raw bytes for DATA/ABORT, ``b""``
+    for END, and the decoded message for MSG (in ``message``)."""
+
+    type: int
+    id: int
+    payload: bytes = b""
+    message: Optional[Message] = None
+
+
+def frame_header(ftype: int, fid: int, length: int) -> bytes:
+    """The 14 header bytes of a frame (send the payload separately to
+    avoid copying a large chunk)."""
+    return _HEADER.pack(MARKER, ftype, fid, length)
+
+
+def encode_message(message: Message) -> bytes:
+    """A whole MSG frame for ``message``."""
+    payload = dumps_plain(message)
+    return frame_header(MSG, getattr(message, "id", 0), len(payload)) + payload
+
+
+def encode_end(fid: int) -> bytes:
+    return frame_header(END, fid, 0)
+
+
+def encode_abort(fid: int, reason: str) -> bytes:
+    payload = reason.encode("utf-8", "replace")[:65536]
+    return frame_header(ABORT, fid, len(payload)) + payload
+
+
+class NeedData:
+    """Sentinel type: the decoder needs more bytes before the next frame."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+class FrameDecoder:
+    """Turns received bytes into :class:`Frame` s; feed it any split.
+
+    Args:
+        max_message: largest MSG payload accepted.
+        max_chunk: largest DATA/ABORT payload accepted.
+    """
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, max_chunk: int = DEFAULT_MAX_CHUNK) -> None:
+        self.max_message = max_message
+        self.max_chunk = max_chunk
+        self._buf = bytearray()
+        self._header: Optional[Tuple[int, int, int]] = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf)
+
+    def feed(self, data: BytesLike) -> None:
+        self._buf += data
+
+    def next_frame(self) -> Union[Frame, NeedData]:
+        """The next complete frame, or ``NEED_DATA``.
+
+        Raises:
+            ProtocolError: garbage, an unknown frame type, an oversized
+                length, or a MSG that does not decode to a message.
+        """
+        if self._header is None:
+            if len(self._buf) < HEADER_SIZE:
+                return NEED_DATA
+            marker, ftype, fid, length = _HEADER.unpack_from(self._buf)
+            if marker != MARKER:
+                raise ProtocolError(
+                    f"expected frame marker 0x{MARKER:02x}, got 0x{marker:02x} "
+                    f"(garbage on the wire: {bytes(self._buf[:32])!r})"
+                )
+            if ftype not in FRAME_TYPES:
+                raise ProtocolError(f"unknown frame type {ftype}; expected one of {sorted(FRAME_TYPES)}")
+            limit = self.max_message if ftype == MSG else self.max_chunk
+            if ftype == END and length:
+                raise ProtocolError(f"END frame with a {length}-byte payload; expected none")
+            if length > limit:
+                raise ProtocolError(
+                    f"{FRAME_TYPES[ftype]} frame of {length} bytes exceeds the limit of {limit} bytes"
+                )
+            del self._buf[:HEADER_SIZE]
+            self._header = (ftype, fid, length)
+        ftype, fid, length = self._header
+        if len(self._buf) < length:
+            return NEED_DATA
+        payload = bytes(self._buf[:length])
+        del self._buf[:length]
+        self._header = None
+        if ftype == MSG:
+            message = loads_plain(payload)
+            if not isinstance(message, _MESSAGE_TYPES):
+                raise ProtocolError(f"MSG frame holds a {type(message).__name__}, expected a message")
+            if getattr(message, "id", fid) != fid:
+                raise ProtocolError(f"MSG frame id {fid} does not match its message id {message.id}")
+            return Frame(MSG, fid, b"", message)
+        return Frame(ftype, fid, payload)
+
+    def take_rest(self) -> bytes:
+        """Remove and return buffered bytes (after a protocol switch)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+
+class BannerScanner:
+    """Finds the server's banner in bytes that may start with login noise.
+
+    ``feed`` returns ``None`` until the banner and version are complete,
+    then ``(noise, version, rest)``: the bytes skipped, the server's
+    protocol version and the bytes after the banner (the first frames).
+    """
+
+    def __init__(self, max_noise: int = DEFAULT_MAX_NOISE) -> None:
+        self.max_noise = max_noise
+        self._buf = bytearray()
+
+    @property
+    def noise(self) -> bytes:
+        idx = self._buf.find(MAGIC)
+        return bytes(self._buf if idx < 0 else self._buf[:idx])
+
+    def feed(self, data: BytesLike) -> Optional[Tuple[bytes, int, bytes]]:
+        self._buf += data
+        idx = self._buf.find(MAGIC)
+        if idx < 0:
+            if len(self._buf) > self.max_noise + len(MAGIC):
+                raise ProtocolError(
+                    f"no fleche-remote banner in the first {self.max_noise} bytes from the remote; "
+                    f"it starts with {describe_noise(bytes(self._buf))}"
+                )
+            return None
+        end = idx + len(MAGIC) + _VERSION.size
+        if len(self._buf) < end:
+            return None
+        (version,) = _VERSION.unpack_from(self._buf, idx + len(MAGIC))
+        return bytes(self._buf[:idx]), version, bytes(self._buf[end:])
+
+
+def describe_noise(noise: bytes, limit: int = 200) -> str:
+    """Printable, escaped head of unexpected bytes, for logs and errors."""
+    text = noise[:limit].decode("ascii", "backslashreplace")
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    more = f" (+{len(noise) - limit} more bytes)" if len(noise) > limit else ""
+    return f"{text!r}{more}"
+
+
+def check_version(remote: int) -> None:
+    """Refuse a server speaking another protocol, naming both versions."""
+    if remote != PROTOCOL_VERSION:
+        from ..errors import IncompatibleProtocolError
+
+        raise IncompatibleProtocolError(
+            f"the remote speaks fleche-remote protocol {remote}, this client speaks "
+            f"protocol {PROTOCOL_VERSION}; install matching fleche-remote versions on both sides"
+        )

@@ -1,0 +1,274 @@
+"""Transports: the byte pipes an ``SshCache`` talks through.
+
+The client depends only on the small :class:`Transport` protocol; the
+ssh subprocess (what users run), a local subprocess, and an in-process
+pipe to a server thread (fast unit tests) implement it. All of them are
+file-descriptor pairs driven with ``select`` and non-blocking I/O, so
+every read and write has a deadline and a hung peer can never hang us.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional, Protocol, Sequence, Tuple, Union
+
+from ..errors import RemoteConnectionError
+
+log = logging.getLogger("fleche_remote.transport")
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+#: How many lines of the remote's stderr an error message carries.
+STDERR_TAIL_LINES = 20
+_READ_SIZE = 4 << 20
+
+
+class TransportTimeout(RemoteConnectionError):
+    """No progress within the deadline (the peer is hung or stopped)."""
+
+
+class Transport(Protocol):
+    """What the client needs from a byte pipe to a server."""
+
+    def write(self, data: BytesLike, timeout: float) -> None:
+        """Write all of ``data``; :class:`TransportTimeout` if no progress for
+        ``timeout`` seconds, :class:`RemoteConnectionError` if the peer is gone."""
+
+    def read(self, timeout: float) -> bytes:
+        """Some bytes (``b""`` at end of stream); :class:`TransportTimeout`
+        if none arrive within ``timeout`` seconds."""
+
+    def close(self) -> None:
+        """Ask the peer to stop (end of input), then make sure it does."""
+
+    def diagnose(self) -> Tuple[Optional[int], List[str]]:
+        """The peer's exit status (``None`` if running) and last stderr lines."""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the pipe can still carry a request."""
+
+
+class FdTransport:
+    """A transport over a (read fd, write fd) pair; subclasses own the peer."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._rfd = read_fd
+        self._wfd = write_fd
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._closed = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def write(self, data: BytesLike, timeout: float) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            if self._closed:
+                raise RemoteConnectionError("connection is closed")
+            _, ready, _ = select.select([], [self._wfd], [], timeout)
+            if not ready:
+                raise TransportTimeout(f"the remote accepted no data for {timeout:g} s (hung or stopped?)")
+            try:
+                n = os.write(self._wfd, view[: 1 << 20])
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise RemoteConnectionError(f"the remote closed the connection ({exc.strerror})") from None
+            view = view[n:]
+
+    def read(self, timeout: float) -> bytes:
+        if self._closed:
+            raise RemoteConnectionError("connection is closed")
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self._rfd], [], [], max(0.0, remaining))
+            if ready:
+                try:
+                    return os.read(self._rfd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNRESET, errno.EIO):
+                        return b""
+                    raise
+            if remaining <= 0:
+                raise TransportTimeout(f"no reply from the remote within {timeout:g} s (hung or stopped?)")
+
+    def _close_fds(self) -> None:
+        for fd in (self._wfd, self._rfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _StderrTail:
+    """Drains a stderr pipe in a thread, keeping the last lines for errors
+    and passing each line to the log (so the pipe never fills up)."""
+
+    def __init__(self, stream: Any, label: str, echo: Optional[Callable[[str], None]] = None) -> None:
+        self.lines: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stream = stream
+        self._label = label
+        self._echo = echo
+        self._thread = threading.Thread(target=self._run, name=f"stderr-{label}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.lines.append(line)
+            log.debug("[%s] %s", self._label, line)
+            if self._echo is not None:
+                self._echo(line)
+        self._stream.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class SubprocessTransport(FdTransport):
+    """A child process whose stdin/stdout are the channel (ssh, or a local
+    ``python -m fleche_remote serve``).
+
+    The child runs in its own session, so a Ctrl-C in the user's terminal
+    interrupts the user's Python but never kills the child mid-frame.
+    """
+
+    def __init__(self, argv: Sequence[str], *, env: Optional[dict] = None, label: str = "remote") -> None:
+        self.argv = list(argv)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                bufsize=0,
+            )
+        except OSError as exc:
+            raise RemoteConnectionError(f"cannot start {self.argv[0]!r}: {exc.strerror}") from None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stderr = _StderrTail(self.proc.stderr, label)
+        super().__init__(self.proc.stdout.fileno(), self.proc.stdin.fileno())
+
+    def diagnose(self) -> Tuple[Optional[int], List[str]]:
+        code = self.proc.poll()
+        if code is None:
+            try:  # a peer that just closed its pipe is usually about to exit
+                code = self.proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+        if code is not None:
+            self._stderr.join(1.0)
+        return code, list(self._stderr.lines)
+
+    def close(self, grace: float = 2.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # EOF: the server finishes and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        try:
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+        except OSError:
+            pass
+        self._stderr.join(1.0)
+
+    def kill(self) -> None:
+        """Stop the child at once (after a timeout or an interrupted write)."""
+        if not self._closed:
+            self._closed = True
+            self._kill()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except OSError:
+                    pass
+            self._stderr.join(1.0)
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable child
+            log.warning("remote process %d did not exit after SIGKILL", self.proc.pid)
+
+
+class PipeTransport(FdTransport):
+    """An in-process server on a thread, over two OS pipes.
+
+    Exercises exactly the same client and server code as ssh without a
+    process boundary; used where many connections make ssh too slow.
+    """
+
+    def __init__(self, run_server: Callable[[Any, Any], None]) -> None:
+        c2s_r, c2s_w = os.pipe()
+        s2c_r, s2c_w = os.pipe()
+        self._server_in = os.fdopen(c2s_r, "rb", buffering=0)
+        self._server_out = os.fdopen(s2c_w, "wb", buffering=0)
+        self._error: List[str] = []
+
+        def target() -> None:
+            try:
+                run_server(self._server_in, self._server_out)
+            except Exception as exc:  # reported through diagnose()
+                self._error.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                for f in (self._server_out, self._server_in):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+
+        self._thread = threading.Thread(target=target, name="fleche-remote-inproc-server", daemon=True)
+        self._thread.start()
+        super().__init__(s2c_r, c2s_w)
+
+    def diagnose(self) -> Tuple[Optional[int], List[str]]:
+        done = not self._thread.is_alive()
+        return (1 if self._error else 0) if done else None, list(self._error)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self._wfd)
+        except OSError:
+            pass
+        self._thread.join(5)
+        try:
+            os.close(self._rfd)
+        except OSError:
+            pass
+
+    kill = close
