@@ -309,7 +309,19 @@ def server_info(cache: BaseCache, cache_name: Optional[str], read_only: bool) ->
         "hostname": socket.gethostname(),
         "python": sys.executable,
         "pid": os.getpid(),
+        "peak_rss_bytes": _peak_rss(),
     }
+
+
+def _peak_rss() -> Optional[int]:
+    """The server's peak resident memory, so a client can check that a huge
+    value really streamed through in bounded memory."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def serve(
@@ -412,6 +424,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         print(f"fleche-remote serve: cannot open the cache: {exc}", file=sys.stderr)
         return 2
+    log.info(
+        "serving cache %s%s from %s (protocol %d, fleche-remote %s)",
+        args.cache or "[default]",
+        " read-only" if args.read_only or cache.read_only else "",
+        os.getcwd(),
+        PROTOCOL_VERSION,
+        __version__,
+    )
     try:
         serve(in_stream, out_stream, cache, cache_name=args.cache, read_only=args.read_only)
     except ProtocolError as exc:

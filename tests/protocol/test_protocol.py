@@ -1,0 +1,237 @@
+"""The wire protocol, fed bytes directly: no I/O, every split, bad input."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import pytest
+
+from fleche_remote.call import CallRecord
+from fleche_remote.errors import IncompatibleProtocolError, ProtocolError
+from fleche_remote.plain import dumps_plain, loads_plain
+from fleche_remote.remote.protocol import (
+    ABORT,
+    BANNER,
+    DATA,
+    END,
+    MAGIC,
+    MSG,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    BannerScanner,
+    BlobHeader,
+    ErrorResponse,
+    FrameDecoder,
+    Hello,
+    Request,
+    Response,
+    check_version,
+    encode_abort,
+    encode_end,
+    encode_message,
+    frame_header,
+)
+
+RECORD = CallRecord("ab" * 32, "mod.f", None, b"\x80\x04args", {"x": "d" * 64}, {"host": "n1"}, "cd" * 32)
+
+
+def sample_stream() -> tuple[bytes, list[tuple[int, int, object]]]:
+    """A realistic request: a save with two value streams, plus replies."""
+    req = Request(7, "save_records", {"records": [RECORD, RECORD]}, [BlobHeader("bytes", {}, 5, "cd" * 32)] * 2)
+    parts = [
+        encode_message(req),
+        frame_header(DATA, 7, 3) + b"abc",
+        frame_header(DATA, 7, 2) + b"de",
+        encode_end(7),
+        frame_header(DATA, 7, 5) + b"fghij",
+        encode_end(7),
+        encode_message(Response(7, [True, None, {"a": (1, 2.5)}])),
+        encode_message(ErrorResponse(8, "KeyError", "'k'", ("k",), "Traceback...")),
+        encode_abort(9, "disk on fire"),
+    ]
+    expected = [
+        (MSG, 7, req),
+        (DATA, 7, b"abc"),
+        (DATA, 7, b"de"),
+        (END, 7, b""),
+        (DATA, 7, b"fghij"),
+        (END, 7, b""),
+        (MSG, 7, Response(7, [True, None, {"a": (1, 2.5)}])),
+        (MSG, 8, ErrorResponse(8, "KeyError", "'k'", ("k",), "Traceback...")),
+        (ABORT, 9, b"disk on fire"),
+    ]
+    return b"".join(parts), expected
+
+
+def drain(decoder: FrameDecoder) -> list:
+    out = []
+    while True:
+        frame = decoder.next_frame()
+        if frame is NEED_DATA:
+            return out
+        out.append((frame.type, frame.id, frame.message if frame.type == MSG else frame.payload))
+
+
+def test_whole_stream_decodes_to_the_frames_sent():
+    data, expected = sample_stream()
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    assert drain(decoder) == expected
+    assert decoder.buffered == 0
+
+
+def test_one_byte_at_a_time():
+    data, expected = sample_stream()
+    decoder = FrameDecoder()
+    got = []
+    for i in range(len(data)):
+        decoder.feed(data[i : i + 1])
+        got.extend(drain(decoder))
+    assert got == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_splits(seed):
+    data, expected = sample_stream()
+    rng = random.Random(seed)
+    decoder = FrameDecoder()
+    got, pos = [], 0
+    while pos < len(data):
+        step = rng.randint(1, 40)
+        decoder.feed(data[pos : pos + step])
+        pos += step
+        got.extend(drain(decoder))
+    assert got == expected
+
+
+def test_truncated_stream_never_yields_a_partial_frame():
+    data, expected = sample_stream()
+    for cut in range(len(data)):
+        decoder = FrameDecoder()
+        decoder.feed(data[:cut])
+        got = drain(decoder)
+        assert got == expected[: len(got)]
+        assert len(got) < len(expected)
+
+
+def test_garbage_is_refused_at_the_first_bad_byte():
+    decoder = FrameDecoder()
+    decoder.feed(b"Last login: Mon from 10.0.0.1\n")
+    with pytest.raises(ProtocolError, match="frame marker"):
+        decoder.next_frame()
+
+
+def test_unknown_frame_type():
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(DATA, 1, 0)[:1] + bytes([99]) + frame_header(DATA, 1, 0)[2:])
+    with pytest.raises(ProtocolError, match="unknown frame type 99"):
+        decoder.next_frame()
+
+
+def test_huge_length_is_refused_before_allocating():
+    decoder = FrameDecoder(max_message=1 << 20)
+    decoder.feed(frame_header(MSG, 1, 1 << 62))  # 4 EiB: would exhaust memory
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        decoder.next_frame()
+    decoder = FrameDecoder(max_chunk=1 << 20)
+    decoder.feed(frame_header(DATA, 1, (1 << 20) + 1))
+    with pytest.raises(ProtocolError, match="DATA frame"):
+        decoder.next_frame()
+
+
+def test_end_frame_with_payload_is_refused():
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(END, 1, 3) + b"abc")
+    with pytest.raises(ProtocolError, match="END frame"):
+        decoder.next_frame()
+
+
+def test_message_id_must_match_frame_id():
+    payload = dumps_plain(Request(5, "ping"))
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(MSG, 6, len(payload)) + payload)
+    with pytest.raises(ProtocolError, match="does not match"):
+        decoder.next_frame()
+
+
+def test_msg_holding_plain_data_instead_of_a_message_is_refused():
+    payload = dumps_plain({"op": "ping"})
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(MSG, 1, len(payload)) + payload)
+    with pytest.raises(ProtocolError, match="expected a message"):
+        decoder.next_frame()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(Evil()),
+        pickle.dumps(Request(1, "save_records", {"records": [Evil()]})),
+        pickle.dumps(eval),  # noqa: S307 - a reference to a builtin, never called
+        pickle.dumps(Evil(), protocol=0),
+    ],
+    ids=["reduce-os-system", "nested-in-request", "builtin-eval", "protocol-0"],
+)
+def test_restricted_decoder_refuses_code(payload):
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(MSG, 1, len(payload)) + payload)
+    with pytest.raises(ProtocolError, match="refusing to decode"):
+        decoder.next_frame()
+
+
+def test_garbage_payload_in_msg_frame():
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(MSG, 1, 4) + b"\x80\x04\xff\xff")
+    with pytest.raises(ProtocolError):
+        decoder.next_frame()
+
+
+def test_plain_codec_round_trips_records_and_containers():
+    value = {"r": RECORD, "s": {1, 2}, "f": frozenset({"a"}), "c": 1 + 2j, "b": bytearray(b"x")}
+    assert loads_plain(dumps_plain(value)) == value
+
+
+def test_banner_found_after_noise_split_at_every_position():
+    noise = b"Welcome to the cluster\r\nModule python/3.11 loaded\n\x1b[0m(base) "
+    after = encode_message(Hello(PROTOCOL_VERSION, "0.1.0", {"read_only": False}))
+    data = noise + BANNER + after
+    for split in range(len(data) + 1):
+        scanner = BannerScanner()
+        first = scanner.feed(data[:split])
+        if first is not None:
+            got_noise, version, rest = first
+            rest += data[split:]
+        else:
+            found = scanner.feed(data[split:])
+            assert found is not None, split
+            got_noise, version, rest = found
+        assert (got_noise, version) == (noise, PROTOCOL_VERSION)
+        decoder = FrameDecoder()
+        decoder.feed(rest)
+        assert drain(decoder)[0][2] == Hello(PROTOCOL_VERSION, "0.1.0", {"read_only": False})
+
+
+def test_banner_scanner_gives_up_on_endless_noise():
+    scanner = BannerScanner(max_noise=1000)
+    with pytest.raises(ProtocolError, match="no fleche-remote banner"):
+        for _ in range(100):
+            scanner.feed(b"y" * 100)
+
+
+def test_banner_needs_the_whole_version():
+    scanner = BannerScanner()
+    assert scanner.feed(MAGIC + b"\x00") is None
+    assert scanner.feed(b"\x01") == (b"", 1, b"")
+
+
+def test_incompatible_version_names_both():
+    with pytest.raises(IncompatibleProtocolError, match=rf"protocol 99.*protocol {PROTOCOL_VERSION}"):
+        check_version(99)
+    check_version(PROTOCOL_VERSION)

@@ -1,0 +1,40 @@
+"""Shared set-up for tests that go through the real sshd."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleche_remote.remote.client import SshCache
+
+REMOTE_TOML = """\
+[default]
+cache = "main"
+root = true
+
+[main]
+template = "cloudpickle"
+root = "store"
+
+[ro]
+template = "cloudpickle"
+root = "store"
+read_only = true
+"""
+
+
+def remote_dir(tmp_path: Path, toml: str = REMOTE_TOML) -> Path:
+    """A directory on the 'remote' with its own fleche.toml."""
+    path = tmp_path / "remote"
+    path.mkdir(exist_ok=True)
+    (path / "fleche.toml").write_text(toml)
+    return path
+
+
+def ssh_cache(sshd: Any, workdir: Path, **kwargs: Any) -> SshCache:
+    kwargs.setdefault("python", sys.executable)
+    kwargs.setdefault("timeout", 15)
+    kwargs.setdefault("connect_timeout", 30)
+    kwargs.setdefault("ssh_options", sshd.ssh_options)
+    return SshCache(sshd.host, workdir=str(workdir), **kwargs)
