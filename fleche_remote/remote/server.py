@@ -60,6 +60,9 @@ log = logging.getLogger("fleche_remote.server")
 #: raises a chosen exception on the server to prove the error path.
 DEBUG_OPS_ENV = "FLECHE_REMOTE_DEBUG_OPS"
 
+#: Read size: one chunk frame plus its header in a single call.
+_READ_SIZE = CHUNK_SIZE + 64
+
 
 class _Channel:
     """Blocking frame I/O over the server's two streams."""
@@ -75,7 +78,7 @@ class _Channel:
             frame = self._decoder.next_frame()
             if frame is not NEED_DATA:
                 return frame  # type: ignore[return-value]
-            data = self._read(CHUNK_SIZE * 4)
+            data = self._read(_READ_SIZE)
             if not data:
                 if self._decoder.buffered:
                     raise ProtocolError(f"input ended inside a frame ({self._decoder.buffered} bytes buffered)")

@@ -28,7 +28,7 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 #: How many lines of the remote's stderr an error message carries.
 STDERR_TAIL_LINES = 20
-_READ_SIZE = 4 << 20
+_READ_SIZE = (1 << 20) + 64
 
 
 class TransportTimeout(RemoteConnectionError):

@@ -18,6 +18,7 @@ import errno
 import gzip
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -57,9 +58,12 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+_HEX_KEY = re.compile(r"[0-9a-f]{1,128}")
+
+
 def _check_key(key: str) -> str:
     # keys become file names: refuse anything that could escape the root
-    if not key or len(key) > 128 or not all(c in "0123456789abcdef" for c in key):
+    if not isinstance(key, str) or not _HEX_KEY.fullmatch(key):
         raise KeyError(key)
     return key
 
@@ -87,6 +91,7 @@ class FileValueStore(ValueStore):
 
     def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
         self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
+        self._root_str = str(self.root)
         self.compress = compress
         self.type_name = type_name
 
@@ -153,9 +158,10 @@ class FileValueStore(ValueStore):
 
     def contains(self, digest: str) -> bool:
         try:
-            return self._path(digest).exists()
+            _check_key(digest)
         except KeyError:
             return False
+        return os.path.exists(os.path.join(self._root_str, digest[:2], digest))
 
     def delete(self, digest: str) -> None:
         try:
@@ -198,6 +204,7 @@ class FileCallStore(CallStore):
 
     def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
         self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
+        self._root_str = str(self.root)
         self.compress = compress
         self.type_name = type_name
 
@@ -243,10 +250,12 @@ class FileCallStore(CallStore):
         return record
 
     def contains(self, key: str) -> bool:
+        # the hot path of every lookup: plain strings, no Path objects
         try:
-            return self._path(key).exists()
+            _check_key(key)
         except KeyError:
             return False
+        return os.path.exists(os.path.join(self._root_str, key[:2], key + ".call"))
 
     def delete(self, key: str) -> None:
         try:
