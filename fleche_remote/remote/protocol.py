@@ -227,7 +227,8 @@ class FrameDecoder:
         ftype, fid, length = self._header
         if len(self._buf) < length:
             return NEED_DATA
-        payload = bytes(self._buf[:length])
+        with memoryview(self._buf) as view:  # one copy out of the buffer
+            payload = bytes(view[:length])
         del self._buf[:length]
         self._header = None
         if ftype == MSG:

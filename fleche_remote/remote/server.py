@@ -400,6 +400,10 @@ def _take_channel() -> Tuple[BinaryIO, BinaryIO]:
     """Claim fds 0/1 for the protocol and make stray output harmless."""
     in_fd = os.dup(0)
     out_fd = os.dup(1)
+    from .transport import enlarge_pipe
+
+    enlarge_pipe(in_fd)
+    enlarge_pipe(out_fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -16,11 +16,17 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Deque, List, Optional, Protocol, Sequence, Tuple, Union
 
 from ..errors import RemoteConnectionError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("fleche_remote.transport")
 
@@ -29,6 +35,22 @@ BytesLike = Union[bytes, bytearray, memoryview]
 #: How many lines of the remote's stderr an error message carries.
 STDERR_TAIL_LINES = 20
 _READ_SIZE = (1 << 20) + 64
+
+
+def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Grow a Linux pipe's buffer from 64 KiB to a whole chunk frame.
+
+    With the default size a 1 MiB chunk crosses the pipe in 16 wake-ups of
+    each side; one is enough. Not a pipe, not Linux, or over the system's
+    limit: nothing happens.
+    """
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", 1031) if fcntl is not None else None
+    if setpipe is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        fcntl.fcntl(fd, setpipe, size)
+    except OSError:
+        pass
 
 
 class TransportTimeout(RemoteConnectionError):
@@ -65,6 +87,8 @@ class FdTransport:
         self._wfd = write_fd
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
+        for fd in (read_fd, write_fd):
+            enlarge_pipe(fd)
         self._closed = False
 
     @property
