@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .call import Call, CallRecord, LazyCall
+# Eager, unlike the other front ends: the submodule shares the function's
+# name, so once anything imported ``fleche_remote.cached`` the import system
+# would have bound the *module* here and the lazy hook would never run.
+from .cached import cached
 from .caches import BaseCache, Cache, CacheStack
+from .call import Call, CallRecord, LazyCall
 from .digest import Digest, UnstableDigestWarning, digest_of
 from .errors import (
     AmbiguousDigestError,
@@ -36,11 +40,9 @@ _LAZY = {
     "cache_to_config": "fleche_remote.config",
     "load_cache": "fleche_remote.config",
     "redact": "fleche_remote.config",
-    "cached": "fleche_remote.cached",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cached import cached
     from .config import cache_from_config, cache_to_config, load_cache, load_config, redact
     from .remote.client import SshCache
     from .remote.server import serve

@@ -154,11 +154,14 @@ def _encode_numpy(obj: Any, update: Callable[[bytes], None], depth: int) -> None
 
     if isinstance(obj, np.ndarray) and obj.dtype != object:
         arr = np.ascontiguousarray(obj)
-        header = f"{arr.dtype.str}|{','.join(map(str, arr.shape))}".encode()
+        # structured dtypes: field names and types matter, not only the layout
+        dtype_text = arr.dtype.str if arr.dtype.fields is None else repr(arr.dtype.descr)
+        header = f"{dtype_text}|{','.join(map(str, arr.shape))}".encode()
         update(b"a" + struct.pack(">I", len(header)) + header)
         update(struct.pack(">Q", arr.nbytes))
         if arr.nbytes:
-            update(memoryview(arr).cast("B"))
+            # the same bytes as the buffer, but datetime64/timedelta64 export no buffer
+            update(memoryview(arr.reshape(-1).view(np.uint8)))
     elif isinstance(obj, np.generic) and obj.dtype != object:
         data = obj.tobytes()
         header = obj.dtype.str.encode()

@@ -215,7 +215,9 @@ def encode_value(obj: Any) -> Blob:
 
         arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
         meta = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
-        return BytesBlob("ndarray", meta, memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+        # a uint8 view: datetime64 and friends do not export a buffer themselves
+        body = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+        return BytesBlob("ndarray", meta, body)
     import cloudpickle
 
     return BytesBlob("pickle", {}, cloudpickle.dumps(obj, protocol=4))
@@ -237,7 +239,7 @@ def decode_value(blob: Blob) -> Any:
             raise CorruptEntryError(
                 f"ndarray body has {blob.size} bytes, dtype and shape need {arr.nbytes}"
             )
-        target = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
+        target = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
         pos = 0
         for chunk in blob.chunks():
             n = len(chunk)

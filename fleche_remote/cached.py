@@ -1,0 +1,267 @@
+"""``@cached``: the memoizing front end.
+
+A decorated function's call is filed under a key made from the function's
+``module.qualname``, its ``version`` and its bound arguments (defaults
+applied, so ``f(1)``, ``f(x=1)`` and ``f(1, y=2)`` with ``y=2`` the default
+are one call). A hit returns the stored result; a miss runs the function
+and saves the :class:`~fleche_remote.call.Call` with some plain metadata.
+
+Choices worth knowing:
+
+* The cache is resolved on first call, not at decoration, so importing a
+  module never reads fleche.toml or opens an ssh connection.
+* Caching never costs the caller a computed result: a read-only cache, a
+  refused write or a failing save is logged and the result returned; a
+  corrupt stored entry is logged and recomputed.
+* Two threads missing the same key both compute and both save; saves of
+  an existing key are no-ops, so both return correct results. No lock is
+  held while the function runs, so a slow call never blocks other keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import threading
+import time
+import types
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, TypeVar, Union, overload
+
+from .caches import BaseCache
+from .call import Call, LazyCall
+from .digest import Digest, call_digest
+from .errors import CorruptEntryError, Rejected
+
+log = logging.getLogger("fleche_remote.cached")
+
+F = TypeVar("F", bound=Callable[..., Any])
+CacheSpec = Union[None, str, BaseCache]
+
+
+def _metadata(wall_time: float) -> Dict[str, Any]:
+    import platform
+    import socket
+
+    from . import __version__
+
+    return {
+        "wall_time": wall_time,
+        "hostname": socket.gethostname(),
+        "python_version": platform.python_version(),
+        "timestamp": time.time(),
+        "fleche_remote_version": __version__,
+    }
+
+
+class CachedFunction:
+    """A function whose results are kept in a cache (what ``@cached`` returns).
+
+    Calling it returns the stored result when there is one, else computes
+    and saves. The helpers take the same arguments as the function and
+    never run it.
+
+    Attributes:
+        name: the name calls are filed under, ``module.qualname``.
+        version: bump it to stop finding results of earlier versions.
+        ignore: parameters left out of the key (e.g. a verbosity flag).
+    """
+
+    def __init__(
+        self, func: Callable[..., Any], cache: CacheSpec, version: Optional[str], ignore: Iterable[str]
+    ):
+        if not callable(func):
+            raise TypeError(f"@cached needs a function, got {func!r}")
+        if cache is not None and not isinstance(cache, (str, BaseCache)):
+            raise TypeError(
+                f"cache must be None, a cache name or a BaseCache, got {type(cache).__name__} {cache!r}"
+            )
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"version must be a string or None, got {type(version).__name__} {version!r}")
+        ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+        self._signature = inspect.signature(func)
+        unknown = [n for n in ignored if n not in self._signature.parameters]
+        if unknown:
+            raise TypeError(
+                f"ignore names {', '.join(map(repr, unknown))}, which {func.__qualname__} does not take; "
+                f"its parameters are {', '.join(self._signature.parameters) or 'none'}"
+            )
+        module = getattr(func, "__module__", None)
+        qualname = getattr(func, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qualname, str):
+            # the name is half of every key: a guessed one would collide or drift
+            raise TypeError(
+                f"@cached names keys by module.__qualname__, and {func!r} has none; wrap it in a def"
+            )
+        self.func = func
+        self.name = f"{module}.{qualname}"
+        self.version = version
+        self.ignore: Tuple[str, ...] = ignored
+        self._cache_spec = cache
+        self._cache: Optional[BaseCache] = cache if isinstance(cache, BaseCache) else None
+        self._cache_lock = threading.Lock()
+        functools.update_wrapper(self, func)
+
+    def __repr__(self) -> str:
+        return f"<cached {self.name}>"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # a module-level cached function pickles by name, as functions do
+        # (its __qualname__ leads to this wrapper, not to the bare function)
+        obj: Any = sys.modules.get(self.__module__)
+        for part in self.func.__qualname__.split("."):
+            obj = getattr(obj, part, None)
+        if obj is self:
+            return self.func.__qualname__
+        return super().__reduce_ex__(protocol)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # cached functions travel to worker processes (multiprocessing,
+        # dask): drop the lock, and a cache resolved from fleche.toml, which
+        # the worker resolves again from its own files
+        state = dict(self.__dict__)
+        del state["_cache_lock"]
+        if not isinstance(self._cache_spec, BaseCache):
+            state["_cache"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
+        # decorating a method: bind like a function does
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    @property
+    def cache(self) -> BaseCache:
+        """The cache in use, resolved (from fleche.toml if need be) on first use.
+
+        Raises:
+            ConfigError: the named or default cache cannot be built.
+        """
+        if self._cache is None:
+            with self._cache_lock:
+                if self._cache is None:
+                    from .config import load_cache
+
+                    spec = self._cache_spec
+                    self._cache = load_cache(spec if isinstance(spec, str) else None)
+        return self._cache
+
+    def arguments(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """The arguments as they enter the key: bound by name, defaults
+        applied, ignored parameters dropped.
+
+        Raises:
+            TypeError: the arguments do not fit the function's signature.
+        """
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return {k: v for k, v in bound.arguments.items() if k not in self.ignore}
+
+    def key(self, *args: Any, **kwargs: Any) -> Digest:
+        """The key a call with these arguments is filed under."""
+        return call_digest(self.name, self.arguments(*args, **kwargs), self.version)
+
+    def contains(self, *args: Any, **kwargs: Any) -> bool:
+        """Whether a result for these arguments is stored."""
+        return self.cache.contains(self.key(*args, **kwargs))
+
+    def load(self, *args: Any, **kwargs: Any) -> LazyCall:
+        """The stored call for these arguments (result loaded on access).
+
+        Raises:
+            KeyError: nothing is stored for them.
+        """
+        return self.cache.load(self.key(*args, **kwargs))
+
+    def query(self, **filters: Any) -> Iterator[LazyCall]:
+        """Stored calls of this function whose arguments equal ``filters``.
+
+        Every version's calls are included; ``LazyCall.version`` tells
+        them apart. See :meth:`~fleche_remote.caches.BaseCache.query`.
+        """
+        return self.cache.query(self.name, **filters)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self.arguments(*args, **kwargs)
+        key = call_digest(self.name, arguments, self.version)
+        cache = self.cache
+        try:
+            return cache.load_value(key)
+        except KeyError:
+            pass
+        except CorruptEntryError as exc:
+            log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
+        start = time.perf_counter()
+        result = self.func(*args, **kwargs)
+        wall_time = time.perf_counter() - start
+        if cache.read_only:
+            log.debug("%s: cache %r is read-only; result of key %s not saved", self.name, cache, key[:12])
+            return result
+        call = Call(self.name, arguments, result, _metadata(wall_time), self.version)
+        try:
+            cache.save(call)
+        except Rejected as exc:
+            log.debug("%s: cache refused key %s: %s", self.name, key[:12], exc)
+        except Exception:
+            # the caller asked for a result, not for a save: a full disk or a
+            # result that cannot be pickled must not throw the result away
+            log.warning("%s: could not save the result of key %s", self.name, key[:12], exc_info=True)
+        return result
+
+
+@overload
+def cached(func: F) -> F: ...
+
+
+@overload
+def cached(
+    func: None = None, *, cache: CacheSpec = None, version: Optional[str] = None, ignore: Iterable[str] = ()
+) -> Callable[[F], F]: ...
+
+
+def cached(
+    func: Optional[Callable[..., Any]] = None,
+    *,
+    cache: CacheSpec = None,
+    version: Optional[str] = None,
+    ignore: Iterable[str] = (),
+) -> Any:
+    """Memoize a function in a persistent cache.
+
+    Use as ``@cached`` or ``@cached(cache=..., version=..., ignore=...)``.
+
+    Args:
+        func: the function (when used without parentheses).
+        cache: a :class:`~fleche_remote.caches.BaseCache`, the name of a
+            cache in fleche.toml, or None for ``[default] cache``; names
+            are resolved on the first call.
+        version: part of the key; change it when the function's meaning
+            changes, so old results are no longer found.
+        ignore: names of parameters that do not affect the result (a
+            log level, a progress flag); they are left out of the key.
+
+    Returns:
+        A :class:`CachedFunction` (or a decorator making one), which also
+        offers ``.key``, ``.contains``, ``.load``, ``.query`` and ``.cache``.
+
+    Raises:
+        TypeError: at decoration, for a name in ``ignore`` that the
+            function does not take, or a ``cache``/``version`` of the wrong
+            type.
+    """
+
+    def decorate(f: Callable[..., Any]) -> CachedFunction:
+        return CachedFunction(f, cache, version, ignore)
+
+    if func is None:
+        return decorate
+    return decorate(func)
+
+
+__all__ = ["CachedFunction", "cached"]

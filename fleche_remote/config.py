@@ -1,0 +1,630 @@
+"""fleche.toml: discovery, building caches from tables, and back again.
+
+The format is the one the ``fleche`` package reads, so an existing file
+mostly just works. In short:
+
+* Every top-level table names a cache, except ``[default]``, which holds
+  ``cache = "NAME"`` (the cache ``load_cache()`` returns), ``root = true``
+  (stop the discovery walk here) and ``metadata`` (read by ``fleche``;
+  accepted and ignored here).
+* A cache table is either explicit (``values = {type = ...}`` and
+  ``calls = {type = ...}``), a ``template`` with a ``root``, or
+  ``type = "ssh"`` (or another registered cache type). ``read_only = true``
+  goes with the first two. An array of tables (``[[name]]``) is a
+  :class:`~fleche_remote.caches.CacheStack`, first layer first.
+* Files are found by walking up from the working directory to ``$HOME``
+  (inclusive) or ``/``, then ``$XDG_CONFIG_HOME/fleche/cache.toml``; they
+  merge shallowly at the top level, the closer file winning a whole table.
+* A relative ``root`` or SQLite ``url`` is relative to the file that
+  declared it, so a checked-in file means the same cache from any
+  subdirectory.
+
+Design rule: every malformed config raises exactly one
+:class:`~fleche_remote.errors.ConfigError` naming the file, the table and
+the key, at the moment the table is used. Store classes only know their
+own keys, so their errors are caught here and given the file, the table
+and a ``values.``/``calls.`` prefix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .caches import BaseCache, Cache, CacheStack
+from .errors import ConfigError
+from .redaction import is_secret_key, redact, redact_text
+from .storage._config import resolve_path
+from .storage.base import build_store
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised by the 3.9 test interpreter only
+    import tomli as tomllib
+
+CONFIG_NAME = "fleche.toml"
+DEFAULT_TABLE = "default"
+#: Keys of ``[default]``; ``metadata`` is fleche's and is ignored here.
+DEFAULT_KEYS = {"cache": str, "root": bool, "metadata": list}
+
+CacheConfig = Union[Dict[str, Any], List[Any]]
+CacheFactory = Callable[[Dict[str, Any], Optional[Path]], BaseCache]
+
+
+# -- discovery ----------------------------------------------------------------
+
+
+class Config(Mapping[str, Any]):
+    """The merged top-level tables of every fleche.toml that applies.
+
+    A read-only mapping from table name to its (parsed TOML) value that
+    also remembers where each table came from, because relative paths in
+    a table resolve against its own file and error messages name it.
+
+    Attributes:
+        files: the files read, highest priority (closest) first.
+        searched: every path looked at, found or not, for error messages.
+    """
+
+    def __init__(
+        self,
+        tables: Mapping[str, Any],
+        sources: Mapping[str, Optional[Path]],
+        files: Sequence[Path] = (),
+        searched: Sequence[Path] = (),
+    ) -> None:
+        self._tables = dict(tables)
+        self._sources = dict(sources)
+        self.files: List[Path] = list(files)
+        self.searched: List[Path] = list(searched)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def __repr__(self) -> str:
+        return f"Config({sorted(self._tables)}, files={[str(f) for f in self.files]})"
+
+    def source(self, name: str) -> Optional[Path]:
+        """The file that declared top-level table ``name`` (None if unknown)."""
+        return self._sources.get(name)
+
+    def cache_names(self) -> List[str]:
+        """Names of the tables that can be caches (everything but ``[default]``)."""
+        return sorted(
+            k for k, v in self._tables.items() if k != DEFAULT_TABLE and isinstance(v, (dict, list))
+        )
+
+    def default_cache(self) -> Optional[str]:
+        """``[default] cache``, or None when unset."""
+        default = self._tables.get(DEFAULT_TABLE)
+        return default.get("cache") if isinstance(default, dict) else None
+
+
+def _home() -> Optional[Path]:
+    try:
+        return Path.home().absolute()
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        return None
+
+
+def _xdg_config_file(home: Optional[Path]) -> Optional[Path]:
+    # the XDG spec treats an empty XDG_CONFIG_HOME like an unset one
+    base = os.environ.get("XDG_CONFIG_HOME") or (str(home / ".config") if home is not None else "")
+    return Path(base) / "fleche" / "cache.toml" if base else None
+
+
+def candidate_paths(cwd: Optional[os.PathLike[str] | str] = None) -> List[Path]:
+    """Every path discovery looks at, highest priority first.
+
+    ``fleche.toml`` in ``cwd`` and each parent up to ``$HOME`` (inclusive)
+    or the filesystem root, then the XDG file. Whether they exist is not
+    checked here.
+    """
+    home = _home()
+    home_real = home.resolve() if home is not None else None
+    current = Path(cwd if cwd is not None else os.getcwd()).absolute()
+    paths = []
+    while True:
+        paths.append(current / CONFIG_NAME)
+        if home is not None and (current == home or current.resolve() == home_real):
+            break
+        if current.parent == current:
+            break
+        current = current.parent
+    xdg = _xdg_config_file(home)
+    if xdg is not None and xdg not in paths:
+        paths.append(xdg)
+    return paths
+
+
+def read_toml(path: os.PathLike[str] | str) -> Dict[str, Any]:
+    """Parse one TOML file.
+
+    Raises:
+        ConfigError: the file is unreadable or not valid TOML (the message
+            gives the line and column the parser stopped at).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"line (\d+)", str(exc))
+        where = f" at line {found.group(1)}" if found else ""
+        raise ConfigError(f"TOML syntax error{where}: {exc}", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=str(path)) from None
+
+
+def _check_default(table: Any, path: Path) -> None:
+    def fail(message: str, key: Optional[str] = None) -> ConfigError:
+        return ConfigError(message, file=str(path), table=DEFAULT_TABLE, key=key)
+
+    if not isinstance(table, dict):
+        raise fail(f"[default] must be a table, got {type(table).__name__} {table!r}")
+    for key, value in table.items():
+        expected = DEFAULT_KEYS.get(key)
+        if expected is None:
+            known = ", ".join(sorted(DEFAULT_KEYS))
+            raise fail(f"unknown key {key!r} in [default]; expected one of {known}", key)
+        if not isinstance(value, expected):
+            got = f"{type(value).__name__} {value!r}"
+            raise fail(f"[default] {key} must be a {expected.__name__}, got {got}", key)
+
+
+def load_config(
+    path: Optional[os.PathLike[str] | str] = None, *, cwd: Optional[os.PathLike[str] | str] = None
+) -> Config:
+    """Find, read and merge the fleche.toml files that apply.
+
+    Args:
+        path: read just this file instead of discovering.
+        cwd: start the walk here instead of the current directory.
+
+    Returns:
+        The merged :class:`Config`; it is empty (``config.files == []``)
+        when no file was found, which is not an error until a cache is
+        asked for.
+
+    Raises:
+        ConfigError: a file is missing (``path`` given), unreadable, not
+            valid TOML, or has a malformed ``[default]`` table.
+    """
+    if path is not None:
+        path = Path(path).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError("config file does not exist", file=str(path))
+        candidates, searched = [path], [path]
+    else:
+        searched = candidate_paths(cwd)
+        candidates = [p for p in searched if p.is_file()]
+    tables: Dict[str, Any] = {}
+    sources: Dict[str, Optional[Path]] = {}
+    files: List[Path] = []
+    for candidate in candidates:  # closest first, so the first table of a name wins
+        data = read_toml(candidate)
+        files.append(candidate)
+        if DEFAULT_TABLE in data:
+            _check_default(data[DEFAULT_TABLE], candidate)
+        for name, value in data.items():
+            if name not in tables:
+                tables[name] = value
+                sources[name] = candidate
+        default = data.get(DEFAULT_TABLE)
+        if isinstance(default, dict) and default.get("root") is True:
+            break
+    return Config(tables, sources, files, searched)
+
+
+# -- cache types ----------------------------------------------------------------
+
+_CACHE_TYPES: Dict[str, Union[CacheFactory, str]] = {
+    "ssh": "fleche_remote.remote.client:SshCache.from_config",
+}
+
+
+def register_cache_type(name: str, factory: Union[CacheFactory, str]) -> None:
+    """Make ``type = name`` in a cache table build a cache with ``factory``.
+
+    Args:
+        name: the ``type`` value (an identifier).
+        factory: ``factory(table, base_dir) -> BaseCache``, where ``table``
+            is the whole cache table (``type`` included) and ``base_dir``
+            the declaring file's directory; or a lazy ``"module:attr"``
+            string (``attr`` may be dotted, e.g. ``"Class.from_config"``),
+            imported on first use so that registering costs nothing.
+
+    Raises:
+        ValueError: ``name`` is not an identifier or ``factory`` a malformed
+            string.
+        TypeError: ``factory`` is neither callable nor a string.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"cache type name must be an identifier, got {name!r}")
+    if isinstance(factory, str):
+        module, sep, attr = factory.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"a lazy cache factory must look like 'module:attr', got {factory!r}")
+    elif not callable(factory):
+        raise TypeError(f"cache factory must be callable or a 'module:attr' string, got {factory!r}")
+    _CACHE_TYPES[name] = factory
+
+
+def cache_types() -> List[str]:
+    """Names accepted by ``type = ...`` in a cache table."""
+    return sorted(_CACHE_TYPES)
+
+
+def _cache_factory(name: str) -> CacheFactory:
+    entry = _CACHE_TYPES[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        entry = obj
+    return entry  # type: ignore[return-value]
+
+
+# -- building caches ------------------------------------------------------------
+
+TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
+#: value store types the ``sql`` template accepts as ``values = "..."``
+SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
+_EXPLICIT_KEYS = ("values", "calls", "read_only")
+
+
+class _Where:
+    """The file and table a config dict came from, for error messages."""
+
+    def __init__(self, source: Optional[Path], table: Optional[str]) -> None:
+        self.source = source
+        self.table = table
+
+    @property
+    def base_dir(self) -> Optional[Path]:
+        return self.source.parent if self.source is not None else None
+
+    def error(self, message: str, key: Optional[str] = None) -> ConfigError:
+        return ConfigError(
+            message, file=str(self.source) if self.source is not None else None, table=self.table, key=key
+        )
+
+    def rewrap(self, exc: ConfigError, prefix: str = "") -> ConfigError:
+        """``exc`` (raised by a store that knows only its own key) with the
+        file, the table and the full key path filled in."""
+        key = exc.key
+        if prefix and not (key or "").startswith(prefix + "."):
+            key = prefix if key is None else f"{prefix}.{key}"
+        new = ConfigError(
+            exc.message,
+            file=exc.file or (str(self.source) if self.source is not None else None),
+            table=exc.table or self.table,
+            key=key,
+        )
+        new.__cause__ = exc
+        return new
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def cache_from_config(
+    cfg: CacheConfig,
+    *,
+    name: Optional[str] = None,
+    source: Optional[os.PathLike[str] | str] = None,
+) -> BaseCache:
+    """Build a cache from one cache table, or a stack from a list of them.
+
+    Args:
+        cfg: a table (dict) in one of the forms the module notes list, or
+            a list of tables for a :class:`~fleche_remote.caches.CacheStack`
+            (a list may nest, which TOML writes as inline arrays).
+        name: the table's name, used in error messages.
+        source: the file that declared it; relative paths resolve against
+            its directory (else against the current directory).
+
+    Returns:
+        A :class:`~fleche_remote.caches.Cache`, a
+        :class:`~fleche_remote.caches.CacheStack`, or what a registered
+        cache type builds (``type = "ssh"``: an ``SshCache``).
+
+    Raises:
+        ConfigError: the table is malformed; the error names the file, the
+            table and the key.
+    """
+    where = _Where(Path(source) if source is not None else None, name)
+    return _build(cfg, where)
+
+
+def _build(cfg: Any, where: _Where) -> BaseCache:
+    if isinstance(cfg, list):
+        if not cfg:
+            raise where.error("a cache stack needs at least one layer, got an empty array")
+        prefix = where.table if where.table is not None else ""
+        layers = [_build(item, _Where(where.source, f"{prefix}[{i}]")) for i, item in enumerate(cfg)]
+        return CacheStack(layers)
+    if not isinstance(cfg, dict):
+        raise where.error(f"a cache must be a table or an array of tables, got {_describe(cfg)}")
+    if "type" in cfg:
+        return _build_typed(cfg, where)
+    if "template" in cfg:
+        return _build_template(cfg, where)
+    return _build_explicit(cfg, where)
+
+
+def _read_only(cfg: Dict[str, Any], where: _Where) -> bool:
+    value = cfg.get("read_only", False)
+    if not isinstance(value, bool):
+        raise where.error(f"read_only must be true or false, got {_describe(value)}", key="read_only")
+    return value
+
+
+def _build_typed(cfg: Dict[str, Any], where: _Where) -> BaseCache:
+    type_name = cfg["type"]
+    if not isinstance(type_name, str):
+        raise where.error(
+            f"type must be a string naming a cache type, got {_describe(type_name)}", key="type"
+        )
+    if type_name not in _CACHE_TYPES:
+        raise where.error(
+            f"unknown cache type {type_name!r}; known cache types: {', '.join(cache_types())} "
+            f"(or leave out 'type' and give values/calls tables or a template)",
+            key="type",
+        )
+    factory = _cache_factory(type_name)
+    try:
+        cache = factory(dict(cfg), where.base_dir)
+    except ConfigError as exc:
+        raise where.rewrap(exc) from None
+    if not isinstance(cache, BaseCache):
+        raise TypeError(f"the factory for cache type {type_name!r} returned {cache!r}, not a BaseCache")
+    return cache
+
+
+def _build_store(kind: str, table: Any, where: _Where) -> Any:
+    if not isinstance(table, dict):
+        raise where.error(
+            f'{kind} must be a table like {{type = "cloudpickle", ...}}, got {_describe(table)}', key=kind
+        )
+    if "type" not in table:
+        raise where.error(f"{kind} needs a 'type' naming a store type", key=f"{kind}.type")
+    try:
+        return build_store(kind, table, where.base_dir)
+    except ConfigError as exc:
+        raise where.rewrap(exc, kind) from None
+
+
+def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
+    for key in cfg:
+        if key not in _EXPLICIT_KEYS:
+            raise where.error(
+                f"unknown key {key!r} in a cache table; expected {', '.join(_EXPLICIT_KEYS)}, "
+                f"or a template, or a type",
+                key=key,
+            )
+    for kind in ("values", "calls"):
+        if kind not in cfg:
+            raise where.error(
+                f"a cache table needs both 'values' and 'calls' tables (or a 'template', or a 'type'); "
+                f"'{kind}' is missing",
+                key=kind,
+            )
+    read_only = _read_only(cfg, where)
+    values = _build_store("values", cfg["values"], where)
+    calls = _build_store("calls", cfg["calls"], where)
+    return Cache(values, calls, read_only=read_only)
+
+
+def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
+    if "root" not in cfg:
+        raise where.error(f"template {cfg['template']!r} needs a 'root' directory", key="root")
+    root = cfg["root"]
+    if not isinstance(root, str):
+        raise where.error(f"root must be a string path, got {_describe(root)}", key="root")
+    return resolve_path(root, where.base_dir)
+
+
+def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
+    template = cfg["template"]
+    if not isinstance(template, str) or template not in TEMPLATES:
+        raise where.error(
+            f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}", key="template"
+        )
+    allowed = {"template", "read_only"}
+    if template != "memory":
+        allowed.add("root")
+    if template == "sql":
+        allowed |= {"url", "values"}
+    if ("values" in cfg and template != "sql") or isinstance(cfg.get("values"), dict) or "calls" in cfg:
+        key = "calls" if "calls" in cfg else "values"
+        raise where.error(
+            f"give either template = {template!r} or explicit values/calls tables, not both", key=key
+        )
+    for key in cfg:
+        if key not in allowed:
+            raise where.error(
+                f"unknown key {key!r} for template {template!r}; "
+                f"expected one of {', '.join(sorted(allowed))}",
+                key=key,
+            )
+    read_only = _read_only(cfg, where)
+    if template == "memory":
+        values: Dict[str, Any] = {"type": "memory"}
+        calls: Dict[str, Any] = {"type": "memory"}
+    else:
+        root = _template_root(cfg, where)
+        if template in ("pickle", "cloudpickle"):
+            values = {"type": template, "root": str(root / "values")}
+            calls = {"type": template, "root": str(root / "calls")}
+        elif template == "hdf5":
+            values = {"type": "hdf5", "path": str(root / "values.h5")}
+            calls = {"type": "hdf5", "path": str(root / "calls.h5")}
+        else:  # sql
+            value_type = cfg.get("values", "cloudpickle")
+            if value_type not in SQL_TEMPLATE_VALUES:
+                raise where.error(
+                    f"the sql template stores values in files; values must be one of "
+                    f"{', '.join(SQL_TEMPLATE_VALUES)}, got {_describe(value_type)}",
+                    key="values",
+                )
+            url = cfg.get("url", f"sqlite:///{root / 'calls.db'}")
+            if not isinstance(url, str):
+                raise where.error(f"url must be a SQLAlchemy URL string, got {_describe(url)}", key="url")
+            values = {"type": value_type, "root": str(root / "values")}
+            calls = {"type": "sql", "url": url}
+    return Cache(
+        _build_store("values", values, where), _build_store("calls", calls, where), read_only=read_only
+    )
+
+
+def cache_to_config(cache: BaseCache) -> CacheConfig:
+    """The config that :func:`cache_from_config` turns back into ``cache``.
+
+    Paths come out absolute, so the result does not depend on where it is
+    later written. A stack's ``backfill=False`` has no config form and is
+    not kept.
+
+    Args:
+        cache: a :class:`~fleche_remote.caches.Cache`, a
+            :class:`~fleche_remote.caches.CacheStack`, or any cache with a
+            ``to_config()`` method (an ``SshCache``).
+
+    Returns:
+        A table (dict), or a list of them for a stack.
+
+    Raises:
+        TypeError: ``cache`` has no config form.
+    """
+    # a cache's own to_config() wins, so subclasses and registered types
+    # keep the form their factory reads back
+    to_config = getattr(cache, "to_config", None)
+    if callable(to_config):
+        result = to_config()
+        if not isinstance(result, (dict, list)):
+            raise TypeError(f"{type(cache).__name__}.to_config() returned {_describe(result)}, not a table")
+        return result
+    if isinstance(cache, CacheStack):
+        return [cache_to_config(layer) for layer in cache.layers]
+    if isinstance(cache, Cache):
+        cfg: Dict[str, Any] = {"values": cache.values.to_config(), "calls": cache.calls.to_config()}
+        if cache.read_only:
+            cfg["read_only"] = True
+        return cfg
+    raise TypeError(f"a {type(cache).__name__} has no config form (it has no to_config() method)")
+
+
+# -- loading a named cache --------------------------------------------------------
+
+_loaded: Dict[Tuple[Any, ...], BaseCache] = {}
+_loaded_lock = threading.Lock()
+
+
+def _fingerprint(config: Config) -> Tuple[Any, ...]:
+    # same files with the same contents -> the same cache object, so that
+    # every @cached function shares one ssh connection per remote
+    stamps: List[Tuple[str, Optional[int], Optional[int]]] = []
+    for path in config.files:
+        try:
+            st = path.stat()
+            stamps.append((str(path), st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append((str(path), None, None))
+    return tuple(stamps)
+
+
+def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]] = None) -> BaseCache:
+    """The cache called ``name`` in the applicable fleche.toml files.
+
+    Without ``config``, the files are discovered from the current
+    directory and the built cache is remembered: asking again for the
+    same name while the files are unchanged returns the same object, so
+    one process keeps one connection per remote.
+
+    Args:
+        name: a top-level table; None means ``[default] cache``.
+        config: a :class:`Config` (or a plain mapping of tables, whose
+            relative paths then resolve against the current directory).
+
+    Returns:
+        The built cache.
+
+    Raises:
+        ConfigError: no config file was found (the message lists every
+            path looked at), no default is set, ``name`` is not a table
+            (the message lists the ones there are), or the table is
+            malformed.
+    """
+    remember = config is None
+    if config is None:
+        cfg = load_config()
+    elif isinstance(config, Config):
+        cfg = config
+    else:
+        cfg = Config(config, {})
+    if not cfg.files and cfg.searched:
+        looked = ", ".join(str(p) for p in cfg.searched)
+        raise ConfigError(f"no fleche.toml found; looked at: {looked}")
+    read = ", ".join(str(f) for f in cfg.files) or "none"
+    if name is None:
+        name = cfg.default_cache()
+        if name is None:
+            source = cfg.source(DEFAULT_TABLE)
+            raise ConfigError(
+                f'no cache name given and no default set; add cache = "NAME" to [default] '
+                f"(files read: {read})",
+                file=str(source) if source is not None else None,
+                table=DEFAULT_TABLE,
+                key="cache",
+            )
+    if name not in cfg or name == DEFAULT_TABLE:
+        available = ", ".join(cfg.cache_names()) or "none"
+        raise ConfigError(f"no cache named {name!r}; available: {available} (files read: {read})", table=name)
+    source = cfg.source(name)
+    if not remember:
+        return cache_from_config(cfg[name], name=name, source=source)
+    token = (name, _fingerprint(cfg))
+    with _loaded_lock:
+        cache = _loaded.get(token)
+        if cache is None:
+            cache = _loaded[token] = cache_from_config(cfg[name], name=name, source=source)
+        return cache
+
+
+def forget_loaded_caches() -> None:
+    """Drop the caches :func:`load_cache` remembered (closing them)."""
+    with _loaded_lock:
+        caches = list(_loaded.values())
+        _loaded.clear()
+    for cache in caches:
+        cache.close()
+
+
+__all__ = [
+    "Config",
+    "cache_from_config",
+    "cache_to_config",
+    "cache_types",
+    "candidate_paths",
+    "forget_loaded_caches",
+    "is_secret_key",
+    "load_cache",
+    "load_config",
+    "read_toml",
+    "redact",
+    "redact_text",
+    "register_cache_type",
+]
