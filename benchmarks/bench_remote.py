@@ -59,7 +59,9 @@ def timed(fn: Callable[[], object], rounds: int) -> List[float]:
 
 
 def raw_ping_pong(server: SshServer, rounds: int) -> List[float]:
-    proc = subprocess.Popen(server.ssh_command("cat"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    proc = subprocess.Popen(
+        server.ssh_command("cat"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
     assert proc.stdin is not None and proc.stdout is not None
     fd_in, fd_out = proc.stdin.fileno(), proc.stdout.fileno()
     os.write(fd_in, b"x")
@@ -103,8 +105,9 @@ def raw_download(server: SshServer, path: Path, nbytes: int) -> float:
 
 
 def ours(server: SshServer, workdir: Path) -> SshCache:
-    return SshCache(server.host, python=sys.executable, ssh_options=server.ssh_options, workdir=str(workdir),
-                    timeout=300)
+    return SshCache(
+        server.host, python=sys.executable, ssh_options=server.ssh_options, workdir=str(workdir), timeout=300
+    )
 
 
 def fleche_cache(server: SshServer, workdir: Path) -> Optional[object]:
@@ -112,14 +115,19 @@ def fleche_cache(server: SshServer, workdir: Path) -> Optional[object]:
         from fleche.remote import SshCache as FlecheSshCache
     except Exception:
         return None
-    return FlecheSshCache(server.host, python=sys.executable, ssh_options=tuple(server.ssh_options),
-                          workdir=str(workdir))
+    return FlecheSshCache(
+        server.host, python=sys.executable, ssh_options=tuple(server.ssh_options), workdir=str(workdir)
+    )
 
 
-def row(name: str, ours_value: float, base_name: str, base_value: float, unit: str, higher_is_better: bool) -> None:
+def row(
+    name: str, ours_value: float, base_name: str, base_value: float, unit: str, higher_is_better: bool
+) -> None:
     ratio = ours_value / base_value if higher_is_better else base_value / ours_value
-    print(f"  {name:<34} {ours_value:10.2f} {unit:<5} vs {base_name:<22} {base_value:10.2f} {unit:<5}"
-          f"  -> {ratio:5.2f}x {'(>1: we are faster)'}")
+    print(
+        f"  {name:<34} {ours_value:10.2f} {unit:<5} vs {base_name:<22} {base_value:10.2f} {unit:<5}"
+        f"  -> {ratio:5.2f}x {'(>1: we are faster)'}"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -130,8 +138,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-fleche", action="store_true", help="skip the fleche package comparison")
     args = parser.parse_args(argv)
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"python {platform.python_version()}, fleche-remote {__version__}, {platform.platform()}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"python {platform.python_version()}, fleche-remote {__version__}, {platform.platform()}, "
+        f"{os.cpu_count()} cores"
+    )
 
     with tempfile.TemporaryDirectory(prefix="fleche-bench-") as tmp, private_sshd() as server:
         workdir = Path(tmp) / "remote"
@@ -140,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cache = ours(server, workdir)
         key = cache.save(Call("bench.small", {"x": 1}, 1.0))
 
-        print("\nlatency (median of %d round trips)" % args.rounds)
+        print(f"\nlatency (median of {args.rounds} round trips)")
         raw = median_ms(raw_ping_pong(server, args.rounds))
         ours_rtt = median_ms(timed(lambda: cache.contains(key), args.rounds))
         row("fleche-remote contains", ours_rtt, "raw ssh ping-pong", raw, "ms", False)
@@ -166,8 +176,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         big = cache.save(Call("bench.big", {"mb": args.mb}, arr))
         up_ours = nbytes / (time.perf_counter() - t0) / 1e6
         row("fleche-remote save (upload)", up_ours, "ssh 'cat > /dev/null'", up_raw, "MB/s", True)
-        stored = max((p for p in (workdir / "store" / "values").rglob("*") if p.is_file()),
-                     key=lambda p: p.stat().st_size)
+        stored = max(
+            (p for p in (workdir / "store" / "values").rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size,
+        )
         down_raw = nbytes / raw_download(server, stored, nbytes) / 1e6
         t0 = time.perf_counter()
         back = cache.load_value(big)
@@ -201,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         first = median_ms(timed(first_result, args.starts))
         row("fleche-remote first result", first, "ssh host true", bare, "ms", False)
         if flc is not None:
+
             def fleche_first() -> None:
                 fresh = fleche_cache(server, workdir)
                 assert fresh.load_value(fkey) == 1.0  # type: ignore[union-attr]

@@ -69,11 +69,14 @@ ssh_options = [{options}]
         )
 
         print("1. the cluster computes simulate(200) and saves it in its own cache")
-        on_cluster = SshCache(cluster.host, python=sys.executable, ssh_options=cluster.ssh_options,
-                              workdir=str(cluster_disk))
+        on_cluster = SshCache(
+            cluster.host, python=sys.executable, ssh_options=cluster.ssh_options, workdir=str(cluster_disk)
+        )
         job = cached(cache=on_cluster)(simulate)
         job(200)
-        print(f"   computed {CALLS['count']} time(s); the cluster serves {on_cluster.info()['cache']['calls']}")
+        print(
+            f"   computed {CALLS['count']} time(s); the cluster serves {on_cluster.info()['cache']['calls']}"
+        )
         on_cluster.close()
 
         os.chdir(laptop_disk)
@@ -82,8 +85,10 @@ ssh_options = [{options}]
         laptop = cached(simulate)
         t0 = time.perf_counter()
         result = laptop(200)
-        print(f"   got a {result.shape} array in {time.perf_counter() - t0:.2f} s without computing "
-              f"(computations so far: {CALLS['count']})")
+        print(
+            f"   got a {result.shape} array in {time.perf_counter() - t0:.2f} s without computing "
+            f"(computations so far: {CALLS['count']})"
+        )
         stack = load_cache()
         print(f"   local copy kept: {stack.layers[0].contains(laptop.key(200))}")
         stack.close()
@@ -100,12 +105,16 @@ ssh_options = [{options}]
             forced_command=f"cd {cluster_disk} && exec {sys.executable} -m fleche_remote serve --read-only"
         )
         colleague = SshCache(cluster.host, ssh_options=colleague_key)
-        print(f"   read-only: {colleague.read_only}; reads work: "
-              f"{np.array_equal(colleague.load_value(laptop.key(200)), result)}")
+        print(
+            f"   read-only: {colleague.read_only}; reads work: "
+            f"{np.array_equal(colleague.load_value(laptop.key(200)), result)}"
+        )
         before = CALLS["count"]
         cached(cache=colleague)(simulate)(300)  # computed locally, not saved on the cluster
-        print(f"   a new call is computed for them ({CALLS['count'] - before}) but not stored: "
-              f"{not colleague.contains(laptop.key(300))}")
+        print(
+            f"   a new call is computed for them ({CALLS['count'] - before}) but not stored: "
+            f"{not colleague.contains(laptop.key(300))}"
+        )
         try:
             colleague.evict(laptop.key(200))
         except Rejected as exc:

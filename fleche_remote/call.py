@@ -62,7 +62,7 @@ class CallRecord:
     value_size: int = 0
 
 
-def make_record(call: Call, blob: "Blob", value_digest: str) -> CallRecord:
+def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
     """Build the stored form of ``call`` whose result encodes to ``blob``."""
     import cloudpickle
 
@@ -93,7 +93,7 @@ class LazyCall:
     ``.result`` is read, and then kept.
     """
 
-    __slots__ = ("record", "arguments", "_loader", "_result")
+    __slots__ = ("_loader", "_result", "arguments", "record")
 
     def __init__(self, record: CallRecord, loader: Callable[[], Any]) -> None:
         import cloudpickle

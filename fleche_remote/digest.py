@@ -99,9 +99,7 @@ def _encode(obj: Any, update: Callable[[bytes], None], depth: int = 0) -> None:
         for item in obj:
             _encode(item, update, depth + 1)
     elif t is dict:
-        items = sorted(
-            (_sub_digest(k, depth), _sub_digest(v, depth)) for k, v in obj.items()
-        )
+        items = sorted((_sub_digest(k, depth), _sub_digest(v, depth)) for k, v in obj.items())
         update(b"d" + struct.pack(">Q", len(items)))
         for kd, vd in items:
             update(kd + vd)
@@ -122,7 +120,7 @@ def _encode(obj: Any, update: Callable[[bytes], None], depth: int = 0) -> None:
     elif isinstance(obj, (int, float, str, tuple)) and not _is_numpy(obj):
         # subclasses (IntEnum handled above, NamedTuple, str subclasses such
         # as Digest) hash as their plain base value plus the class name
-        base = next(b for b in (bool, int, float, str, tuple) if isinstance(obj, b))
+        base: Any = next(b for b in (bool, int, float, str, tuple) if isinstance(obj, b))
         _encode_named(b"u", _qualname(t), base(obj), update, depth)
     else:
         _fallback(obj, update)
@@ -161,7 +159,7 @@ def _encode_numpy(obj: Any, update: Callable[[bytes], None], depth: int) -> None
         update(struct.pack(">Q", arr.nbytes))
         if arr.nbytes:
             # the same bytes as the buffer, but datetime64/timedelta64 export no buffer
-            update(memoryview(arr.reshape(-1).view(np.uint8)))
+            update(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
     elif isinstance(obj, np.generic) and obj.dtype != object:
         data = obj.tobytes()
         header = obj.dtype.str.encode()
@@ -181,6 +179,6 @@ def digest_of(obj: Any) -> Digest:
     return Digest(h.hexdigest())
 
 
-def call_digest(name: str, arguments: "dict[str, Any]", version: "str | None" = None) -> Digest:
+def call_digest(name: str, arguments: dict[str, Any], version: str | None = None) -> Digest:
     """The key a call is saved under: its name, version and arguments."""
     return digest_of(("call", name, version, arguments))

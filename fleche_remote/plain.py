@@ -66,7 +66,7 @@ def dumps_plain(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=PLAIN_PROTOCOL)
 
 
-def loads_plain(data: "bytes | bytearray | memoryview") -> Any:
+def loads_plain(data: bytes | bytearray | memoryview) -> Any:
     """Decode bytes from :func:`dumps_plain` without running foreign code.
 
     Raises:

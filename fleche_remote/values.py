@@ -86,7 +86,7 @@ class FileBlob(Blob):
         kind: str,
         meta: Dict[str, Any],
         size: int,
-        path: "str | os.PathLike[str]",
+        path: str | os.PathLike[str],
         offset: int = 0,
         opener: Optional[Callable[[], Any]] = None,
     ) -> None:
@@ -146,7 +146,7 @@ def _meta_bytes(kind: str, meta: Dict[str, Any]) -> bytes:
     return json.dumps([kind, meta], sort_keys=True, separators=(",", ":")).encode()
 
 
-def blob_hasher(kind: str, meta: Dict[str, Any]) -> "hashlib._Hash":
+def blob_hasher(kind: str, meta: Dict[str, Any]) -> hashlib._Hash:
     """A SHA-256 already fed with the blob's kind and meta; feed it the body."""
     h = hashlib.sha256(b"fleche-remote/value/1\x00")
     h.update(_meta_bytes(kind, meta) + b"\x00")
@@ -236,9 +236,7 @@ def decode_value(blob: Blob) -> Any:
 
         arr = np.empty(tuple(blob.meta["shape"]), dtype=np.dtype(blob.meta["dtype"]))
         if arr.nbytes != blob.size:
-            raise CorruptEntryError(
-                f"ndarray body has {blob.size} bytes, dtype and shape need {arr.nbytes}"
-            )
+            raise CorruptEntryError(f"ndarray body has {blob.size} bytes, dtype and shape need {arr.nbytes}")
         target = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
         pos = 0
         for chunk in blob.chunks():

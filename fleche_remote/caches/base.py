@@ -93,7 +93,7 @@ class BaseCache(abc.ABC):
     def close(self) -> None:
         """Release files, connections and subprocesses (reopened on use)."""
 
-    def __enter__(self) -> "BaseCache":
+    def __enter__(self) -> BaseCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -57,7 +57,9 @@ class CacheStack(BaseCache):
             try:
                 top.save_records([(record, source.load_blob(record.value))])
             except KeyError:
-                log.warning("layer %r lists call %s but not its value; not back-filled", source, record.key[:12])
+                log.warning(
+                    "layer %r lists call %s but not its value; not back-filled", source, record.key[:12]
+                )
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         result: List[Optional[CallRecord]] = [None] * len(keys)
@@ -156,4 +158,8 @@ class CacheStack(BaseCache):
             layer.close()
 
     def describe(self) -> Dict[str, Any]:
-        return {"class": "CacheStack", "layers": [layer.describe() for layer in self.layers], "read_only": self.read_only}
+        return {
+            "class": "CacheStack",
+            "layers": [layer.describe() for layer in self.layers],
+            "read_only": self.read_only,
+        }

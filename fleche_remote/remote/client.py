@@ -10,16 +10,15 @@ chunks both ways.
 
 from __future__ import annotations
 
-
 import shlex
 import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from ..call import CallRecord
 from ..caches.base import BaseCache
+from ..call import CallRecord
 from ..digest import Digest
 from ..errors import ConfigError, Rejected
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
@@ -41,7 +40,9 @@ def _sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def _startup_message(host: str, python: str, setup: Sequence[str]) -> Callable[[Optional[int], List[str]], str]:
+def _startup_message(
+    host: str, python: str, setup: Sequence[str]
+) -> Callable[[Optional[int], List[str]], str]:
     def explain(code: Optional[int], tail: List[str]) -> str:
         text = "\n".join(tail)
         if code == 255:
@@ -60,7 +61,10 @@ def _startup_message(host: str, python: str, setup: Sequence[str]) -> Callable[[
         if code == 126:
             return f"the remote command on {host} is not executable (exit 126): python={python!r}"
         if code is not None and code != 0 and setup and "fleche-remote serve" not in text:
-            return f"the remote command on {host} failed before the server started (setup_commands {list(setup)!r})"
+            return (
+                f"the remote command on {host} failed before the server started "
+                f"(setup_commands {list(setup)!r})"
+            )
         return f"the server on {host} exited before its banner"
 
     return explain
@@ -130,7 +134,7 @@ class SshCache(BaseCache):
     # -- construction helpers ----------------------------------------------
 
     @classmethod
-    def in_process(cls, cache: BaseCache, *, read_only: bool = False, **kwargs: Any) -> "SshCache":
+    def in_process(cls, cache: BaseCache, *, read_only: bool = False, **kwargs: Any) -> SshCache:
         """An SshCache whose server is a thread in this process, over OS pipes.
 
         Same client, protocol and server code as over ssh, minus the
@@ -143,7 +147,7 @@ class SshCache(BaseCache):
 
         return cls("in-process", _transport_factory=factory, read_only=read_only, **kwargs)
 
-    _CONFIG_KEYS = {
+    _CONFIG_KEYS: ClassVar[Dict[str, Any]] = {
         "host": str,
         "cache_name": str,
         "python": str,
@@ -157,7 +161,7 @@ class SshCache(BaseCache):
     }
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> "SshCache":
+    def from_config(cls, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> SshCache:
         """Build from a ``type = "ssh"`` table of fleche.toml (keys as the constructor's)."""
         kwargs: Dict[str, Any] = {}
         for key, value in table.items():
@@ -165,11 +169,9 @@ class SshCache(BaseCache):
                 continue
             expected = cls._CONFIG_KEYS.get(key)
             if expected is None:
-                raise ConfigError(
-                    f"unknown key {key!r} for type = 'ssh'; expected one of {', '.join(sorted(cls._CONFIG_KEYS))}",
-                    key=key,
-                )
-            if isinstance(value, bool) and expected != bool:
+                known = ", ".join(sorted(cls._CONFIG_KEYS))
+                raise ConfigError(f"unknown key {key!r} for type = 'ssh'; expected one of {known}", key=key)
+            if isinstance(value, bool) and expected is not bool:
                 raise ConfigError(f"{key!r} must be {_type_names(expected)}, got a boolean", key=key)
             if not isinstance(value, expected):
                 raise ConfigError(

@@ -113,7 +113,7 @@ class _DeferSigint:
         self.pending = False
         self._old: Any = None
 
-    def __enter__(self) -> "_DeferSigint":
+    def __enter__(self) -> _DeferSigint:
         if self.enabled:
             try:
                 self._old = signal.signal(signal.SIGINT, self._record)
@@ -217,8 +217,12 @@ class Connection:
             raise self._fail(str(exc)) from None
         self.noise, version, rest = found
         if self.noise:
-            log.warning("skipped %d bytes of login output from %s: %s", len(self.noise), self.target,
-                        describe_noise(self.noise))
+            log.warning(
+                "skipped %d bytes of login output from %s: %s",
+                len(self.noise),
+                self.target,
+                describe_noise(self.noise),
+            )
         try:
             check_version(version)
         except RemoteConnectionError as exc:
@@ -265,7 +269,9 @@ class Connection:
                 yield frame.payload
             elif frame.type == END:
                 if received != header.size:
-                    raise self._fail(f"value from {self.target} ended after {received} of {header.size} bytes")
+                    raise self._fail(
+                        f"value from {self.target} ended after {received} of {header.size} bytes"
+                    )
                 return
             elif frame.type == ABORT:
                 raise _errors.CorruptEntryError(
@@ -328,7 +334,9 @@ class Connection:
                     for chunk in blob.chunks(CHUNK_SIZE):
                         n = len(chunk)
                         if n <= 65536:
-                            self.transport.write(frame_header(DATA, request.id, n) + bytes(chunk), self.timeout)
+                            self.transport.write(
+                                frame_header(DATA, request.id, n) + bytes(chunk), self.timeout
+                            )
                         else:
                             self.transport.write(frame_header(DATA, request.id, n), self.timeout)
                             self.transport.write(chunk, self.timeout)

@@ -235,8 +235,9 @@ class FrameDecoder:
             message = loads_plain(payload)
             if not isinstance(message, _MESSAGE_TYPES):
                 raise ProtocolError(f"MSG frame holds a {type(message).__name__}, expected a message")
-            if getattr(message, "id", fid) != fid:
-                raise ProtocolError(f"MSG frame id {fid} does not match its message id {message.id}")
+            mid = getattr(message, "id", fid)
+            if mid != fid:
+                raise ProtocolError(f"MSG frame id {fid} does not match its message id {mid}")
             return Frame(MSG, fid, b"", message)
         return Frame(ftype, fid, payload)
 

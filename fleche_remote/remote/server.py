@@ -28,13 +28,12 @@ import traceback
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..call import CallRecord
 from ..caches.base import BaseCache
+from ..call import CallRecord
 from ..errors import ProtocolError, Rejected
 from ..plain import check_plain
 from ..values import CHUNK_SIZE, Blob, StreamBlob, VerifyingBlob
 from .protocol import (
-    ABORT,
     BANNER,
     DATA,
     END,
@@ -81,7 +80,9 @@ class _Channel:
             data = self._read(_READ_SIZE)
             if not data:
                 if self._decoder.buffered:
-                    raise ProtocolError(f"input ended inside a frame ({self._decoder.buffered} bytes buffered)")
+                    raise ProtocolError(
+                        f"input ended inside a frame ({self._decoder.buffered} bytes buffered)"
+                    )
                 return None
             self._decoder.feed(data)
 
@@ -140,7 +141,7 @@ class _IncomingBlob(StreamBlob):
     def drain(self) -> None:
         if not self.done:
             try:
-                for _ in (self._source if self._started else self.chunks()):
+                for _ in self._source if self._started else self.chunks():
                     pass
             except ValueError:
                 pass
@@ -221,7 +222,12 @@ def _h_collect_garbage(ctx: _Context, args: Dict[str, Any], blobs: List[_Incomin
     return ctx.cache.collect_garbage(), []
 
 
-_SAFE_EXCEPTIONS = {"KeyError": KeyError, "ValueError": ValueError, "OSError": OSError, "RuntimeError": RuntimeError}
+_SAFE_EXCEPTIONS = {
+    "KeyError": KeyError,
+    "ValueError": ValueError,
+    "OSError": OSError,
+    "RuntimeError": RuntimeError,
+}
 
 
 def _h_debug_raise(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
@@ -386,13 +392,11 @@ def _answer(ctx: _Context, table: Dict[str, Handler], channel: _Channel, request
         channel.write(encode_message(_error_response(request.id, exc)))
         channel.flush()
         return
-    headers = [
-        BlobHeader(b.kind, b.meta, b.size, request.args.get("digest") or getattr(result, "value", ""))
-        for b in outgoing
-    ]
+    digest = str(request.args.get("digest") or getattr(result, "value", ""))
+    headers = [BlobHeader(b.kind, b.meta, b.size, digest) for b in outgoing]
     channel.write(encode_message(Response(request.id, result, headers)))
-    for blob in outgoing:
-        channel.send_blob(request.id, blob)
+    for out in outgoing:
+        channel.send_blob(request.id, out)
     channel.flush()
 
 
@@ -414,14 +418,18 @@ def _take_channel() -> Tuple[BinaryIO, BinaryIO]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only]``."""
-    parser = argparse.ArgumentParser(prog="fleche-remote serve", description="Serve a cache over stdin/stdout.")
+    parser = argparse.ArgumentParser(
+        prog="fleche-remote serve", description="Serve a cache over stdin/stdout."
+    )
     parser.add_argument("--cache", help="cache name in fleche.toml (default: [default] cache)")
     parser.add_argument("--config", help="read this fleche.toml instead of discovering one")
     parser.add_argument("--read-only", action="store_true", help="refuse every write")
     args = parser.parse_args(argv)
     in_stream, out_stream = _take_channel()
     logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format=f"fleche-remote serve[{os.getpid()}] %(levelname)s %(message)s"
+        stream=sys.stderr,
+        level=logging.INFO,
+        format=f"fleche-remote serve[{os.getpid()}] %(levelname)s %(message)s",
     )
     try:
         from ..config import load_cache, load_config

@@ -40,7 +40,7 @@ def typed(
     return value
 
 
-def resolve_path(value: "str | os.PathLike[str]", base_dir: Optional[Path]) -> Path:
+def resolve_path(value: str | os.PathLike[str], base_dir: Optional[Path]) -> Path:
     """Expand ``~`` and make a relative path absolute against ``base_dir``."""
     path = Path(os.path.expanduser(os.fspath(value)))
     if not path.is_absolute():

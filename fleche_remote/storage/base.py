@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Type
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Type
 
 from ..call import CallRecord
 from ..errors import ConfigError
@@ -35,7 +35,7 @@ class ValueStore(ABC):
     """Blobs addressed by their content digest."""
 
     #: the ``values.type`` name this class is registered under
-    type_name: ClassVar[str] = ""
+    type_name: str = ""
 
     @abstractmethod
     def put(self, digest: str, blob: Blob) -> None:
@@ -67,7 +67,7 @@ class ValueStore(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "ValueStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> ValueStore:
         """Build the store from its fleche.toml table.
 
         Relative paths resolve against ``base_dir`` (the directory of the
@@ -82,7 +82,7 @@ class ValueStore(ABC):
 class CallStore(ABC):
     """Call records addressed by call key."""
 
-    type_name: ClassVar[str] = ""
+    type_name: str = ""
 
     @abstractmethod
     def put(self, record: CallRecord) -> None:
@@ -110,7 +110,7 @@ class CallStore(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "CallStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> CallStore:
         """Build the store from its fleche.toml table.
 
         Relative paths resolve against ``base_dir`` (the directory of the
@@ -198,12 +198,12 @@ _CALL_TYPES: Dict[str, str] = {
 }
 
 
-def register_value_store(name: str, cls: "Type[ValueStore] | str") -> None:
+def register_value_store(name: str, cls: Type[ValueStore] | str) -> None:
     """Make ``values.type = name`` build ``cls`` (a class or "module:Class")."""
     _register(_VALUE_TYPES, ValueStore, name, cls)
 
 
-def register_call_store(name: str, cls: "Type[CallStore] | str") -> None:
+def register_call_store(name: str, cls: Type[CallStore] | str) -> None:
     """Make ``calls.type = name`` build ``cls`` (a class or "module:Class")."""
     _register(_CALL_TYPES, CallStore, name, cls)
 
@@ -214,8 +214,9 @@ def _register(table: Dict[str, Any], base: type, name: str, cls: Any) -> None:
     if not isinstance(cls, str):
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"{cls!r} is not a subclass of {base.__name__}")
-        if getattr(cls, "__abstractmethods__", None):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
+        abstract = getattr(cls, "__abstractmethods__", None)
+        if abstract:
+            missing = ", ".join(sorted(abstract))
             raise TypeError(f"{cls.__name__} does not implement {missing}")
     table[name] = cls
 

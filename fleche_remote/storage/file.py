@@ -89,14 +89,16 @@ class FileValueStore(ValueStore):
 
     type_name = "cloudpickle"
 
-    def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], compress: bool = False, type_name: str = "cloudpickle"
+    ) -> None:
         self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
         self._root_str = str(self.root)
         self.compress = compress
         self.type_name = type_name
 
     @classmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "FileValueStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileValueStore:
         return cls(**_file_options(table, base_dir, f"values.type = {table.get('type')!r}"))
 
     def to_config(self) -> Dict[str, Any]:
@@ -202,14 +204,16 @@ class FileCallStore(CallStore):
 
     type_name = "cloudpickle"
 
-    def __init__(self, root: "str | os.PathLike[str]", compress: bool = False, type_name: str = "cloudpickle") -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], compress: bool = False, type_name: str = "cloudpickle"
+    ) -> None:
         self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
         self._root_str = str(self.root)
         self.compress = compress
         self.type_name = type_name
 
     @classmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "FileCallStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileCallStore:
         return cls(**_file_options(table, base_dir, f"calls.type = {table.get('type')!r}"))
 
     def to_config(self) -> Dict[str, Any]:
@@ -228,7 +232,10 @@ class FileCallStore(CallStore):
         data = dumps_plain(record)
         if self.compress:
             data = gzip.compress(data, compresslevel=1, mtime=0)
-        _atomic_write(path, lambda fh: fh.write(_CALL_MAGIC + data))
+        def write(fh: BinaryIO) -> None:
+            fh.write(_CALL_MAGIC + data)
+
+        _atomic_write(path, write)
 
     def get(self, key: str) -> CallRecord:
         path = self._path(key)

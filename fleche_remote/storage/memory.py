@@ -22,7 +22,7 @@ class MemoryValueStore(ValueStore):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "MemoryValueStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> MemoryValueStore:
         check_keys(table, (), "values.type = 'memory'")
         return cls()
 
@@ -60,7 +60,7 @@ class MemoryCallStore(CallStore):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> "MemoryCallStore":
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> MemoryCallStore:
         check_keys(table, (), "calls.type = 'memory'")
         return cls()
 

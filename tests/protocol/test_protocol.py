@@ -39,7 +39,9 @@ RECORD = CallRecord("ab" * 32, "mod.f", None, b"\x80\x04args", {"x": "d" * 64}, 
 
 def sample_stream() -> tuple[bytes, list[tuple[int, int, object]]]:
     """A realistic request: a save with two value streams, plus replies."""
-    req = Request(7, "save_records", {"records": [RECORD, RECORD]}, [BlobHeader("bytes", {}, 5, "cd" * 32)] * 2)
+    req = Request(
+        7, "save_records", {"records": [RECORD, RECORD]}, [BlobHeader("bytes", {}, 5, "cd" * 32)] * 2
+    )
     parts = [
         encode_message(req),
         frame_header(DATA, 7, 3) + b"abc",
@@ -174,7 +176,7 @@ class Evil:
     [
         pickle.dumps(Evil()),
         pickle.dumps(Request(1, "save_records", {"records": [Evil()]})),
-        pickle.dumps(eval),  # noqa: S307 - a reference to a builtin, never called
+        pickle.dumps(eval),
         pickle.dumps(Evil(), protocol=0),
     ],
     ids=["reduce-os-system", "nested-in-request", "builtin-eval", "protocol-0"],

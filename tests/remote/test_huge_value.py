@@ -42,7 +42,11 @@ print(client_peak, server_peak)
 def test_value_over_4_gib_round_trips_in_bounded_memory(sshd, tmp_path):
     workdir = remote_dir(tmp_path)
     code = CLIENT.format(
-        size=SIZE, host=sshd.host, python=sys.executable, options=tuple(sshd.ssh_options), workdir=str(workdir)
+        size=SIZE,
+        host=sshd.host,
+        python=sys.executable,
+        options=tuple(sshd.ssh_options),
+        workdir=str(workdir),
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

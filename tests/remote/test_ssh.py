@@ -163,7 +163,9 @@ def test_unreachable_host_says_ssh_could_not_connect(tmp_path):
 
 
 def test_failing_setup_command_is_reported(sshd, tmp_path):
-    cache = ssh_cache(sshd, remote_dir(tmp_path), setup_commands=["echo 'module: no such module' >&2", "false"])
+    cache = ssh_cache(
+        sshd, remote_dir(tmp_path), setup_commands=["echo 'module: no such module' >&2", "false"]
+    )
     with pytest.raises(RemoteConnectionError, match="setup_commands") as info:
         cache.contains("ab" * 32)
     assert info.value.returncode == 1
@@ -285,7 +287,9 @@ def test_forced_read_only_command_protects_the_host(sshd, tmp_path):
     writer = ssh_cache(sshd, remote)
     key = writer.save(Call("f", {"x": 5}, 5))
     writer.close()
-    options = sshd.add_key(forced_command=f"cd {remote} && exec {sys.executable} -m fleche_remote serve --read-only")
+    options = sshd.add_key(
+        forced_command=f"cd {remote} && exec {sys.executable} -m fleche_remote serve --read-only"
+    )
     colleague = SshCache(sshd.host, ssh_options=options, command=None, timeout=15, python="ignored")
     try:
         assert colleague.read_only
@@ -329,7 +333,9 @@ def test_ctrl_c_mid_transfer_leaves_connection_usable_or_closed(sshd, tmp_path):
     small = cache.save(Call("small", {}, "fine"))
     outcomes = []
     for delay in (0.0, 0.01, 0.05, 0.1):
-        timer = threading.Timer(delay, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+        timer = threading.Timer(
+            delay, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        )
         interrupted = False
         try:
             timer.start()
@@ -380,5 +386,5 @@ c.close()
         [other_pythons["3.13"], "-c", client_code], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() [:2] == ["(3,", "13)"]
+    assert done.stdout.split()[:2] == ["(3,", "13)"]
     assert done.stdout.split()[2].startswith("3.9.")
