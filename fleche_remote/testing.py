@@ -64,7 +64,6 @@ The remote environment, unless ``env`` overrides an entry:
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import re
 import shlex
@@ -121,6 +120,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _user_name() -> str:
+    """The effective user: who a private sshd can log in. Not ``$USER``,
+    which ``sudo`` or a CI runner may leave pointing at someone else."""
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
@@ -144,11 +151,15 @@ def _tool(name: str, *fallbacks: str) -> str:
     )
 
 
-def _temp_dir(prefix: str) -> Path:
-    # sshd_config and ssh -o split on whitespace; avoid a TMPDIR with spaces
-    base = tempfile.gettempdir()
-    if any(c.isspace() for c in base):
-        base = "/tmp"
+def _temp_dir(prefix: str, *, for_other_user: bool = False) -> Path:
+    """A fresh temp dir under ``$TMPDIR``, or under ``/tmp`` when ``$TMPDIR``
+    won't do: sshd_config and ``ssh -o`` split paths on whitespace, and a
+    server run as another user (postgres, by root) must be able to reach it."""
+    base = Path(tempfile.gettempdir())
+    if any(c.isspace() for c in str(base)) or (
+        for_other_user and not all(os.stat(p).st_mode & 0o001 for p in [base, *base.parents])
+    ):
+        base = Path("/tmp")
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
@@ -270,7 +281,7 @@ class SshServer:
         self.directory = directory
         self.home = home
         self.workdir = workdir
-        self.host = f"{getpass.getuser()}@127.0.0.1"
+        self.host = f"{_user_name()}@127.0.0.1"
         self.port = 0
         self.pid = 0
         self.ssh_executable = _tool("ssh", "/usr/bin/ssh")
@@ -322,12 +333,7 @@ class SshServer:
         self._keys += 1
         name = f"client{self._keys}"
         key = self.directory / name
-        subprocess.run(
-            [self._keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"fleche-test-{name}", "-f", str(key)],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        self._new_key(key, f"fleche-test-{name}")
         wrapper = self.directory / f"login-{name}.sh"
         wrapper.write_text(self._wrapper_script(forced_command))
         wrapper.chmod(0o755)
@@ -345,6 +351,10 @@ class SshServer:
             return ""
 
     # -- internals --------------------------------------------------------
+
+    def _new_key(self, path: Path, comment: str) -> None:
+        argv = [self._keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
     def _wrapper_script(self, forced_command: Optional[str]) -> str:
         q = shlex.quote
@@ -399,7 +409,7 @@ class SshServer:
                 "KbdInteractiveAuthentication no",
                 "UsePAM no",
                 "PermitRootLogin prohibit-password",  # so that it works when tests run as root
-                f"AllowUsers {getpass.getuser()}",
+                f"AllowUsers {_user_name()}",
                 "StrictModes no",  # the temp dir's modes are not the point of these tests
                 "PermitUserEnvironment no",
                 "PermitUserRC no",  # ~/.ssh/rc of the real home must not run
@@ -425,23 +435,7 @@ class SshServer:
             # sshd running as root refuses to start without its privilege-
             # separation directory, which only a running system sshd creates
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        subprocess.run(
-            [
-                self._keygen,
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "fleche-test-host",
-                "-f",
-                str(d / "host_ed25519"),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        self._new_key(d / "host_ed25519", "fleche-test-host")
         self.ssh_options = self.add_key()
         host_pub = (d / "host_ed25519.pub").read_text().split()
         deadline = time.monotonic() + timeout
@@ -782,7 +776,7 @@ def private_postgres(
             ) from None
         run_as = [_tool("runuser", "/usr/sbin/runuser", "/sbin/runuser"), "-u", "postgres", "--"]
         owner = (pw.pw_uid, pw.pw_gid)
-    directory = _temp_dir("fleche-pg-")
+    directory = _temp_dir("fleche-pg-", for_other_user=owner is not None)
     try:
         if owner is not None:
             os.chown(directory, *owner)

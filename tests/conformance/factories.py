@@ -1,0 +1,172 @@
+"""Every cache the conformance suite runs against, by name.
+
+A *factory* takes the test's ``tmp_path`` and pytest ``request`` and
+returns a :class:`CacheUnderTest`. It may ask for fixtures it needs with
+``request.getfixturevalue`` (``postgres_url``, ``sshd``, ...), which
+is how a factory for a remote cache gets a real sshd without the suite
+knowing about ssh at all.
+
+A new cache type is done when it passes the suite; adding it is one
+function here::
+
+    @register("ssh-file", marks=[pytest.mark.slow])
+    def _ssh_file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+        sshd = request.getfixturevalue("sshd")
+        cache = SshCache(sshd.host, ssh_options=sshd.ssh_options, ...)
+        return CacheUnderTest(cache)
+
+``tags`` opt a factory into extra, type-specific tests: ``"stack"`` for a
+:class:`~fleche_remote.CacheStack` whose first two layers are writable
+(the back-fill tests write into ``layers[1]`` directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
+
+import pytest
+
+from fleche_remote import BaseCache, Cache, CacheStack
+from fleche_remote.storage.file import FileCallStore, FileValueStore
+from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
+
+
+class CacheUnderTest:
+    """What a factory hands the suite.
+
+    Attributes:
+        cache: the cache whose behaviour is checked.
+        writer: a writable cache over the same storage, used to put entries
+            in place; the cache itself unless that one is read-only.
+        expect_read_only: what ``cache.read_only`` must say.
+        cleanups: run (last first) by :meth:`close`, after both caches are
+            closed; for servers or connections a factory started.
+    """
+
+    def __init__(
+        self,
+        cache: BaseCache,
+        writer: Optional[BaseCache] = None,
+        *,
+        expect_read_only: bool = False,
+        cleanups: Iterable[Callable[[], None]] = (),
+    ) -> None:
+        self.cache = cache
+        self.writer: BaseCache = writer if writer is not None else cache
+        self.expect_read_only = expect_read_only
+        self.cleanups: List[Callable[[], None]] = list(cleanups)
+
+    def close(self) -> None:
+        self.cache.close()
+        if self.writer is not self.cache:
+            self.writer.close()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+
+
+Factory = Callable[[Path, pytest.FixtureRequest], CacheUnderTest]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Factory
+    marks: Sequence[Any] = ()
+    tags: FrozenSet[str] = frozenset()
+
+
+#: name -> factory, in registration order (which is the order of test ids).
+FACTORIES: Dict[str, Entry] = {}
+
+
+def register(
+    name: str, *, marks: Sequence[Any] = (), tags: Iterable[str] = ()
+) -> Callable[[Factory], Factory]:
+    """Add a factory under ``name`` (a test id, so keep it short)."""
+
+    def add(make: Factory) -> Factory:
+        if name in FACTORIES:
+            raise ValueError(f"a conformance factory named {name!r} is already registered")
+        FACTORIES[name] = Entry(name, make, tuple(marks), frozenset(tags))
+        return make
+
+    return add
+
+
+def params(tag: Optional[str] = None) -> List[Any]:
+    """``pytest.param`` s for the registered factories (only those tagged ``tag``)."""
+    return [
+        pytest.param(e.name, marks=list(e.marks), id=e.name)
+        for e in FACTORIES.values()
+        if tag is None or tag in e.tags
+    ]
+
+
+def file_cache(root: Path, *, compress: bool = False, read_only: bool = False) -> Cache:
+    """A pickle-file cache: values and calls in sibling directories."""
+    return Cache(
+        FileValueStore(root / "values", compress=compress),
+        FileCallStore(root / "calls", compress=compress),
+        read_only=read_only,
+    )
+
+
+# -- local caches -----------------------------------------------------------
+
+
+@register("memory")
+def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(Cache(MemoryValueStore(), MemoryCallStore()))
+
+
+@register("file")
+def _file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(file_cache(tmp_path / "cache"))
+
+
+@register("file-compressed")
+def _file_compressed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(file_cache(tmp_path / "cache", compress=True))
+
+
+@register("file+sqlite")
+def _file_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    from fleche_remote.storage.sql import SqlCallStore
+
+    calls = SqlCallStore(f"sqlite:///{tmp_path / 'calls.sqlite'}")
+    return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
+
+
+@register("file+postgres")
+def _file_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    from fleche_remote.storage.sql import SqlCallStore
+
+    calls = SqlCallStore(request.getfixturevalue("postgres_url"))
+    return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
+
+
+@register("hdf5")
+def _hdf5(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    from fleche_remote.storage.hdf5 import Hdf5CallStore, Hdf5ValueStore
+
+    # values and calls in one file, as the HDF5 backend allows
+    path = tmp_path / "cache.h5"
+    return CacheUnderTest(Cache(Hdf5ValueStore(path), Hdf5CallStore(path)))
+
+
+@register("read-only")
+def _read_only(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(
+        file_cache(tmp_path / "cache", read_only=True),
+        writer=file_cache(tmp_path / "cache"),
+        expect_read_only=True,
+    )
+
+
+@register("stack", tags=["stack"])
+def _stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(
+        CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), file_cache(tmp_path / "cache")])
+    )
