@@ -180,9 +180,19 @@ class BaseCache(abc.ABC):
 
     # -- helpers ------------------------------------------------------------
 
+    def fetch_result(self, value_digest: str) -> Any:
+        """Decode the stored result with this value digest (what
+        ``LazyCall.result`` calls). A remote overrides it to stream the
+        value straight into its final buffer in one round trip.
+
+        Raises:
+            KeyError: no value with that digest is stored.
+        """
+        return decode_value(self.load_blob(value_digest))
+
     def _lazy(self, record: CallRecord) -> LazyCall:
         digest = record.value
-        return LazyCall(record, lambda: decode_value(self.load_blob(digest)))
+        return LazyCall(record, lambda: self.fetch_result(digest))
 
     def _full_key(self, key: str) -> str:
         key = str(key)

@@ -365,11 +365,8 @@ class SshCache(BaseCache):
         trip; an array streams straight into its final buffer."""
         return self._request("load_value", {"key": str(key)}, consume=_decode_first)
 
-    def _lazy(self, record: CallRecord) -> Any:
-        from ..call import LazyCall
-
-        digest = record.value
-        return LazyCall(record, lambda: self._request("load_blob", {"digest": digest}, consume=_decode_first))
+    def fetch_result(self, value_digest: str) -> Any:
+        return self._request("load_blob", {"digest": str(value_digest)}, consume=_decode_first)
 
 
 def _type_names(expected: Any) -> str:

@@ -170,3 +170,64 @@ def _stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     return CacheUnderTest(
         CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), file_cache(tmp_path / "cache")])
     )
+
+
+# -- the same caches behind SshCache, through the real ssh and sshd -----------
+
+
+def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str) -> Any:
+    """An SshCache whose server runs ``[main]`` = ``cache_table`` from its own
+    fleche.toml, in a directory of this test, through the session's sshd."""
+    import sys
+
+    from fleche_remote import SshCache
+
+    sshd = request.getfixturevalue("sshd")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "fleche.toml").write_text(f'[default]\ncache = "main"\nroot = true\n\n[main]\n{cache_table}\n')
+    return SshCache(
+        sshd.host,
+        python=sys.executable,
+        ssh_options=sshd.ssh_options,
+        workdir=str(remote),
+        timeout=60,
+        connect_timeout=60,
+    )
+
+
+@register("ssh-file")
+def _ssh_file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    return CacheUnderTest(_remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"'))
+
+
+@register("ssh-sqlite")
+def _ssh_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    table = 'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "sqlite:///calls.db"}'
+    return CacheUnderTest(_remote(tmp_path, request, table))
+
+
+@register("ssh-postgres")
+def _ssh_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    url = request.getfixturevalue("postgres_url")
+    table = f'values = {{type = "cloudpickle", root = "values"}}\ncalls = {{type = "sql", url = "{url}"}}'
+    return CacheUnderTest(_remote(tmp_path, request, table))
+
+
+@register("ssh-hdf5")
+def _ssh_hdf5(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    table = 'values = {type = "hdf5", path = "cache.h5"}\ncalls = {type = "hdf5", path = "cache.h5"}'
+    return CacheUnderTest(_remote(tmp_path, request, table))
+
+
+@register("ssh-read-only")
+def _ssh_read_only(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    cache = _remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"\nread_only = true')
+    # the server's template puts values and calls under store/, as file_cache does
+    return CacheUnderTest(cache, writer=file_cache(tmp_path / "remote" / "store"), expect_read_only=True)
+
+
+@register("ssh-stack", tags=["stack"])
+def _ssh_stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    remote = _remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"')
+    return CacheUnderTest(CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), remote]))

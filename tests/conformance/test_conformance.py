@@ -215,13 +215,13 @@ def test_results_load_only_when_asked_for(
     key = cache_under_test.writer.save(call)
     cache = cache_under_test.cache
     fetched: List[str] = []
-    real = cache.load_blob
+    real = cache.fetch_result
 
     def counting(digest: str) -> Any:
         fetched.append(digest)
         return real(digest)
 
-    monkeypatch.setattr(cache, "load_blob", counting)
+    monkeypatch.setattr(cache, "fetch_result", counting)
     lazy = cache.load(key)
     listed = list(cache.query(NAME))
     many = cache.load_many([key])
