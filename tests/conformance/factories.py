@@ -203,7 +203,9 @@ def _ssh_file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
 
 @register("ssh-sqlite")
 def _ssh_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    table = 'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "sqlite:///calls.db"}'
+    table = (
+        'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "sqlite:///calls.db"}'
+    )
     return CacheUnderTest(_remote(tmp_path, request, table))
 
 
