@@ -78,16 +78,8 @@ def _file_options(table: Dict[str, Any], base_dir: Optional[Path], where: str) -
     }
 
 
-class FileValueStore(ValueStore):
-    """Value blobs as files; optional gzip compression of the body.
-
-    Args:
-        root: directory (created on first write).
-        compress: gzip the body (level 1: cheap, and most of the win for
-            the redundant data scientists store).
-    """
-
-    type_name = "cloudpickle"
+class _FileRoot:
+    """What both file stores share: a root directory and a compress flag."""
 
     def __init__(
         self, root: str | os.PathLike[str], compress: bool = False, type_name: str = "cloudpickle"
@@ -97,15 +89,25 @@ class FileValueStore(ValueStore):
         self.compress = compress
         self.type_name = type_name
 
-    @classmethod
-    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileValueStore:
-        return cls(**_file_options(table, base_dir, f"values.type = {table.get('type')!r}"))
-
     def to_config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"type": self.type_name, "root": str(self.root)}
         if self.compress:
             cfg["compress"] = True
         return cfg
+
+
+class FileValueStore(_FileRoot, ValueStore):
+    """Value blobs as files; optional gzip compression of the body.
+
+    Args:
+        root: directory (created on first write).
+        compress: gzip the body (level 1: cheap, and most of the win for
+            the redundant data scientists store).
+    """
+
+    @classmethod
+    def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileValueStore:
+        return cls(**_file_options(table, base_dir, f"values.type = {table.get('type')!r}"))
 
     def _path(self, digest: str) -> Path:
         return _shard(self.root, _check_key(digest)) / digest
@@ -199,28 +201,12 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
             yield key
 
 
-class FileCallStore(CallStore):
+class FileCallStore(_FileRoot, CallStore):
     """Call records as small files, decoded with the restricted decoder."""
-
-    type_name = "cloudpickle"
-
-    def __init__(
-        self, root: str | os.PathLike[str], compress: bool = False, type_name: str = "cloudpickle"
-    ) -> None:
-        self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
-        self._root_str = str(self.root)
-        self.compress = compress
-        self.type_name = type_name
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileCallStore:
         return cls(**_file_options(table, base_dir, f"calls.type = {table.get('type')!r}"))
-
-    def to_config(self) -> Dict[str, Any]:
-        cfg: Dict[str, Any] = {"type": self.type_name, "root": str(self.root)}
-        if self.compress:
-            cfg["compress"] = True
-        return cfg
 
     def _path(self, key: str) -> Path:
         return _shard(self.root, _check_key(key)) / (key + ".call")
