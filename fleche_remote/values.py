@@ -54,7 +54,7 @@ class Blob(ABC):
 
     def read_all(self) -> bytes:
         """The whole body as one ``bytes`` (fine for small values)."""
-        return b"".join(bytes(c) for c in self.chunks())
+        return b"".join(self.chunks())  # join takes any bytes-like: one copy
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} kind={self.kind} size={self.size} meta={self.meta}>"
@@ -73,6 +73,9 @@ class BytesBlob(Blob):
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[BytesLike]:
         for start in range(0, self.size, chunk_size):
             yield self._data[start : start + chunk_size]
+
+    def read_all(self) -> bytes:
+        return self._data.tobytes()
 
 
 class FileBlob(Blob):
