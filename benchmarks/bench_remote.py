@@ -228,7 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fl_first = median_ms(timed(fleche_first, args.starts))
                 row("fleche-remote first result", first, "fleche SshCache first", fl_first, "ms", False)
             except Exception as exc:
-                print(f"  fleche SshCache failed to load its own result: {type(exc).__name__}: {str(exc)[:160]}")
+                reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+                print(f"  fleche SshCache failed to load its own result: {reason}")
             flc.close()  # type: ignore[attr-defined]
     return 0
 
