@@ -218,6 +218,7 @@ class FileCallStore(_FileRoot, CallStore):
         data = dumps_plain(record)
         if self.compress:
             data = gzip.compress(data, compresslevel=1, mtime=0)
+
         def write(fh: BinaryIO) -> None:
             fh.write(_CALL_MAGIC + data)
 
