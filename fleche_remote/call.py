@@ -10,7 +10,6 @@ points at it by its value digest.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
@@ -143,9 +142,4 @@ class LazyCall:
         return f"<LazyCall {self.name} key={self.record.key[:12]} result {state}>"
 
 
-def replace_record(record: CallRecord, **changes: Any) -> CallRecord:
-    """A copy of ``record`` with some fields changed."""
-    return dataclasses.replace(record, **changes)
-
-
-__all__ = ["Call", "CallRecord", "LazyCall", "make_record", "replace_record"]
+__all__ = ["Call", "CallRecord", "LazyCall", "make_record"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, Dict, FrozenSet, Iterable, Tuple
+from typing import Any, Dict, FrozenSet, Tuple
 
 from .errors import ProtocolError
 
@@ -108,9 +108,3 @@ def check_plain(obj: Any, what: str = "value", _depth: int = 0) -> None:
         f"{what} must be plain data (str, int, float, bool, None, bytes, "
         f"list, tuple, dict); got {type(obj).__name__}"
     )
-
-
-def iter_allowed() -> Iterable[str]:
-    """Names the restricted decoder accepts (for docs and tests)."""
-    yield from sorted(f"{m}.{n}" for m, n in _registry)
-    yield from sorted(f"{m}.{n}" for m, n in _BUILTIN_NAMES)

@@ -191,10 +191,6 @@ class VerifyingBlob(Blob):
                 f"value body hashes to {h.hexdigest()[:16]}..., expected {self.expected[:16]}..."
             )
 
-    def drain(self) -> None:
-        if isinstance(self.inner, StreamBlob):
-            self.inner.drain()
-
 
 def _is_plain_ndarray(obj: Any) -> bool:
     mod = type(obj).__module__

@@ -21,6 +21,7 @@ from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..digest import Digest
 from ..errors import ConfigError, Rejected
+from ..storage._config import check_keys, typed
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
 from .connection import Connection
 from .protocol import PROTOCOL_VERSION, BlobHeader
@@ -163,25 +164,16 @@ class SshCache(BaseCache):
     @classmethod
     def from_config(cls, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> SshCache:
         """Build from a ``type = "ssh"`` table of fleche.toml (keys as the constructor's)."""
-        kwargs: Dict[str, Any] = {}
-        for key, value in table.items():
-            if key == "type":
-                continue
-            expected = cls._CONFIG_KEYS.get(key)
-            if expected is None:
-                known = ", ".join(sorted(cls._CONFIG_KEYS))
-                raise ConfigError(f"unknown key {key!r} for type = 'ssh'; expected one of {known}", key=key)
-            if isinstance(value, bool) and expected is not bool:
-                raise ConfigError(f"{key!r} must be {_type_names(expected)}, got a boolean", key=key)
-            if not isinstance(value, expected):
-                raise ConfigError(
-                    f"{key!r} must be {_type_names(expected)}, got {type(value).__name__} {value!r}", key=key
-                )
-            if expected is list and not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{key!r} must be a list of strings", key=key)
-            kwargs[key] = value
-        if "host" not in kwargs:
+        table = dict(table)
+        check_keys(table, cls._CONFIG_KEYS, "type = 'ssh'")
+        if "host" not in table:
             raise ConfigError("type = 'ssh' needs host = 'user@machine'", key="host")
+        kwargs = {
+            key: typed(table, key, expected) for key, expected in cls._CONFIG_KEYS.items() if key in table
+        }
+        for key in ("ssh_options", "setup_commands"):
+            if not all(isinstance(v, str) for v in kwargs.get(key, ())):
+                raise ConfigError(f"{key!r} must be a list of strings", key=key)
         return cls(**kwargs)
 
     def to_config(self) -> Dict[str, Any]:
@@ -367,11 +359,6 @@ class SshCache(BaseCache):
 
     def fetch_result(self, value_digest: str) -> Any:
         return self._request("load_blob", {"digest": str(value_digest)}, consume=_decode_first)
-
-
-def _type_names(expected: Any) -> str:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    return "/".join("number" if t in (int, float) else t.__name__ for t in types)
 
 
 def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:

@@ -55,6 +55,10 @@ log = logging.getLogger("fleche_remote.client")
 #: ones stay interruptible and close the connection instead.
 DEFER_SIGINT_BELOW = 16 << 20
 
+#: Value chunks up to this size are copied into the request's single write;
+#: bigger ones are written from the value's own buffer.
+_GATHER_BELOW = 64 << 10
+
 _REBUILDABLE: Dict[str, Type[BaseException]] = {
     name: getattr(builtins, name)
     for name in (
@@ -328,22 +332,25 @@ class Connection:
         try:
             with _DeferSigint(total < DEFER_SIGINT_BELOW):
                 started = True
-                self.transport.write(head, self.timeout)
+                # small frames are gathered into one write; a large chunk goes
+                # out on its own, straight from the caller's buffer (no copy)
+                pending = bytearray(head)
                 for header, blob in blobs:
                     sent = 0
                     for chunk in blob.chunks(CHUNK_SIZE):
                         n = len(chunk)
-                        if n <= 65536:
-                            self.transport.write(
-                                frame_header(DATA, request.id, n) + bytes(chunk), self.timeout
-                            )
+                        pending += frame_header(DATA, request.id, n)
+                        if n <= _GATHER_BELOW:
+                            pending += chunk
                         else:
-                            self.transport.write(frame_header(DATA, request.id, n), self.timeout)
+                            self.transport.write(pending, self.timeout)
                             self.transport.write(chunk, self.timeout)
+                            pending = bytearray()
                         sent += n
                     if sent != header.size:
                         raise ValueError(f"value produced {sent} bytes, expected {header.size}")
-                    self.transport.write(encode_end(request.id), self.timeout)
+                    pending += encode_end(request.id)
+                self.transport.write(pending, self.timeout)
                 complete = True
         except RemoteConnectionError as exc:
             raise self._fail(f"sending to {self.target} failed: {exc.args[0]}", exc) from None

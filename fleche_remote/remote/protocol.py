@@ -241,12 +241,6 @@ class FrameDecoder:
             return Frame(MSG, fid, b"", message)
         return Frame(ftype, fid, payload)
 
-    def take_rest(self) -> bytes:
-        """Remove and return buffered bytes (after a protocol switch)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
 
 class BannerScanner:
     """Finds the server's banner in bytes that may start with login noise.

@@ -192,8 +192,7 @@ def _h_load_blob(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]
 
 def _h_load_value(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
     key = _str(args, "key")
-    full = key if len(key) == 64 else str(ctx.cache.expand(key))
-    record = ctx.cache.load_records([full])[0]
+    record = ctx.cache.load_records([ctx.cache._full_key(key)])[0]
     if record is None:
         raise KeyError(key)
     return record, [ctx.cache.load_blob(record.value)]

@@ -142,11 +142,10 @@ class _StderrTail:
     """Drains a stderr pipe in a thread, keeping the last lines for errors
     and passing each line to the log (so the pipe never fills up)."""
 
-    def __init__(self, stream: Any, label: str, echo: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(self, stream: Any, label: str) -> None:
         self.lines: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stream = stream
         self._label = label
-        self._echo = echo
         self._thread = threading.Thread(target=self._run, name=f"stderr-{label}", daemon=True)
         self._thread.start()
 
@@ -155,8 +154,6 @@ class _StderrTail:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             self.lines.append(line)
             log.debug("[%s] %s", self._label, line)
-            if self._echo is not None:
-                self._echo(line)
         self._stream.close()
 
     def join(self, timeout: float) -> None:
