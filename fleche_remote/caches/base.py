@@ -55,6 +55,34 @@ class BaseCache(abc.ABC):
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         """Whether each full key is stored, in one pass (one round trip)."""
 
+    # -- batch primitives with generic defaults; remotes and indexed stores
+    # -- override them to answer in one round trip / one query
+
+    def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
+        """Blobs for ``value_digests`` in order, ``None`` where absent."""
+        out: List[Optional[Blob]] = []
+        for digest in value_digests:
+            try:
+                out.append(self.load_blob(digest))
+            except KeyError:
+                out.append(None)
+        return out
+
+    def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        """Records and their result blobs for full ``keys``, ``None`` where
+        either is absent: what a stack needs to back-fill, in one pass."""
+        records = self.load_records(keys)
+        present = [r for r in records if r is not None]
+        blobs = iter(self.load_blobs([r.value for r in present]))
+        out: List[Optional[Tuple[CallRecord, Blob]]] = []
+        for record in records:
+            if record is None:
+                out.append(None)
+                continue
+            blob = next(blobs)
+            out.append(None if blob is None else (record, blob))
+        return out
+
     @abc.abstractmethod
     def evict(self, key: str) -> None:
         """Forget the call under ``key`` (a full key or a unique prefix).
@@ -138,9 +166,26 @@ class BaseCache(abc.ABC):
             raise KeyError(key)
         return self._lazy(record)
 
-    def load_many(self, keys: Sequence[str]) -> List[Optional[LazyCall]]:
-        """Stored calls for full ``keys``, ``None`` where absent (one round trip)."""
-        return [None if r is None else self._lazy(r) for r in self.load_records(list(keys))]
+    def load_many(self, keys: Sequence[str], *, results: bool = False) -> List[Optional[LazyCall]]:
+        """Stored calls for full ``keys``, ``None`` where absent (one round trip).
+
+        Args:
+            keys: full keys.
+            results: fetch the results too, in the same round trip, so that
+                ``.result`` costs nothing more (a sweep's lookups).
+        """
+        if not results:
+            return [None if r is None else self._lazy(r) for r in self.load_records(list(keys))]
+        out: List[Optional[LazyCall]] = []
+        for entry in self.load_entries(list(keys)):
+            if entry is None:
+                out.append(None)
+                continue
+            record, blob = entry
+            lazy = self._lazy(record)
+            lazy._result = decode_value(blob)
+            out.append(lazy)
+        return out
 
     def load_value(self, key: str) -> Any:
         """The result stored under ``key`` (full or unique prefix).
