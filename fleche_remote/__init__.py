@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 # would have bound the *module* here and the lazy hook would never run.
 from .cached import cached
 from .caches import BaseCache, Cache, CacheStack
+from .caches.writebehind import WriteBehind
 from .call import Call, CallRecord, LazyCall
 from .digest import Digest, UnstableDigestWarning, digest_of
 from .errors import (
@@ -79,6 +80,7 @@ __all__ = [
     "SshCache",
     "StorageError",
     "UnstableDigestWarning",
+    "WriteBehind",
     "__version__",
     "cache_from_config",
     "cache_to_config",

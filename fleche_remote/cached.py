@@ -20,6 +20,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import logging
@@ -27,7 +28,22 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, TypeVar, Union, overload
+from concurrent.futures import Executor
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from .caches import BaseCache
 from .call import Call, LazyCall
@@ -187,6 +203,169 @@ class CachedFunction:
         """
         return self.cache.query(self.name, **filters)
 
+    # -- sweeps: one lookup and one save for a whole batch of calls ---------
+
+    def map(self, items: Iterable[Any], *, executor: Optional[Executor] = None) -> List[Any]:
+        """``[f(item) for item in items]``, with one cache lookup and one save
+        for the whole batch (two round trips to a remote, not two per item).
+
+        Each item is the function's *single positional argument*: a tuple
+        item is passed whole as that one argument. For several arguments
+        use :meth:`starmap` (tuples) or :meth:`map_kwargs` (dicts).
+
+        Only the misses are computed, each distinct call once (an item
+        repeated in ``items`` is computed once), serially in this thread
+        or through ``executor``; every new result is saved in one batch.
+
+        Args:
+            items: the argument of each call.
+            executor: a :class:`concurrent.futures.Executor` to compute the
+                misses in (threads or processes; for processes, the
+                function must be importable by name).
+
+        Returns:
+            The results, in the order of ``items``.
+
+        Raises:
+            TypeError: an item does not fit the function's signature
+                (before anything runs).
+            Exception: the first failing call's exception (in input
+                order); the results computed before it are saved first.
+        """
+        return self._sweep([((item,), {}) for item in items], executor)
+
+    def starmap(self, items: Iterable[Iterable[Any]], *, executor: Optional[Executor] = None) -> List[Any]:
+        """Like :meth:`map`, each item being the positional arguments:
+        ``[f(*args) for args in items]``."""
+        return self._sweep([(tuple(args), {}) for args in items], executor)
+
+    def map_kwargs(
+        self, items: Iterable[Mapping[str, Any]], *, executor: Optional[Executor] = None
+    ) -> List[Any]:
+        """Like :meth:`map`, each item being the keyword arguments:
+        ``[f(**kwargs) for kwargs in items]`` (a parameter grid)."""
+        return self._sweep([((), dict(kwargs)) for kwargs in items], executor)
+
+    def _sweep(
+        self, calls: Sequence[Tuple[Tuple[Any, ...], Dict[str, Any]]], executor: Optional[Executor]
+    ) -> List[Any]:
+        keys: List[Digest] = []
+        todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]] = {}
+        for args, kwargs in calls:
+            arguments = self.arguments(*args, **kwargs)
+            key = call_digest(self.name, arguments, self.version)
+            keys.append(key)
+            todo.setdefault(key, (args, kwargs, arguments))
+        if not keys:
+            return []
+        cache = self.cache
+        unique = list(todo)
+        results: Dict[Digest, Any] = {}
+        for key, lazy in zip(unique, self._lookup(cache, unique)):
+            if lazy is not None:
+                results[key] = lazy.result
+                del todo[key]
+        if todo:
+            computed: Dict[Digest, Tuple[Any, float]] = {}
+            try:
+                self._compute(todo, executor, computed)
+            finally:
+                # saved even when a call failed or the sweep was interrupted:
+                # a rerun then starts where this one stopped
+                self._save_batch(cache, todo, computed)
+            results.update((key, result) for key, (result, _) in computed.items())
+        return [results[key] for key in keys]
+
+    def _lookup(self, cache: BaseCache, keys: List[Digest]) -> List[Optional[LazyCall]]:
+        try:
+            return cache.load_many(keys, results=True)
+        except CorruptEntryError as exc:
+            log.warning(
+                "%s: a stored result in the batch is corrupt (%s); looking up one by one", self.name, exc
+            )
+        found: List[Optional[LazyCall]] = []
+        for key in keys:
+            try:
+                found.extend(cache.load_many([key], results=True))
+            except CorruptEntryError as exc:
+                log.warning(
+                    "stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc
+                )
+                found.append(None)
+        return found
+
+    def _compute(
+        self,
+        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        executor: Optional[Executor],
+        computed: Dict[Digest, Tuple[Any, float]],
+    ) -> None:
+        if executor is None:
+            for key, (args, kwargs, _) in todo.items():
+                computed[key] = _run_timed(self, args, kwargs)
+            return
+        futures = {
+            key: executor.submit(_run_timed, self, args, kwargs) for key, (args, kwargs, _) in todo.items()
+        }
+        failure: Optional[BaseException] = None
+        try:
+            for key, future in futures.items():
+                try:
+                    computed[key] = future.result()
+                except Exception as exc:
+                    if failure is None:
+                        failure = exc
+                        for other in futures.values():
+                            other.cancel()  # those not started; running ones finish and are kept
+                except concurrent.futures.CancelledError:
+                    continue
+        except BaseException:
+            for other in futures.values():
+                other.cancel()
+            raise
+        if failure is not None:
+            raise failure
+
+    def _save_batch(
+        self,
+        cache: BaseCache,
+        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        computed: Mapping[Digest, Tuple[Any, float]],
+    ) -> None:
+        if not computed:
+            return
+        if cache.read_only:
+            log.debug("%s: cache %r is read-only; %d results not saved", self.name, cache, len(computed))
+            return
+        calls = [
+            Call(self.name, todo[key][2], result, _metadata(wall_time), self.version)
+            for key, (result, wall_time) in computed.items()
+        ]
+        try:
+            cache.save_many(calls)
+            return
+        except Rejected as exc:
+            log.debug("%s: cache refused %d results: %s", self.name, len(calls), exc)
+            return
+        except Exception:
+            log.debug(
+                "%s: saving %d results in one batch failed; saving one by one",
+                self.name,
+                len(calls),
+                exc_info=True,
+            )
+        # one unpicklable result must not cost the others their save
+        failed = 0
+        first: Optional[BaseException] = None
+        for call in calls:
+            try:
+                cache.save(call)
+            except Exception as exc:
+                failed += 1
+                first = first or exc
+        if failed:
+            log.warning("%s: could not save %d of %d results", self.name, failed, len(calls), exc_info=first)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self.arguments(*args, **kwargs)
         key = call_digest(self.name, arguments, self.version)
@@ -213,6 +392,14 @@ class CachedFunction:
             # result that cannot be pickled must not throw the result away
             log.warning("%s: could not save the result of key %s", self.name, key[:12], exc_info=True)
         return result
+
+
+def _run_timed(function: CachedFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, float]:
+    """Run the bare function and time it; module-level, and given the
+    wrapper (which pickles by name), so a process pool can run it."""
+    start = time.perf_counter()
+    result = function.func(*args, **kwargs)
+    return result, time.perf_counter() - start
 
 
 @overload

@@ -11,7 +11,9 @@ mostly just works. In short:
   ``calls = {type = ...}``), a ``template`` with a ``root``, or
   ``type = "ssh"`` (or another registered cache type). ``read_only = true``
   goes with the first two. An array of tables (``[[name]]``) is a
-  :class:`~fleche_remote.caches.CacheStack`, first layer first.
+  :class:`~fleche_remote.caches.CacheStack`, first layer first; an ssh
+  layer of a stack may say ``write_behind = true`` (saves are pushed to it
+  in the background).
 * Files are found by walking up from the working directory to ``$HOME``
   (inclusive) or ``/``, then ``$XDG_CONFIG_HOME/fleche/cache.toml``; they
   merge shallowly at the top level, the closer file winning a whole table.
@@ -283,6 +285,9 @@ TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
 SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
 _EXPLICIT_KEYS = ("values", "calls", "read_only")
+#: On an ssh layer of a stack: push saves to it in the background
+#: (see :mod:`fleche_remote.caches.writebehind`).
+WRITE_BEHIND_KEY = "write_behind"
 
 
 class _Where:
@@ -355,15 +360,57 @@ def _build(cfg: Any, where: _Where) -> BaseCache:
         if not cfg:
             raise where.error("a cache stack needs at least one layer, got an empty array")
         prefix = where.table if where.table is not None else ""
-        layers = [_build(item, _Where(where.source, f"{prefix}[{i}]")) for i, item in enumerate(cfg)]
-        return CacheStack(layers)
+        layers: List[BaseCache] = []
+        write_behind: List[BaseCache] = []
+        for i, item in enumerate(cfg):
+            layer_where = _Where(where.source, f"{prefix}[{i}]")
+            item, behind = _split_write_behind(item, layer_where, first=not i)
+            layers.append(_build(item, layer_where))
+            if behind:
+                write_behind.append(layers[-1])
+        return CacheStack(layers, write_behind=write_behind)
     if not isinstance(cfg, dict):
         raise where.error(f"a cache must be a table or an array of tables, got {_describe(cfg)}")
+    if WRITE_BEHIND_KEY in cfg:
+        raise where.error(
+            f"{WRITE_BEHIND_KEY} = true goes on an ssh layer of a stack ([[name]] tables), "
+            f"not on a single cache",
+            key=WRITE_BEHIND_KEY,
+        )
     if "type" in cfg:
         return _build_typed(cfg, where)
     if "template" in cfg:
         return _build_template(cfg, where)
     return _build_explicit(cfg, where)
+
+
+def _split_write_behind(item: Any, where: _Where, first: bool) -> Tuple[Any, bool]:
+    """A stack layer's table without ``write_behind``, and whether it was set.
+
+    The key belongs to the stack, not to the layer, so it is taken out
+    before the table reaches the layer's own factory (which would reject
+    it as unknown).
+    """
+    if not isinstance(item, dict) or WRITE_BEHIND_KEY not in item:
+        return item, False
+    value = item[WRITE_BEHIND_KEY]
+    if not isinstance(value, bool):
+        raise where.error(
+            f"{WRITE_BEHIND_KEY} must be true or false, got {_describe(value)}", key=WRITE_BEHIND_KEY
+        )
+    if value and item.get("type") != "ssh":
+        raise where.error(
+            f"{WRITE_BEHIND_KEY} = true applies to a type = 'ssh' layer, got type = {item.get('type')!r}",
+            key=WRITE_BEHIND_KEY,
+        )
+    if value and first:
+        raise where.error(
+            f"{WRITE_BEHIND_KEY} = true cannot be on the first layer of a stack: saves land there "
+            f"directly; put it on a lower ssh layer",
+            key=WRITE_BEHIND_KEY,
+        )
+    rest = {k: v for k, v in item.items() if k != WRITE_BEHIND_KEY}
+    return rest, value
 
 
 def _read_only(cfg: Dict[str, Any], where: _Where) -> bool:
@@ -518,7 +565,14 @@ def cache_to_config(cache: BaseCache) -> CacheConfig:
             raise TypeError(f"{type(cache).__name__}.to_config() returned {_describe(result)}, not a table")
         return result
     if isinstance(cache, CacheStack):
-        return [cache_to_config(layer) for layer in cache.layers]
+        behind = [writer.layer for writer in cache.write_behind]
+        tables = []
+        for layer in cache.layers:
+            table = cache_to_config(layer)
+            if any(layer is b for b in behind) and isinstance(table, dict):
+                table = {**table, WRITE_BEHIND_KEY: True}
+            tables.append(table)
+        return tables
     if isinstance(cache, Cache):
         cfg: Dict[str, Any] = {"values": cache.values.to_config(), "calls": cache.calls.to_config()}
         if cache.read_only:

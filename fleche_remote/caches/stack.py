@@ -5,20 +5,40 @@ lower layer is copied into the first one (record and value blob, as bytes:
 nothing is unpickled on the way), so the next load is local and works
 offline. Reading a call from a lower layer therefore fetches its value at
 once, which is the point: the laptop keeps what the cluster computed.
+
+Round trips are what a user on a laptop feels, so every batch walks the
+stack once: each layer is asked at most once, and only for the keys the
+layers above it lacked; whatever the lower layers had is back-filled into
+the first layer in one ``save_records``. A lower layer is asked for
+records *and* blobs together (``load_entries``), one round trip per
+layer, rather than records first and then one blob at a time.
+
+A layer may be *write-behind* (see :mod:`.writebehind`): saves still land
+in the first layer, and are also pushed to that layer by a background
+thread. It is read like any other layer; what is not pushed yet is found
+anyway, in the first layer.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ..call import CallRecord
 from ..digest import Digest
 from ..errors import AmbiguousDigestError, Rejected
-from ..values import Blob
+from ..values import Blob, decode_value
 from .base import BaseCache
+from .writebehind import WriteBehind
 
 log = logging.getLogger("fleche_remote.stack")
+
+#: Records of a lower layer's query are back-filled this many at a time:
+#: one ``load_blobs`` round trip and one local ``save_records`` per page,
+#: while the first results already reach the caller.
+QUERY_BACKFILL_PAGE = 256
+
+Entry = Tuple[CallRecord, Blob]
 
 
 class CacheStack(BaseCache):
@@ -27,9 +47,24 @@ class CacheStack(BaseCache):
     Args:
         layers: caches in order; the first takes saves and back-fills.
         backfill: copy hits from lower layers into the first (default on).
+        write_behind: lower layers that saves are also pushed to, in the
+            background (each a layer of ``layers``, or a
+            :class:`~fleche_remote.caches.writebehind.WriteBehind` around one to set
+            its queue size or journal). ``write_behind = true`` on an ssh
+            layer in fleche.toml.
+
+    Raises:
+        ValueError: no layers, or a write-behind layer that is not one of
+            the lower layers.
     """
 
-    def __init__(self, layers: Sequence[BaseCache], *, backfill: bool = True) -> None:
+    def __init__(
+        self,
+        layers: Sequence[BaseCache],
+        *,
+        backfill: bool = True,
+        write_behind: Iterable[Union[BaseCache, WriteBehind]] = (),
+    ) -> None:
         layers = list(layers)
         if not layers:
             raise ValueError("a CacheStack needs at least one layer")
@@ -38,6 +73,17 @@ class CacheStack(BaseCache):
                 raise TypeError(f"layer {i} is a {type(layer).__name__}, not a BaseCache")
         self.layers: List[BaseCache] = layers
         self.backfill = backfill
+        writers: List[WriteBehind] = []
+        for item in write_behind:
+            writer = item if isinstance(item, WriteBehind) else WriteBehind(item)
+            if not any(writer.layer is layer for layer in layers[1:]):
+                raise ValueError(f"write-behind layer {writer.layer!r} is not one of the lower layers")
+            if any(writer.layer is other.layer for other in writers):
+                raise ValueError(f"layer {writer.layer!r} is given as write-behind twice")
+            writer.attach(layers[0])
+            writers.append(writer)
+        #: the write-behind pushers, one per write-behind layer
+        self.write_behind: Tuple[WriteBehind, ...] = tuple(writers)
 
     def __repr__(self) -> str:
         return f"CacheStack({self.layers!r})"
@@ -48,46 +94,166 @@ class CacheStack(BaseCache):
 
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
         self.layers[0].save_records(items)
+        if self.write_behind and items:
+            keys = [record.key for record, _ in items]
+            for writer in self.write_behind:
+                writer.enqueue(keys)
 
-    def _backfill(self, records: Sequence[CallRecord], source: BaseCache) -> None:
-        top = self.layers[0]
-        if not self.backfill or top.read_only or source is top:
+    # -- write-behind --------------------------------------------------------
+
+    def pending(self) -> List[Digest]:
+        """Keys saved but not yet pushed to some write-behind layer (by this
+        or an earlier process), in the order they were saved."""
+        seen: Dict[str, None] = {}
+        for writer in self.write_behind:
+            seen.update(dict.fromkeys(writer.pending()))
+        return [Digest(k) for k in seen]
+
+    def push_pending(self) -> int:
+        """Push what :meth:`pending` lists, now, in this thread (after a
+        failure, call the remote's ``reconnect()`` first).
+
+        Returns:
+            How many entries were pushed.
+
+        Raises:
+            Exception: what the layer raised; entries not pushed stay pending.
+        """
+        return sum(writer.push_pending() for writer in self.write_behind)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the write-behind queues are pushed; False if some
+        entry is still pending (a failure, or ``timeout`` seconds passed)."""
+        return all([writer.flush(timeout) for writer in self.write_behind])
+
+    # -- batches through the layers --------------------------------------------
+
+    def _backfilling(self) -> bool:
+        return self.backfill and not self.layers[0].read_only
+
+    def _save_backfill(self, entries: Sequence[Entry]) -> None:
+        """Copy lower-layer hits into the first layer, in one batch. A failure
+        costs only the local copy, never the caller's answer."""
+        if not entries:
             return
-        for record in records:
-            try:
-                top.save_records([(record, source.load_blob(record.value))])
-            except KeyError:
-                log.warning(
-                    "layer %r lists call %s but not its value; not back-filled", source, record.key[:12]
-                )
+        try:
+            self.layers[0].save_records(entries)
+        except Exception:
+            log.warning("could not back-fill %d entries into %r", len(entries), self.layers[0], exc_info=True)
+
+    def load_entries(self, keys: Sequence[str]) -> List[Optional[Entry]]:
+        return self._entries_from(keys, 0)
+
+    def _entries_from(self, keys: Sequence[str], start: int) -> List[Optional[Entry]]:
+        """Entries from ``layers[start:]``, each asked once for what the ones
+        above lacked; hits below the first layer back-filled in one batch."""
+        result: List[Optional[Entry]] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        backfill: List[Entry] = []
+        for depth in range(start, len(self.layers)):
+            if not missing:
+                break
+            found = self.layers[depth].load_entries([keys[i] for i in missing])
+            still = []
+            for i, entry in zip(missing, found):
+                if entry is None:
+                    still.append(i)
+                else:
+                    result[i] = entry
+                    if depth:
+                        backfill.append(entry)
+            missing = still
+        if self._backfilling():
+            self._save_backfill(backfill)
+        return result
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
+        if not self._backfilling():
+            return self._load_records_only(keys)
+        result: List[Optional[CallRecord]] = [None] * len(keys)
+        found = self.layers[0].load_records(keys)
+        missing = []
+        for i, record in enumerate(found):
+            if record is None:
+                missing.append(i)
+            else:
+                result[i] = record
+        if not missing:
+            return result
+        # the lower layers: records with their blobs, one round trip each
+        entries = self._entries_from([keys[i] for i in missing], 1)
+        still = []
+        for i, entry in zip(missing, entries):
+            if entry is None:
+                still.append(i)
+            else:
+                result[i] = entry[0]
+        # a layer may list a call whose value it lost: the call is still
+        # there to see, but nothing is back-filled (only for true misses,
+        # so a hit costs no extra round trip)
+        for layer in self.layers[1:]:
+            if not still:
+                break
+            listed = layer.load_records([keys[i] for i in still])
+            remaining = []
+            for i, record in zip(still, listed):
+                if record is None:
+                    remaining.append(i)
+                else:
+                    result[i] = record
+                    log.warning(
+                        "layer %r lists call %s but not its value; not back-filled", layer, record.key[:12]
+                    )
+            still = remaining
+        return result
+
+    def _load_records_only(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         result: List[Optional[CallRecord]] = [None] * len(keys)
         missing = list(range(len(keys)))
-        for depth, layer in enumerate(self.layers):
+        for layer in self.layers:
             if not missing:
                 break
             found = layer.load_records([keys[i] for i in missing])
             still = []
-            hits = []
             for i, record in zip(missing, found):
                 if record is None:
                     still.append(i)
                 else:
                     result[i] = record
-                    hits.append(record)
-            if depth and hits:
-                self._backfill(hits, layer)
+            missing = still
+        return result
+
+    def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
+        # no back-fill: a blob without its record is garbage in the first layer
+        result: List[Optional[Blob]] = [None] * len(value_digests)
+        missing = list(range(len(value_digests)))
+        for layer in self.layers:
+            if not missing:
+                break
+            found = layer.load_blobs([value_digests[i] for i in missing])
+            still = []
+            for i, blob in zip(missing, found):
+                if blob is None:
+                    still.append(i)
+                else:
+                    result[i] = blob
             missing = still
         return result
 
     def load_blob(self, value_digest: str) -> Blob:
-        for layer in self.layers:
-            try:
-                return layer.load_blob(value_digest)
-            except KeyError:
-                continue
-        raise KeyError(value_digest)
+        blob = self.load_blobs([value_digest])[0]
+        if blob is None:
+            raise KeyError(value_digest)
+        return blob
+
+    def load_value(self, key: str) -> Any:
+        """The result under ``key``: the record and value come together from
+        the first layer that has both (one round trip), and are back-filled."""
+        full = self._full_key(key)
+        entry = self.load_entries([full])[0]
+        if entry is None:
+            raise KeyError(key)
+        return decode_value(entry[1])
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         result = [False] * len(keys)
@@ -143,17 +309,53 @@ class CacheStack(BaseCache):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
+        """Records of every layer, each once; those from lower layers are
+        back-filled a page at a time (one ``load_blobs`` per page)."""
         seen: Set[str] = set()
-        for layer in self.layers:
+        for depth, layer in enumerate(self.layers):
+            page: List[CallRecord] = []
             for record in layer.query_records(name, arg_digests, metadata):
-                if record.key not in seen:
-                    seen.add(record.key)
+                if record.key in seen:
+                    continue
+                seen.add(record.key)
+                if not depth or not self._backfilling():
                     yield record
+                    continue
+                page.append(record)
+                if len(page) >= QUERY_BACKFILL_PAGE:
+                    self._backfill_page(page, layer)
+                    yield from page
+                    page = []
+            if page:
+                self._backfill_page(page, layer)
+                yield from page
+
+    def _backfill_page(self, records: Sequence[CallRecord], source: BaseCache) -> None:
+        # the first layer was queried with the same filters and did not
+        # list these, but another process may have saved some meanwhile
+        top = self.layers[0]
+        lacking = [r for r, held in zip(records, top.contains_many([r.key for r in records])) if not held]
+        if not lacking:
+            return
+        blobs = source.load_blobs([r.value for r in lacking])
+        entries: List[Entry] = []
+        for record, blob in zip(lacking, blobs):
+            if blob is None:
+                log.warning(
+                    "layer %r lists call %s but not its value; not back-filled", source, record.key[:12]
+                )
+            else:
+                entries.append((record, blob))
+        self._save_backfill(entries)
 
     def collect_garbage(self) -> int:
         return sum(layer.collect_garbage() for layer in self.layers if not layer.read_only)
 
     def close(self) -> None:
+        """Push what the write-behind queues hold (a bounded wait; what is
+        left stays pending), then close every layer."""
+        for writer in self.write_behind:
+            writer.close()
         for layer in self.layers:
             layer.close()
 
