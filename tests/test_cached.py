@@ -454,3 +454,170 @@ def test_cli_ls_lists_what_cached_stored(tmp_path: Path, capsys: pytest.CaptureF
     assert len(only) == 2 and all(line.split()[1] == add.name for line in only)
     stamp = " ".join(only[0].split()[2:])
     assert len(stamp) == 19 and stamp[4] == "-" and stamp[13] == ":"  # YYYY-MM-DD HH:MM:SS
+
+
+# -- sweeps: f.map, f.starmap, f.map_kwargs ----------------------------------------
+
+
+def test_map_returns_results_in_input_order_computing_each_distinct_call_once(cache: Any) -> None:
+    add, runs = counting(cache)
+    assert add.map([3, 1, 3, 2, 1]) == [13, 11, 13, 12, 11]
+    assert sorted(runs) == [(1, 10, 1), (2, 10, 1), (3, 10, 1)]
+    assert add.map([]) == []
+    assert add(2) == 12 and len(runs) == 3  # what map saved, a plain call finds
+
+
+def test_map_computes_only_the_misses() -> None:
+    add, runs = counting(memory_cache())
+    add(1)
+    add(5)
+    runs.clear()
+    assert add.map(range(6)) == [10, 11, 12, 13, 14, 15]
+    assert [r[0] for r in runs] == [0, 2, 3, 4]  # serially, in input order
+
+
+def test_map_is_one_lookup_and_one_save_for_the_whole_batch() -> None:
+    from layers import Counting
+
+    layer = Counting(memory_cache())
+    add, _ = counting(layer)
+    add.map([0, 1])
+    layer.reset()
+    assert add.map(range(50)) == [x + 10 for x in range(50)]
+    assert layer.counts == {"load_entries": 1, "save_records": 1}
+    assert layer.saved == [48]
+    layer.reset()
+    add.map(range(50))
+    assert layer.counts == {"load_entries": 1}  # all hits: nothing to save
+
+
+def test_the_item_is_the_single_positional_argument() -> None:
+    seen = []
+
+    @cached(cache=memory_cache())
+    def length(xs: Any) -> int:
+        seen.append(xs)
+        return len(xs)
+
+    assert length.map([(1, 2), (3, 4, 5)]) == [2, 3]  # a tuple is one argument, not unpacked
+    assert length.key((1, 2)) == length.load((1, 2)).key
+
+
+def test_starmap_and_map_kwargs_share_keys_with_plain_calls() -> None:
+    add, runs = counting(memory_cache())
+    assert add.starmap([(1, 2), (3,), [4, 5]]) == [3, 13, 9]
+    assert add.map_kwargs([{"x": 1, "y": 2}, {"x": 2, "scale": 3}, {"y": 2, "x": 1}]) == [3, 36, 3]
+    assert len(runs) == 4
+    assert add(1, y=2) == 3 and add(x=2, scale=3) == 36 and len(runs) == 4
+
+
+def test_map_checks_every_item_before_running_any() -> None:
+    add, runs = counting(memory_cache())
+    with pytest.raises(TypeError):
+        add.starmap([(1,), (1, 2, 3, 4)])
+    assert runs == []
+
+
+@pytest.mark.parametrize("pool", ["serial", "threads"])
+def test_a_failing_call_raises_after_saving_what_was_computed(pool: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = memory_cache()
+    runs: List[int] = []
+
+    @cached(cache=store)
+    def inverse(x: int) -> float:
+        runs.append(x)
+        return 1 / x
+
+    executor = ThreadPoolExecutor(1) if pool == "threads" else None
+    try:
+        with pytest.raises(ZeroDivisionError):
+            inverse.map([1, 2, 0, 4], executor=executor)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    assert inverse.contains(1) and inverse.contains(2) and not inverse.contains(0)
+    runs.clear()
+    assert inverse.map([1, 2, 4]) == [1.0, 0.5, 0.25]
+    # serially nothing runs after the failure; a pool may have started 4 already (then it was kept)
+    assert runs == [4] if pool == "serial" else runs in ([], [4])
+
+
+def test_map_through_a_thread_pool() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = threading.Barrier(4, timeout=10)
+
+    @cached(cache=memory_cache())
+    def slow_square(x: int) -> int:
+        started.wait()  # all four run at once, or the barrier breaks
+        return x * x
+
+    with ThreadPoolExecutor(4) as pool:
+        assert slow_square.map([1, 2, 3, 4], executor=pool) == [1, 4, 9, 16]
+    assert slow_square.load(3).metadata["wall_time"] >= 0
+    assert slow_square.map([4, 3]) == [16, 9]  # hits: the barrier is not touched again
+
+
+def test_map_through_a_process_pool(tmp_path: Path) -> None:
+    script = f"""
+import os
+from concurrent.futures import ProcessPoolExecutor
+from fleche_remote import cached
+from fleche_remote.config import cache_from_config
+
+cache = cache_from_config({{"template": "cloudpickle", "root": {str(tmp_path / "c")!r}}})
+
+@cached(cache=cache)
+def where(x):
+    return (x, os.getpid())
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(2) as pool:
+        got = where.map([1, 2, 3, 1], executor=pool)
+    assert [x for x, _ in got] == [1, 2, 3, 1], got
+    assert all(pid != os.getpid() for _, pid in got), got
+    assert where.map([3, 2, 1]) == [got[2], got[1], got[0]]
+    print("ok")
+"""
+    (tmp_path / "sweep.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "sweep.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ok\n"
+
+
+def test_map_keeps_results_when_saving_fails(caplog: pytest.LogCaptureFixture) -> None:
+    store = memory_cache()
+
+    @cached(cache=store)
+    def make(x: int) -> Any:
+        return threading.Lock() if x == 2 else x  # a lock cannot be pickled
+
+    with caplog.at_level(logging.WARNING, logger="fleche_remote.cached"):
+        got = make.map([1, 2, 3])
+    assert got[0] == 1 and hasattr(got[1], "acquire") and got[2] == 3
+    assert "could not save 1 of 3" in caplog.text
+    assert make.contains(1) and make.contains(3) and not make.contains(2)  # the others were kept
+
+
+def test_map_on_a_read_only_cache_computes_without_saving() -> None:
+    add, runs = counting(memory_cache(read_only=True))
+    assert add.map([1, 1, 2]) == [11, 11, 12]
+    assert add.map([1]) == [11] and len(runs) == 3
+
+
+def test_map_recomputes_a_corrupt_entry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = cache_from_config({"template": "cloudpickle", "root": str(tmp_path)})
+    add, runs = counting(store)
+    add.map([1, 2, 3])
+    key = add.key(2)
+    (tmp_path / "calls" / key[:2] / f"{key}.call").write_bytes(b"garbage")
+    runs.clear()
+    with caplog.at_level(logging.WARNING, logger="fleche_remote.cached"):
+        assert add.map([1, 2, 3]) == [11, 12, 13]
+    assert runs == [(2, 10, 1)]
+    assert "corrupt" in caplog.text
