@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
-from .digest import Digest, call_digest, digest_of
+from .digest import DIGEST_SCHEME_NAME, Digest, call_digest, call_digest_from_arg_digests, digest_of
 from .plain import check_plain, register_plain
 
 if TYPE_CHECKING:
@@ -45,10 +45,21 @@ class Call:
         return call_digest(self.name, dict(self.arguments), self.version)
 
 
+#: What a record decoded without a ``digest_scheme`` field was made with:
+#: records from before the field existed used the first scheme.
+LEGACY_DIGEST_SCHEME = "fleche-remote/1"
+
+
 @register_plain
 @dataclass(frozen=True)
 class CallRecord:
-    """A call as stored: plain fields only, safe to decode anywhere."""
+    """A call as stored: plain fields only, safe to decode anywhere.
+
+    ``digest_scheme`` names how ``key``, ``arg_digests`` and ``value`` were
+    computed (:data:`~fleche_remote.digest.DIGEST_SCHEME_NAME`), so a store
+    can tell records of different schemes apart, and a server can check a
+    value under the scheme its record claims, without any migration.
+    """
 
     key: str
     name: str
@@ -59,6 +70,15 @@ class CallRecord:
     value: str
     value_kind: str = "pickle"
     value_size: int = 0
+    digest_scheme: str = DIGEST_SCHEME_NAME
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Pickles of records written before ``digest_scheme`` existed lack
+        # it; without this, the class default would claim today's scheme.
+        # (Our own code, run by the restricted decoder: it only fills fields.)
+        if isinstance(state, dict) and "digest_scheme" not in state:
+            state = {**state, "digest_scheme": LEGACY_DIGEST_SCHEME}
+        self.__dict__.update(state)
 
 
 def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
@@ -68,16 +88,19 @@ def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
     metadata = dict(call.metadata or {})
     check_plain(metadata, "Call.metadata")
     arguments = dict(call.arguments)
+    # each argument is hashed once: the key is built from these digests
+    arg_digests = {k: str(digest_of(v)) for k, v in arguments.items()}
     return CallRecord(
-        key=str(call.key()),
+        key=str(call_digest_from_arg_digests(call.name, arg_digests, call.version)),
         name=call.name,
         version=call.version,
         arguments=cloudpickle.dumps(arguments, protocol=4),
-        arg_digests={k: str(digest_of(v)) for k, v in arguments.items()},
+        arg_digests=arg_digests,
         metadata=metadata,
         value=str(value_digest),
         value_kind=blob.kind,
         value_size=blob.size,
+        digest_scheme=DIGEST_SCHEME_NAME,
     )
 
 
