@@ -14,7 +14,6 @@ from typing import Any, Iterator, List
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, event, text
 
 from fleche_remote.caches import Cache
 from fleche_remote.call import Call, CallRecord, make_record
@@ -139,22 +138,22 @@ def test_value_too_big_for_a_row_is_refused(values: SqlValueStore, monkeypatch: 
         values.put("ab" * 32, BytesBlob("bytes", {}, b"12345"))
 
 
-def test_value_garbage_row_is_a_corrupt_entry(values: SqlValueStore, url: str) -> None:
+def tamper(store: Any, sql: str, *params: Any) -> None:
+    """Change rows behind the store's back, as another program could."""
+    with store._db.transaction() as cur:
+        cur.execute(store._db.sql(sql), params)
+
+
+def test_value_garbage_row_is_a_corrupt_entry(values: SqlValueStore) -> None:
     blob = encode_value(b"x")
     digest = blob_digest(blob)
     values.put(digest, blob)
-    engine = create_engine(sqlmod._resolve_url(url, None, "test")[1])
-    try:
-        with engine.begin() as conn:
-            conn.execute(text('UPDATE "values" SET meta = :m'), {"m": "{not json"})
-        with pytest.raises(CorruptEntryError, match="meta is not JSON"):
-            values.get(digest)
-        with engine.begin() as conn:
-            conn.execute(text('UPDATE "values" SET meta = :m, size = 99'), {"m": "{}"})
-        with pytest.raises(CorruptEntryError, match="1 body bytes, expected 99"):
-            values.get(digest)
-    finally:
-        engine.dispose()
+    tamper(values, "UPDATE blobs SET meta = ?", "{not json")
+    with pytest.raises(CorruptEntryError, match="meta is not JSON"):
+        values.get(digest)
+    tamper(values, "UPDATE blobs SET meta = ?, size = 99", "{}")
+    with pytest.raises(CorruptEntryError, match="1 body bytes, expected 99"):
+        values.get(digest)
 
 
 # -- calls ----------------------------------------------------------------------
@@ -209,21 +208,15 @@ def test_call_delete_removes_record_and_index_rows(calls: SqlCallStore) -> None:
     assert list(calls.query(arg_digests=rec.arg_digests)) == []
 
 
-def test_call_garbage_row_is_a_corrupt_entry(calls: SqlCallStore, url: str) -> None:
+def test_call_garbage_row_is_a_corrupt_entry(calls: SqlCallStore) -> None:
     rec = record("ab" * 32)
     calls.put(rec)
-    engine = create_engine(sqlmod._resolve_url(url, None, "test")[1])
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("UPDATE calls SET metadata = :m"), {"m": "[1, 2"})
-        with pytest.raises(CorruptEntryError, match="metadata is not JSON"):
-            calls.get(rec.key)
-        with engine.begin() as conn:
-            conn.execute(text("UPDATE calls SET metadata = :m"), {"m": "[1, 2]"})
-        with pytest.raises(CorruptEntryError, match="expected a JSON object"):
-            calls.get(rec.key)
-    finally:
-        engine.dispose()
+    tamper(calls, "UPDATE calls SET metadata = ?", "[1, 2")
+    with pytest.raises(CorruptEntryError, match="metadata is not JSON"):
+        calls.get(rec.key)
+    tamper(calls, "UPDATE calls SET metadata = ?", "[1, 2]")
+    with pytest.raises(CorruptEntryError, match="expected a JSON object"):
+        calls.get(rec.key)
 
 
 def test_prefix_expansion(calls: SqlCallStore) -> None:
@@ -243,16 +236,17 @@ def test_prefix_expansion(calls: SqlCallStore) -> None:
         cache.expand("ad")
 
 
-def test_sqlite_prefix_expansion_is_an_index_search(tmp_path: Path) -> None:
+def test_sqlite_prefix_expansion_is_an_index_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqlCallStore(f"sqlite:///{tmp_path}/calls.db")
     store.put(record("ab" * 32))
     seen: List[Any] = []
-    engine = store._db._engines()[0]
-    event.listen(engine, "before_cursor_execute", lambda *a: seen.append((a[2], a[3])))
+    real = store._db.rows
+    monkeypatch.setattr(
+        store._db, "rows", lambda sql, params=(): seen.append((sql, params)) or real(sql, params)
+    )
     assert store.keys_with_prefix("aba") == ["ab" * 32]
     (statement, params) = seen[-1]
-    with engine.connect() as conn:
-        plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
+    plan = " ".join(str(r[-1]) for r in real("EXPLAIN QUERY PLAN " + statement, params))
     assert "SEARCH calls USING" in plan and "SCAN" not in plan, plan
     store.close()
 
@@ -327,9 +321,9 @@ def test_in_memory_sqlite_is_shared_by_threads() -> None:
 
 def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
     store = SqlCallStore(f"sqlite:///{tmp_path}/calls.db")
-    with store._db.transaction() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
+    assert store._db.first("PRAGMA journal_mode") == ("wal",)
+    assert store._db.first("PRAGMA busy_timeout") == (60000,)
+    assert store._db.first("PRAGMA synchronous") == (1,)  # NORMAL
     store.close()
 
 
@@ -372,7 +366,7 @@ def test_config_postgres_url_without_driver_uses_psycopg(pg_url: str) -> None:
     plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
     store = SqlCallStore.from_config({"type": "sql", "url": plain})
     assert store.to_config() == {"type": "sql", "url": plain}  # as given
-    assert store._db.connect_url.drivername == "postgresql+psycopg"
+    assert store._db.url.drivername == "postgresql+psycopg"
     store.put(record("ab" * 32))
     assert store.contains("ab" * 32)
     store.close()

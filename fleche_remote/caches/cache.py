@@ -1,4 +1,15 @@
-"""``Cache``: one value store plus one call store, as in fleche.toml."""
+"""``Cache``: one value store plus one call store, as in fleche.toml.
+
+Small values inline. When the call store can hold values
+(:class:`~fleche_remote.storage.base.InlineValues`: the SQL store), a
+value of at most :data:`~fleche_remote.storage.base.INLINE_MAX` bytes is
+written into the call store's database, in the transaction of its record,
+instead of the value store: a million small results are then one database,
+not a million files, and a save is one transaction. Bigger values go to
+the value store (files, HDF5), streamed, before their records. Loads look
+inline first. Over any other call store a ``Cache`` keeps every value in
+its value store, as before.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +17,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import CallRecord
 from ..digest import Digest
-from ..errors import AmbiguousDigestError, Rejected
-from ..storage.base import CallStore, ValueStore
-from ..values import Blob
+from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
+from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
+from ..values import Blob, BytesBlob
 from .base import BaseCache
 
 _HEX = frozenset("0123456789abcdef")
@@ -39,6 +50,8 @@ class Cache(BaseCache):
         self.values = values
         self.calls = calls
         self._read_only = bool(read_only)
+        #: the call store, when it keeps small values inline
+        self._inline: Optional[InlineValues] = calls if isinstance(calls, InlineValues) else None
 
     @property
     def read_only(self) -> bool:
@@ -51,16 +64,60 @@ class Cache(BaseCache):
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
         if self._read_only:
             raise Rejected(f"cannot save: {self!r} is read-only")
+        inline = self._inline
+        if inline is None:
+            for record, blob in items:
+                # value first: whoever sees the record must find its value
+                self.values.put(record.value, blob)
+            self.calls.put_many([record for record, _ in items])
+            return
+        small: Dict[str, Blob] = {}
         for record, blob in items:
-            # value first: whoever sees the record must find its value
-            self.values.put(record.value, blob)
-            self.calls.put(record)
+            if blob.size > INLINE_MAX:
+                self.values.put(record.value, blob)  # big values first, streamed
+            elif record.value not in small:
+                small[record.value] = _in_memory(record.value, blob)
+        # then every record and small value in one transaction
+        inline.put_entries([record for record, _ in items], small)
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         return self.calls.get_many(keys)
 
     def load_blob(self, value_digest: str) -> Blob:
+        if self._inline is not None:
+            blob = self._inline.get_blobs([value_digest])[0]
+            if blob is not None:
+                return blob
         return self.values.get(value_digest)
+
+    def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
+        if self._inline is None:
+            return super().load_blobs(value_digests)
+        out = self._inline.get_blobs(value_digests)
+        for i, blob in enumerate(out):
+            if blob is None:
+                out[i] = self._value_or_none(value_digests[i])
+        return out
+
+    def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        if self._inline is None:
+            return super().load_entries(keys)
+        out: List[Optional[Tuple[CallRecord, Blob]]] = []
+        for entry in self._inline.get_entries(keys):
+            if entry is None:
+                out.append(None)
+                continue
+            record, blob = entry
+            if blob is None:
+                blob = self._value_or_none(record.value)
+            out.append(None if blob is None else (record, blob))
+        return out
+
+    def _value_or_none(self, value_digest: str) -> Optional[Blob]:
+        try:
+            return self.values.get(value_digest)
+        except KeyError:
+            return None
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         return self.calls.contains_many(keys)
@@ -91,20 +148,21 @@ class Cache(BaseCache):
         return self.calls.query(name, arg_digests, metadata)
 
     def collect_garbage(self) -> int:
-        """Delete values no stored call refers to. Run it while no process
-        is saving into this cache: a value written just before its record
-        would look unreferenced."""
+        """Delete values no stored call refers to, inline and in the value
+        store; returns how many. Inline values go in one transaction, safe
+        beside concurrent saves. For the value store, run it while no
+        process is saving into this cache: a value written just before its
+        record would look unreferenced."""
         if self._read_only:
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
-        candidates = set(self.values.digests())
-        for key in list(self.calls.keys()):
-            try:
-                candidates.discard(self.calls.get(key).value)
-            except KeyError:
-                continue
-        for digest in candidates:
-            self.values.delete(digest)
-        return len(candidates)
+        removed = self._inline.collect_blobs() if self._inline is not None else 0
+        candidates = list(self.values.digests())
+        referenced = self.calls.refers_to(candidates) if candidates else []
+        for digest, keep in zip(candidates, referenced):
+            if not keep:
+                self.values.delete(digest)
+                removed += 1
+        return removed
 
     def close(self) -> None:
         self.values.close()
@@ -117,3 +175,14 @@ class Cache(BaseCache):
             "calls": self.calls.to_config(),
             "read_only": self._read_only,
         }
+
+
+def _in_memory(digest: str, blob: Blob) -> Blob:
+    """``blob`` with its body in memory, read (and, for a stream from the
+    wire, verified) before any write transaction starts."""
+    if isinstance(blob, BytesBlob):
+        return blob
+    body = blob.read_all()
+    if len(body) != blob.size:
+        raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
+    return BytesBlob(blob.kind, blob.meta, body)

@@ -24,11 +24,24 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Type
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ..call import CallRecord
 from ..errors import ConfigError
 from ..values import Blob
+
+#: Values whose body is at most this many bytes live *inline*, in the call
+#: store's database next to the records, when the call store can hold them
+#: (see :class:`InlineValues`); bigger ones go to the value store, as files
+#: or HDF5 datasets, streamed. 32 KiB is diskcache's threshold too
+#: (``disk_min_file_size``), and SQLite's own measurements ("Internal Versus
+#: External BLOBs", sqlite.org/intern-v-extern-blob.html) put the crossover
+#: where a blob read from the database stops beating a file read between
+#: about 20 and 100 KiB on 4-8 KiB pages. Below it, a file per value costs
+#: an inode, a directory entry and a temp-file-and-rename per save, which is
+#: what made small saves slow and what fills an HPC inode quota (~1 M files)
+#: long before its byte quota.
+INLINE_MAX = 32 * 1024
 
 
 class ValueStore(ABC):
@@ -120,6 +133,26 @@ class CallStore(ABC):
 
     # -- generic operations; backends override where they can index --------
 
+    def put_many(self, records: Sequence[CallRecord]) -> None:
+        """Store several records; a backend that can makes it one transaction."""
+        for record in records:
+            self.put(record)
+
+    def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
+        """Whether some stored record refers to each value digest (what
+        garbage collection keeps). The default reads every record; an
+        indexed store answers from its index."""
+        wanted = set(value_digests)
+        found = set()
+        for key in self.keys():
+            try:
+                value = self.get(key).value
+            except KeyError:  # evicted while we iterate
+                continue
+            if value in wanted:
+                found.add(value)
+        return [d in found for d in value_digests]
+
     def get_many(self, keys: Iterable[str]) -> List[Optional[CallRecord]]:
         """Records for ``keys`` in order, ``None`` where absent."""
         out: List[Optional[CallRecord]] = []
@@ -160,6 +193,47 @@ class CallStore(ABC):
 
     def close(self) -> None:
         """Release files, connections and locks; the store may be reopened."""
+
+
+class InlineValues(ABC):
+    """A call store that can also keep small value blobs next to its records.
+
+    A call store declares the ability by inheriting this mixin (SQL does;
+    file, memory and HDF5 call stores do not). A
+    :class:`~fleche_remote.caches.Cache` over such a store writes every
+    value of at most :data:`INLINE_MAX` bytes here, in the same transaction
+    as the record that refers to it, and looks here first when it loads a
+    value. Blobs are keyed by value digest and written insert-or-ignore, so
+    content addressing and deduplication hold as in a value store.
+    """
+
+    @abstractmethod
+    def put_entries(self, records: Sequence[CallRecord], blobs: Mapping[str, Blob]) -> None:
+        """Store ``records`` and the small ``blobs`` (digest -> blob, each
+        at most :data:`INLINE_MAX` bytes) in one transaction; existing keys
+        and digests are left as they are."""
+
+    @abstractmethod
+    def get_blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
+        """Inline blobs for ``digests`` in order, ``None`` where not held inline."""
+
+    @abstractmethod
+    def get_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
+        """Records for ``keys`` with their inline blob (``None`` when the
+        value is not inline); ``None`` where the record is absent."""
+
+    @abstractmethod
+    def blob_digests(self) -> Iterator[str]:
+        """Every digest held inline."""
+
+    @abstractmethod
+    def collect_blobs(self) -> int:
+        """Delete the inline blobs no record refers to; returns how many."""
+
+
+def holds_values(store: CallStore) -> bool:
+    """Whether ``store`` keeps small values inline (see :class:`InlineValues`)."""
+    return isinstance(store, InlineValues)
 
 
 def record_matches(

@@ -1,81 +1,64 @@
-"""Stores in a SQL database through SQLAlchemy Core: SQLite or PostgreSQL.
+"""Stores in a SQL database: SQLite (the default) or PostgreSQL.
 
-SQLite (the default: one file, nothing to run) suits the processes of
-one machine: its WAL mode coordinates them through shared memory, which
-does not reach across the nodes of a network file system. PostgreSQL
-suits many machines. SQLAlchemy and the driver are imported here only,
-when ``type = "sql"`` is used.
+SQLite (one file, nothing to run) suits the processes of one machine;
+PostgreSQL suits many machines. Both run the same statements through the
+small DB-API interface of :mod:`._sqldb`: SQLite through the standard
+library's ``sqlite3`` alone (:mod:`.sqlite`; no SQLAlchemy is imported for
+a ``sqlite://`` url, so a server starts fast and needs nothing installed),
+PostgreSQL through a SQLAlchemy engine and psycopg 3 (:mod:`.postgres`).
 
 Design rules:
 
-* Every write is one transaction, and every insert is ``INSERT ... ON
-  CONFLICT DO NOTHING``: a call and its argument-index rows appear
-  together or not at all, and two processes saving the same call both
-  succeed (the ``fleche`` package lets "UNIQUE constraint failed" escape
-  to its callers in exactly that race; we must not).
-* SQLite runs in WAL mode (readers never block the writer) with a 60 s
-  busy timeout, and write transactions start with ``BEGIN IMMEDIATE``.
-  A deferred ``BEGIN`` would take the write lock only at the first
-  insert, and SQLite fails such an upgrade at once ("database is
-  locked") instead of waiting, so under concurrent writers the lock must
-  be taken up front, where the busy timeout applies. This is the recipe
-  of the SQLAlchemy pysqlite docs ("Serializable isolation / Savepoints /
-  Transactional DDL"): switch off pysqlite's own BEGIN and emit ours.
-* Reads are short transactions, and iterators (``keys``, ``query``) page
-  through the primary key (``WHERE key > last ORDER BY key LIMIT n``) so
-  no connection or snapshot is held while a caller works on the results.
-* Tables are created on first use, serialized against other processes
-  (SQLite: inside ``BEGIN IMMEDIATE``; PostgreSQL: under an advisory
-  lock), with a retry for a server that still reports the race.
+* Every write is one transaction, and every insert leaves an existing
+  key as it is (``INSERT OR IGNORE`` / ``ON CONFLICT DO NOTHING``): a call,
+  its argument-index rows and its inline value appear together or not at
+  all, and two processes saving the same call both succeed (the ``fleche``
+  package lets "UNIQUE constraint failed" escape to its callers in exactly
+  that race; we must not). A batch is one transaction, each table filled
+  by one ``executemany``.
+* Lookups by key are fixed statement strings on a raw cursor, so the
+  driver's statement cache (SQLite) or server-side prepared statements
+  (psycopg) apply, and nothing is compiled per call.
+* The call store holds small values inline (:class:`InlineValues`), in the
+  ``blobs`` table, written in the transaction of the record that refers to
+  them; a ``values.type = "sql"`` store uses the same table.
+* Iterators (``keys``, ``query``, ``digests``) page through the primary
+  key (``WHERE key > last ORDER BY key LIMIT n``), so no connection or
+  snapshot is held while a caller works on the results.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import threading
 import time
-from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
-
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl
 
 from ..call import CallRecord
 from ..errors import ConfigError, CorruptEntryError, StorageError
 from ..values import Blob, BytesBlob
 from ._config import check_keys, resolve_path, typed
-from .base import CallStore, ValueStore, record_matches
+from ._sqldb import BATCH, BUSY_TIMEOUT_S, Database
+from .base import CallStore, InlineValues, ValueStore, record_matches
 
-#: Keys per ``IN (...)`` query: far below SQLite's 32766-parameter limit and
-#: PostgreSQL's 65535, while 500 keys still amortise the round trip.
-BATCH = 500
+__all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
 
 #: Rows per page when iterating keys or query results.
 PAGE = 1000
-
-#: How long a SQLite writer waits for the lock before failing. Cluster
-#: jobs that all finish at once can queue for a while; a minute of waiting
-#: beats losing a result.
-BUSY_TIMEOUT_S = 60.0
 
 #: PostgreSQL's bytea (and SQLite's default SQLITE_MAX_LENGTH) stop at
 #: 1 GB per value; refuse earlier with a message rather than a driver error.
 MAX_BODY = 1_000_000_000
 
-#: Arbitrary constant naming the advisory lock that serializes CREATE TABLE.
-_DDL_LOCK_ID = 0x666C6563686531
-
 _HEX = frozenset("0123456789abcdef")
 
 _EXAMPLE = "'sqlite:///path/calls.db' or 'postgresql+psycopg://user@host/dbname'"
+
+#: Whether CallRecord has the ``digest_scheme`` field yet; it is stored
+#: either way (NULL when absent) and passed back only when the class has it.
+_HAS_SCHEME = "digest_scheme" in getattr(CallRecord, "__dataclass_fields__", {})
 
 
 # -- config and URLs ----------------------------------------------------------
@@ -87,32 +70,73 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _resolve_url(url: str, base_dir: Optional[Path], where: str) -> tuple[str, URL]:
-    """The url to keep in config, and the URL to connect to.
+def _split_url(url: str, where: str) -> Tuple[str, str]:
+    """(backend, rest) of a database URL, without importing SQLAlchemy."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not all(c.isalnum() or c in "+-." for c in scheme):
+        raise ConfigError(
+            f"{where}: url {url!r} is not a database URL (no scheme://); expected {_EXAMPLE}", key="url"
+        )
+    return scheme.split("+", 1)[0].lower(), rest
+
+
+def _resolve_url(url: str, base_dir: Optional[Path], where: str) -> Tuple[str, str]:
+    """The url to keep in config, and its backend ("sqlite" or "postgresql").
 
     A relative SQLite path resolves against ``base_dir`` (else the current
     directory) and ``~`` expands, so the stored url is absolute and means
-    the same file from anywhere. A PostgreSQL url without a driver gets
-    psycopg 3, the driver we test.
+    the same file from anywhere. Only a PostgreSQL url is parsed by
+    SQLAlchemy (imported then).
     """
+    backend, rest = _split_url(url, where)
+    if backend == "sqlite":
+        if url.split("://", 1)[0].lower() not in ("sqlite", "sqlite+pysqlite"):
+            raise ConfigError(f"{where}: url {url!r}: SQLite is reached through Python's sqlite3", key="url")
+        if rest and not rest.startswith("/"):
+            raise ConfigError(
+                f"{where}: url {url!r} is not a database URL (a SQLite url has no host); expected {_EXAMPLE}",
+                key="url",
+            )
+        db = rest[1:].partition("?")[0]
+        if db and db != ":memory:" and not db.startswith("file:"):
+            query = rest.partition("?")[2]
+            return f"sqlite:///{resolve_path(db, base_dir)}" + (f"?{query}" if query else ""), backend
+        return url, backend
+    if backend in ("postgresql", "postgres"):
+        _pg_url(url, where)  # a url SQLAlchemy cannot parse is a config error now, not at first use
+        return url, "postgresql"
+    raise ConfigError(f"{where}: url {url!r} names backend {backend!r}; expected {_EXAMPLE}", key="url")
+
+
+def _pg_url(url: str, where: str) -> Any:
+    """SQLAlchemy's URL for a PostgreSQL url; psycopg 3 when no driver is named."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"{where}: url {url!r} is not a database URL ({exc}); expected {_EXAMPLE}", key="url"
-        )
-    backend = parsed.get_backend_name()
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def open_database(url: str, what: str, echo: bool = False) -> Database:
+    """The :class:`~._sqldb.Database` for an (already resolved) url."""
+    backend, rest = _split_url(url, what)
     if backend == "sqlite":
-        db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            parsed = parsed.set(database=str(resolve_path(db, base_dir)))
-            return parsed.render_as_string(hide_password=False), parsed
-        return url, parsed
-    if backend in ("postgresql", "postgres"):
-        if parsed.drivername in ("postgresql", "postgres"):
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        return url, parsed
-    raise ConfigError(f"{where}: url {url!r} names backend {backend!r}; expected {_EXAMPLE}", key="url")
+        from .sqlite import SqliteDatabase, connect_target
+
+        path, _, query = rest[1:].partition("?")
+        target, uri = connect_target(path, dict(parse_qsl(query)))
+        return SqliteDatabase(target, uri, what, url, echo)
+    from .postgres import PostgresDatabase
+
+    parsed = _pg_url(url, what)
+    return PostgresDatabase(parsed, what, parsed.render_as_string(hide_password=True), echo)
 
 
 def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict[str, Any]:
@@ -167,186 +191,72 @@ def _from_json(obj: Any) -> Any:
 
 def dumps_json(obj: Any) -> str:
     """Plain data as JSON text, bytes and tuples tagged (see above)."""
+    if not obj and type(obj) is dict:
+        return "{}"
     return json.dumps(_to_json(obj), separators=(",", ":"))
 
 
 def loads_json(data: str) -> Any:
     """Inverse of :func:`dumps_json`."""
+    if data == "{}":
+        return {}
     return _from_json(json.loads(data))
 
 
-# -- the database -------------------------------------------------------------
+# -- rows ------------------------------------------------------------------------
+
+_CALL_COLUMNS = (
+    "key", "name", "version", "arguments", "arg_digests", "metadata",
+    "value", "value_kind", "value_size", "digest_scheme", "created",
+)  # fmt: skip
+_READ_CALL = ", ".join(f"c.{c}" for c in _CALL_COLUMNS[:-1])
+_BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
 
 
-class _Database:
-    """One engine (and its pool) per store, created on first use.
-
-    The engine is thread-safe. After a ``fork`` the child must not reuse
-    the parent's pooled connections, so a change of pid builds a new
-    engine (the parent's is dropped without closing its sockets, as the
-    SQLAlchemy docs advise).
-    """
-
-    def __init__(self, url: str, echo: bool, metadata: sa.MetaData, what: str) -> None:
-        self.url = url
-        self.echo = echo
-        self.metadata = metadata
-        self.what = what
-        self.connect_url = _resolve_url(url, None, what)[1]
-        self.shown = self.connect_url.render_as_string(hide_password=True)
-        self.backend = self.connect_url.get_backend_name()
-        self.memory = self.backend == "sqlite" and self.connect_url.database in (None, "", ":memory:")
-        self._lock = threading.Lock()
-        # one in-memory SQLite connection is shared by all threads, so its
-        # transactions must not interleave
-        self._serial: ContextManager[Any] = threading.RLock() if self.memory else nullcontext()
-        self._engine: Optional[Engine] = None
-        self._writer: Optional[Engine] = None
-        self._pid = 0
-
-    def _engines(self) -> tuple[Engine, Engine]:
-        with self._lock:
-            if self._engine is not None and self._pid != os.getpid():
-                self._engine.dispose(close=False)
-                self._engine = None
-            if self._engine is None:
-                engine = self._create_engine()
-                writer = engine.execution_options(fleche_write=True)
-                try:
-                    self._create_tables(writer)
-                except BaseException:
-                    engine.dispose()
-                    raise
-                self._engine, self._writer, self._pid = engine, writer, os.getpid()
-            assert self._writer is not None
-            return self._engine, self._writer
-
-    def _create_engine(self) -> Engine:
-        if self.backend != "sqlite":
-            return sa.create_engine(self.connect_url, echo=self.echo, pool_pre_ping=True)
-        if self.memory:
-            engine = sa.create_engine(
-                self.connect_url,
-                echo=self.echo,
-                poolclass=StaticPool,
-                connect_args={"check_same_thread": False},
-            )
-        else:
-            assert self.connect_url.database is not None
-            Path(self.connect_url.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(
-                self.connect_url, echo=self.echo, connect_args={"timeout": BUSY_TIMEOUT_S}
-            )
-
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            cur.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a power cut may lose the last commits, never
-            # corrupt the file; FULL would fsync on every saved call.
-            cur.execute("PRAGMA synchronous = NORMAL")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            immediate = conn.get_execution_options().get("fleche_write")
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
-
-    def _create_tables(self, writer: Engine) -> None:
-        for attempt in range(4):
-            try:
-                with self._serial, writer.begin() as conn:
-                    if self.backend == "postgresql":
-                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _DDL_LOCK_ID})
-                    self.metadata.create_all(conn, checkfirst=True)
-                return
-            except SQLAlchemyError as exc:
-                # another process created the tables between our check and our
-                # CREATE; the next attempt's check sees them
-                if attempt == 3:
-                    raise self._error("creating tables", exc)
-                time.sleep(0.05 * (attempt + 1))
-
-    def _error(self, doing: str, exc: SQLAlchemyError) -> StorageError:
-        detail = getattr(exc, "orig", None) or exc
-        return StorageError(f"{self.what} at {self.shown}: {doing} failed: {type(detail).__name__}: {detail}")
-
-    @contextmanager
-    def transaction(self, write: bool = False) -> Iterator[Connection]:
-        """A connection inside one transaction, committed on success."""
-        try:
-            engine, writer = self._engines()
-            with self._serial, (writer if write else engine).begin() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise self._error("writing" if write else "reading", exc) from exc
-
-    @contextmanager
-    def write_unless_present(
-        self, column: Any, key: str, check_first: bool
-    ) -> Iterator[Optional[Connection]]:
-        """A write transaction on one pooled connection, or ``None`` if ``key`` is stored.
-
-        With ``check_first`` a plain read decides first, on the same
-        connection, so a duplicate costs no write lock (SQLite has one for
-        the whole file) and a caller can skip reading a body it won't need.
-        """
-        try:
-            engine, _ = self._engines()
-            with self._serial, engine.connect() as conn:
-                if check_first:
-                    present = conn.execute(sa.select(column).where(column == key)).first() is not None
-                    conn.commit()
-                    if present:
-                        yield None
-                        return
-                conn.execution_options(fleche_write=True)
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as exc:
-            raise self._error("writing", exc) from exc
-
-    def insert_ignore(self, table: sa.Table, keys: Sequence[str]) -> Any:
-        """``INSERT ... ON CONFLICT (keys) DO NOTHING`` in this dialect."""
-        dialect = sqlite_dialect if self.backend == "sqlite" else pg_dialect
-        return dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys))
-
-    def dispose(self) -> None:
-        with self._lock:
-            if self._engine is not None:
-                self._engine.dispose(close=self._pid == os.getpid())
-            self._engine = self._writer = None
-
-
-def _chunks(items: Sequence[str], size: int = BATCH) -> Iterator[Sequence[str]]:
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    size = BATCH  # read at call time: tests shrink it to force several batches
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _prefix_range(column: Any, prefix: str) -> Any:
-    # keys are lowercase hex, and "g" sorts after every hex digit in every
-    # collation, so this is an index range scan, never a full scan
-    return (column >= prefix) & (column < prefix + "g")
+def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
+    body = blob.read_all()
+    if len(body) != blob.size:
+        raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
+    meta = "{}" if not blob.meta else json.dumps(blob.meta, separators=(",", ":"))
+    return (digest, blob.kind, meta, blob.size, body)
+
+
+def _blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body: Any) -> BytesBlob:
+    where = f"value {digest[:16]} in {store!r}"
+    try:
+        meta = {} if meta_text == "{}" else json.loads(meta_text)
+    except (TypeError, ValueError) as exc:
+        raise CorruptEntryError(f"{where}: meta is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(body, (bytes, bytearray, memoryview)):
+        raise CorruptEntryError(
+            f"{where}: expected a JSON object and a binary body, "
+            f"got {type(meta).__name__} and {type(body).__name__}"
+        )
+    if len(body) != size:
+        raise CorruptEntryError(f"{where}: {len(body)} body bytes, expected {size}")
+    return BytesBlob(kind, meta, body)
 
 
 class _SqlStore:
     """Construction, config and closing, shared by both SQL stores."""
 
-    _kind = ""  # "values" or "calls": names the table in messages
+    _kind = ""  # "values" or "calls": names the store in messages
 
     def __init__(self, url: str, echo: bool = False) -> None:
-        self.url, _ = _resolve_url(url, None, f"{self._kind}.type = 'sql'")
+        where = f"{self._kind}.type = 'sql'"
+        self.url, self.backend = _resolve_url(url, None, where)
         self.echo = echo
-        md = sa.MetaData()
-        self._define_tables(md)
-        self._db = _Database(self.url, echo, md, f"sql {self._kind} store")
-
-    def _define_tables(self, md: sa.MetaData) -> None:
-        raise NotImplementedError
+        self._db = open_database(self.url, f"sql {self._kind} store", echo)
+        db = self._db
+        self._insert_blob = db.insert_ignore("blobs", _BLOB_COLUMNS)
+        self._get_blob = db.sql("SELECT digest, kind, meta, size, body FROM blobs WHERE digest = ?")
+        self._has_blob = db.sql("SELECT 1 FROM blobs WHERE digest = ?")
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> Any:
@@ -362,26 +272,48 @@ class _SqlStore:
         return f"{type(self).__name__}({self._db.shown!r})"
 
     def close(self) -> None:
-        """Dispose of the engine and its pooled connections (reopened on use)."""
-        self._db.dispose()
+        """Close the connections (new ones open on the next use)."""
+        self._db.close()
+
+    def _page(self, table: str, column: str) -> Iterator[str]:
+        sql = self._db.sql(f"SELECT {column} FROM {table} WHERE {column} > ? ORDER BY {column} LIMIT ?")
+        last = ""
+        while True:
+            page = [r[0] for r in self._db.rows(sql, (last, PAGE))]
+            yield from page
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def _blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
+        if len(digests) == 1:  # the common case, as one fixed statement
+            row = self._db.first(self._get_blob, (digests[0],))
+            return [None if row is None else _blob(self, *row)]
+        found: Dict[str, Blob] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            cond, params = self._db.in_list("digest", chunk)
+            sql = self._db.sql(f"SELECT digest, kind, meta, size, body FROM blobs WHERE {cond}")
+            for row in self._db.rows(sql, params):
+                found[row[0]] = _blob(self, *row)
+        return [found.get(d) for d in digests]
 
 
 # -- value store ----------------------------------------------------------------
 
 
 class SqlValueStore(_SqlStore, ValueStore):
-    """Result blobs as rows of a ``values`` table.
+    """Result blobs as rows of the ``blobs`` table.
 
     A body is read into memory whole on ``put`` and ``get``: databases
     take a bytea/BLOB as one parameter. Values are therefore limited to
     about 1 GB each (PostgreSQL's bytea limit); keep bigger results in a
-    file or HDF5 value store, with calls in SQL if you like.
+    file or HDF5 value store, with calls in SQL if you like (small values
+    then live in the call store's database anyway).
 
     Args:
-        url: a SQLAlchemy URL, e.g. ``sqlite:///path/values.db`` (a
-            relative path resolves against the current directory) or
-            ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (SQLAlchemy's ``echo``).
+        url: ``sqlite:///path/values.db`` (a relative path resolves against
+            the current directory) or ``postgresql+psycopg://user@host/dbname``.
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
@@ -390,17 +322,6 @@ class SqlValueStore(_SqlStore, ValueStore):
     type_name = "sql"
     _kind = "values"
 
-    def _define_tables(self, md: sa.MetaData) -> None:
-        self._values = sa.Table(
-            "values",
-            md,
-            sa.Column("digest", sa.String(64), primary_key=True),
-            sa.Column("kind", sa.String(16), nullable=False),
-            sa.Column("meta", sa.Text, nullable=False),
-            sa.Column("size", sa.BigInteger, nullable=False),
-            sa.Column("body", sa.LargeBinary, nullable=False),
-        )
-
     def put(self, digest: str, blob: Blob) -> None:
         _check_key(digest)
         if blob.size > MAX_BODY:
@@ -408,72 +329,36 @@ class SqlValueStore(_SqlStore, ValueStore):
                 f"a value of {blob.size} bytes is too big for {self!r}: at most {MAX_BODY} bytes "
                 f"fit in one row; use a file or hdf5 value store for large results"
             )
-        with self._db.write_unless_present(self._values.c.digest, digest, check_first=True) as conn:
-            if conn is None:
-                return
-            body = blob.read_all()
-            if len(body) != blob.size:
-                raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
-            row = {
-                "digest": digest,
-                "kind": blob.kind,
-                "meta": json.dumps(blob.meta, separators=(",", ":")),
-                "size": blob.size,
-                "body": body,
-            }
-            conn.execute(self._db.insert_ignore(self._values, ["digest"]), row)
+        # a plain read first: a duplicate costs no write lock, and its body is not read
+        if self._db.first(self._has_blob, (digest,)) is not None:
+            return
+        row = _blob_row(digest, blob)  # read before the write lock is taken
+        with self._db.transaction() as cur:
+            cur.execute(self._insert_blob, row)
 
     def get(self, digest: str) -> Blob:
-        t = self._values
-        with self._db.transaction() as conn:
-            row = conn.execute(sa.select(t).where(t.c.digest == digest)).first()
-        if row is None:
+        blob = self._blobs([digest])[0]
+        if blob is None:
             raise KeyError(digest)
-        try:
-            meta = json.loads(row.meta)
-        except (TypeError, ValueError) as exc:
-            raise CorruptEntryError(f"value {digest[:16]} in {self!r}: meta is not JSON ({exc})") from None
-        body = row.body
-        if not isinstance(meta, dict) or not isinstance(body, (bytes, bytearray, memoryview)):
-            raise CorruptEntryError(
-                f"value {digest[:16]} in {self!r}: expected a JSON object and a binary body, "
-                f"got {type(meta).__name__} and {type(body).__name__}"
-            )
-        if len(body) != row.size:
-            raise CorruptEntryError(
-                f"value {digest[:16]} in {self!r}: {len(body)} body bytes, expected {row.size}"
-            )
-        return BytesBlob(row.kind, meta, body)
+        return blob
 
     def contains(self, digest: str) -> bool:
-        t = self._values
-        with self._db.transaction() as conn:
-            return conn.execute(sa.select(t.c.digest).where(t.c.digest == digest)).first() is not None
+        return self._db.first(self._has_blob, (digest,)) is not None
 
     def delete(self, digest: str) -> None:
-        with self._db.transaction(write=True) as conn:
-            conn.execute(sa.delete(self._values).where(self._values.c.digest == digest))
+        with self._db.transaction() as cur:
+            cur.execute(self._db.sql("DELETE FROM blobs WHERE digest = ?"), (digest,))
 
     def digests(self) -> Iterator[str]:
-        return _page_keys(self._db, self._values.c.digest)
-
-
-def _page_keys(db: _Database, column: Any) -> Iterator[str]:
-    last = ""
-    while True:
-        with db.transaction() as conn:
-            page = list(conn.scalars(sa.select(column).where(column > last).order_by(column).limit(PAGE)))
-        yield from page
-        if len(page) < PAGE:
-            return
-        last = page[-1]
+        return self._page("blobs", "digest")
 
 
 # -- call store -----------------------------------------------------------------
 
 
-class SqlCallStore(_SqlStore, CallStore):
-    """Call records as rows of ``calls``, indexed by name and argument digest.
+class SqlCallStore(_SqlStore, CallStore, InlineValues):
+    """Call records as rows of ``calls``, indexed by name and argument
+    digest, with small values inline in ``blobs``.
 
     ``call_args`` holds one row per (call, argument) with the argument's
     digest, indexed on (argument, digest), so ``query(name, x=...)`` is
@@ -481,10 +366,9 @@ class SqlCallStore(_SqlStore, CallStore):
     it returns.
 
     Args:
-        url: a SQLAlchemy URL, e.g. ``sqlite:///path/calls.db`` (a relative
-            path resolves against the current directory) or
-            ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (SQLAlchemy's ``echo``).
+        url: ``sqlite:///path/calls.db`` (a relative path resolves against
+            the current directory) or ``postgresql+psycopg://user@host/dbname``.
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
@@ -493,134 +377,142 @@ class SqlCallStore(_SqlStore, CallStore):
     type_name = "sql"
     _kind = "calls"
 
-    def _define_tables(self, md: sa.MetaData) -> None:
-        self._calls = sa.Table(
-            "calls",
-            md,
-            sa.Column("key", sa.String(64), primary_key=True),
-            sa.Column("name", sa.Text, nullable=False, index=True),
-            sa.Column("version", sa.Text, nullable=True),
-            sa.Column("arguments", sa.LargeBinary, nullable=False),
-            sa.Column("metadata", sa.Text, nullable=False),
-            sa.Column("value", sa.String(64), nullable=False, index=True),
-            sa.Column("value_kind", sa.String(16), nullable=False),
-            sa.Column("value_size", sa.BigInteger, nullable=False),
-            sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    def __init__(self, url: str, echo: bool = False) -> None:
+        super().__init__(url, echo)
+        db = self._db
+        self._insert_call = db.insert_ignore("calls", _CALL_COLUMNS)
+        self._insert_arg = db.insert_ignore("call_args", ("key", "arg", "digest"))
+        self._has_call = db.sql("SELECT 1 FROM calls WHERE key = ?")
+        self._get_call = db.sql(f"SELECT {_READ_CALL} FROM calls c WHERE c.key = ?")
+        self._get_entry = db.sql(
+            f"SELECT {_READ_CALL}, b.kind, b.meta, b.size, b.body "
+            "FROM calls c LEFT JOIN blobs b ON b.digest = c.value WHERE c.key = ?"
         )
-        self._args = sa.Table(
-            "call_args",
-            md,
-            sa.Column("key", sa.String(64), primary_key=True),
-            sa.Column("arg", sa.Text, primary_key=True),
-            sa.Column("digest", sa.String(64), nullable=False),
-            sa.Index("ix_call_args_arg_digest", "arg", "digest"),
-        )
+
+    # -- writing ------------------------------------------------------------------
 
     def put(self, record: CallRecord) -> None:
-        key = _check_key(record.key)
-        row = {
-            "key": key,
-            "name": record.name,
-            "version": record.version,
-            "arguments": bytes(record.arguments),
-            "metadata": dumps_json(record.metadata),
-            "value": record.value,
-            "value_kind": record.value_kind,
-            "value_size": record.value_size,
-            "created": datetime.now(timezone.utc),
-        }
-        args = [{"key": key, "arg": a, "digest": d} for a, d in record.arg_digests.items()]
-        # SQLite: check first, as re-saves and back-fills are common and the
-        # write lock is global; PostgreSQL: the conflict-ignoring insert is as
-        # cheap as the check and locks one row only
-        check = self._db.backend == "sqlite"
-        with self._db.write_unless_present(self._calls.c.key, key, check_first=check) as conn:
-            if conn is None:
+        self.put_entries([record], {})
+
+    def put_many(self, records: Sequence[CallRecord]) -> None:
+        self.put_entries(records, {})
+
+    def put_entries(self, records: Sequence[CallRecord], blobs: Mapping[str, Blob]) -> None:
+        for record in records:
+            _check_key(record.key)
+        if self._db.backend == "sqlite":
+            # SQLite has one write lock for the whole file, and re-saves and
+            # back-fills are common: a plain read skips what is stored already
+            present = set(self._present([r.key for r in records]))
+            records = [r for r in records if r.key not in present]
+            if not records:
                 return
-            conn.execute(self._db.insert_ignore(self._calls, ["key"]), row)
+        wanted = {r.value for r in records}
+        blob_rows = [_blob_row(d, b) for d, b in blobs.items() if d in wanted]
+        now = time.time()
+        rows: List[Tuple[Any, ...]] = []
+        args: List[Tuple[str, str, str]] = []
+        for r in records:
+            rows.append(
+                (
+                    r.key, r.name, r.version, bytes(r.arguments),
+                    json.dumps(r.arg_digests, separators=(",", ":")), dumps_json(r.metadata),
+                    r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
+                )
+            )  # fmt: skip
+            args.extend((r.key, a, d) for a, d in r.arg_digests.items())
+        with self._db.transaction() as cur:
+            if blob_rows:
+                cur.executemany(self._insert_blob, blob_rows)
+            cur.executemany(self._insert_call, rows)
             if args:
-                conn.execute(self._db.insert_ignore(self._args, ["key", "arg"]), args)
+                cur.executemany(self._insert_arg, args)
+
+    def delete(self, key: str) -> None:
+        with self._db.transaction() as cur:
+            cur.execute(self._db.sql("DELETE FROM call_args WHERE key = ?"), (key,))
+            cur.execute(self._db.sql("DELETE FROM calls WHERE key = ?"), (key,))
+
+    # -- reading --------------------------------------------------------------------
+
+    def _record(self, row: Sequence[Any]) -> CallRecord:
+        key, name, version, arguments, arg_digests, metadata, value, kind, size, scheme = row[:10]
+        try:
+            meta = loads_json(metadata)
+            digests = json.loads(arg_digests)
+        except (TypeError, ValueError) as exc:
+            raise CorruptEntryError(f"call {key[:16]} in {self!r}: metadata is not JSON ({exc})") from None
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(digests, dict)
+            or not isinstance(arguments, (bytes, bytearray, memoryview))
+        ):
+            raise CorruptEntryError(
+                f"call {key[:16]} in {self!r}: expected a JSON object and binary arguments, "
+                f"got {type(meta).__name__} and {type(arguments).__name__}"
+            )
+        if _HAS_SCHEME and scheme is not None:
+            return CallRecord(  # type: ignore[call-arg]
+                key, name, version, bytes(arguments), digests, meta, value, kind, int(size), scheme
+            )
+        return CallRecord(key, name, version, bytes(arguments), digests, meta, value, kind, int(size))
 
     def get(self, key: str) -> CallRecord:
-        record = self.get_many([key])[0]
-        if record is None:
+        row = self._db.first(self._get_call, (key,))
+        if row is None:
             raise KeyError(key)
-        return record
+        return self._record(row)
+
+    def _select(self, keys: Sequence[str], columns: str, joined: bool = False) -> Iterator[Any]:
+        """Rows for ``keys`` (deduplicated, in batches of :data:`BATCH`)."""
+        join = " LEFT JOIN blobs b ON b.digest = c.value" if joined else ""
+        for chunk in _chunks(sorted(set(keys))):
+            cond, params = self._db.in_list("c.key", chunk)
+            yield from self._db.rows(
+                self._db.sql(f"SELECT {columns} FROM calls c{join} WHERE {cond}"), params
+            )
 
     def get_many(self, keys: Iterable[str]) -> List[Optional[CallRecord]]:
         keys = [str(k) for k in keys]
-        found: Dict[str, CallRecord] = {}
-        for chunk in _chunks(sorted(set(keys))):
-            with self._db.transaction() as conn:
-                found.update((r.key, r) for r in self._fetch(conn, self._calls.c.key.in_(chunk)))
+        if len(keys) == 1:
+            row = self._db.first(self._get_call, (keys[0],))
+            return [None if row is None else self._record(row)]
+        found = {row[0]: self._record(row) for row in self._select(keys, _READ_CALL)}
         return [found.get(k) for k in keys]
 
-    def _fetch(self, conn: Connection, where: Any, limit: Optional[int] = None) -> List[CallRecord]:
-        """Records for rows of ``calls`` matching ``where``, in key order."""
-        c, a = self._calls, self._args
-        stmt = sa.select(c).where(where).order_by(c.c.key)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        rows = conn.execute(stmt).all()
-        digests: Dict[str, Dict[str, str]] = {r.key: {} for r in rows}
-        for chunk in _chunks(list(digests)):
-            for key, arg, digest in conn.execute(
-                sa.select(a.c.key, a.c.arg, a.c.digest).where(a.c.key.in_(chunk))
-            ):
-                digests[key][arg] = digest
-        return [self._record(r, digests[r.key]) for r in rows]
-
-    def _record(self, row: Any, arg_digests: Dict[str, str]) -> CallRecord:
-        try:
-            metadata = loads_json(row.metadata)
-        except (TypeError, ValueError) as exc:
-            raise CorruptEntryError(
-                f"call {row.key[:16]} in {self!r}: metadata is not JSON ({exc})"
-            ) from None
-        if not isinstance(metadata, dict) or not isinstance(row.arguments, (bytes, bytearray, memoryview)):
-            raise CorruptEntryError(
-                f"call {row.key[:16]} in {self!r}: expected a JSON object and binary arguments, "
-                f"got {type(metadata).__name__} and {type(row.arguments).__name__}"
-            )
-        return CallRecord(
-            key=row.key,
-            name=row.name,
-            version=row.version,
-            arguments=bytes(row.arguments),
-            arg_digests=arg_digests,
-            metadata=metadata,
-            value=row.value,
-            value_kind=row.value_kind,
-            value_size=int(row.value_size),
-        )
+    def _present(self, keys: Sequence[str]) -> List[str]:
+        if len(keys) == 1:
+            return list(keys[:1]) if self._db.first(self._has_call, (keys[0],)) is not None else []
+        return [row[0] for row in self._select(keys, "c.key")]
 
     def contains(self, key: str) -> bool:
-        return self.contains_many([key])[0]
+        return self._db.first(self._has_call, (key,)) is not None
 
     def contains_many(self, keys: Iterable[str]) -> List[bool]:
         keys = [str(k) for k in keys]
-        present: set[str] = set()
-        col = self._calls.c.key
-        for chunk in _chunks(sorted(set(keys))):
-            with self._db.transaction() as conn:
-                present.update(conn.scalars(sa.select(col).where(col.in_(chunk))))
+        present = set(self._present(keys))
         return [k in present for k in keys]
 
-    def delete(self, key: str) -> None:
-        with self._db.transaction(write=True) as conn:
-            conn.execute(sa.delete(self._args).where(self._args.c.key == key))
-            conn.execute(sa.delete(self._calls).where(self._calls.c.key == key))
-
     def keys(self) -> Iterator[str]:
-        return _page_keys(self._db, self._calls.c.key)
+        return self._page("calls", "key")
 
     def keys_with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
         if not prefix or not set(prefix) <= _HEX:
             return []
-        col = self._calls.c.key
-        stmt = sa.select(col).where(_prefix_range(col, prefix)).order_by(col).limit(limit)
-        with self._db.transaction() as conn:
-            return list(conn.scalars(stmt))
+        # keys are lowercase hex, and "g" sorts after every hex digit in every
+        # collation, so this is an index range scan, never a full scan
+        sql = self._db.sql("SELECT key FROM calls WHERE key >= ? AND key < ? ORDER BY key LIMIT ?")
+        return [r[0] for r in self._db.rows(sql, (prefix, prefix + "g", limit))]
+
+    def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(value_digests))):
+            cond, params = self._db.in_list("value", chunk)
+            found.update(
+                r[0]
+                for r in self._db.rows(self._db.sql(f"SELECT DISTINCT value FROM calls WHERE {cond}"), params)
+            )
+        return [d in found for d in value_digests]
 
     def query(
         self,
@@ -628,19 +520,57 @@ class SqlCallStore(_SqlStore, CallStore):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
-        c, a = self._calls, self._args
-        where = c.c.key > ""
+        where = ["c.key > ?"]
+        params: List[Any] = []
         if name is not None:
-            where = where & (c.c.name == name)
+            where.append("c.name = ?")
+            params.append(name)
         for arg, digest in (arg_digests or {}).items():
-            where = where & c.c.key.in_(sa.select(a.c.key).where((a.c.arg == arg) & (a.c.digest == digest)))
+            where.append("c.key IN (SELECT key FROM call_args WHERE arg = ? AND digest = ?)")
+            params += [arg, digest]
+        sql = self._db.sql(
+            f"SELECT {_READ_CALL} FROM calls c WHERE {' AND '.join(where)} ORDER BY c.key LIMIT ?"
+        )
         last = ""
         while True:
-            with self._db.transaction() as conn:
-                page = self._fetch(conn, where & (c.c.key > last), PAGE)
+            page = [self._record(r) for r in self._db.rows(sql, [last, *params, PAGE])]
             for record in page:
                 if record_matches(record, name, arg_digests, metadata):
                     yield record
             if len(page) < PAGE:
                 return
             last = page[-1].key
+
+    # -- inline values ------------------------------------------------------------------
+
+    def get_blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
+        return self._blobs(list(digests))
+
+    def get_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
+        keys = [str(k) for k in keys]
+        if len(keys) == 1:
+            row = self._db.first(self._get_entry, (keys[0],))
+            return [None if row is None else self._entry(row)]
+        found = {
+            row[0]: self._entry(row)
+            for row in self._select(keys, _READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True)
+        }
+        return [found.get(k) for k in keys]
+
+    def _entry(self, row: Sequence[Any]) -> Tuple[CallRecord, Optional[Blob]]:
+        record = self._record(row)
+        if row[10] is None:  # no inline blob for this value
+            return record, None
+        return record, _blob(self, record.value, *row[10:14])
+
+    def blob_digests(self) -> Iterator[str]:
+        return self._page("blobs", "digest")
+
+    def collect_blobs(self) -> int:
+        # one statement in one transaction: a value and its record are
+        # written together, so a concurrent save can never lose its value
+        with self._db.transaction() as cur:
+            done = cur.execute(
+                "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM calls WHERE calls.value = blobs.digest)"
+            )
+            return int(done.rowcount)

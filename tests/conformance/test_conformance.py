@@ -28,6 +28,7 @@ from fleche_remote import (
     LazyCall,
     Rejected,
 )
+from fleche_remote.storage.base import INLINE_MAX, InlineValues
 
 from .factories import FACTORIES, CacheUnderTest, params
 
@@ -127,6 +128,15 @@ VALUES: Dict[str, Any] = {
     "numpy-scalar": np.float32(1.5),
     **{f"ndarray-{k}": v for k, v in _arrays().items()},
 }
+
+#: Values whose encoded body is exactly INLINE_MAX - 1, INLINE_MAX and
+#: INLINE_MAX + 1 bytes (a bytes value and a uint8 array are stored as is),
+#: and float64 arrays around it: each lands on one side of the threshold.
+for _delta in (-1, 0, 1):
+    _body = (bytes(range(251)) * (INLINE_MAX // 251 + 1))[: INLINE_MAX + _delta]
+    VALUES[f"bytes-inline{_delta:+d}"] = _body
+    VALUES[f"ndarray-uint8-inline{_delta:+d}"] = np.frombuffer(_body, dtype=np.uint8).copy()
+    VALUES[f"ndarray-float64-inline{_delta * 8:+d}"] = np.linspace(0, 1, INLINE_MAX // 8 + _delta)
 
 
 def assert_same(got: Any, expected: Any) -> None:
@@ -350,16 +360,15 @@ def test_save_many(cache_under_test: CacheUnderTest) -> None:
 def test_equal_results_are_stored_once(cache_under_test: CacheUnderTest) -> None:
     result = {"shared": np.arange(1000)}
     writer = cache_under_test.writer
-    store = _local_value_store(writer)
-    before = len(list(store.digests())) if store is not None else None
+    before = _stored_values(writer)
     k1 = writer.save(Call(NAME, {"x": 1}, result))
     k2 = writer.save(Call(OTHER, {"y": "other"}, result))
     k3 = writer.save(Call(NAME, {"x": 2}, b"different"))
     cache = cache_under_test.cache
     d1, d2, d3 = (cache.load(k).value_digest for k in (k1, k2, k3))
     assert d1 == d2 != d3
-    if store is not None and before is not None:
-        assert len(list(store.digests())) == before + 2
+    if before is not None:
+        assert _stored_values(writer) == before + 2
 
 
 def test_metadata_must_be_plain_data(cache_under_test: CacheUnderTest) -> None:
@@ -414,7 +423,7 @@ def test_evict_keeps_values_other_calls_share(cache_under_test: CacheUnderTest) 
     writer.evict(k1)
     writer.evict(k3)
     collected = writer.collect_garbage()
-    if _local_value_store(writer) is not None:
+    if _stored_values(writer) is not None:
         assert collected == 1  # k3's value; k1's is still k2's
     else:
         assert collected in (0, 1)
@@ -585,9 +594,15 @@ def test_every_local_cache_type_is_in_the_suite() -> None:
     assert any(e.tags for e in FACTORIES.values())
 
 
-def _local_value_store(cache: BaseCache) -> Optional[Any]:
-    """The value store a local cache writes into (to count stored values),
-    or None when that is not observable through this process (a remote)."""
+def _stored_values(cache: BaseCache) -> Optional[int]:
+    """How many distinct values a local cache holds, in its value store and
+    inline in its call store; None when that is not observable through this
+    process (a remote)."""
     if isinstance(cache, CacheStack):
         cache = cache.layers[0]
-    return cache.values if isinstance(cache, Cache) else None
+    if not isinstance(cache, Cache):
+        return None
+    digests = set(cache.values.digests())
+    if isinstance(cache.calls, InlineValues):
+        digests.update(cache.calls.blob_digests())
+    return len(digests)

@@ -1,0 +1,113 @@
+"""The small database interface the SQL stores are written against.
+
+:mod:`.sql` holds the stores and their statements; it talks to the
+database only through :class:`Database`, which :mod:`.sqlite` (the
+standard library's ``sqlite3``, nothing else imported) and
+:mod:`.postgres` (SQLAlchemy to reach the URL, psycopg 3 to run the
+statements) implement. The interface is DB-API shaped on purpose: the hot
+statements are plain strings run on a raw cursor, so a lookup costs one
+``execute`` and no ORM or statement compilation.
+
+Statements are written once, with ``?`` placeholders; a backend with
+another paramstyle rewrites them (:meth:`Database.sql`), once per text.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, ContextManager, List, Optional, Sequence, Tuple
+
+from ..errors import StorageError
+
+log = logging.getLogger("fleche_remote.storage.sql")
+
+#: Keys per ``IN (...)`` query: below SQLite's 999-parameter limit (before
+#: 3.32) and PostgreSQL's 65535, while 500 keys still amortise the query.
+BATCH = 500
+
+#: How long a writer waits for a lock before failing. Cluster jobs that all
+#: finish at once can queue for a while; a minute of waiting beats losing a
+#: result.
+BUSY_TIMEOUT_S = 60.0
+
+#: The tables, in a dialect-neutral form; each backend fills in its types.
+#: ``calls`` keeps the argument digests as JSON too, so reading a record is
+#: one row; ``call_args`` repeats them, one indexed row per argument, so
+#: ``query(x=...)`` is answered by the index. ``blobs`` holds values by
+#: digest: the small ones a cache keeps inline next to their records, and
+#: every value of a ``values.type = "sql"`` store (the same table when the
+#: two share a database, so a value is never stored twice).
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS calls ("
+    " key {key} PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
+    " arg_digests TEXT NOT NULL, metadata TEXT NOT NULL, value {key} NOT NULL,"
+    " value_kind TEXT NOT NULL, value_size {int} NOT NULL, digest_scheme TEXT,"
+    " created {real} NOT NULL){without_rowid}",
+    "CREATE INDEX IF NOT EXISTS ix_calls_name ON calls (name)",
+    "CREATE INDEX IF NOT EXISTS ix_calls_value ON calls (value)",
+    "CREATE TABLE IF NOT EXISTS call_args ("
+    " key {key} NOT NULL, arg TEXT NOT NULL, digest {key} NOT NULL,"
+    " PRIMARY KEY (key, arg)){without_rowid}",
+    "CREATE INDEX IF NOT EXISTS ix_call_args_arg_digest ON call_args (arg, digest)",
+    # a rowid table: rows of up to 32 KiB (or far more, for a sql value
+    # store) are what SQLite advises against in WITHOUT ROWID tables
+    "CREATE TABLE IF NOT EXISTS blobs ("
+    " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
+    " body {blob} NOT NULL)",
+)
+TABLES = ("calls", "call_args", "blobs")
+
+
+class Database(ABC):
+    """One database, used from any thread and, after a fork, from the child.
+
+    ``rows`` and ``first`` run one read statement in its own short
+    transaction; ``transaction()`` yields a cursor inside one write
+    transaction, committed when the block ends and rolled back if it
+    raises. Driver errors come out as :class:`StorageError` naming the
+    database (credentials hidden).
+    """
+
+    backend = ""
+
+    def __init__(self, what: str, shown: str, echo: bool) -> None:
+        self.what = what
+        self.shown = shown
+        self.echo = echo
+
+    @abstractmethod
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        """All rows of one read statement."""
+
+    @abstractmethod
+    def first(self, sql: str, params: Sequence[Any] = ()) -> Optional[Tuple[Any, ...]]:
+        """The first row of one read statement, or ``None``."""
+
+    @abstractmethod
+    def transaction(self) -> ContextManager[Any]:
+        """A DB-API cursor inside one write transaction."""
+
+    @abstractmethod
+    def sql(self, text: str) -> str:
+        """``text`` (with ``?`` placeholders) in this driver's paramstyle."""
+
+    @abstractmethod
+    def in_list(self, column: str, values: Sequence[Any]) -> Tuple[str, List[Any]]:
+        """A condition ``column`` in ``values``, and its parameters."""
+
+    @abstractmethod
+    def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
+        """An INSERT of one row that leaves an existing key as it is."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every connection (a later use opens new ones)."""
+
+    def error(self, doing: str, exc: BaseException) -> StorageError:
+        detail = getattr(exc, "orig", None) or exc
+        return StorageError(f"{self.what} at {self.shown}: {doing} failed: {type(detail).__name__}: {detail}")
+
+    def trace(self, sql: str, params: Any) -> None:
+        """Log a statement when the store was made with ``echo = true``."""
+        log.info("%s  %r", sql, params)

@@ -1,0 +1,283 @@
+"""SQLite through the standard library's ``sqlite3``: nothing else imported.
+
+The server must start fast, and a server with nothing installed has only
+the standard library, so this module imports no SQLAlchemy.
+
+Connections. A ``sqlite3`` connection must not be used by two threads at
+once, nor carried across ``fork``. Each thread gets a connection of its
+own (``threading.local``), opened on first use and reused after; a fork
+child opens new ones. The parent's connections are left unclosed in the
+child on purpose: closing them there could run SQLite's last-connection
+clean-up (a checkpoint, removing the WAL) under the parent's feet. An
+in-memory database exists only inside its one connection, so that one is
+shared by all threads, behind a lock.
+
+Tuning, per connection, and why:
+
+* ``journal_mode = WAL``: readers never block the writer, nor it them,
+  across the processes of one machine (WAL coordinates through shared
+  memory, which does not reach across the nodes of a network file system;
+  use PostgreSQL there).
+* ``synchronous = NORMAL``: in WAL mode a power cut may lose the last
+  commits, never corrupt the file; ``FULL`` would fsync on every save.
+* ``busy_timeout`` of :data:`BUSY_TIMEOUT_S`: a writer waits for another.
+* ``mmap_size`` of :data:`MMAP_SIZE`: reads of a large database are
+  memory reads instead of a ``pread`` per page.
+* Write transactions start with ``BEGIN IMMEDIATE``. A deferred ``BEGIN``
+  takes the write lock only at the first insert, and SQLite fails such an
+  upgrade at once ("database is locked") instead of waiting, so under
+  concurrent writers the lock must be taken up front, where the busy
+  timeout applies. ``isolation_level=None`` stops ``sqlite3`` from
+  issuing BEGINs of its own; reads run in autocommit, one statement each.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ._sqldb import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database
+
+#: Bytes of the database file each connection maps into memory. Reads then
+#: cost no system call per page; the mapping uses address space, and pages
+#: only as the OS page cache would anyway. 256 MiB covers the hot part of a
+#: cache of a million small results (SQLite maps at most the file's size).
+MMAP_SIZE = 256 * 1024 * 1024
+
+#: Page cache per connection, in KiB (a negative ``cache_size``): 16 MiB
+#: holds the upper levels of every index of a million-entry cache.
+CACHE_KIB = 16 * 1024
+
+# WITHOUT ROWID (one B-tree search per lookup instead of two) needs 3.8.2
+_WITHOUT_ROWID = " WITHOUT ROWID" if sqlite3.sqlite_version_info >= (3, 8, 2) else ""
+_DDL = [
+    s.format(key="TEXT", blob="BLOB", int="INTEGER", real="REAL", without_rowid=_WITHOUT_ROWID)
+    for s in SCHEMA
+]
+
+#: Connections a fork child inherited: kept referenced, so that the child
+#: never closes (and finalises) what the parent still uses.
+_INHERITED: List[sqlite3.Connection] = []
+_DATABASES: weakref.WeakSet[SqliteDatabase] = weakref.WeakSet()
+
+
+class _Local(threading.local):
+    conn: Optional[sqlite3.Connection] = None
+    token: Optional[object] = None
+
+
+class SqliteDatabase(Database):
+    """One SQLite file (or an in-memory database) used from many threads.
+
+    Args:
+        target: the file path, a ``file:`` URI (with ``uri``), or ``""`` /
+            ``":memory:"`` for a private in-memory database.
+        uri: ``target`` is a ``file:`` URI.
+        what, shown, echo: see :class:`~._sqldb.Database`.
+    """
+
+    backend = "sqlite"
+
+    def __init__(self, target: str, uri: bool, what: str, shown: str, echo: bool = False) -> None:
+        super().__init__(what, shown, echo)
+        self.target = target
+        self.uri = uri
+        self.memory = target in ("", ":memory:")
+        self._local = _Local()
+        self._reset()
+        _DATABASES.add(self)
+
+    def _reset(self) -> None:
+        """Forget every connection: at start, on close, and in a fork child."""
+        self._lock = threading.Lock()
+        self._serial = threading.RLock()  # only the shared in-memory connection needs it
+        self._token = object()  # thread-local connections made under another token are stale
+        self._pid = os.getpid()
+        self._conns: List[sqlite3.Connection] = []
+        self._schema_ready = False
+
+    def _forked(self) -> None:
+        _INHERITED.extend(self._conns)
+        self._reset()
+
+    # -- connections ------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if local.token is self._token and self._pid == os.getpid():
+            return local.conn  # type: ignore[return-value]
+        return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pid != os.getpid():  # forked without the at-fork hook (should not happen)
+                self._forked()
+            if self.memory and self._conns:
+                conn = self._conns[0]
+            else:
+                try:
+                    conn = self._open()
+                except sqlite3.Error as exc:
+                    raise self.error("opening", exc) from exc
+                self._conns.append(conn)
+            if not self._schema_ready:
+                self._create_tables(conn)
+                self._schema_ready = True
+            self._local.conn, self._local.token = conn, self._token
+            return conn
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.memory and not self.uri:
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.target or ":memory:",
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,  # we keep each to one thread; close() may run on another
+            cached_statements=256,
+            uri=self.uri,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if not self.memory:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _create_tables(self, conn: sqlite3.Connection) -> None:
+        try:
+            have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if set(TABLES) <= have:
+                return  # no write lock needed (and none possible on a read-only share)
+            # under the write lock, so two processes never race to create
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _DDL:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self.error("creating tables", exc) from exc
+
+    # -- statements -----------------------------------------------------------------
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        conn = self._connection()
+        if self.echo:
+            self.trace(sql, params)
+        try:
+            if self.memory:
+                with self._serial:
+                    return conn.execute(sql, params).fetchall()
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self.error("reading", exc) from exc
+
+    def first(self, sql: str, params: Sequence[Any] = ()) -> Optional[Tuple[Any, ...]]:
+        conn = self._connection()
+        if self.echo:
+            self.trace(sql, params)
+        try:
+            if self.memory:
+                with self._serial:
+                    return conn.execute(sql, params).fetchone()  # type: ignore[no-any-return]
+            return conn.execute(sql, params).fetchone()  # type: ignore[no-any-return]
+        except sqlite3.Error as exc:
+            raise self.error("reading", exc) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        conn = self._connection()
+        with self._serial if self.memory else _NOLOCK:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Cursor(conn, self) if self.echo else conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self.error("writing", exc) from exc
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def in_list(self, column: str, values: Sequence[Any]) -> Tuple[str, List[Any]]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+    def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
+        marks = ", ".join("?" * len(columns))
+        return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                for conn in self._conns:
+                    conn.close()
+            self._conns = []
+            self._token = object()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NOLOCK = _NoLock()
+
+
+class _Cursor:
+    """A connection that logs what it runs (``echo = true``)."""
+
+    def __init__(self, conn: sqlite3.Connection, db: SqliteDatabase) -> None:
+        self._conn = conn
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        self._db.trace(sql, params)
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, params: Any) -> sqlite3.Cursor:
+        params = list(params)
+        self._db.trace(sql, params)
+        return self._conn.executemany(sql, params)
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_DATABASES):
+        db._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect_target(database: str, query: Dict[str, str]) -> Tuple[str, bool]:
+    """``sqlite3.connect`` arguments for a URL's database part and query.
+
+    ``sqlite:///file:path?mode=ro&uri=true`` is SQLAlchemy's spelling of
+    a SQLite URI filename; it is kept, so that such urls mean the same here.
+    """
+    if query.pop("uri", "").lower() in ("true", "1") or database.startswith("file:"):
+        if query:
+            database += ("&" if "?" in database else "?") + "&".join(f"{k}={v}" for k, v in query.items())
+        return database, True
+    return database, False
