@@ -27,7 +27,9 @@ def calls(n: int, start: int = 0, name: str = NAME) -> List[Call]:
     return [Call(name, {"i": i}, result={"square": i * i}) for i in range(start, start + n)]
 
 
-def three_layers(tmp_path: Path) -> Tuple[CacheStack, Counting, Counting, Counting, List[Digest], List[Digest]]:
+def three_layers(
+    tmp_path: Path,
+) -> Tuple[CacheStack, Counting, Counting, Counting, List[Digest], List[Digest]]:
     """An empty top, 10 calls in the middle, 10 others at the bottom (a file cache)."""
     top = Counting(memory_cache())
     mid = Counting(memory_cache())
@@ -52,7 +54,7 @@ def test_load_many_with_results_asks_each_layer_once_and_backfills_in_one_save(t
     assert top.counts == {"load_entries": 1, "save_records": 1}
     assert mid.counts == {"load_entries": 1} and low.counts == {"load_entries": 1}
     assert mid.asked["load_entries"] == [in_mid + in_low + [MISSING]]  # not what the top had
-    assert low.asked["load_entries"] == [in_low + [MISSING]]
+    assert low.asked["load_entries"] == [[*in_low, MISSING]]
     assert top.saved == [20]  # both lower layers' hits, one batch
     assert top.inner.contains_many(in_mid + in_low) == [True] * 20
 
@@ -77,7 +79,7 @@ def test_load_records_backfills_with_entries_not_one_blob_per_record(tmp_path: P
 
 def test_a_true_miss_in_load_records_costs_one_more_request_per_lower_layer(tmp_path: Path) -> None:
     # the listed-without-value check runs only for keys nobody had
-    stack, top, mid, low, in_mid, _ = three_layers(tmp_path)
+    stack, _top, mid, low, in_mid, _ = three_layers(tmp_path)
     assert stack.load_many([in_mid[0], MISSING])[1] is None
     assert mid.counts == {"load_entries": 1, "load_records": 1}
     assert mid.asked["load_records"] == [[MISSING]]
@@ -88,18 +90,18 @@ def test_contains_many_and_load_blobs_ask_each_layer_for_the_rest_only(tmp_path:
     stack, top, mid, low, in_mid, in_low = three_layers(tmp_path)
     assert stack.contains_many(in_mid + in_low + [MISSING]) == [True] * 20 + [False]
     assert [c["contains_many"] for c in (top.counts, mid.counts, low.counts)] == [1, 1, 1]
-    assert low.asked["contains_many"] == [in_low + [MISSING]]
+    assert low.asked["contains_many"] == [[*in_low, MISSING]]
     assert not top.counts["save_records"]  # nothing to copy: no data moved
 
     digests = [r.value for r in mid.inner.load_records(in_mid[:2]) + low.inner.load_records(in_low[:2]) if r]
-    blobs = stack.load_blobs(digests + ["0" * 64])
+    blobs = stack.load_blobs([*digests, "0" * 64])
     assert [b is not None for b in blobs] == [True] * 4 + [False]
-    assert low.asked["load_blobs"] == [digests[2:] + ["0" * 64]]
+    assert low.asked["load_blobs"] == [[*digests[2:], "0" * 64]]
     assert [c["load_blobs"] for c in (top.counts, mid.counts, low.counts)] == [1, 1, 1]
 
 
 def test_load_value_and_load_are_one_request_per_layer(tmp_path: Path) -> None:
-    stack, top, mid, low, _, in_low = three_layers(tmp_path)
+    stack, top, _mid, low, _, in_low = three_layers(tmp_path)
     assert stack.load_value(in_low[3][:10]) == {"square": 13 * 13}
     assert low.counts == {"expand": 1, "load_entries": 1}
     assert top.counts == {"expand": 1, "load_entries": 1, "save_records": 1}
@@ -120,7 +122,9 @@ def test_no_backfill_into_a_read_only_first_layer_or_when_turned_off(tmp_path: P
         stack = make(top, low)
         first = stack.layers[0]
         assert isinstance(first, Counting)
-        assert [g.result for g in stack.load_many(keys, results=True) if g] == [{"square": i * i} for i in range(5)]
+        assert [g.result for g in stack.load_many(keys, results=True) if g] == [
+            {"square": i * i} for i in range(5)
+        ]
         assert [g.key for g in stack.load_many(keys) if g] == keys
         assert stack.load_value(keys[0]) == {"square": 0}
         assert not first.counts["save_records"]
@@ -141,7 +145,7 @@ def test_a_layer_that_lists_a_call_but_lost_its_value_is_not_backfilled(
     assert lazy.key == key and "not its value" in caplog.text
     assert not top.contains(key)
     with pytest.raises(KeyError):
-        lazy.result
+        _ = lazy.result
     with pytest.raises(KeyError):
         stack.load_value(key)
     assert stack.load_many([key], results=True) == [None]
