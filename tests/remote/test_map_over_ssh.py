@@ -9,6 +9,7 @@ nothing when the link dies.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -216,5 +217,31 @@ def test_write_behind_from_fleche_toml_pushes_over_ssh(
         assert file_cache(workdir / "store").contains_many([f.key(x) for x in range(50)]) == [True] * 50
         journal = stack.write_behind[0].journal.path
         assert journal is not None and journal.is_relative_to(tmp_path / "state")
+    finally:
+        stack.close()
+
+
+def test_query_through_a_stack_backfills_while_the_remote_streams_pages(sshd: Any, tmp_path: Path) -> None:
+    from fleche_remote.caches.stack import QUERY_BACKFILL_PAGE
+
+    workdir = remote_dir(tmp_path)
+    n = 3 * QUERY_BACKFILL_PAGE + 7  # back-fills run while the remote's query stream is still open
+    keys = file_cache(workdir / "store").save_many([Call("q.f", {"i": i}, i) for i in range(n)])
+    remote = ssh_cache(sshd, workdir)
+    local = file_cache(tmp_path / "laptop")
+    stack = CacheStack([local, remote])
+    try:
+        remote.ping()
+        before = requests(remote)
+        found = [c.key for c in stack.query("q.f")]
+        after = requests(remote)
+        assert sorted(found) == sorted(keys)
+        assert local.contains_many(keys) == [True] * n
+        print(f"query of {n} records with back-fill: requests {before} -> {after}")
+        if after is not None and before is not None:
+            # one load_blobs per back-fill page, plus the query and its page credits (one-way)
+            assert after - before <= 2 * (1 + math.ceil(n / QUERY_BACKFILL_PAGE))
+        assert stack.load_value(keys[5]) == 5
+        assert requests(remote) == after  # local now
     finally:
         stack.close()
