@@ -1,29 +1,49 @@
 """Stable digests: the contract that a key is the same in every process,
-on every supported Python, forever (until ``DIGEST_SCHEME`` changes).
+on every supported Python, forever (until the digest scheme changes).
 
-``GOLDEN`` was computed once and written here on purpose: it *is* the
-stability contract. If a change to ``digest.py`` alters any of these
-values, every key already stored by users becomes unreachable; such a
-change must bump ``DIGEST_SCHEME`` and regenerate this table knowingly.
+``GOLDEN`` is written here on purpose: it *is* the stability contract. It
+was computed with ``_reference_digest`` below, an independent
+re-implementation of the scheme as ``digest.py``'s notes specify it (from
+``hashlib``, ``struct``, ``json`` and ``xxhash`` only), not by pasting
+``digest_of``'s output. If a change to ``digest.py`` alters any value,
+every key already stored by users becomes unreachable; such a change must
+bump ``DIGEST_SCHEME_NAME`` and the prefixes, and regenerate this table
+knowingly (``python tests/test_digest.py`` prints it from the reference).
 """
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
+import enum
+import hashlib
 import json
 import math
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Dict
 
 import numpy as np
 import pytest
+import xxhash
 
 from fleche_remote import Digest, UnstableDigestWarning, digest_of
-from fleche_remote.digest import call_digest
+from fleche_remote import digest as digest_module
+from fleche_remote.call import LEGACY_DIGEST_SCHEME, Call, CallRecord, make_record
+from fleche_remote.digest import (
+    DIGEST_SCHEME_NAME,
+    BulkHashUnavailable,
+    c_order_blocks,
+    call_digest,
+    call_digest_from_arg_digests,
+)
+from fleche_remote.plain import dumps_plain, loads_plain
+from fleche_remote.values import BytesBlob, FileBlob, StreamBlob, VerifyingBlob, blob_digest, blob_hasher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +57,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from fleche_remote.digest import call_digest, digest_of
+from fleche_remote.values import BytesBlob, blob_digest
+
+MiB = 1 << 20
 
 Point = dataclasses.make_dataclass("Point", [("x", int), ("y", float)], frozen=True)
 Point.__module__ = "golden"
@@ -87,6 +110,24 @@ CASES = {
     "np_bool": np.bool_(True),
     "call": ("call-digest", "mod.f", {"x": 1, "y": [1, 2]}, None),
     "call_versioned": ("call-digest", "mod.f", {"x": 1, "y": [1, 2]}, "2"),
+    # the bulk threshold: below it a body is hashed as itself, from it on as XXH3-128
+    "bytes_below_bulk": bytes(range(256)) * (MiB // 256 - 1) + bytes(255),
+    "bytes_at_bulk": bytes(range(256)) * (MiB // 256),
+    "str_at_bulk": "\u00e9" * (MiB // 2),
+    "np_at_bulk": np.arange(MiB // 8, dtype="<i8"),
+    "np_fortran_over_bulk": np.asfortranarray(np.arange(3 * MiB // 8, dtype="<f8").reshape(-1, 512)),
+    "call_big_argument": ("call-digest", "mod.g", {"a": np.ones(MiB // 4, dtype="<f4"), "n": 3}, None),
+}
+
+#: Value digests of fixed (kind, meta, body) blobs: a server on another
+#: Python must compute the same digest as the client that saved the value.
+VALUE_CASES = {
+    "value_empty": ("bytes", {}, b""),
+    "value_bytes": ("bytes", {}, b"hello"),
+    "value_ndarray": ("ndarray", {"dtype": "<f8", "shape": [2]}, b"\x00" * 16),
+    "value_pickle5": ("pickle5", {"buffers": [MiB]}, b"stream" + b"\x07" * MiB),
+    "value_below_bulk": ("bytes", {}, b"\x01" * (MiB - 1)),
+    "value_at_bulk": ("bytes", {}, b"\x01" * MiB),
 }
 
 
@@ -97,54 +138,165 @@ def digests():
             out[label] = str(call_digest(value[1], value[2], value[3]))
         else:
             out[label] = str(digest_of(value))
+    for label, (kind, meta, body) in VALUE_CASES.items():
+        out[label] = str(blob_digest(BytesBlob(kind, meta, body)))
     return out
 """
 
+
+# -- the reference: the scheme, re-implemented from its description ---------
+
+REF_KEY_PREFIX = b"fleche-remote/digest/2\x00"
+REF_VALUE_PREFIX = b"fleche-remote/value/2\x00"
+REF_THRESHOLD = 1 << 20
+
+
+def _ref_body(tag: bytes, data: bytes, threshold: int) -> bytes:
+    """tag, u64 length, then the bytes, or from the threshold on their XXH3-128."""
+    n = len(data)
+    return tag + n.to_bytes(8, "big") + (data if n < threshold else xxhash.xxh3_128(data).digest())
+
+
+def _ref_named(tag: bytes, name: str, payload: Any, threshold: int) -> bytes:
+    text = name.encode()
+    return tag + len(text).to_bytes(4, "big") + text + _ref_encode(payload, threshold)
+
+
+def _ref_encode(obj: Any, threshold: int) -> bytes:
+    t = type(obj)
+    if obj is None:
+        return b"N"
+    if t is bool:
+        return b"T" if obj else b"F"
+    if t is int:
+        text = str(obj).encode()
+        return b"i" + len(text).to_bytes(4, "big") + text
+    if t is float:
+        return b"fnan" if obj != obj else b"f" + struct.pack(">d", obj)
+    if t is complex:
+        return b"c" + struct.pack(">dd", obj.real, obj.imag)
+    if t is str:
+        return _ref_body(b"s", obj.encode("utf-8", "surrogatepass"), threshold)
+    if t in (bytes, bytearray, memoryview):
+        return _ref_body(b"b", bytes(obj), threshold)
+    if t in (tuple, list):
+        head = (b"t" if t is tuple else b"l") + len(obj).to_bytes(8, "big")
+        return head + b"".join(_ref_encode(x, threshold) for x in obj)
+    if t is dict:
+        pairs = sorted(_ref_raw(k, threshold) + _ref_raw(v, threshold) for k, v in obj.items())
+        return b"d" + len(pairs).to_bytes(8, "big") + b"".join(pairs)
+    if t in (set, frozenset):
+        elems = sorted(_ref_raw(x, threshold) for x in obj)
+        return (b"S" if t is set else b"Z") + len(elems).to_bytes(8, "big") + b"".join(elems)
+    if isinstance(obj, PurePath):
+        return _ref_named(b"p", "path", obj.as_posix(), threshold)
+    if isinstance(obj, enum.Enum):
+        return _ref_named(b"e", f"{t.__module__}.{t.__qualname__}", obj.name, threshold)
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return _ref_named(b"D", f"{t.__module__}.{t.__qualname__}", fields, threshold)
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        dtype_text = obj.dtype.str if obj.dtype.fields is None else repr(obj.dtype.descr)
+        header = f"{dtype_text}|{','.join(str(n) for n in obj.shape)}".encode()
+        return (
+            b"a" + len(header).to_bytes(4, "big") + header + _ref_body(b"", obj.tobytes(order="C"), threshold)
+        )
+    if isinstance(obj, np.generic):
+        header = obj.dtype.str.encode()
+        return b"g" + len(header).to_bytes(4, "big") + header + obj.tobytes()
+    if isinstance(obj, np.ndarray):
+        return (
+            b"O" + obj.ndim.to_bytes(4, "big") + _ref_encode(tuple(obj.shape), threshold)
+            + _ref_encode(obj.ravel().tolist(), threshold)
+        )  # fmt: skip
+    raise TypeError(f"the reference does not cover {t}")
+
+
+def _ref_raw(obj: Any, threshold: int = REF_THRESHOLD) -> bytes:
+    return hashlib.sha256(REF_KEY_PREFIX + _ref_encode(obj, threshold)).digest()
+
+
+def _reference_digest(obj: Any, threshold: int = REF_THRESHOLD) -> str:
+    return _ref_raw(obj, threshold).hex()
+
+
+def _reference_value_digest(
+    kind: str, meta: Dict[str, Any], body: bytes, threshold: int = REF_THRESHOLD
+) -> str:
+    head = json.dumps([kind, meta], sort_keys=True, separators=(",", ":")).encode() + b"\x00"
+    return hashlib.sha256(REF_VALUE_PREFIX + head + _ref_body(b"", body, threshold)).hexdigest()
+
+
+def _reference_table() -> Dict[str, str]:
+    namespace = _cases()
+    out = {}
+    for label, value in namespace["CASES"].items():
+        if isinstance(value, tuple) and value[:1] == ("call-digest",):
+            out[label] = _reference_digest(("call", value[1], value[3], value[2]))
+        else:
+            out[label] = _reference_digest(value)
+    for label, (kind, meta, body) in namespace["VALUE_CASES"].items():
+        out[label] = _reference_value_digest(kind, meta, body)
+    return out
+
+
 GOLDEN: Dict[str, str] = {
-    "none": "e3ed524c47bece6e0f7a8ba1558d9f73f8c74218b2cf6e8caff8cc26606a1d97",
-    "true": "88efa262a81b206cec1b8bffec6ec850cdff24adeaf8cdcbc7ba4a053f0414fb",
-    "false": "b8f29f799a73568d6eaf5c73a0fe8c076ceb478b0c44c8ce70136b9b9ed1eab8",
-    "int_0": "9778faf48a2b2dc687e45aa71a6c84f6e9ed1c5586ede09b0d767b6a7712ec2f",
-    "int_1": "9a9ff22202a4bdedd717fbcda2d1d1a565db087b20d1897c20b58843881c7fb5",
-    "int_neg": "ab7738f54717bcfcfe085f3ce0e93e75a5ddbc30ba3c188a8d3197a344a70527",
-    "int_big": "9fd0dd7060f4ff75159da4e5726db9fce00bbc5c7597d118eb87aa76ea0820b8",
-    "float_1": "7e6c91d24841b3e30abcaae3bc70ad075a06aa1ab4375aafd4ff15185ab8ae8a",
-    "float_half": "4201e7fab90247f6ffe1b56b0dd99d9420740d1cc5d4fcc23dec8063c76a09a6",
-    "float_neg_zero": "f908b8a15f88607ba2a83c9aaaa7ffb55619b12e45bf5bfeb417bbb0b0f44085",
-    "float_nan": "7b76438900d71acdc0122eb98283e7ed21653fe64e26fa07c8035319362bc964",
-    "float_inf": "b2cafde5936d1471080a4002e6e21ec303dff6f881743954883753a2999f06e3",
-    "complex": "1ab4e5a576f300005227e6b7a53293056ebc4baaf7ed8921221c1b176f57d3f2",
-    "str_empty": "127b01347a3fc2c15574a24fd62294d0ab0e9d9bcfb5230a0865bfbbdeb3d3e2",
-    "str_ascii": "c433183b0051e38f5ebce56c7008013a5b3511dd735b899d92ecc771929d5735",
-    "str_unicode": "c9293567d1d53aba9a1c00f0a41f3a9b08500ed166614b106a5738054d614995",
-    "bytes": "ab1262ac632274d1620c2c915bcc5cc6c35ebd39a9276005667ba53048656849",
-    "bytearray": "ad57ede933f95ddaa649dd42cb0361eb220475c7aa87c8cf5e45cea59610f4c2",
-    "tuple_empty": "88b81d34a0002050f759f4c4824e9acfb951951df69d7b6dcb959d7eac62e49b",
-    "tuple": "bbd99f882fb6ba38821c55954c8a71d5b0a644365b60045666162d63dd8b7322",
-    "list": "b8e2f4bbce330671292884a77cc744460323d1a7d9fb0ae4e503c7084e4372a4",
-    "nested": "d70809d5cb067fe2f9d883246305882fee03482a259f73405123f6f992673bca",
-    "dict": "0916a648468f61dfa011cf5adb1e026f8e5d55dbd130a63ad04b322c55d8ca58",
-    "dict_int_keys": "aac62e68d581a6d0c97dea12da3e3e00234af432421323b277149dc8ec4b1b86",
-    "set": "c7ecb1247a28e918fe91a542ab3ed2db8a601d98809f978ebd2bdd43e74c28de",
-    "frozenset": "66bd896950baef7c5a430f49ebdcd25e57e2543134aa052adb1ee35600659c46",
-    "path": "b678287615f26a79b6ba3c9cdc7cd19e9262bf442100f5bd6a4cde86e0a06cb6",
-    "pure_posix_path": "e9868eb6316df0f5f6eeb3efaf1846f5e4edb8aca8e9f58b9487f4cc3f73c996",
-    "dataclass": "74a5f5ff99f82acb43f253f819a1013595b01c26a638b3dd505b590cf23e0159",
-    "enum": "7734891a759556e93efe329dbe25527d09469b29aeabf969d6a0dff7ce297dea",
-    "np_int64_array": "c5530e8aacec9aa1855889e89c67306bf6df9b5d5c18b356df9e691b80d6d018",
-    "np_float32_array": "43c7f8cea0b0aac5178e18078b3923b570986b42f28e53de47822ad6e0e15748",
-    "np_bool_array": "47899e9be92d20963eb0a2e0a0848602eeccbf79a649efebaad06093ffc6d2f0",
-    "np_unicode_array": "4446a259f31b1d53933d0ece924c9afd9f67b99705cb3d44daf2c136b54447f6",
-    "np_empty": "5a360a9d9197e50b998f38780a038473e1fc3450f3fbc1fec37a7b268e299bfe",
-    "np_object_array": "f8f6011f4f5c317e80aa4707ccf3e46fbf8d7a076849769ca2374a67cbd38f39",
-    "np_datetime64_array": "346919bb63b7a43a72ee72495c8ea76b3d380c246143fed0d8c476e9591fa590",
-    "np_timedelta64_array": "f3bc709aa03a725f85267cf8c9fa0b2aa72412713c9250b98abafcf768edd8dc",
-    "np_0d_array": "368806343b515c3dfa45dbe60ea3615eecc828b0e2d53520649f10bd4fe401b3",
-    "np_float64": "ce6fec42027b655031a2df68d7651f73da5140b057ccbb63aeba53dadf5614ea",
-    "np_int32": "1c97cb392a4e7a2ffca425bc86c293bfa3de08937e356b58187c85ebe15ad8b3",
-    "np_bool": "5277d02adc5b8aede5768e798eb8902167b31edb541da00b9ba55b275026724b",
-    "call": "038146a95c241644f61f2407c47b63160d7d0d99407f64c6d94045853b422403",
-    "call_versioned": "8694da95c6c86d9ab2816965d2e5c17ae0a0b658eb4b23b6f255e8ebc416568d",
+    "none": "694deecffa3d4f64d6c8f0080eac2beed2cb3e37c5f4a1ac821b93721b1c0a52",
+    "true": "a74cda73a41275fbbfce9b3a5c5a7d116eb2460165089ebbee43c9c9493dddd6",
+    "false": "fa68a81234fc0bcdad963e3f9477c8811ded87d76e07aebf5d26f1b52856313f",
+    "int_0": "76ab424bf7e43bf77b9cd90561ad7166db8773bfa82e32f8f95d6fecb2fa9590",
+    "int_1": "437614276556489c538ccde02101a8268fe02691e57ed76ea4d9145032c3139f",
+    "int_neg": "ff9242cba54ba338cefd6297ff387ba6603f9b8aef9daab2a88d4bdf018f26c8",
+    "int_big": "a01a3379182d65e2036b1a7129c808f4e376ee680c03520def0a40d78692e59c",
+    "float_1": "443a02b948cac129d85355becfdc8dabf9da96bb8bbd44684668dd683c58b18d",
+    "float_half": "c82d75d301e654c513e02ec7170d3c8d533b4f296c65d12affb80dcff209f89c",
+    "float_neg_zero": "58bca88ac7facc2353f1e90c0a37abdafd9ec9229ec6eb17deb094d4dcd8dd76",
+    "float_nan": "f51163e06dfcb1eb4eb34de15b245c85ddaa4eab7a9e23f5de1af597de99ef47",
+    "float_inf": "106784641e750b3f2c3ec35319fb1df81a85cfd4b206fea93bbfeb804f850c79",
+    "complex": "1862a3cc58b14704eb5d935d6cfc55d8d576a975959a6b0a87925de199696944",
+    "str_empty": "f80b7b4b00f0bf0573de0856f32930f56bf5c75d3c43355b22be916a2e804064",
+    "str_ascii": "28756ccbc26e3cc5c82f7183716c8649276a2bb2b54d4c33c6b7c2b849db6895",
+    "str_unicode": "05b200f69fe1b14cac2216d8455a4664bb9fa3b7e5e755332862a28d1f718825",
+    "bytes": "4f61a2a1aaf1922a59d91aa738da21ec8e8a5f76b5033deec5d71b7eeb201e01",
+    "bytearray": "f56218776523c32e24e35a97289f9452a9178037f8bdcf39495839318c424561",
+    "tuple_empty": "a30baa5e9c526a0afff04ae791a15346459d840abe936f9a7a358bd8bb51e291",
+    "tuple": "5f285e80fee1b7b75bdfc64ea10426bc647b30cf31f7dc6d81dfbd09d572b4f4",
+    "list": "78cbdf5f3bdbc6f5bc63e11d904ecd8f95212588c57748f2d6462a6e53ef46e4",
+    "nested": "58476c4e90c0a007a91a4caaf23116a7f80da2fe572a9d629d520fb5439fae35",
+    "dict": "6f9d26bfc8588ef7df983ceea08f2d05ac301c8742dc4cde736b8e3b0efc1023",
+    "dict_int_keys": "4dcaabe4f0810b3d9704473764827f553efc29b270072bd21bdaf596ac0505b1",
+    "set": "e347c25f0485f9f69aea960deeb8a4c6b73ed6c48a786214894a2121e609799c",
+    "frozenset": "9d5a7a15c99f2abe43e00c7f04b769d179f798b53b72cd796465b80b2bcf8ca5",
+    "path": "37009c1842f540ea4bc846f8ec389e678448a261427bf55f91cb0a268e52a50c",
+    "pure_posix_path": "e2ad93acee7bd24a1e6628de0324c032ac4385b175cf4925fb0fc0ddb520dfcd",
+    "dataclass": "ffb6fd47fc4eecb6f1eb4b213caea3751de36006bec2bd73d488d23dafe6db9a",
+    "enum": "aa877a66bc019916e42fe694810c64a7b6f4165f7f6d8a33f389b19109829322",
+    "np_int64_array": "35780ffc991292eaffc97af1a83675c8c3f64b9446da8c77ba3cc2d7231fbe20",
+    "np_float32_array": "c20bb79fbe3ce35a7b73763b1b7031146e64be8615aaffbc695674e1903d2c3e",
+    "np_bool_array": "a8632c7cfe6a04f90bf5a5081cd3c124d46dc8b49a68be5f680985f27fdee7eb",
+    "np_unicode_array": "86a6f1f0717651e80a38d1d73760ec93ed361eb856b39758ea84611d7a806c4c",
+    "np_empty": "382aa4fe10acd85391a961e39634536266c40374532732a34e0addb69aca6510",
+    "np_object_array": "87cb66d132784f1aabd78d8143cdc5e1d3b8031ba3f999c8f30f90ed9e7b1456",
+    "np_datetime64_array": "59f1856cb24711cc1681ede31d15d5868076b64ac07a8c8a28aa6c9966d33ad8",
+    "np_timedelta64_array": "06cb26c85680d8cab018149c140ce1dd7897455ddfb6ae13c366f0fedd3dceac",
+    "np_0d_array": "1594115b8ad7506006a3aa9db146d40ce16fa5269830661d2e2d1a7d18c977ac",
+    "np_float64": "75e3e8462247063bedfac86379141fa096e472454e8617874ad8d72375f7cb14",
+    "np_int32": "92c44e32b8f8d6930f9720fca85398918ce83b15d66432d1fda624e125fc2628",
+    "np_bool": "3852755beb00e7c829f4c283a2841c5efa4d2b462ca59c69e27686d9b864f0ef",
+    "call": "1f9fb1c0f9a05c811163de008c2ab930b4247771692ee72b370d0fc7bb5c7f6f",
+    "call_versioned": "7b3acbb3d2d813bc8ce7f18068b5592c5df9c1a295a6f4617f4ea676381cbd89",
+    "bytes_below_bulk": "691906fe32f2b4f25740478cc01f03d014b473d93876a374fe342b4a74c7b3e8",
+    "bytes_at_bulk": "35da3166d27c3f0b362e29a2a97fe5093ece283d38494b8b3847975c28ceac56",
+    "str_at_bulk": "619add1f09101ea2bdd236f5bfd6412662b3cd0d1afd2e530a7483b40cddc0e9",
+    "np_at_bulk": "9b84a7d1c165be45a879ae1137670a632c36358ebe9807b9b2ea09eeda0c406a",
+    "np_fortran_over_bulk": "bdaf04cf5297d6d719718ce3e989318ca78c666263bccde0f170c5392be853ba",
+    "call_big_argument": "db4432d255c743e7b1bf8aee10df71032230afc84b5987ab8bd51a9d69f70351",
+    "value_empty": "7a9d513b5bd1552253c3c0f71fa28eced4152bd90a06d0333c717fa80254f987",
+    "value_bytes": "bd000a144063b15e4e95c8ef37d06c47ba07b29fd2b989f1f51b0f0f57acb497",
+    "value_ndarray": "f7943d2f6682e3cea9d59ce012c4c47053e565d1c181e889e11c27550dbfb38f",
+    "value_pickle5": "2776be02c10d454d2d97f52a94423cc0855e3ef554526081e7e0146f9eaca7b8",
+    "value_below_bulk": "42f11fe8389f8e1f5b93075b7880343ec0e988ab035be2a934f51a8e44cb1960",
+    "value_at_bulk": "8c547ac15854144c2ea71dc4afaf54bb8e814bf2673740f8a2dceb6073e36bbc",
 }
 
 
@@ -168,9 +320,15 @@ def test_golden_digests_in_this_process() -> None:
     assert _cases()["digests"]() == GOLDEN
 
 
+def test_reference_implementation_gives_the_golden_table() -> None:
+    # the table is the independent reference's output, and stays so
+    assert _reference_table() == GOLDEN
+
+
 def test_case_table_is_the_golden_table() -> None:
     # a case added without a golden value (or the reverse) is a mistake
-    assert set(_cases()["CASES"]) == set(GOLDEN)
+    namespace = _cases()
+    assert set(namespace["CASES"]) | set(namespace["VALUE_CASES"]) == set(GOLDEN)
     assert len(set(GOLDEN.values())) == len(GOLDEN)  # and every case is a different key
 
 
@@ -279,3 +437,164 @@ def test_known_types_do_not_warn() -> None:
             digest_of(value)
         digest_of(Sample("x", [np.zeros(2)]))
         digest_of(math.pi)
+
+
+# -- the bulk rule and its threshold ------------------------------------------
+
+
+def test_bulk_threshold_is_part_of_the_scheme() -> None:
+    # changing it changes keys: it must move only with DIGEST_SCHEME_NAME
+    assert digest_module.BULK_THRESHOLD == REF_THRESHOLD == 1 << 20
+    assert DIGEST_SCHEME_NAME == "fleche-remote/2"
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200])
+def test_threshold_boundary_matches_the_reference(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
+    data = bytes((i * 7) % 251 for i in range(n))
+    for value in (data, data.decode("latin-1"), np.frombuffer(data, dtype=np.uint8), {"k": data}):
+        assert digest_of(value) == _reference_digest(value, threshold=64), (n, type(value))
+    blob = BytesBlob("bytes", {}, data)
+    assert blob_digest(blob) == _reference_value_digest("bytes", {}, data, threshold=64)
+    # the same digest whatever the chunking of a streamed body
+    chunked = StreamBlob("bytes", {}, n, (data[i : i + 5] for i in range(0, n, 5)))
+    assert blob_digest(chunked) == blob_digest(blob)
+
+
+def test_below_and_at_the_threshold_use_different_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
+    for n in (63, 64):
+        data = b"x" * n
+        raw_form = hashlib.sha256(REF_KEY_PREFIX + b"b" + n.to_bytes(8, "big") + data).hexdigest()
+        bulk_form = hashlib.sha256(
+            REF_KEY_PREFIX + b"b" + n.to_bytes(8, "big") + xxhash.xxh3_128(data).digest()
+        ).hexdigest()
+        assert digest_of(data) == (raw_form if n < 64 else bulk_form)
+
+
+def test_large_array_in_any_layout_hashes_as_its_c_order_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 1000)
+    monkeypatch.setattr(digest_module, "BLOCK_BYTES", 4096)  # many slabs, one row at a time too
+    a = np.arange(40 * 30 * 7, dtype="<f8").reshape(40, 30, 7)
+    for view in (np.asfortranarray(a), a[:, ::2], a[::-1], a.transpose(1, 0, 2)):
+        assert digest_of(view) == _reference_digest(np.ascontiguousarray(view), threshold=1000)
+    for limit in (1, 100, 4096, 10**9):
+        assert b"".join(c_order_blocks(a[:, ::3], limit)) == np.ascontiguousarray(a[:, ::3]).tobytes()
+
+
+def test_missing_xxhash_is_a_clear_error_only_for_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
+    monkeypatch.setattr(digest_module, "_xxh3_128", None)
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # import xxhash now fails
+    digest_of(b"x" * 63)  # small bodies need only the standard library
+    with pytest.raises(BulkHashUnavailable, match="pip install 'xxhash>=3'"):
+        digest_of(b"x" * 64)
+    # a server verifying an incoming large value fails before taking any of it
+    consumed = []
+
+    def source() -> Any:
+        consumed.append(1)
+        yield b"x" * 64
+
+    verifying = VerifyingBlob(StreamBlob("bytes", {}, 64, source()), "0" * 64)
+    with pytest.raises(BulkHashUnavailable):
+        next(iter(verifying.chunks()))
+    assert not consumed
+
+
+def test_a_wrong_xxhash_build_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Wrong:
+        VERSION = "0.7"
+
+        @staticmethod
+        def xxh3_128(data: bytes = b"") -> Any:
+            return hashlib.md5(data)
+
+    monkeypatch.setattr(digest_module, "_xxh3_128", None)
+    monkeypatch.setitem(sys.modules, "xxhash", Wrong)
+    with pytest.raises(BulkHashUnavailable, match="expected 99aa06d3"):
+        digest_module.bulk_hasher()
+
+
+# -- keys from per-argument digests, and the record's scheme -----------------
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{}, {"x": 1}, {"x": [1, 2], "y": {"z": None}, "big": np.arange(300_000, dtype="<i8")}],
+)
+def test_key_from_argument_digests_is_the_call_key(arguments: Dict[str, Any]) -> None:
+    for version in (None, "2"):
+        arg_digests = {k: digest_of(v) for k, v in arguments.items()}
+        assert call_digest_from_arg_digests("m.f", arg_digests, version) == call_digest(
+            "m.f", arguments, version
+        )
+
+
+def test_make_record_hashes_each_argument_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = np.arange(300_000, dtype="<i8")
+    call = Call("m.f", {"a": big, "b": 2}, result=b"r")
+    seen = []
+    real = digest_module._encode_numpy
+
+    def counting(obj: Any, update: Any, depth: int) -> None:
+        seen.append(obj.nbytes)
+        real(obj, update, depth)
+
+    monkeypatch.setattr(digest_module, "_encode_numpy", counting)
+    blob = BytesBlob("bytes", {}, b"r")
+    record = make_record(call, blob, blob_digest(blob))
+    assert seen == [big.nbytes]
+    monkeypatch.setattr(digest_module, "_encode_numpy", real)
+    assert record.key == call.key()
+    assert record.arg_digests == {"a": digest_of(big), "b": digest_of(2)}
+    assert record.digest_scheme == DIGEST_SCHEME_NAME
+
+
+def _record(**fields: Any) -> CallRecord:
+    base: Dict[str, Any] = dict(
+        key="ab" * 32, name="m.f", version=None, arguments=b"", arg_digests={}, metadata={}, value="cd" * 32
+    )
+    return CallRecord(**{**base, **fields})
+
+
+def test_records_carry_their_scheme_through_the_restricted_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _record()
+    assert record.digest_scheme == DIGEST_SCHEME_NAME
+    assert loads_plain(dumps_plain(record)) == record
+    # pickle it exactly as a CallRecord was pickled before it had the field
+    old_state = {k: v for k, v in vars(record).items() if k != "digest_scheme"}
+    monkeypatch.setattr(
+        CallRecord, "__reduce_ex__", lambda self, p: (copyreg.__newobj__, (CallRecord,), old_state)
+    )
+    data = pickle.dumps(record, protocol=4)
+    monkeypatch.undo()
+    old = loads_plain(data)
+    assert isinstance(old, CallRecord)
+    assert old.digest_scheme == LEGACY_DIGEST_SCHEME and old.key == record.key and old.value_size == 0
+
+
+def test_value_digests_are_checked_under_the_scheme_a_record_names() -> None:
+    blob = BytesBlob("bytes", {}, b"abc")
+    digest = blob_digest(blob)
+    assert b"".join(VerifyingBlob(blob, digest, DIGEST_SCHEME_NAME).chunks()) == b"abc"
+    with pytest.raises(Exception, match="unknown to this fleche-remote"):
+        blob_hasher("bytes", {}, scheme="fleche-remote/99")
+    with pytest.raises(Exception, match="hashes to"):
+        list(VerifyingBlob(BytesBlob("bytes", {}, b"abd"), digest).chunks())
+    with pytest.raises(Exception, match="header said"):
+        list(VerifyingBlob(StreamBlob("bytes", {}, 4, [b"abc"]), digest).chunks())
+
+
+def test_file_blob_reads_the_same_digest(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 5000
+    path = tmp_path / "v"
+    path.write_bytes(b"head" + body)
+    assert blob_digest(FileBlob("bytes", {}, len(body), path, 4)) == blob_digest(BytesBlob("bytes", {}, body))
+
+
+if __name__ == "__main__":  # prints GOLDEN, computed by the reference
+    print("GOLDEN: Dict[str, str] = {")
+    for label, hexdigest in _reference_table().items():
+        print(f"    {label!r}: {hexdigest!r},".replace("'", '"'))
+    print("}")
