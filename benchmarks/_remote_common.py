@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -108,10 +109,21 @@ def raw_ping_pong(link: Link, rounds: int) -> List[float]:
     return samples
 
 
+def _wait_ready(stdout: Any) -> None:
+    """Read the ``ready`` line a raw command prints once ssh has logged in,
+    so that the timing that follows leaves the login out, as ours does."""
+    line = stdout.readline()
+    assert line == b"ready\n", line
+
+
 def raw_upload(link: Link, payload: memoryview) -> float:
+    """Seconds to push ``payload`` into a remote ``cat > /dev/null``, login excluded."""
+    proc = subprocess.Popen(
+        link.ssh("echo ready; cat > /dev/null"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    _wait_ready(proc.stdout)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(link.ssh("cat > /dev/null"), stdin=subprocess.PIPE, bufsize=0)
-    assert proc.stdin is not None
     step = 1 << 20
     for i in range(0, payload.nbytes, step):
         proc.stdin.write(payload[i : i + step])
@@ -121,15 +133,24 @@ def raw_upload(link: Link, payload: memoryview) -> float:
 
 
 def raw_download(link: Link, path: Path, nbytes: int) -> float:
+    """Seconds to read ``path`` from a remote ``cat``, login excluded."""
+    proc = subprocess.Popen(
+        link.ssh(f"echo ready; read go; cat {shlex.quote(str(path))}"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    _wait_ready(proc.stdout)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(link.ssh("cat", str(path)), stdout=subprocess.PIPE, bufsize=0)
-    assert proc.stdout is not None
+    proc.stdin.write(b"go\n")
     got = 0
     while True:
         data = proc.stdout.read(4 << 20)
         if not data:
             break
         got += len(data)
+    proc.stdin.close()
     proc.wait(1200)
     assert got >= nbytes, (got, nbytes)
     return time.perf_counter() - t0
