@@ -302,16 +302,19 @@ def _is_numpy(obj: Any) -> bool:
     return mod == "numpy" or mod.startswith("numpy.")
 
 
-def c_order_blocks(arr: Any, limit: int = BLOCK_BYTES) -> Iterator[memoryview]:
+def c_order_blocks(arr: Any, limit: Optional[int] = None) -> Iterator[memoryview]:
     """The bytes of a NumPy array in C order, as consecutive byte views.
 
     A C-contiguous array yields one view of its own buffer (no copy). Any
     other array is copied in slabs along its leading axes, each at most
-    ``limit`` bytes (or one innermost row, if a row is bigger), so a
-    Fortran-ordered or strided 1 GiB array never needs a second GiB.
+    ``limit`` bytes (default :data:`BLOCK_BYTES`; or one innermost row, if
+    a row is bigger), so a Fortran-ordered or strided 1 GiB array never
+    needs a second GiB.
     """
     import numpy as np
 
+    if limit is None:
+        limit = BLOCK_BYTES  # read at use: tests may lower it
     if arr.flags.c_contiguous or arr.ndim == 0 or arr.nbytes <= limit:
         flat = np.ascontiguousarray(arr).reshape(-1)
         if flat.size:
