@@ -13,6 +13,10 @@ Choices worth knowing:
 * Caching never costs the caller a computed result: a read-only cache, a
   refused write or a failing save is logged and the result returned; a
   corrupt stored entry is logged and recomputed.
+* ``f.map`` / ``f.starmap`` / ``f.map_kwargs`` run a sweep with one
+  lookup (``load_many(results=True)``) and one ``save_many`` for the
+  whole batch, because on a remote layer round trips, not bytes, are
+  what the user waits for.
 * Two threads missing the same key both compute and both save; saves of
   an existing key are no-ops, so both return correct results. No lock is
   held while the function runs, so a slow call never blocks other keys.
@@ -435,7 +439,8 @@ def cached(
 
     Returns:
         A :class:`CachedFunction` (or a decorator making one), which also
-        offers ``.key``, ``.contains``, ``.load``, ``.query`` and ``.cache``.
+        offers ``.key``, ``.contains``, ``.load``, ``.query``, ``.cache``,
+        and the sweeps ``.map``, ``.starmap`` and ``.map_kwargs``.
 
     Raises:
         TypeError: at decoration, for a name in ``ignore`` that the

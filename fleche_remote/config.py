@@ -542,8 +542,10 @@ def cache_to_config(cache: BaseCache) -> CacheConfig:
     """The config that :func:`cache_from_config` turns back into ``cache``.
 
     Paths come out absolute, so the result does not depend on where it is
-    later written. A stack's ``backfill=False`` has no config form and is
-    not kept.
+    later written. A stack's write-behind layers come out with
+    ``write_behind = true``; its ``backfill=False`` and a write-behind
+    layer's queue and journal settings have no config form and are not
+    kept.
 
     Args:
         cache: a :class:`~fleche_remote.caches.Cache`, a
