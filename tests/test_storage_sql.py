@@ -389,3 +389,15 @@ def test_config_errors(table: dict[str, Any], message: str) -> None:
         build_store("calls", table)
     with pytest.raises(ConfigError, match=message.replace("calls.type", "values.type")):
         build_store("values", table)
+
+
+def test_a_record_without_a_digest_scheme_reads_as_legacy(calls: SqlCallStore) -> None:
+    from fleche_remote import call as callmod
+
+    if "digest_scheme" not in CallRecord.__dataclass_fields__:
+        pytest.skip("CallRecord has no digest_scheme field")
+    rec = record("ab" * 32)
+    calls.put(rec)
+    assert calls.get(rec.key) == rec
+    tamper(calls, "UPDATE calls SET digest_scheme = NULL")  # as written before the field existed
+    assert calls.get(rec.key).digest_scheme == callmod.LEGACY_DIGEST_SCHEME  # type: ignore[attr-defined]

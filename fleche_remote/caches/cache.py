@@ -19,7 +19,7 @@ from ..call import CallRecord
 from ..digest import Digest
 from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
 from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
-from ..values import Blob, BytesBlob
+from ..values import Blob, BytesBlob, StreamBlob, decode_value
 from .base import BaseCache
 
 _HEX = frozenset("0123456789abcdef")
@@ -69,6 +69,7 @@ class Cache(BaseCache):
             for record, blob in items:
                 # value first: whoever sees the record must find its value
                 self.values.put(record.value, blob)
+                _drain(blob)
             self.calls.put_many([record for record, _ in items])
             return
         small: Dict[str, Blob] = {}
@@ -77,6 +78,7 @@ class Cache(BaseCache):
                 self.values.put(record.value, blob)  # big values first, streamed
             elif record.value not in small:
                 small[record.value] = _in_memory(record.value, blob)
+            _drain(blob)
         # then every record and small value in one transaction
         inline.put_entries([record for record, _ in items], small)
 
@@ -121,6 +123,19 @@ class Cache(BaseCache):
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         return self.calls.contains_many(keys)
+
+    def load_value(self, key: str) -> Any:
+        """The result stored under ``key`` (full or unique prefix): record
+        and value in one pass (one query over a SQL call store), without
+        building the :class:`~fleche_remote.LazyCall` that ``load`` makes.
+
+        Raises:
+            KeyError: nothing stored under ``key``.
+        """
+        entry = self.load_entries([self._full_key(key)])[0]
+        if entry is None:
+            raise KeyError(key)
+        return decode_value(entry[1])
 
     def evict(self, key: str) -> None:
         if self._read_only:
@@ -186,3 +201,12 @@ def _in_memory(digest: str, blob: Blob) -> Blob:
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
     return BytesBlob(blob.kind, blob.meta, body)
+
+
+def _drain(blob: Blob) -> None:
+    """Consume what a store left unread of a one-shot stream (it had the
+    value already), so that the next value of a batch arriving on the same
+    stream starts where it should."""
+    inner = getattr(blob, "inner", blob)  # a VerifyingBlob's stream
+    if isinstance(inner, StreamBlob):
+        inner.drain()

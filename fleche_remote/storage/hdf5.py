@@ -24,6 +24,14 @@ temporary name (``.incoming``) and moved to its real name as the last step,
 so an entry whose body fails half-way (a truncated stream, a digest that
 does not verify) is deleted, never visible.
 
+Threads. A flock belongs to an open file description, and h5py must not
+open one file twice in a process, so within a process every operation on
+a file also holds a per-file ``threading.Lock`` (shared by every store on
+that path, as values and calls may share a file) around the flock: threads
+of one process take turns, processes take turns through the flock. The
+locks are renewed in a fork child, where a thread of the parent may have
+held one.
+
 The kernel drops a flock when its holder dies, so a crashed process
 leaves no stale lock. Writers wait at most ``lock_timeout`` seconds, then
 raise. A program that keeps the .h5 open outside this store (an h5py
@@ -47,6 +55,7 @@ import fcntl
 import json
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +90,30 @@ def _check_key(key: str) -> str:
     return key
 
 
+# one lock per file (by real path) per process; see "Threads" above
+_THREAD_LOCKS: Dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: Path) -> threading.Lock:
+    key = os.path.realpath(path)
+    with _THREAD_LOCKS_GUARD:
+        lock = _THREAD_LOCKS.get(key)
+        if lock is None:
+            lock = _THREAD_LOCKS[key] = threading.Lock()
+        return lock
+
+
+def _renew_locks_after_fork() -> None:
+    global _THREAD_LOCKS_GUARD
+    _THREAD_LOCKS_GUARD = threading.Lock()
+    _THREAD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks_after_fork)
+
+
 class _H5File:
     """One HDF5 file guarded by ``<path>.lock``; see the module docstring."""
 
@@ -88,6 +121,21 @@ class _H5File:
         self.path = path
         self.lock_path = Path(str(path) + ".lock")
         self.lock_timeout = lock_timeout
+
+    @contextmanager
+    def _this_process(self) -> Iterator[None]:
+        """This file's lock among the threads of this process."""
+        lock = _thread_lock(self.path)
+        if not lock.acquire(timeout=self.lock_timeout):
+            raise StorageError(
+                errno.ETIMEDOUT,
+                f"another thread kept {self.path} busy for {self.lock_timeout:g} s; "
+                f"expected it to finish its operation",
+            )
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _lock(self, fd: int, exclusive: bool) -> None:
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -131,6 +179,11 @@ class _H5File:
     @contextmanager
     def open(self, write: bool) -> Iterator[Optional[h5py.File]]:
         """The file, open under the lock; ``None`` when reading a file that doesn't exist."""
+        with self._this_process(), self._open_locked(write) as f:
+            yield f
+
+    @contextmanager
+    def _open_locked(self, write: bool) -> Iterator[Optional[h5py.File]]:
         fd = self._open_lock_fd(write)
         try:
             if fd is not None:

@@ -1,10 +1,15 @@
-"""In-process stores: fast, thread-safe, gone when the process ends."""
+"""In-process stores: fast, thread-safe, gone when the process ends.
+
+Each store's dict is guarded by one lock for every change and listing; a
+lone lookup needs none (a dict lookup is atomic, in free-threaded builds
+too).
+"""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 from ..call import CallRecord
 from ..values import Blob, BytesBlob
@@ -47,7 +52,8 @@ class MemoryValueStore(ValueStore):
             self._data.pop(digest, None)
 
     def digests(self) -> Iterator[str]:
-        return iter(list(self._data))
+        with self._lock:
+            return iter(list(self._data))
 
 
 class MemoryCallStore(CallStore):
@@ -71,6 +77,11 @@ class MemoryCallStore(CallStore):
         with self._lock:
             self._data.setdefault(record.key, record)
 
+    def put_many(self, records: Sequence[CallRecord]) -> None:
+        with self._lock:
+            for record in records:
+                self._data.setdefault(record.key, record)
+
     def get(self, key: str) -> CallRecord:
         return self._data[key]
 
@@ -82,4 +93,5 @@ class MemoryCallStore(CallStore):
             self._data.pop(key, None)
 
     def keys(self) -> Iterator[str]:
-        return iter(list(self._data))
+        with self._lock:
+            return iter(list(self._data))

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl
 
+from .. import call as _callmod
 from ..call import CallRecord
 from ..errors import ConfigError, CorruptEntryError, StorageError
 from ..values import Blob, BytesBlob
@@ -56,9 +57,11 @@ _HEX = frozenset("0123456789abcdef")
 
 _EXAMPLE = "'sqlite:///path/calls.db' or 'postgresql+psycopg://user@host/dbname'"
 
-#: Whether CallRecord has the ``digest_scheme`` field yet; it is stored
-#: either way (NULL when absent) and passed back only when the class has it.
+#: Whether CallRecord has the ``digest_scheme`` field; it is stored either
+#: way (NULL when a record lacks it) and passed back only when the class
+#: has it. A NULL read back means a record from before the field existed.
 _HAS_SCHEME = "digest_scheme" in getattr(CallRecord, "__dataclass_fields__", {})
+_LEGACY_SCHEME: Optional[str] = getattr(_callmod, "LEGACY_DIGEST_SCHEME", None)
 
 
 # -- config and URLs ----------------------------------------------------------
@@ -217,6 +220,14 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     size = BATCH  # read at call time: tests shrink it to force several batches
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _insert(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
+    """All ``rows`` in one driver call; a lone row skips executemany's set-up."""
+    if len(rows) == 1:
+        cur.execute(sql, rows[0])
+    elif rows:
+        cur.executemany(sql, rows)
 
 
 def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
@@ -381,7 +392,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         super().__init__(url, echo)
         db = self._db
         self._insert_call = db.insert_ignore("calls", _CALL_COLUMNS)
-        self._insert_arg = db.insert_ignore("call_args", ("key", "arg", "digest"))
+        self._insert_arg = db.insert_ignore("call_args", ("arg", "digest", "key"))
         self._has_call = db.sql("SELECT 1 FROM calls WHERE key = ?")
         self._get_call = db.sql(f"SELECT {_READ_CALL} FROM calls c WHERE c.key = ?")
         self._get_entry = db.sql(
@@ -420,18 +431,28 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
                     r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
                 )
             )  # fmt: skip
-            args.extend((r.key, a, d) for a, d in r.arg_digests.items())
+            args.extend((a, d, r.key) for a, d in r.arg_digests.items())
         with self._db.transaction() as cur:
-            if blob_rows:
-                cur.executemany(self._insert_blob, blob_rows)
-            cur.executemany(self._insert_call, rows)
-            if args:
-                cur.executemany(self._insert_arg, args)
+            _insert(cur, self._insert_blob, blob_rows)
+            _insert(cur, self._insert_call, rows)
+            _insert(cur, self._insert_arg, args)
 
     def delete(self, key: str) -> None:
+        sql = self._db.sql
         with self._db.transaction() as cur:
-            cur.execute(self._db.sql("DELETE FROM call_args WHERE key = ?"), (key,))
-            cur.execute(self._db.sql("DELETE FROM calls WHERE key = ?"), (key,))
+            row = cur.execute(sql("SELECT arg_digests FROM calls WHERE key = ?"), (key,)).fetchone()
+            if row is None:
+                return
+            try:
+                digests = json.loads(row[0])
+            except (TypeError, ValueError):
+                digests = {}
+            if isinstance(digests, dict) and digests:
+                cur.executemany(
+                    sql("DELETE FROM call_args WHERE arg = ? AND digest = ? AND key = ?"),
+                    [(a, d, key) for a, d in digests.items()],
+                )
+            cur.execute(sql("DELETE FROM calls WHERE key = ?"), (key,))
 
     # -- reading --------------------------------------------------------------------
 
@@ -451,6 +472,8 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
                 f"call {key[:16]} in {self!r}: expected a JSON object and binary arguments, "
                 f"got {type(meta).__name__} and {type(arguments).__name__}"
             )
+        if scheme is None:
+            scheme = _LEGACY_SCHEME
         if _HAS_SCHEME and scheme is not None:
             return CallRecord(  # type: ignore[call-arg]
                 key, name, version, bytes(arguments), digests, meta, value, kind, int(size), scheme
@@ -505,13 +528,17 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         return [r[0] for r in self._db.rows(sql, (prefix, prefix + "g", limit))]
 
     def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
+        # one paged scan: there is no index on calls.value (see _sqldb.SCHEMA)
+        wanted = set(value_digests)
         found: set[str] = set()
-        for chunk in _chunks(sorted(set(value_digests))):
-            cond, params = self._db.in_list("value", chunk)
-            found.update(
-                r[0]
-                for r in self._db.rows(self._db.sql(f"SELECT DISTINCT value FROM calls WHERE {cond}"), params)
-            )
+        sql = self._db.sql("SELECT key, value FROM calls WHERE key > ? ORDER BY key LIMIT ?")
+        last = ""
+        while wanted - found:
+            page = self._db.rows(sql, (last, PAGE))
+            found.update(v for _, v in page if v in wanted)
+            if len(page) < PAGE:
+                break
+            last = page[-1][0]
         return [d in found for d in value_digests]
 
     def query(
@@ -526,7 +553,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             where.append("c.name = ?")
             params.append(name)
         for arg, digest in (arg_digests or {}).items():
-            where.append("c.key IN (SELECT key FROM call_args WHERE arg = ? AND digest = ?)")
+            where.append("c.key IN (SELECT a.key FROM call_args a WHERE a.arg = ? AND a.digest = ?)")
             params += [arg, digest]
         sql = self._db.sql(
             f"SELECT {_READ_CALL} FROM calls c WHERE {' AND '.join(where)} ORDER BY c.key LIMIT ?"
@@ -568,9 +595,12 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
 
     def collect_blobs(self) -> int:
         # one statement in one transaction: a value and its record are
-        # written together, so a concurrent save can never lose its value
+        # written together, so a concurrent save can never lose its value.
+        # SQLite builds a temporary index of the subquery once for NOT IN;
+        # PostgreSQL plans NOT EXISTS as one hashed anti-join.
+        if self._db.backend == "sqlite":
+            sql = "DELETE FROM blobs WHERE digest NOT IN (SELECT value FROM calls)"
+        else:
+            sql = "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM calls WHERE calls.value = blobs.digest)"
         with self._db.transaction() as cur:
-            done = cur.execute(
-                "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM calls WHERE calls.value = blobs.digest)"
-            )
-            return int(done.rowcount)
+            return int(cur.execute(sql).rowcount)

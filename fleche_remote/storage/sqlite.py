@@ -53,7 +53,7 @@ MMAP_SIZE = 256 * 1024 * 1024
 #: holds the upper levels of every index of a million-entry cache.
 CACHE_KIB = 16 * 1024
 
-# WITHOUT ROWID (one B-tree search per lookup instead of two) needs 3.8.2
+# WITHOUT ROWID (one B-tree per table, searched once) needs SQLite 3.8.2
 _WITHOUT_ROWID = " WITHOUT ROWID" if sqlite3.sqlite_version_info >= (3, 8, 2) else ""
 _DDL = [
     s.format(key="TEXT", blob="BLOB", int="INTEGER", real="REAL", without_rowid=_WITHOUT_ROWID)
