@@ -1,7 +1,12 @@
 """PostgreSQL: SQLAlchemy reaches the URL, psycopg 3 runs the statements.
 
-SQLAlchemy turns the URL into a psycopg connection and keeps a pool of
-them (thread-safe, and rebuilt after a fork). The statements themselves
+SQLAlchemy turns the URL into psycopg connections and pools them. Each
+thread checks one out on first use and keeps it (checking a connection
+out costs a ping round trip, as ``pool_pre_ping`` asks, which would double
+the cost of every lookup); it goes back to the pool when the thread ends
+or the store is closed, and a connection that breaks is invalidated and
+replaced, a read retried once on the new one. A fork child takes new
+connections and never touches (nor closes) the parent's. The statements
 run on the raw psycopg connection: a lookup is one ``execute`` of a fixed
 string, which psycopg prepares on the server after a few uses, with no
 SQLAlchemy compilation in between; a batch is one ``executemany``
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
@@ -46,6 +52,46 @@ def _driver_errors() -> Tuple[Type[BaseException], ...]:
     return (psycopg.Error, SQLAlchemyError)
 
 
+def _broken_errors() -> Tuple[Type[BaseException], ...]:
+    """What a connection that died raises (and is worth one retry of a read)."""
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class _Held:
+    """A pooled connection one thread keeps; back to the pool when dropped."""
+
+    __slots__ = ("__weakref__", "conn", "fairy")
+
+    def __init__(self, fairy: Any) -> None:
+        self.fairy = fairy
+        self.conn: Any = fairy.driver_connection
+
+    def release(self, invalidate: bool = False) -> None:
+        fairy, self.fairy = self.fairy, None
+        if fairy is not None:
+            try:
+                if invalidate:
+                    fairy.invalidate()
+                fairy.close()
+            except Exception:  # the pool or the socket is already gone
+                pass
+
+    def __del__(self) -> None:  # the thread that held it has ended
+        self.release()
+
+
+class _Local(threading.local):
+    held: Optional[_Held] = None
+    token: Optional[object] = None
+
+
+#: Connections a fork child inherited: kept referenced, never closed there
+#: (closing would send the server a goodbye on the parent's socket).
+_INHERITED: List[Any] = []
+
+
 class PostgresDatabase(Database):
     """A PostgreSQL database reached through a SQLAlchemy engine and its pool."""
 
@@ -56,43 +102,78 @@ class PostgresDatabase(Database):
         self.url = url
         self._lock = threading.Lock()
         self._engine: Optional[Engine] = None
-        self._pid = 0
+        self._pid = os.getpid()
         self._errors = _driver_errors()
+        self._broken = _broken_errors()
+        self._local = _Local()
+        self._token = object()
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._statements: Dict[str, str] = {}
 
-    def _get_engine(self) -> Engine:
-        engine = self._engine
-        if engine is not None and self._pid == os.getpid():
-            return engine
+    # -- connections ------------------------------------------------------------
+
+    def _conn(self) -> _Held:
+        local = self._local
+        if local.token is self._token and self._pid == os.getpid():
+            return local.held  # type: ignore[return-value]
         with self._lock:
-            if self._engine is not None and self._pid != os.getpid():
+            if self._pid != os.getpid():
                 # a fork child must not touch the parent's sockets (SQLAlchemy docs)
-                self._engine.dispose(close=False)
-                self._engine = None
-            if self._engine is None:
-                engine = sa.create_engine(
-                    self.url,
-                    isolation_level="AUTOCOMMIT",
-                    pool_pre_ping=True,
-                    # a connection goes back to the pool idle (we commit or roll
-                    # back ourselves): no ROLLBACK round trip per checkin
-                    pool_reset_on_return=None,
-                )
-                try:
-                    self._create_tables(engine)
-                except BaseException:
-                    engine.dispose()
-                    raise
-                self._engine, self._pid = engine, os.getpid()
-            return self._engine
+                _INHERITED.extend([self._engine, *self._held, local.held])
+                if self._engine is not None:
+                    self._engine.dispose(close=False)
+                self._engine, self._held, self._pid = None, weakref.WeakSet(), os.getpid()
+                self._token = object()
+            engine = self._get_engine()
+            token = self._token
+        try:
+            held = _Held(engine.raw_connection())
+        except self._errors as exc:
+            raise self.error("connecting", exc) from exc
+        with self._lock:
+            self._held.add(held)
+        local.held, local.token = held, token
+        return held
+
+    def _drop(self, held: _Held) -> None:
+        """Invalidate a connection that failed; this thread takes a new one next time."""
+        held.release(invalidate=True)
+        if self._local.held is held:
+            self._local.held = self._local.token = None
+
+    def _get_engine(self) -> Engine:  # under self._lock
+        if self._engine is None:
+            engine = sa.create_engine(
+                self.url,
+                isolation_level="AUTOCOMMIT",
+                pool_pre_ping=True,
+                # each thread holds one; never make a thread wait for another's
+                max_overflow=-1,
+                # a connection goes back to the pool idle (we commit or roll
+                # back ourselves): no ROLLBACK round trip per checkin
+                pool_reset_on_return=None,
+            )
+            try:
+                self._create_tables(engine)
+            except BaseException:
+                engine.dispose()
+                raise
+            self._engine = engine
+        return self._engine
 
     def _create_tables(self, engine: Engine) -> None:
         for attempt in range(4):
             try:
-                with self._raw(engine) as conn, conn.transaction(), conn.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_ID,))
-                    for statement in _DDL:
-                        cur.execute(statement)
+                fairy = engine.raw_connection()
+                try:
+                    conn = fairy.driver_connection
+                    assert conn is not None
+                    with conn.transaction(), conn.cursor() as cur:
+                        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_ID,))
+                        for statement in _DDL:
+                            cur.execute(statement)
+                finally:
+                    fairy.close()
                 return
             except self._errors as exc:
                 # a server that still reports the CREATE race: the next try sees the tables
@@ -100,50 +181,41 @@ class PostgresDatabase(Database):
                     raise self.error("creating tables", exc) from exc
                 time.sleep(0.05 * (attempt + 1))
 
-    @contextmanager
-    def _raw(self, engine: Engine) -> Iterator[Any]:
-        """A pooled psycopg connection, returned to the pool afterwards."""
-        fairy = engine.raw_connection()
-        conn: Any = fairy.driver_connection
-        try:
-            yield conn
-        except BaseException:
-            # a connection left in a failed transaction is no use to the next borrower
-            try:
-                if conn.info.transaction_status != 0:  # not IDLE
-                    fairy.invalidate()
-            except Exception:
-                pass
-            raise
-        finally:
-            fairy.close()
-
     # -- statements -------------------------------------------------------------
 
-    def rows(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+    def _read(self, sql: str, params: Sequence[Any], one: bool) -> Any:
         if self.echo:
             self.trace(sql, params)
-        try:
-            with self._raw(self._get_engine()) as conn:
-                return conn.execute(sql, params).fetchall()  # type: ignore[no-any-return]
-        except self._errors as exc:
-            raise self.error("reading", exc) from exc
+        for attempt in (0, 1):
+            held = self._conn()
+            try:
+                cur = held.conn.execute(sql, params)
+                return cur.fetchone() if one else cur.fetchall()
+            except self._broken as exc:
+                # the server went away (restart, idle timeout): a read is
+                # safe to repeat once on a fresh connection
+                self._drop(held)
+                if attempt:
+                    raise self.error("reading", exc) from exc
+            except self._errors as exc:
+                raise self.error("reading", exc) from exc
+        raise AssertionError("unreachable")
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        return self._read(sql, params, one=False)  # type: ignore[no-any-return]
 
     def first(self, sql: str, params: Sequence[Any] = ()) -> Optional[Tuple[Any, ...]]:
-        if self.echo:
-            self.trace(sql, params)
-        try:
-            with self._raw(self._get_engine()) as conn:
-                return conn.execute(sql, params).fetchone()  # type: ignore[no-any-return]
-        except self._errors as exc:
-            raise self.error("reading", exc) from exc
+        return self._read(sql, params, one=True)  # type: ignore[no-any-return]
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
+        held = self._conn()
         try:
-            with self._raw(self._get_engine()) as conn, conn.transaction(), conn.cursor() as cur:
+            with held.conn.transaction(), held.conn.cursor() as cur:
                 yield _Cursor(cur, self) if self.echo else cur
         except self._errors as exc:
+            if held.conn.closed or getattr(held.conn, "broken", False):
+                self._drop(held)
             raise self.error("writing", exc) from exc
 
     def sql(self, text: str) -> str:
@@ -161,8 +233,14 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         with self._lock:
+            self._token = object()  # every thread checks out afresh
+            mine = self._pid == os.getpid()
+            if mine:
+                for held in list(self._held):
+                    held.release()
+            self._held = weakref.WeakSet()
             if self._engine is not None:
-                self._engine.dispose(close=self._pid == os.getpid())
+                self._engine.dispose(close=mine)
             self._engine = None
 
 

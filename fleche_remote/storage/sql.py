@@ -192,11 +192,16 @@ def _from_json(obj: Any) -> Any:
     return obj
 
 
+#: One encoder for every row: ``json.dumps`` with arguments builds a new one
+#: per call, which cost more than the insert it feeds.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def dumps_json(obj: Any) -> str:
     """Plain data as JSON text, bytes and tuples tagged (see above)."""
     if not obj and type(obj) is dict:
         return "{}"
-    return json.dumps(_to_json(obj), separators=(",", ":"))
+    return _compact(_to_json(obj))
 
 
 def loads_json(data: str) -> Any:
@@ -234,7 +239,7 @@ def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
     body = blob.read_all()
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
-    meta = "{}" if not blob.meta else json.dumps(blob.meta, separators=(",", ":"))
+    meta = "{}" if not blob.meta else _compact(blob.meta)
     return (digest, blob.kind, meta, blob.size, body)
 
 
@@ -427,7 +432,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             rows.append(
                 (
                     r.key, r.name, r.version, bytes(r.arguments),
-                    json.dumps(r.arg_digests, separators=(",", ":")), dumps_json(r.metadata),
+                    _compact(r.arg_digests), dumps_json(r.metadata),
                     r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
                 )
             )  # fmt: skip
