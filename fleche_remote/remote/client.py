@@ -3,9 +3,14 @@
 One ``ssh host python -m fleche_remote serve`` subprocess is started on
 first use and reused for the life of the process, so a session costs one
 authentication (one 2FA prompt). Every :class:`BaseCache` primitive is one
-request on that connection; batches (``contains_many``, ``load_many``,
-``save_many``) are one round trip each, and values stream in bounded
-chunks both ways.
+request on that connection; batches (``contains_many``, ``load_entries``,
+``load_blobs``, ``save_records``) are one round trip each, ``query``
+streams in flow-controlled pages, and values stream in bounded chunks both
+ways. Requests from many threads are pipelined on the one connection.
+
+The first request is written as soon as ssh starts, before the server's
+banner arrives: its answer comes right behind the banner, so a cold start
+costs the login plus one round trip.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from ..digest import Digest
 from ..errors import ConfigError, Rejected
 from ..storage._config import check_keys, typed
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
-from .connection import Connection
-from .protocol import PROTOCOL_VERSION, BlobHeader
+from .connection import Connection, warn_on_skew
+from .handlers import WIRE_INLINE_BUDGET, WIRE_INLINE_MAX
+from .protocol import BlobHeader, Inline
+from .ssh_options import fast_cipher_options
 from .transport import PipeTransport, SubprocessTransport, Transport
 
 #: Spool a fetched value to disk past this size (``load_blob`` hands the
@@ -93,6 +100,10 @@ class SshCache(BaseCache):
             server becomes a :class:`RemoteConnectionError` after it.
         read_only: refuse writes locally, and start the server
             ``--read-only`` as well.
+        fast_cipher: when the ssh configuration names no cipher, ask for
+            AES-GCM on CPUs with AES instructions (about 1.6x the
+            throughput of ssh's default chacha20 here); an explicit
+            ``Ciphers``/``-c`` of the user always wins.
         ssh: the ssh program.
         command: run this argv instead of building an ssh command (a local
             ``python -m fleche_remote serve``, a container exec, ...).
@@ -110,6 +121,7 @@ class SshCache(BaseCache):
         connect_timeout: float = 60.0,
         timeout: float = 60.0,
         read_only: bool = False,
+        fast_cipher: bool = True,
         ssh: str = "ssh",
         command: Optional[Sequence[str]] = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
@@ -125,6 +137,7 @@ class SshCache(BaseCache):
         self.connect_timeout = float(connect_timeout)
         self.timeout = float(timeout)
         self._local_read_only = bool(read_only)
+        self.fast_cipher = bool(fast_cipher)
         self.ssh = ssh
         self.command = list(command) if command is not None else None
         self._transport_factory = _transport_factory
@@ -158,6 +171,7 @@ class SshCache(BaseCache):
         "connect_timeout": (int, float),
         "timeout": (int, float),
         "read_only": bool,
+        "fast_cipher": bool,
         "ssh": str,
     }
 
@@ -195,6 +209,8 @@ class SshCache(BaseCache):
             cfg["timeout"] = self.timeout
         if self._local_read_only:
             cfg["read_only"] = True
+        if not self.fast_cipher:
+            cfg["fast_cipher"] = False
         if self.ssh != "ssh":
             cfg["ssh"] = self.ssh
         return cfg
@@ -217,7 +233,8 @@ class SshCache(BaseCache):
         """The full local command that starts the connection."""
         if self.command is not None:
             return list(self.command)
-        return [self.ssh, "-T", *self.ssh_options, self.host, self.remote_command()]
+        extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
+        return [self.ssh, "-T", *extra, *self.ssh_options, self.host, self.remote_command()]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
@@ -239,15 +256,16 @@ class SshCache(BaseCache):
             transport = self._transport_factory()
         else:
             transport = SubprocessTransport(self.argv(), label=self.host)
+        host = self.host
         conn = Connection(
             transport,
-            target=self.host,
+            target=host,
             timeout=self.timeout,
             connect_timeout=self.connect_timeout,
             diagnose_startup=_startup_message(self.host, self.python, self.setup_commands),
+            on_hello=lambda hello: warn_on_skew(host, hello.library),
         )
         self._finalizer = weakref.finalize(self, Connection.close, conn)
-        _warn_on_skew(self.host, conn.hello.library)
         return conn
 
     def reconnect(self) -> None:
@@ -301,7 +319,16 @@ class SshCache(BaseCache):
     @property
     def login_noise(self) -> bytes:
         """What the remote login shell printed before the server's banner."""
-        return self._connection().noise
+        conn = self._connection()
+        conn.hello  # noqa: B018 - the noise is known once the banner is in
+        return conn.noise
+
+    @property
+    def request_count(self) -> int:
+        """Requests sent on the current connection: what a slow link charges
+        for (one round trip each, less where they were pipelined)."""
+        conn = self._conn
+        return 0 if conn is None else conn.requests_sent
 
     def ping(self) -> None:
         """One empty round trip (for latency checks)."""
@@ -310,22 +337,58 @@ class SshCache(BaseCache):
     # -- primitives ----------------------------------------------------------
 
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
-        if self.read_only:
+        if self._local_read_only or self._known_read_only():
             raise Rejected(f"cannot save: {self!r} is read-only")
-        blobs = [(BlobHeader(b.kind, b.meta, b.size, r.value), b) for r, b in items]
-        self._request("save_records", {"records": [r for r, _ in items]}, blobs=blobs)
+        if not items:
+            return
+        budget = WIRE_INLINE_BUDGET
+        inline: List[Optional[Inline]] = []
+        blobs: List[Tuple[BlobHeader, Blob]] = []
+        for record, blob in items:
+            if blob.size <= WIRE_INLINE_MAX and blob.size <= budget:
+                body = blob.read_all()
+                budget -= len(body)
+                inline.append(Inline(blob.kind, dict(blob.meta), body))
+            else:
+                inline.append(None)
+                blobs.append((BlobHeader(blob.kind, blob.meta, blob.size, record.value), blob))
+        args = {"records": [r for r, _ in items], "inline": inline}
+        self._request("save_records", args, blobs=blobs)
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
+        if not keys:
+            return []
         return list(self._request("load_records", {"keys": [str(k) for k in keys]}))
 
     def load_blob(self, value_digest: str) -> Blob:
         return self._request("load_blob", {"digest": str(value_digest)}, consume=_spool)  # type: ignore[no-any-return]
 
+    def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
+        """Blobs for ``value_digests`` in one round trip (small ones travel
+        inside the reply, large ones stream after it)."""
+        if not value_digests:
+            return []
+        args = {"digests": [str(d) for d in value_digests]}
+        return self._request("load_blobs", args, consume=_unpack_blobs)  # type: ignore[no-any-return]
+
+    def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        """Records and their result blobs in one round trip."""
+        if not keys:
+            return []
+
+        def consume(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
+            blobs = _unpack_blobs([None if e is None else e[1] for e in result], streams)
+            return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
+
+        return self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=consume)  # type: ignore[no-any-return]
+
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
+        if not keys:
+            return []
         return list(self._request("contains_many", {"keys": [str(k) for k in keys]}))
 
     def evict(self, key: str) -> None:
-        if self.read_only:
+        if self._local_read_only or self._known_read_only():
             raise Rejected(f"cannot evict: {self!r} is read-only")
         self._request("evict", {"key": str(key)})
 
@@ -338,17 +401,37 @@ class SshCache(BaseCache):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
+        """Matching records, streamed in pages: the server runs ahead by at
+        most ``QUERY_WINDOW`` pages of what this iterator has handed out,
+        and stops when the iterator is closed or collected."""
         args = {
             "name": name,
             "arg_digests": dict(arg_digests) if arg_digests else None,
             "metadata": dict(metadata) if metadata else None,
+            "page": QUERY_PAGE,
+            "window": QUERY_WINDOW,
         }
-        return iter(self._request("query_records", args))
+        conn = self._connection()
+        exchange = conn.exchange("query_records", args)
+        with exchange:
+            while True:
+                message = exchange.first()
+                if message.more:
+                    conn.send_one_way("credit", {"id": exchange.pending.rid, "n": 1})
+                yield from message.result
+                if not message.more:
+                    return
 
     def collect_garbage(self) -> int:
-        if self.read_only:
+        if self._local_read_only or self._known_read_only():
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
         return int(self._request("collect_garbage"))
+
+    def _known_read_only(self) -> bool:
+        """Read-only as the server said, if it has said yet: a first save
+        does not wait for the handshake (the server refuses it anyway)."""
+        conn = self._connection()
+        return conn.hello_received and bool(conn.hello.info.get("read_only"))
 
     # -- one-round-trip overrides ---------------------------------------------
 
@@ -361,13 +444,39 @@ class SshCache(BaseCache):
         return self._request("load_blob", {"digest": str(value_digest)}, consume=_decode_first)
 
 
+#: Records per query page, and pages the server may send ahead of us.
+QUERY_PAGE = 500
+QUERY_WINDOW = 4
+
+
 def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
     header, chunks = streams[0]
     return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
 
 
+def _unpack_blobs(
+    items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]
+) -> List[Optional[Blob]]:
+    """Blobs from a reply's items: ``Inline`` ones as they are, ``True`` ones
+    from the streams that follow, in order (spooled: they outlive the wire)."""
+    out: List[Optional[Blob]] = []
+    pending = iter(streams)
+    spooled = 0
+    for item in items:
+        if item is None:
+            out.append(None)
+        elif isinstance(item, Inline):
+            out.append(BytesBlob(item.kind, item.meta, item.body))
+        else:
+            header, chunks = next(pending)
+            blob = _spool_one(header, chunks, in_memory=spooled + header.size < SPOOL_IN_MEMORY_BELOW)
+            spooled += header.size
+            out.append(blob)
+    return out
+
+
 class _SpooledBlob(Blob):
-    """A fetched value held in memory or, past a size, in a temp file."""
+    """A fetched value held in a temp file."""
 
     def __init__(self, header: BlobHeader, spool: Any) -> None:
         self.kind = header.kind
@@ -384,9 +493,8 @@ class _SpooledBlob(Blob):
             yield data
 
 
-def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
-    header, chunks = streams[0]
-    if header.size < SPOOL_IN_MEMORY_BELOW:
+def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> Blob:
+    if in_memory:
         return BytesBlob(header.kind, header.meta, b"".join(chunks))
     spool = tempfile.TemporaryFile(prefix="fleche-remote-")
     for chunk in chunks:
@@ -394,17 +502,9 @@ def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Bl
     return _SpooledBlob(header, spool)
 
 
-def _warn_on_skew(host: str, remote_version: str) -> None:
-    from .. import __version__
-
-    if remote_version != __version__:
-        import warnings
-
-        warnings.warn(
-            f"{host} runs fleche-remote {remote_version}, this client {__version__} "
-            f"(protocol {PROTOCOL_VERSION} on both); consider upgrading the older side",
-            stacklevel=4,
-        )
+def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
+    header, chunks = streams[0]
+    return _spool_one(header, chunks, in_memory=header.size < SPOOL_IN_MEMORY_BELOW)
 
 
 __all__ = ["SshCache"]

@@ -1,27 +1,50 @@
-"""The client's side of one connection: handshake, requests, replies.
+"""The client's side of one connection: handshake, pipelined requests, replies.
 
 It owns a :class:`~fleche_remote.remote.transport.Transport` and the
-protocol state on top of it. One request is on the wire at a time
-(``request`` holds a lock for the whole exchange), but every reply is
-matched by id, so frames left by an abandoned request (a Ctrl-C while
-waiting) are skipped rather than taken for the next answer.
+protocol state on top of it. Many threads may have requests in flight on
+it at once; replies are matched to requests by id.
+
+How replies find their request (the "leader/follower" pattern): there is
+no reader thread. A thread waiting for its reply becomes the *leader* if
+nobody is reading: it reads from the transport, decodes frames and files
+each under the request it belongs to, waking that request's thread, until
+a frame for its own request arrives; then it hands leadership to whoever
+still waits. A single-threaded caller therefore reads its own replies
+directly, with no thread switch on the hot path, while threads that share
+the connection never wait for each other's round trips.
+
+Bounds, so that a fast producer cannot exhaust memory on either side:
+
+* at most ``MAX_IN_FLIGHT`` requests are outstanding; the next one waits;
+* value streams to the server are sent one at a time (small requests may
+  pass between their chunks), which is what lets the server take uploads
+  in order with a bounded queue;
+* frames queued for a request whose thread has not taken them yet are
+  capped at ``MAX_QUEUED_BYTES``: the leader stops reading until that
+  thread catches up (it needs no leadership to do so);
+* paged answers are flow-controlled with credits (see the protocol notes).
 
 Failure policy: anything that leaves the stream in an unknown state (a
 timeout, garbage, an interrupted write, the peer exiting) kills the
-transport and marks the connection broken; later requests raise
-:class:`~fleche_remote.errors.RemoteConnectionError` until the owner
-reconnects explicitly. Nothing reconnects silently: that would repeat a
-2FA prompt behind the user's back.
+transport and fails every request in flight with the same
+:class:`~fleche_remote.errors.RemoteConnectionError`; later requests raise
+it too until the owner reconnects explicitly. Nothing reconnects silently:
+that would repeat a 2FA prompt behind the user's back. A request abandoned
+by its caller (Ctrl-C while waiting) leaves the connection usable: its
+remaining frames are skipped, and a value stream is cancelled.
 """
 
 from __future__ import annotations
 
 import builtins
+import collections
+import copy
 import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+import warnings
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 from .. import errors as _errors
 from ..errors import ProtocolError, RemoteConnectionError, RemoteError
@@ -55,9 +78,23 @@ log = logging.getLogger("fleche_remote.client")
 #: ones stay interruptible and close the connection instead.
 DEFER_SIGINT_BELOW = 16 << 20
 
+#: Outstanding requests per connection. 64 keeps a 20 ms link busy at
+#: ~3000 small requests/s from many threads while bounding what a server
+#: may have queued for us.
+MAX_IN_FLIGHT = 64
+
+#: Received frames waiting for a thread that has not taken them yet. Past
+#: this the leader pauses reading (a slow consumer slows the connection
+#: down; it never grows our memory).
+MAX_QUEUED_BYTES = 32 << 20
+
 #: Value chunks up to this size are copied into the request's single write;
 #: bigger ones are written from the value's own buffer.
 _GATHER_BELOW = 64 << 10
+
+#: How often a waiting thread re-checks the connection while another
+#: thread leads (the leader enforces the real deadline).
+_FOLLOW_SLICE = 0.5
 
 _REBUILDABLE: Dict[str, Type[BaseException]] = {
     name: getattr(builtins, name)
@@ -135,8 +172,26 @@ class _DeferSigint:
                 raise KeyboardInterrupt
 
 
+class _Pending:
+    """One request in flight: the frames received for it, not yet taken."""
+
+    __slots__ = ("frames", "queued", "rid")
+
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+        self.frames: Deque[Frame] = collections.deque()
+        self.queued = 0
+
+
+def _frame_size(frame: Frame) -> int:
+    return len(frame.payload) + 64
+
+
 class Connection:
     """Protocol state over one live transport (see the module notes).
+
+    Construction does not wait for the server: the first request goes out
+    at once, and its answer arrives right behind the server's banner.
 
     Args:
         transport: the byte pipe, already started.
@@ -145,6 +200,7 @@ class Connection:
         connect_timeout: seconds for the banner and ``Hello`` to arrive.
         diagnose_startup: turns (exit code, stderr lines) of a peer that
             died before its banner into a helpful message.
+        on_hello: called once with the server's ``Hello`` (version checks).
     """
 
     def __init__(
@@ -155,71 +211,89 @@ class Connection:
         timeout: float,
         connect_timeout: float,
         diagnose_startup: Optional[Callable[[Optional[int], List[str]], str]] = None,
+        on_hello: Optional[Callable[[Hello], None]] = None,
     ) -> None:
         self.transport = transport
         self.target = target
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._diagnose_startup = diagnose_startup
+        self._on_hello = on_hello
         self._decoder = FrameDecoder()
-        self._lock = threading.RLock()
+        self._scanner: Optional[BannerScanner] = BannerScanner()
+        self._started = time.monotonic()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._send_lock = threading.Lock()
+        self._upload_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._pending: Dict[int, _Pending] = {}
+        self._queued_total = 0
+        self._leading = False
         self._next_id = 1
+        self._hello: Optional[Hello] = None
         self.broken: Optional[str] = None
+        self._error: Optional[RemoteConnectionError] = None
         self.noise = b""
-        self.hello: Hello = self._handshake()
+        #: requests sent so far (one-way ones included): round trips are
+        #: what a slow link charges for, so tests and benchmarks count them.
+        self.requests_sent = 0
 
     # -- failure handling ---------------------------------------------------
 
     def _fail(self, message: str, exc: Optional[BaseException] = None) -> RemoteConnectionError:
-        """Kill the transport, remember why, and build the error to raise."""
+        """Kill the transport, remember why, wake every waiter; the error to raise."""
+        with self._cond:
+            if self._error is not None:
+                return self._error
         kill = getattr(self.transport, "kill", self.transport.close)
         try:
             kill()
         except Exception:  # pragma: no cover - best effort
             pass
         code, tail = self.transport.diagnose()
-        self.broken = message
         err_cls = type(exc) if isinstance(exc, RemoteConnectionError) else RemoteConnectionError
-        return err_cls(message, returncode=code, stderr_tail=tail)
+        err = err_cls(message, returncode=code, stderr_tail=tail)
+        with self._cond:
+            if self._error is None:
+                self.broken = message
+                self._error = err
+            self._cond.notify_all()
+            return self._error
 
     def _check_usable(self) -> None:
         if self.broken is not None:
             raise RemoteConnectionError(
-                f"the connection to {self.target} was lost earlier ({self.broken}); call reconnect()"
+                f"the connection to {self.target} was lost earlier ({self.broken}); call reconnect()",
+                returncode=self._error.returncode if self._error else None,
+                stderr_tail=self._error.stderr_tail if self._error else (),
             )
 
-    # -- handshake ----------------------------------------------------------
+    # -- the handshake --------------------------------------------------------
 
-    def _handshake(self) -> Hello:
-        scanner = BannerScanner()
-        deadline = time.monotonic() + self.connect_timeout
-        found = None
+    @property
+    def hello(self) -> Hello:
+        """The server's ``Hello`` (waits for it if it has not arrived yet)."""
+        if self._hello is None:
+            self._wait(None)
+        assert self._hello is not None
+        return self._hello
+
+    @property
+    def hello_received(self) -> bool:
+        return self._hello is not None
+
+    def _take_banner(self, data: bytes) -> bytes:
+        """Feed bytes before the banner; returns what follows it, once found."""
+        assert self._scanner is not None
         try:
-            while found is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportTimeout("deadline")
-                data = self.transport.read(remaining)
-                if not data:
-                    code, tail = self.transport.diagnose()
-                    why = (
-                        self._diagnose_startup(code, tail)
-                        if self._diagnose_startup
-                        else f"the server at {self.target} exited before its banner"
-                    )
-                    if scanner.noise:
-                        why += f"; it printed {describe_noise(scanner.noise)}"
-                    raise self._fail(why)
-                found = scanner.feed(data)
-        except TransportTimeout:
-            noise = scanner.noise
-            seen = f"; received only {describe_noise(noise)}" if noise else "; received nothing"
-            raise self._fail(
-                f"no fleche-remote banner from {self.target} within {self.connect_timeout:g} s{seen}"
-            ) from None
+            found = self._scanner.feed(data)
         except ProtocolError as exc:
             raise self._fail(str(exc)) from None
+        if found is None:
+            return b""
         self.noise, version, rest = found
+        self._scanner = None
         if self.noise:
             log.warning(
                 "skipped %d bytes of login output from %s: %s",
@@ -231,58 +305,159 @@ class Connection:
             check_version(version)
         except RemoteConnectionError as exc:
             raise self._fail(str(exc), exc) from None
-        self._decoder.feed(rest)
-        frame = self._next_frame(deadline)
-        if frame.type != MSG or not isinstance(frame.message, Hello):
-            raise self._fail(f"expected the server's Hello after its banner, got frame type {frame.type}")
-        return frame.message
+        return rest
 
-    # -- frames -------------------------------------------------------------
+    def _startup_failure(self, why_eof: bool) -> RemoteConnectionError:
+        noise = self._scanner.noise if self._scanner is not None else b""
+        if why_eof:
+            code, tail = self.transport.diagnose()
+            why = (
+                self._diagnose_startup(code, tail)
+                if self._diagnose_startup
+                else f"the server at {self.target} exited before its banner"
+            )
+            if noise:
+                why += f"; it printed {describe_noise(noise)}"
+            return self._fail(why)
+        seen = f"; received only {describe_noise(noise)}" if noise else "; received nothing"
+        return self._fail(
+            f"no fleche-remote banner from {self.target} within {self.connect_timeout:g} s{seen}"
+        )
 
-    def _next_frame(self, deadline: Optional[float] = None) -> Frame:
+    # -- reading (by whichever thread leads) ----------------------------------
+
+    def _read_some(self) -> None:
+        """Read once from the transport and file every complete frame.
+
+        Only the wait for data may be interrupted harmlessly; an interrupt
+        (Ctrl-C) after bytes left the pipe but before they were filed
+        would leave the stream out of step, so it closes the connection.
+        """
+        if self._hello is None:
+            wait = max(0.0, self._started + self.connect_timeout - time.monotonic())
+        else:
+            wait = self.timeout
+        try:
+            self.transport.wait_readable(wait)
+        except TransportTimeout:
+            if self._hello is None:
+                raise self._startup_failure(False) from None
+            raise self._fail(
+                f"no reply from {self.target} within {wait:g} s (server hung or stopped?); "
+                f"the connection was closed"
+            ) from None
+        try:
+            claim = self._decoder.claim_payload() if self._scanner is None else None
+            if claim is not None:
+                self._fill(claim[0], claim[1], wait)
+            else:
+                data = self.transport.read_ready()
+                if data is None:
+                    return
+                if not data:
+                    if self._hello is None:
+                        raise self._startup_failure(True)
+                    raise self._fail(f"the server at {self.target} closed the connection")
+                if self._scanner is not None:
+                    data = self._take_banner(data)
+                    if not data:
+                        return
+                self._decoder.feed(data)
+            self._file_frames()
+        except RemoteConnectionError:
+            raise
+        except OSError as exc:
+            raise self._fail(f"reading from {self.target} failed: {exc}") from None
+        except BaseException:
+            self._fail("a reply was interrupted while it was being read")
+            raise
+
+    def _fill(self, buf: bytearray, have: int, wait: float) -> None:
+        """Read the rest of a big payload straight into its buffer."""
+        view = memoryview(buf)
+        while have < len(buf):
+            n = self.transport.readinto_ready(view[have:])
+            if n is None:
+                try:
+                    self.transport.wait_readable(wait)
+                except TransportTimeout:
+                    raise self._fail(
+                        f"no reply from {self.target} within {wait:g} s (server hung or stopped?); "
+                        f"the connection was closed"
+                    ) from None
+                continue
+            if n == 0:
+                raise self._fail(f"the server at {self.target} closed the connection")
+            have += n
+        self._decoder.feed_claimed(buf)
+
+    def _file_frames(self) -> None:
         while True:
             try:
                 frame = self._decoder.next_frame()
             except ProtocolError as exc:
                 raise self._fail(f"garbage from {self.target}: {exc}") from None
-            if frame is not NEED_DATA:
-                return frame  # type: ignore[return-value]
-            wait = self.timeout if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                data = self.transport.read(wait)
-            except TransportTimeout:
-                raise self._fail(
-                    f"no reply from {self.target} within {wait:g} s (server hung or stopped?); "
-                    f"the connection was closed"
-                ) from None
-            except OSError as exc:
-                raise self._fail(f"reading from {self.target} failed: {exc}") from None
-            if not data:
-                raise self._fail(f"the server at {self.target} closed the connection")
-            self._decoder.feed(data)
-
-    def _stream(self, rid: int, header: BlobHeader) -> Iterator[bytes]:
-        """DATA payloads of one incoming value, until END."""
-        received = 0
-        while True:
-            frame = self._next_frame()
-            if frame.id != rid:
-                continue
-            if frame.type == DATA:
-                received += len(frame.payload)
-                yield frame.payload
-            elif frame.type == END:
-                if received != header.size:
-                    raise self._fail(
-                        f"value from {self.target} ended after {received} of {header.size} bytes"
-                    )
+            if frame is NEED_DATA:
                 return
-            elif frame.type == ABORT:
-                raise _errors.CorruptEntryError(
-                    f"the server could not send the value: {frame.payload.decode('utf-8', 'replace')}"
-                )
-            else:
-                raise self._fail(f"expected value data from {self.target}, got a message")
+            assert isinstance(frame, Frame)
+            if self._hello is None:
+                if frame.type != MSG or not isinstance(frame.message, Hello):
+                    raise self._fail(
+                        f"expected the server's Hello after its banner, got frame type {frame.type}"
+                    )
+                self._hello = frame.message
+                if self._on_hello is not None:
+                    self._on_hello(frame.message)
+                with self._cond:
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                pending = self._pending.get(frame.id)
+                if pending is None:
+                    continue  # the tail of an abandoned request
+                size = _frame_size(frame)
+                pending.frames.append(frame)
+                pending.queued += size
+                self._queued_total += size
+                self._cond.notify_all()
+
+    def _wait(self, pending: Optional[_Pending]) -> Optional[Frame]:
+        """The next frame for ``pending`` (or, with ``None``, the Hello)."""
+        while True:
+            with self._cond:
+                while True:
+                    if pending is not None and pending.frames:
+                        frame = pending.frames.popleft()
+                        size = _frame_size(frame)
+                        pending.queued -= size
+                        self._queued_total -= size
+                        self._cond.notify_all()
+                        return frame
+                    if pending is None and self._hello is not None:
+                        return None
+                    if self._error is not None:
+                        raise copy.copy(self._error)
+                    if not self._leading and self._queued_total < MAX_QUEUED_BYTES:
+                        self._leading = True
+                        break
+                    self._cond.wait(_FOLLOW_SLICE)
+            try:
+                self._lead(pending)
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+
+    def _lead(self, pending: Optional[_Pending]) -> None:
+        """Read until ``pending`` has a frame (or the Hello is in)."""
+        while True:
+            if pending is not None and pending.frames:
+                return
+            if pending is None and self._hello is not None:
+                return
+            if self._queued_total >= MAX_QUEUED_BYTES:
+                return  # let the consumers catch up before reading more
+            self._read_some()
 
     # -- requests -----------------------------------------------------------
 
@@ -297,71 +472,222 @@ class Connection:
 
         ``blobs`` stream after the request. When the reply carries value
         streams, ``consume(result, [(header, chunks), ...])`` reads them
-        while the connection is held and its return value is returned.
+        and its return value is returned.
 
         Raises:
             RemoteConnectionError: the transport died, hung or sent garbage.
             KeyError, Rejected, ...: the operation failed on the server.
         """
-        with self._lock:
+        with self.exchange(op, args, blobs) as reply:
+            message = reply.first()
+            streams = [(h, reply.stream(h)) for h in message.blobs]
+            if consume is not None:
+                return consume(message.result, streams)
+            for _, chunks in streams:  # nobody wants them: keep the wire in step
+                for _ in chunks:
+                    pass
+            return message.result
+
+    def exchange(
+        self, op: str, args: Optional[Dict[str, Any]] = None, blobs: Sequence[Tuple[BlobHeader, Blob]] = ()
+    ) -> _Exchange:
+        """Send a request; the returned context manager reads its answer."""
+        self._check_usable()
+        deadline = time.monotonic() + max(self.timeout, self.connect_timeout)
+        while not self._slots.acquire(timeout=_FOLLOW_SLICE):
             self._check_usable()
+            if time.monotonic() > deadline:
+                raise RemoteConnectionError(
+                    f"{MAX_IN_FLIGHT} requests to {self.target} stayed unanswered for {self.timeout:g} s"
+                )
+        try:
+            with self._cond:
+                rid = self._next_id
+                self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+                self.requests_sent += 1
+                pending = _Pending(rid)
+                self._pending[rid] = pending
+            try:
+                self._send(Request(rid, op, dict(args or {}), [h for h, _ in blobs]), blobs)
+            except BaseException:
+                self._forget(pending)
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        return _Exchange(self, pending)
+
+    def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
+        """A request the server acts on without answering (credit, cancel)."""
+        if self.broken is not None:
+            return
+        with self._cond:
             rid = self._next_id
             self._next_id = (self._next_id % 0xFFFFFFFF) + 1
-            self._send(Request(rid, op, dict(args or {}), [h for h, _ in blobs]), blobs)
-            while True:
-                frame = self._next_frame()
-                if frame.id != rid or frame.type != MSG:
-                    continue  # the tail of an abandoned request
-                message = frame.message
-                if isinstance(message, ErrorResponse):
-                    raise rebuild_exception(message)
-                if not isinstance(message, Response):
-                    raise self._fail(f"expected a reply from {self.target}, got {type(message).__name__}")
-                streams = [(h, self._stream(rid, h)) for h in message.blobs]
-                if consume is not None:
-                    return consume(message.result, streams)
-                for _, chunks in streams:  # nobody wants them: keep the wire in step
-                    for _ in chunks:
-                        pass
-                return message.result
+            self.requests_sent += 1
+        self._send(Request(rid, op, args, []), ())
+
+    def _forget(self, pending: _Pending) -> None:
+        with self._cond:
+            if self._pending.pop(pending.rid, None) is not None:
+                self._queued_total -= pending.queued
+                pending.frames.clear()
+                pending.queued = 0
+                self._cond.notify_all()
 
     def _send(self, request: Request, blobs: Sequence[Tuple[BlobHeader, Blob]]) -> None:
         head = encode_message(request)
+        if not blobs:
+            self._write_whole(head)
+            return
         total = len(head) + sum(h.size for h, _ in blobs)
         started = complete = False
+        # one value stream at a time; small requests pass between its chunks
+        with self._upload_lock:
+            try:
+                with _DeferSigint(total < DEFER_SIGINT_BELOW):
+                    started = True
+                    pending = bytearray(head)
+                    for header, blob in blobs:
+                        sent = 0
+                        for chunk in blob.chunks(CHUNK_SIZE):
+                            n = len(chunk)
+                            pending += frame_header(DATA, request.id, n)
+                            if n <= _GATHER_BELOW:
+                                pending += chunk
+                            else:
+                                with self._send_lock:
+                                    self.transport.write(pending, self.timeout)
+                                    self.transport.write(chunk, self.timeout)
+                                pending = bytearray()
+                            sent += n
+                        if sent != header.size:
+                            raise ValueError(f"value produced {sent} bytes, expected {header.size}")
+                        pending += encode_end(request.id)
+                    with self._send_lock:
+                        self.transport.write(pending, self.timeout)
+                    complete = True
+            except RemoteConnectionError as exc:
+                raise self._send_failed(exc) from None
+            except BaseException:
+                if started and not complete:
+                    # half a request is on the wire: the stream can't be trusted
+                    self._fail("a request was interrupted while it was being sent")
+                raise
+
+    def _write_whole(self, data: bytes) -> None:
         try:
-            with _DeferSigint(total < DEFER_SIGINT_BELOW):
-                started = True
-                # small frames are gathered into one write; a large chunk goes
-                # out on its own, straight from the caller's buffer (no copy)
-                pending = bytearray(head)
-                for header, blob in blobs:
-                    sent = 0
-                    for chunk in blob.chunks(CHUNK_SIZE):
-                        n = len(chunk)
-                        pending += frame_header(DATA, request.id, n)
-                        if n <= _GATHER_BELOW:
-                            pending += chunk
-                        else:
-                            self.transport.write(pending, self.timeout)
-                            self.transport.write(chunk, self.timeout)
-                            pending = bytearray()
-                        sent += n
-                    if sent != header.size:
-                        raise ValueError(f"value produced {sent} bytes, expected {header.size}")
-                    pending += encode_end(request.id)
-                self.transport.write(pending, self.timeout)
-                complete = True
+            with _DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._send_lock:
+                self.transport.write(data, self.timeout)
         except RemoteConnectionError as exc:
-            raise self._fail(f"sending to {self.target} failed: {exc.args[0]}", exc) from None
-        except BaseException:
-            if started and not complete:
-                # half a request is on the wire: the stream can't be trusted
-                self._fail("a request was interrupted while it was being sent")
-            raise
+            raise self._send_failed(exc) from None
+
+    def _send_failed(self, exc: RemoteConnectionError) -> RemoteConnectionError:
+        if self._hello is None and self._error is None:
+            # the peer died before its banner: say why rather than "broken pipe"
+            try:
+                self._wait(None)
+            except RemoteConnectionError as startup:
+                return startup
+        return self._fail(f"sending to {self.target} failed: {exc.args[0]}", exc)
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             if self.broken is None:
                 self.broken = "closed"
-            self.transport.close()
+                self._error = RemoteConnectionError(f"the connection to {self.target} was closed")
+            self._cond.notify_all()
+        self.transport.close()
+
+
+class _Exchange:
+    """The answer side of one request: its messages and value streams.
+
+    Used as a context manager; leaving it early (an exception, Ctrl-C, a
+    consumer that stopped reading) forgets the request, so its remaining
+    frames are skipped, and asks the server to stop a stream in progress.
+    """
+
+    def __init__(self, conn: Connection, pending: _Pending) -> None:
+        self.conn = conn
+        self.pending = pending
+        self.finished = False
+        self._streams_left = 0
+        self._more = False
+
+    def __enter__(self) -> _Exchange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        conn = self.conn
+        conn._forget(self.pending)
+        conn._slots.release()
+        if not self.finished and conn.broken is None:
+            try:
+                conn.send_one_way("cancel", {"id": self.pending.rid})
+            except Exception:  # the connection is failing anyway
+                pass
+
+    def _next(self) -> Frame:
+        frame = self.conn._wait(self.pending)
+        assert frame is not None
+        return frame
+
+    def _settle(self) -> None:
+        self.finished = not self._streams_left and not self._more
+
+    def first(self) -> Response:
+        """The next message (one page, for a paged answer).
+
+        Raises:
+            the rebuilt remote exception, for an error answer.
+        """
+        frame = self._next()
+        message = frame.message
+        if frame.type != MSG:
+            raise self.conn._fail(f"expected a reply from {self.conn.target}, got frame type {frame.type}")
+        if isinstance(message, ErrorResponse):
+            self.finished = True
+            raise rebuild_exception(message)
+        if not isinstance(message, Response):
+            raise self.conn._fail(f"expected a reply from {self.conn.target}, got {type(message).__name__}")
+        self._streams_left = len(message.blobs)
+        self._more = message.more
+        self._settle()
+        return message
+
+    def stream(self, header: BlobHeader) -> Iterator[bytes]:
+        """DATA payloads of one incoming value, until END."""
+        received = 0
+        while True:
+            frame = self._next()
+            if frame.type == DATA:
+                received += len(frame.payload)
+                yield frame.payload
+            elif frame.type == END:
+                if received != header.size:
+                    raise self.conn._fail(
+                        f"value from {self.conn.target} ended after {received} of {header.size} bytes"
+                    )
+                self._streams_left -= 1
+                self._settle()
+                return
+            elif frame.type == ABORT:
+                self._streams_left -= 1
+                self._settle()
+                reason = bytes(frame.payload).decode("utf-8", "replace")
+                raise _errors.CorruptEntryError(f"the server could not send the value: {reason}")
+            else:
+                raise self.conn._fail(f"expected value data from {self.conn.target}, got a message")
+
+
+def warn_on_skew(host: str, remote_version: str) -> None:
+    """Library-version skew is allowed (the protocol matches); say so once."""
+    from .. import __version__
+
+    if remote_version != __version__:
+        warnings.warn(
+            f"{host} runs fleche-remote {remote_version}, this client {__version__}; "
+            f"consider upgrading the older side",
+            stacklevel=2,
+        )

@@ -19,8 +19,22 @@ Design rules (everything that shapes the bytes lives here):
   So a value of any size streams in bounded chunks and neither side holds
   more than a chunk beyond the value itself.
 * Every request carries an id and every frame of its answer repeats it;
-  replies are matched by id, never by order, so a reply to an abandoned
-  request can be skipped and can never be taken for the next one's.
+  replies are matched by id, never by order. Many requests may be in
+  flight at once (pipelining), the server may answer them in any order,
+  and the frames of different answers may interleave: a large value
+  streaming back never holds small answers up for its whole length.
+* A value stream a client sends is never interleaved with another value
+  stream of that client (small requests may come between its chunks), so
+  the server can take uploads one at a time, in arrival order, with a
+  bounded queue each.
+* Small values travel inside the message itself (``Inline``), so a batch
+  of small saves or loads is one frame each way.
+* A long answer (``query_records``) comes as several ``Response`` s with
+  ``more=True`` and a last one with ``more=False``. The server sends at
+  most ``window`` pages ahead of the client's ``credit`` messages, so a
+  client that reads slowly never makes either side buffer without bound;
+  ``cancel`` ends such a stream (or a value stream) early.
+* ``credit`` and ``cancel`` are one-way requests: no answer comes back.
 * A length over the configured limit is refused before anything is
   allocated.
 
@@ -40,7 +54,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from ..errors import ProtocolError
 from ..plain import dumps_plain, loads_plain, register_plain
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: PNG-style magic: the high-bit byte and CR LF / ^Z catch text-mode
 #: mangling; the name makes a hexdump self-explanatory.
@@ -67,6 +81,10 @@ DEFAULT_MAX_CHUNK = 16 << 20
 DEFAULT_MAX_NOISE = 1 << 20
 
 BytesLike = Union[bytes, bytearray, memoryview]
+
+#: A payload that fills the receive buffer exactly is handed over instead of
+#: copied when it is at least this big (a value chunk, typically).
+_SWAP_ABOVE = 64 << 10
 
 
 # -- messages -----------------------------------------------------------------
@@ -107,11 +125,26 @@ class Request:
 @register_plain
 @dataclass(frozen=True)
 class Response:
-    """A successful answer; ``blobs`` stream after it in order."""
+    """A successful answer; ``blobs`` stream after it in order.
+
+    ``more=True`` marks one page of a longer answer; more ``Response`` s
+    with the same id follow, the last with ``more=False``.
+    """
 
     id: int
     result: Any = None
     blobs: List[BlobHeader] = field(default_factory=list)
+    more: bool = False
+
+
+@register_plain
+@dataclass(frozen=True)
+class Inline:
+    """A small value carried inside a message instead of a DATA stream."""
+
+    kind: str
+    meta: Dict[str, Any]
+    body: bytes
 
 
 @register_plain
@@ -126,6 +159,9 @@ class ErrorResponse:
     traceback: str = ""
 
 
+#: Requests the server acts on without answering (flow control).
+ONE_WAY_OPS = frozenset({"credit", "cancel"})
+
 Message = Union[Hello, Request, Response, ErrorResponse]
 _MESSAGE_TYPES = (Hello, Request, Response, ErrorResponse)
 
@@ -135,12 +171,12 @@ _MESSAGE_TYPES = (Hello, Request, Response, ErrorResponse)
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame. ``payload`` is raw bytes for DATA/ABORT, ``b""``
-    for END, and the decoded message for MSG (in ``message``)."""
+    """One decoded frame. ``payload`` is the raw bytes (or a bytearray) for
+    DATA/ABORT, ``b""`` for END; a MSG's decoded message is in ``message``."""
 
     type: int
     id: int
-    payload: bytes = b""
+    payload: Any = b""  # bytes, or a bytearray handed over without a copy
     message: Optional[Message] = None
 
 
@@ -187,15 +223,56 @@ class FrameDecoder:
         self.max_message = max_message
         self.max_chunk = max_chunk
         self._buf = bytearray()
+        self._whole: Optional[BytesLike] = None
         self._header: Optional[Tuple[int, int, int]] = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf)
+        return len(self._buf) + (len(self._whole) if self._whole is not None else 0)
 
     def feed(self, data: BytesLike) -> None:
+        if self._header is not None and not self._buf and type(data) in (bytes, bytearray):
+            if len(data) == self._header[2]:
+                self._whole = data  # exactly the awaited payload: keep it, no copy
+                return
+        if self._whole is not None:
+            self._buf += self._whole
+            self._whole = None
         self._buf += data
+
+    def claim_payload(self) -> Optional[Tuple[bytearray, int]]:
+        """For a big frame still arriving: a buffer of its whole payload size
+        holding the bytes received so far, and how many those are.
+
+        The caller reads the rest straight into the buffer (``readinto``)
+        and hands it back with :meth:`feed_claimed`: a value chunk is then
+        written into memory once, not appended and sliced out again.
+        ``None`` when there is no such frame.
+        """
+        if self._header is None or self._whole is not None:
+            return None
+        length = self._header[2]
+        have = len(self._buf)
+        if length < _SWAP_ABOVE or have >= length:
+            return None
+        buf = bytearray(length)
+        buf[:have] = self._buf
+        self._buf = bytearray()
+        return buf, have
+
+    def feed_claimed(self, buf: bytearray) -> None:
+        """Return the buffer from :meth:`claim_payload`, now full."""
+        assert self._header is not None and len(buf) == self._header[2] and not self._buf
+        self._whole = buf
+
+    def awaiting(self) -> int:
+        """Bytes still missing from the frame being received (0 when
+        between frames): a reader may fetch exactly that many in one piece
+        and :meth:`feed` them without a copy."""
+        if self._header is None or self._whole is not None:
+            return 0
+        return max(0, self._header[2] - len(self._buf))
 
     def next_frame(self) -> Union[Frame, NeedData]:
         """The next complete frame, or ``NEED_DATA``.
@@ -225,11 +302,17 @@ class FrameDecoder:
             del self._buf[:HEADER_SIZE]
             self._header = (ftype, fid, length)
         ftype, fid, length = self._header
-        if len(self._buf) < length:
+        payload: BytesLike
+        if self._whole is not None:
+            payload, self._whole = self._whole, None
+        elif len(self._buf) < length:
             return NEED_DATA
-        with memoryview(self._buf) as view:  # one copy out of the buffer
-            payload = bytes(view[:length])
-        del self._buf[:length]
+        elif len(self._buf) == length and length >= _SWAP_ABOVE:
+            payload, self._buf = self._buf, bytearray()  # hand the buffer over
+        else:
+            with memoryview(self._buf) as view:  # one copy out of the buffer
+                payload = bytes(view[:length])
+            del self._buf[:length]
         self._header = None
         if ftype == MSG:
             message = loads_plain(payload)
@@ -239,7 +322,7 @@ class FrameDecoder:
             if mid != fid:
                 raise ProtocolError(f"MSG frame id {fid} does not match its message id {mid}")
             return Frame(MSG, fid, b"", message)
-        return Frame(ftype, fid, payload)
+        return Frame(ftype, fid, payload)  # type: ignore[arg-type]
 
 
 class BannerScanner:

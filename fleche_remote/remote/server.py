@@ -3,18 +3,27 @@
 Design rules:
 
 * It speaks first (banner, then a ``Hello`` carrying ``info``), then
-  answers requests in order until end of input.
+  answers requests until end of input.
 * Right after taking fds 0 and 1 as the channel it points fd 1 at
   stderr and fd 0 at /dev/null, so a stray ``print`` in a library or a
   subprocess can never corrupt the stream; stderr is the log.
-* Requests are decoded by the restricted decoder; dispatch goes through
-  the explicit ``_HANDLERS`` table, never ``getattr`` on a received name.
-  Read-only servers use a table with every write removed.
-* Saved values arrive as opaque blobs and are stored as they are, after
-  checking that their bytes hash to the digest they claim; the server
-  never unpickles them (it does not even need NumPy to store an array).
+* Requests are decoded by the restricted decoder and dispatched through
+  the allow-list in :mod:`~fleche_remote.remote.handlers`; saved values
+  are stored as opaque blobs, never unpickled.
+* Pipelining: the main thread reads frames and answers small requests at
+  once, in arrival order, so a burst of lookups costs one round trip.
+  Work that takes the length of a value is moved off it: requests that
+  carry values go to one *upload* thread (in order; their chunks reach it
+  through a bounded queue), and answers that stream a large value or many
+  pages get a *stream* thread of their own. Frames of different answers
+  interleave on the output, one frame at a time under a lock, so a 1 GiB
+  download never holds a ``contains`` up for its whole length.
+* Replies written by the main thread are flushed when it has no complete
+  request left to read, so a pipelined burst leaves as few writes.
 * Errors go back as data (type, message, traceback); the connection stays
   in step, because a request's incoming value streams are always drained.
+  A frame that breaks the protocol ends the server (the client sees the
+  connection close and reports our stderr).
 """
 
 from __future__ import annotations
@@ -22,18 +31,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
+import queue
 import sys
+import threading
 import traceback
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..caches.base import BaseCache
-from ..call import CallRecord
 from ..errors import ProtocolError, Rejected
 from ..plain import check_plain
-from ..values import CHUNK_SIZE, Blob, StreamBlob, VerifyingBlob
+from ..values import CHUNK_SIZE, Blob
+from .handlers import (
+    WRITE_HANDLERS,
+    Context,
+    Handler,
+    IncomingBlob,
+    Pages,
+    Reply,
+    handler_table,
+    rejected_write,
+    server_info,
+)
 from .protocol import (
+    ABORT,
     BANNER,
     DATA,
     END,
@@ -62,222 +83,389 @@ DEBUG_OPS_ENV = "FLECHE_REMOTE_DEBUG_OPS"
 #: Read size: one chunk frame plus its header in a single call.
 _READ_SIZE = CHUNK_SIZE + 64
 
+#: Answers whose values add up to at most this are written by the main
+#: thread at once; bigger ones get a stream thread.
+STREAM_ABOVE = 1 << 20
 
-class _Channel:
-    """Blocking frame I/O over the server's two streams."""
+#: Value chunks queued between the reader and the upload thread (~8 MiB).
+UPLOAD_QUEUE_FRAMES = 8
 
-    def __init__(self, input_stream: BinaryIO, output_stream: BinaryIO) -> None:
-        self._in = input_stream
-        self._out = output_stream
-        self._read = getattr(input_stream, "read1", None) or input_stream.read
-        self._decoder = FrameDecoder()
+#: Stream threads at once. A well-behaved client has at most 64 requests in
+#: flight; this only stops a hostile one from spawning threads without end.
+MAX_STREAMS = 256
 
-    def next_frame(self) -> Optional[Frame]:
-        while True:
-            frame = self._decoder.next_frame()
-            if frame is not NEED_DATA:
-                return frame  # type: ignore[return-value]
-            data = self._read(_READ_SIZE)
-            if not data:
-                if self._decoder.buffered:
-                    raise ProtocolError(
-                        f"input ended inside a frame ({self._decoder.buffered} bytes buffered)"
-                    )
-                return None
-            self._decoder.feed(data)
+#: How often blocked server threads look up to see if the server is stopping.
+_POLL = 0.5
 
-    def write(self, data: bytes) -> None:
-        self._out.write(data)
+_EOF = object()
+
+
+class _Output:
+    """Frames out, whole frames at a time, from any thread."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._out = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, parts: Sequence[Any], flush: bool = True) -> bool:
+        """Write ``parts`` as one unit; False once the client is gone."""
+        with self._lock:
+            if self.broken:
+                return False
+            try:
+                for part in parts:
+                    self._out.write(part)
+                if flush:
+                    self._out.flush()
+            except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
+                self.broken = True
+                return False
+            return True
 
     def flush(self) -> None:
-        self._out.flush()
+        self.send((), flush=True)
 
-    def send_blob(self, fid: int, blob: Blob) -> None:
+
+class _Input:
+    """Blocking frame reads from the server's input stream (main thread)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._read = getattr(stream, "read1", None) or stream.read
+        self._readinto = getattr(stream, "readinto", None)
+        self.decoder = FrameDecoder()
+
+    def next_frame(self, block: bool = True) -> Any:
+        """The next frame; ``NEED_DATA`` if none is complete and not ``block``;
+        ``None`` at end of input."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not NEED_DATA or not block:
+                return frame
+            claim = self.decoder.claim_payload() if self._readinto is not None else None
+            if claim is not None:
+                self._fill(*claim)
+                continue
+            data = self._read(_READ_SIZE)
+            if not data:
+                if self.decoder.buffered:
+                    raise ProtocolError(
+                        f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
+                    )
+                return None
+            self.decoder.feed(data)
+
+    def _fill(self, buf: bytearray, have: int) -> None:
+        assert self._readinto is not None
+        view = memoryview(buf)
+        while have < len(buf):
+            n = self._readinto(view[have:])
+            if not n:
+                raise ProtocolError(f"input ended inside a frame ({have} of {len(buf)} payload bytes)")
+            have += n
+        self.decoder.feed_claimed(buf)
+
+
+class _Upload:
+    """The value streams of one request, fed by the reader, read by a handler."""
+
+    def __init__(self, server: _Server, request: Request) -> None:
+        self.server = server
+        self.headers = list(request.blobs)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=UPLOAD_QUEUE_FRAMES)
+        self.index = 0  # the blob now arriving
+        self.received = 0
+        self.blobs = [IncomingBlob(h, self._source(h)) for h in self.headers]
+
+    @property
+    def complete(self) -> bool:
+        return self.index >= len(self.headers)
+
+    def route(self, frame: Frame) -> None:
+        """Check one incoming frame against what was announced, and queue it."""
+        if self.complete:
+            raise ProtocolError(f"value data for request {frame.id} after its last value ended")
+        header = self.headers[self.index]
+        if frame.type == DATA:
+            self.received += len(frame.payload)
+            if self.received > header.size:
+                raise ProtocolError(f"value longer than the announced {header.size} bytes")
+        elif frame.type == END:
+            if self.received != header.size:
+                raise ProtocolError(f"value ended after {self.received} of {header.size} bytes")
+        if frame.type in (END, ABORT):
+            self.index += 1
+            self.received = 0
+        self._put(frame)
+
+    def _put(self, item: Any) -> None:
+        while True:
+            try:
+                self.queue.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                if self.server.stopping.is_set():
+                    return
+
+    def close_input(self) -> None:
+        """The input ended: whatever waits for more data gets an error."""
+        try:
+            self.queue.put_nowait(_EOF)
+        except queue.Full:
+            pass
+
+    def _source(self, header: BlobHeader) -> Iterator[Any]:
+        while True:
+            try:
+                frame = self.queue.get(timeout=_POLL)
+            except queue.Empty:
+                if self.server.stopping.is_set():
+                    raise ProtocolError("the server is stopping") from None
+                continue
+            if frame is _EOF:
+                self._put(_EOF)  # the next blob's reader must see it too
+                raise ProtocolError("input ended in the middle of a value")
+            if frame.type == DATA:
+                yield frame.payload
+            elif frame.type == END:
+                return
+            else:  # ABORT: the client could not produce the value
+                reason = bytes(frame.payload).decode("utf-8", "replace")
+                raise ValueError(f"the client aborted the value: {reason}")
+
+
+class _OutStream:
+    """Flow control for one answer streamed by a thread of its own."""
+
+    def __init__(self, credits: int) -> None:
+        self.credits = credits
+        self.cancelled = False
+        self.cond = threading.Condition()
+
+    def grant(self, n: int) -> None:
+        with self.cond:
+            self.credits += n
+            self.cond.notify_all()
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify_all()
+
+
+class _Server:
+    def __init__(self, ctx: Context, table: Dict[str, Handler], inp: _Input, out: _Output) -> None:
+        self.ctx = ctx
+        self.table = table
+        self.inp = inp
+        self.out = out
+        self.stopping = threading.Event()
+        self.uploads: Dict[int, _Upload] = {}
+        self.receiving: Optional[int] = None  # the upload whose values are arriving
+        self.streams: Dict[int, _OutStream] = {}
+        self.streams_lock = threading.Lock()
+        self.stream_threads: List[threading.Thread] = []
+        self.upload_jobs: queue.Queue[Any] = queue.Queue()
+        self.upload_thread = threading.Thread(target=self._upload_worker, name="fleche-upload", daemon=True)
+        self.upload_thread.start()
+
+    # -- the main thread --------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            frame = self.inp.next_frame(block=False)
+            if frame is NEED_DATA:
+                self.out.flush()  # nothing more to answer right now
+                frame = self.inp.next_frame(block=True)
+            if frame is None:
+                log.info("client closed the connection")
+                return
+            if self.out.broken:
+                return
+            if frame.type == MSG:
+                if not isinstance(frame.message, Request):
+                    raise ProtocolError(f"expected a request, got a {type(frame.message).__name__}")
+                self._dispatch(frame.message)
+            else:
+                self._route(frame)
+
+    def _route(self, frame: Frame) -> None:
+        upload = self.uploads.get(frame.id)
+        if upload is None:
+            raise ProtocolError(f"value data for request {frame.id}, which announced no value to come")
+        if self.receiving not in (None, frame.id):
+            raise ProtocolError(
+                f"value data for request {frame.id} while request {self.receiving}'s value is arriving; "
+                f"a client sends one value stream at a time"
+            )
+        self.receiving = frame.id
+        upload.route(frame)
+        if upload.complete:
+            del self.uploads[frame.id]
+            self.receiving = None
+
+    def _dispatch(self, request: Request) -> None:
+        if request.op == "credit" or request.op == "cancel":
+            self._flow_control(request)
+            return
+        if request.blobs:
+            upload = _Upload(self, request)
+            self.uploads[request.id] = upload
+            self.upload_jobs.put((request, upload.blobs))
+            return
+        try:
+            reply = self._call(request, [])
+        except Exception as exc:
+            self._send_error(request, exc, flush=False)
+            return
+        if isinstance(reply, Pages):
+            self._spawn(request.id, reply.window, self._stream_pages, reply)
+        elif sum(blob.size for _, blob in reply.blobs) > STREAM_ABOVE:
+            self._spawn(request.id, 0, self._stream_reply, reply)
+        else:
+            self._write_reply(request.id, reply, None, flush=False)
+
+    def _flow_control(self, request: Request) -> None:
+        target = request.args.get("id") if isinstance(request.args, dict) else None
+        with self.streams_lock:
+            stream = self.streams.get(target) if isinstance(target, int) else None
+        if stream is None:
+            return  # finished already: nothing to do
+        if request.op == "cancel":
+            stream.cancel()
+        else:
+            n = request.args.get("n", 1)
+            stream.grant(n if isinstance(n, int) and 0 < n <= 1024 else 1)
+
+    def _call(self, request: Request, blobs: List[IncomingBlob]) -> Any:
+        handler = self.table.get(request.op)
+        if handler is None:
+            if request.op in WRITE_HANDLERS:
+                raise rejected_write(request.op)
+            raise ProtocolError(f"unknown operation {request.op!r}; this server knows {sorted(self.table)}")
+        if not isinstance(request.args, dict):
+            raise ProtocolError("request arguments must be a dict")
+        return handler(self.ctx, request.args, blobs)
+
+    def _send_error(self, request: Request, exc: BaseException, flush: bool = True) -> None:
+        if not isinstance(exc, (KeyError, Rejected)):
+            log.warning("%s failed: %s: %s", request.op, type(exc).__name__, exc)
+        self.out.send([encode_message(error_response(request.id, exc))], flush=flush)
+
+    # -- answers ------------------------------------------------------------
+
+    def _write_reply(self, rid: int, reply: Reply, stream: Optional[_OutStream], flush: bool) -> None:
+        headers = [BlobHeader(b.kind, b.meta, b.size, digest) for digest, b in reply.blobs]
+        if not self.out.send([encode_message(Response(rid, reply.result, headers))], flush=flush):
+            return
+        for _, blob in reply.blobs:
+            if not self._send_blob(rid, blob, stream, flush):
+                return
+
+    def _send_blob(self, rid: int, blob: Blob, stream: Optional[_OutStream], flush: bool) -> bool:
+        """Stream one value; False if the client went away or cancelled."""
         sent = 0
         try:
             for chunk in blob.chunks(CHUNK_SIZE):
-                self._out.write(frame_header(DATA, fid, len(chunk)))
-                self._out.write(chunk)
+                if stream is not None and (stream.cancelled or self.stopping.is_set()):
+                    return False
+                if not self.out.send([frame_header(DATA, rid, len(chunk)), chunk], flush=flush):
+                    return False
                 sent += len(chunk)
             if sent != blob.size:
                 raise ProtocolError(f"value had {sent} bytes, its header said {blob.size}")
         except Exception as exc:
-            log.warning("value stream %d aborted: %s", fid, exc)
-            self._out.write(encode_abort(fid, f"{type(exc).__name__}: {exc}"))
-            return
-        self._out.write(encode_end(fid))
+            log.warning("value stream %d aborted: %s", rid, exc)
+            return self.out.send([encode_abort(rid, f"{type(exc).__name__}: {exc}")], flush=flush)
+        return self.out.send([encode_end(rid)], flush=flush)
 
-
-class _IncomingBlob(StreamBlob):
-    """A value arriving as DATA frames; knows whether it was read to END."""
-
-    def __init__(self, channel: _Channel, fid: int, header: BlobHeader) -> None:
-        self.done = False
-        self.header = header
-        super().__init__(header.kind, header.meta, header.size, self._frames(channel, fid))
-
-    def _frames(self, channel: _Channel, fid: int) -> Iterator[bytes]:
-        received = 0
-        while True:
-            frame = channel.next_frame()
-            if frame is None:
-                raise ProtocolError("input ended in the middle of a value")
-            if frame.id != fid or frame.type == MSG:
-                raise ProtocolError(f"expected value data for request {fid}, got a frame for {frame.id}")
-            if frame.type == DATA:
-                received += len(frame.payload)
-                if received > self.size:
-                    raise ProtocolError(f"value longer than the announced {self.size} bytes")
-                yield frame.payload
-            elif frame.type == END:
-                self.done = True
-                if received != self.size:
-                    raise ProtocolError(f"value ended after {received} of {self.size} bytes")
+    def _spawn(self, rid: int, credits: int, target: Any, reply: Any) -> None:
+        stream = _OutStream(credits)
+        with self.streams_lock:
+            if len(self.streams) >= MAX_STREAMS:
+                self.out.send(
+                    [encode_message(error_response(rid, RuntimeError("too many answers streaming at once")))]
+                )
                 return
-            else:  # ABORT: the client could not produce the value
-                self.done = True
-                raise ValueError(f"the client aborted the value: {frame.payload.decode('utf-8', 'replace')}")
+            self.streams[rid] = stream
+        thread = threading.Thread(target=self._run_stream, args=(rid, stream, target, reply), daemon=True)
+        self.stream_threads = [t for t in self.stream_threads if t.is_alive()]
+        self.stream_threads.append(thread)
+        thread.start()
 
-    def drain(self) -> None:
-        if not self.done:
+    def _run_stream(self, rid: int, stream: _OutStream, target: Any, reply: Any) -> None:
+        try:
+            target(rid, stream, reply)
+        finally:
+            with self.streams_lock:
+                self.streams.pop(rid, None)
+
+    def _stream_reply(self, rid: int, stream: _OutStream, reply: Reply) -> None:
+        self._write_reply(rid, reply, stream, flush=True)
+
+    def _stream_pages(self, rid: int, stream: _OutStream, pages: Pages) -> None:
+        source = iter(pages.pages)
+        try:
+            page = next(source)
+            while True:
+                nxt = next(source, _EOF)
+                last = nxt is _EOF
+                with stream.cond:
+                    while stream.credits <= 0 and not stream.cancelled and not self.stopping.is_set():
+                        stream.cond.wait(_POLL)
+                    if stream.cancelled or self.stopping.is_set():
+                        return
+                    stream.credits -= 1
+                if not self.out.send([encode_message(Response(rid, page, [], more=not last))]):
+                    return
+                if last:
+                    return
+                page = nxt
+        except Exception as exc:
+            log.warning("query %d failed: %s: %s", rid, type(exc).__name__, exc)
+            self.out.send([encode_message(error_response(rid, exc))])
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    # -- uploads ------------------------------------------------------------
+
+    def _upload_worker(self) -> None:
+        while True:
+            job = self.upload_jobs.get()
+            if job is None:
+                return
+            request, blobs = job
             try:
-                for _ in self._source if self._started else self.chunks():
-                    pass
-            except ValueError:
-                pass
+                reply = self._call(request, blobs)
+                if not isinstance(reply, Reply) or reply.blobs:
+                    raise ProtocolError(f"{request.op!r} cannot take values")
+            except Exception as exc:
+                for blob in blobs:
+                    try:
+                        blob.drain()
+                    except ProtocolError:
+                        break  # the input ended; the server is stopping
+                self._send_error(request, exc)
+                continue
+            self._write_reply(request.id, reply, None, flush=True)
+
+    # -- stopping -------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for upload in list(self.uploads.values()):
+            upload.close_input()
+        self.upload_jobs.put(None)
+        self.upload_thread.join(30)
+        for thread in self.stream_threads:
+            thread.join(5)
+        self.out.flush()
 
 
-class _Context:
-    def __init__(self, cache: BaseCache, cache_name: Optional[str], read_only: bool, info: Dict[str, Any]):
-        self.cache = cache
-        self.cache_name = cache_name
-        self.read_only = read_only
-        self.info = info
-
-
-Result = Tuple[Any, List[Blob]]
-Handler = Callable[[_Context, Dict[str, Any], List[_IncomingBlob]], Result]
-
-
-def _h_ping(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return None, []
-
-
-def _h_info(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    ctx.info = server_info(ctx.cache, ctx.cache_name, ctx.read_only)
-    return ctx.info, []
-
-
-def _h_contains_many(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return ctx.cache.contains_many(_str_list(args, "keys")), []
-
-
-def _h_load_records(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return ctx.cache.load_records(_str_list(args, "keys")), []
-
-
-def _h_expand(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return str(ctx.cache.expand(_str(args, "prefix"))), []
-
-
-def _h_query_records(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    name = args.get("name")
-    records = list(ctx.cache.query_records(name, args.get("arg_digests"), args.get("metadata")))
-    return records, []
-
-
-def _h_load_blob(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return None, [ctx.cache.load_blob(_str(args, "digest"))]
-
-
-def _h_load_value(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    key = _str(args, "key")
-    record = ctx.cache.load_records([ctx.cache._full_key(key)])[0]
-    if record is None:
-        raise KeyError(key)
-    return record, [ctx.cache.load_blob(record.value)]
-
-
-def _h_save_records(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    records = args.get("records")
-    if not isinstance(records, list) or len(records) != len(blobs):
-        raise ProtocolError("save_records needs one value stream per record")
-    for record, blob in zip(records, blobs):
-        if not isinstance(record, CallRecord):
-            raise ProtocolError(f"save_records got a {type(record).__name__}, expected CallRecord")
-        if blob.header.digest != record.value:
-            raise ProtocolError("a value stream's digest does not match its record")
-        ctx.cache.save_records([(record, VerifyingBlob(blob, record.value))])
-        blob.drain()
-    return None, []
-
-
-def _h_evict(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    ctx.cache.evict(_str(args, "key"))
-    return None, []
-
-
-def _h_collect_garbage(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    return ctx.cache.collect_garbage(), []
-
-
-_SAFE_EXCEPTIONS = {
-    "KeyError": KeyError,
-    "ValueError": ValueError,
-    "OSError": OSError,
-    "RuntimeError": RuntimeError,
-}
-
-
-def _h_debug_raise(ctx: _Context, args: Dict[str, Any], blobs: List[_IncomingBlob]) -> Result:
-    exc_type = _SAFE_EXCEPTIONS.get(_str(args, "type"))
-    if exc_type is None:
-        raise type("InjectedError", (Exception,), {})(args.get("message", ""))
-    raise exc_type(args.get("message", ""))
-
-
-_READ_HANDLERS: Dict[str, Handler] = {
-    "ping": _h_ping,
-    "info": _h_info,
-    "contains_many": _h_contains_many,
-    "load_records": _h_load_records,
-    "expand": _h_expand,
-    "query_records": _h_query_records,
-    "load_blob": _h_load_blob,
-    "load_value": _h_load_value,
-}
-_WRITE_HANDLERS: Dict[str, Handler] = {
-    "save_records": _h_save_records,
-    "evict": _h_evict,
-    "collect_garbage": _h_collect_garbage,
-}
-
-
-def handler_table(read_only: bool, debug_ops: bool = False) -> Dict[str, Handler]:
-    """The operations a server answers; a read-only one has no write entries."""
-    table = dict(_READ_HANDLERS)
-    if not read_only:
-        table.update(_WRITE_HANDLERS)
-    if debug_ops:
-        table["debug_raise"] = _h_debug_raise
-    return table
-
-
-def _str(args: Dict[str, Any], name: str) -> str:
-    value = args.get(name)
-    if not isinstance(value, str):
-        raise ProtocolError(f"argument {name!r} must be a str, got {type(value).__name__}")
-    return value
-
-
-def _str_list(args: Dict[str, Any], name: str) -> List[str]:
-    value = args.get(name)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ProtocolError(f"argument {name!r} must be a list of str")
-    return value
-
-
-def _error_response(rid: int, exc: BaseException) -> ErrorResponse:
+def error_response(rid: int, exc: BaseException) -> ErrorResponse:
+    """An exception as data, for the client to rebuild."""
     cls = type(exc)
     if cls.__module__ == "builtins":
         tname = cls.__qualname__
@@ -289,47 +477,8 @@ def _error_response(rid: int, exc: BaseException) -> ErrorResponse:
         args = tuple(exc.args)
     except TypeError:
         pass
-    return ErrorResponse(rid, tname, str(exc), args, traceback.format_exc())
-
-
-def server_info(cache: BaseCache, cache_name: Optional[str], read_only: bool) -> Dict[str, Any]:
-    """What ``SshCache.info()`` reports: the cache (credentials redacted),
-    versions, and where and as what the server runs."""
-    import cloudpickle
-
-    try:
-        from ..config import cache_to_config, redact
-
-        described: Any = redact(cache_to_config(cache))
-    except Exception:  # a cache the config layer can't express
-        described = cache.describe()
-    return {
-        "cache": described,
-        "cache_name": cache_name,
-        "read_only": bool(read_only or cache.read_only),
-        "versions": {
-            "library": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "cloudpickle": cloudpickle.__version__,
-            "python": sys.version.split()[0],
-        },
-        "cwd": os.getcwd(),
-        "hostname": socket.gethostname(),
-        "python": sys.executable,
-        "pid": os.getpid(),
-        "peak_rss_bytes": _peak_rss(),
-    }
-
-
-def _peak_rss() -> Optional[int]:
-    """The server's peak resident memory, so a client can check that a huge
-    value really streamed through in bounded memory."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    return ErrorResponse(rid, tname, str(exc), args, tb)
 
 
 def serve(
@@ -347,7 +496,8 @@ def serve(
             with ``read1``, so that a request is answered as soon as it is
             complete).
         output_stream: binary stream for the banner and reply frames.
-        cache: the cache requests operate on.
+        cache: the cache requests operate on; it is called from several
+            threads at once.
         cache_name: its name in the server's config, reported in ``info``.
         read_only: refuse writes even if ``cache`` allows them.
 
@@ -356,47 +506,16 @@ def serve(
             caller should exit; the client will see the connection end).
     """
     read_only = bool(read_only or cache.read_only)
-    info = server_info(cache, cache_name, read_only)
-    ctx = _Context(cache, cache_name, read_only, info)
+    ctx = Context(cache, cache_name, read_only)
+    ctx.info = server_info(cache, cache_name, read_only)
     table = handler_table(read_only, os.environ.get(DEBUG_OPS_ENV) == "1")
-    channel = _Channel(input_stream, output_stream)
-    channel.write(BANNER + encode_message(Hello(PROTOCOL_VERSION, __version__, info)))
-    channel.flush()
-    while True:
-        frame = channel.next_frame()
-        if frame is None:
-            log.info("client closed the connection")
-            return
-        if frame.type != MSG or not isinstance(frame.message, Request):
-            raise ProtocolError(f"expected a request, got a {frame.type} frame for id {frame.id}")
-        _answer(ctx, table, channel, frame.message)
-
-
-def _answer(ctx: _Context, table: Dict[str, Handler], channel: _Channel, request: Request) -> None:
-    incoming = [_IncomingBlob(channel, request.id, h) for h in request.blobs]
+    out = _Output(output_stream)
+    out.send([BANNER + encode_message(Hello(PROTOCOL_VERSION, __version__, ctx.info))])
+    server = _Server(ctx, table, _Input(input_stream), out)
     try:
-        handler = table.get(request.op)
-        if handler is None:
-            if request.op in _WRITE_HANDLERS:
-                raise Rejected(f"this server is read-only: {request.op!r} is not allowed")
-            raise ProtocolError(f"unknown operation {request.op!r}; this server knows {sorted(table)}")
-        if not isinstance(request.args, dict):
-            raise ProtocolError("request arguments must be a dict")
-        result, outgoing = handler(ctx, request.args, incoming)
-    except Exception as exc:
-        if not isinstance(exc, (KeyError, Rejected)):
-            log.warning("%s failed: %s: %s", request.op, type(exc).__name__, exc)
-        for blob in incoming:
-            blob.drain()
-        channel.write(encode_message(_error_response(request.id, exc)))
-        channel.flush()
-        return
-    digest = str(request.args.get("digest") or getattr(result, "value", ""))
-    headers = [BlobHeader(b.kind, b.meta, b.size, digest) for b in outgoing]
-    channel.write(encode_message(Response(request.id, result, headers)))
-    for out in outgoing:
-        channel.send_blob(request.id, out)
-    channel.flush()
+        server.run()
+    finally:
+        server.shutdown()
 
 
 def _take_channel() -> Tuple[BinaryIO, BinaryIO]:
@@ -456,3 +575,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         cache.close()
     return 0
+
+
+__all__ = ["DEBUG_OPS_ENV", "error_response", "main", "serve"]

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Any, Callable, Deque, List, Optional, Protocol, Sequence, Tuple, Union
 
 from ..errors import RemoteConnectionError
@@ -68,6 +67,16 @@ class Transport(Protocol):
         """Some bytes (``b""`` at end of stream); :class:`TransportTimeout`
         if none arrive within ``timeout`` seconds."""
 
+    def wait_readable(self, timeout: float) -> None:
+        """Wait until :meth:`read_ready` has something; :class:`TransportTimeout`
+        after ``timeout`` seconds. Interrupting this wait loses nothing."""
+
+    def read_ready(self) -> Optional[bytes]:
+        """Read without waiting: bytes, ``b""`` at end, ``None`` if nothing."""
+
+    def readinto_ready(self, into: memoryview) -> Optional[int]:
+        """Read into ``into`` without waiting: count, ``0`` at end, ``None``."""
+
     def close(self) -> None:
         """Ask the peer to stop (end of input), then make sure it does."""
 
@@ -112,23 +121,49 @@ class FdTransport:
             view = view[n:]
 
     def read(self, timeout: float) -> bytes:
+        while True:
+            self.wait_readable(timeout)
+            data = self.read_ready()
+            if data is not None:
+                return data
+
+    def wait_readable(self, timeout: float) -> None:
+        """Block until there is something to read (or end of stream);
+        :class:`TransportTimeout` after ``timeout`` seconds. Interrupting
+        this wait loses nothing."""
         if self._closed:
             raise RemoteConnectionError("connection is closed")
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self._rfd], [], [], max(0.0, remaining))
-            if ready:
-                try:
-                    return os.read(self._rfd, _READ_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNRESET, errno.EIO):
-                        return b""
-                    raise
-            if remaining <= 0:
-                raise TransportTimeout(f"no reply from the remote within {timeout:g} s (hung or stopped?)")
+        ready, _, _ = select.select([self._rfd], [], [], max(0.0, timeout))
+        if not ready:
+            raise TransportTimeout(f"no reply from the remote within {timeout:g} s (hung or stopped?)")
+
+    def read_ready(self) -> Optional[bytes]:
+        """Read what is there without waiting: bytes (``b""`` at end of
+        stream), or ``None`` if nothing was there after all."""
+        if self._closed:
+            raise RemoteConnectionError("connection is closed")
+        try:
+            return os.read(self._rfd, _READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EIO):
+                return b""
+            raise
+
+    def readinto_ready(self, into: memoryview) -> Optional[int]:
+        """Like :meth:`read_ready`, into ``into`` (no copy): the count
+        stored, ``0`` at end of stream, ``None`` if nothing was there."""
+        if self._closed:
+            raise RemoteConnectionError("connection is closed")
+        try:
+            return os.readv(self._rfd, [into])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EIO):
+                return 0
+            raise
 
     def _close_fds(self) -> None:
         for fd in (self._wfd, self._rfd):

@@ -1,0 +1,354 @@
+"""What a server does for each operation: the allow-list dispatch table.
+
+Requests are decoded by the restricted decoder and dispatched through the
+explicit tables below, never ``getattr`` on a received name. A read-only
+server uses a table with every write removed, so a read-only key cannot
+write, evict or collect garbage whatever its client sends.
+
+A handler takes the server context, the request's arguments and its
+incoming value streams, and returns a :class:`Reply`: a result (plain
+data) plus the values to stream back, or :class:`Pages` for an answer
+that comes in several messages. Handlers never unpickle a client's data:
+saved values are opaque blobs, stored after checking that their bytes
+hash to the digest they claim.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from .. import __version__
+from ..caches.base import BaseCache
+from ..call import CallRecord
+from ..errors import ProtocolError, Rejected
+from ..values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
+from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
+
+#: Values up to this size travel inside the reply or request message; larger
+#: ones stream as DATA frames. 64 KiB keeps a message of small results one
+#: frame while a big value never sits whole in a message.
+WIRE_INLINE_MAX = 64 << 10
+
+#: Inline bytes one message may carry in all; the rest of a batch streams.
+WIRE_INLINE_BUDGET = 8 << 20
+
+#: A query page holds at most this many records, or about this many bytes.
+PAGE_RECORDS = 500
+PAGE_BYTES = 1 << 20
+
+#: Pages the server may send ahead of the client's credits.
+DEFAULT_WINDOW = 4
+MAX_WINDOW = 64
+
+
+class Context:
+    """What handlers share: the cache and how the server presents itself."""
+
+    def __init__(self, cache: BaseCache, cache_name: Optional[str], read_only: bool) -> None:
+        self.cache = cache
+        self.cache_name = cache_name
+        self.read_only = read_only
+        self.info: Dict[str, Any] = {}
+
+
+class IncomingBlob(StreamBlob):
+    """A value arriving as DATA frames (fed by the server's reader)."""
+
+    def __init__(self, header: BlobHeader, source: Iterator[Any]) -> None:
+        self.header = header
+        self.done = False
+        super().__init__(header.kind, header.meta, header.size, source)
+
+    def drain(self) -> None:
+        """Consume what the store left unread, so the next value lines up."""
+        if self.done:
+            return
+        try:
+            for _ in self._source if self._started else self.chunks():
+                pass
+        except ValueError:  # the client aborted it: nothing more will come
+            pass
+        self.done = True
+
+
+@dataclass
+class Reply:
+    """A result, plus (digest, blob) pairs to stream after it in order."""
+
+    result: Any = None
+    blobs: List[Tuple[str, Blob]] = field(default_factory=list)
+
+
+@dataclass
+class Pages:
+    """An answer in pages: each item of ``pages`` is one message's result."""
+
+    pages: Iterator[Any]
+    window: int = DEFAULT_WINDOW
+
+
+Handler = Callable[[Context, Dict[str, Any], List[IncomingBlob]], Union[Reply, Pages]]
+
+
+# -- argument checks ------------------------------------------------------------
+
+
+def _str(args: Dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(f"argument {name!r} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _str_list(args: Dict[str, Any], name: str) -> List[str]:
+    value = args.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"argument {name!r} must be a list of str")
+    return value
+
+
+def _int(args: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"argument {name!r} must be an int, got {type(value).__name__}")
+    return min(max(value, low), high)
+
+
+def _optional_mapping(args: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
+    value = args.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError(f"argument {name!r} must be a dict or None, got {type(value).__name__}")
+    return value
+
+
+# -- packing values into replies -------------------------------------------------
+
+
+def pack_blobs(blobs: Sequence[Tuple[str, Optional[Blob]]]) -> Tuple[List[Any], List[Tuple[str, Blob]]]:
+    """Each blob as ``Inline`` (small, within the budget), ``True`` (streams
+    after the message) or ``None`` (absent)."""
+    budget = WIRE_INLINE_BUDGET
+    items: List[Any] = []
+    streamed: List[Tuple[str, Blob]] = []
+    for digest, blob in blobs:
+        if blob is None:
+            items.append(None)
+        elif blob.size <= WIRE_INLINE_MAX and blob.size <= budget:
+            body = blob.read_all()
+            budget -= len(body)
+            items.append(Inline(blob.kind, dict(blob.meta), body))
+        else:
+            items.append(True)
+            streamed.append((digest, blob))
+    return items, streamed
+
+
+# -- handlers -----------------------------------------------------------------------
+
+
+def _h_ping(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    return Reply()
+
+
+def _h_info(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    ctx.info = server_info(ctx.cache, ctx.cache_name, ctx.read_only)
+    return Reply(ctx.info)
+
+
+def _h_contains_many(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    return Reply(ctx.cache.contains_many(_str_list(args, "keys")))
+
+
+def _h_load_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    return Reply(ctx.cache.load_records(_str_list(args, "keys")))
+
+
+def _h_load_entries(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    entries = ctx.cache.load_entries(_str_list(args, "keys"))
+    items, streamed = pack_blobs([(e[0].value, e[1]) if e else ("", None) for e in entries])
+    result = [None if e is None else [e[0], item] for e, item in zip(entries, items)]
+    return Reply(result, streamed)
+
+
+def _h_load_blobs(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    digests = _str_list(args, "digests")
+    items, streamed = pack_blobs(list(zip(digests, ctx.cache.load_blobs(digests))))
+    return Reply(items, streamed)
+
+
+def _h_expand(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    return Reply(str(ctx.cache.expand(_str(args, "prefix"))))
+
+
+def _h_query_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Pages:
+    name = args.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ProtocolError(f"argument 'name' must be a str or None, got {type(name).__name__}")
+    arg_digests = _optional_mapping(args, "arg_digests")
+    metadata = _optional_mapping(args, "metadata")
+    size = _int(args, "page", PAGE_RECORDS, 1, 10 * PAGE_RECORDS)
+    window = _int(args, "window", DEFAULT_WINDOW, 1, MAX_WINDOW)
+    records = ctx.cache.query_records(name, arg_digests, metadata)
+    return Pages(_paginate(records, size), window)
+
+
+def _paginate(records: Iterator[CallRecord], size: int) -> Iterator[List[CallRecord]]:
+    page: List[CallRecord] = []
+    nbytes = 0
+    for record in records:
+        page.append(record)
+        nbytes += len(record.arguments) + 512
+        if len(page) >= size or nbytes >= PAGE_BYTES:
+            yield page
+            page, nbytes = [], 0
+    yield page  # the last page (maybe empty) ends the answer
+
+
+def _h_load_blob(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    digest = _str(args, "digest")
+    return Reply(None, [(digest, ctx.cache.load_blob(digest))])
+
+
+def _h_load_value(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    key = _str(args, "key")
+    record = ctx.cache.load_records([ctx.cache._full_key(key)])[0]
+    if record is None:
+        raise KeyError(key)
+    return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
+
+
+def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    records = args.get("records")
+    inline = args.get("inline")
+    if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
+        raise ProtocolError("save_records needs a list of CallRecords")
+    if inline is None:
+        inline = [None] * len(records)
+    if not isinstance(inline, list) or len(inline) != len(records):
+        raise ProtocolError("save_records needs one inline entry (or None) per record")
+    if sum(item is None for item in inline) != len(blobs):
+        raise ProtocolError("save_records needs one value stream per record without an inline value")
+    # all inline values first, in one batch (one transaction for SQL stores)
+    batch: List[Tuple[CallRecord, Blob]] = []
+    for record, item in zip(records, inline):
+        if item is None:
+            continue
+        if not isinstance(item, Inline) or not isinstance(item.body, bytes):
+            raise ProtocolError(f"inline value for {record.key[:12]} is a {type(item).__name__}")
+        blob = BytesBlob(item.kind, item.meta, item.body)
+        if blob_digest(blob) != record.value:
+            raise ProtocolError(f"inline value for {record.key[:12]} does not hash to its record's digest")
+        batch.append((record, blob))
+    if batch:
+        ctx.cache.save_records(batch)
+    # then the streamed ones, one by one, in the order they arrive
+    streamed = iter(blobs)
+    for record, item in zip(records, inline):
+        if item is not None:
+            continue
+        incoming = next(streamed)
+        if incoming.header.digest != record.value:
+            raise ProtocolError("a value stream's digest does not match its record")
+        ctx.cache.save_records([(record, VerifyingBlob(incoming, record.value))])
+        incoming.drain()
+    return Reply()
+
+
+def _h_evict(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    ctx.cache.evict(_str(args, "key"))
+    return Reply()
+
+
+def _h_collect_garbage(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    return Reply(ctx.cache.collect_garbage())
+
+
+_SAFE_EXCEPTIONS = {
+    "KeyError": KeyError,
+    "ValueError": ValueError,
+    "OSError": OSError,
+    "RuntimeError": RuntimeError,
+}
+
+
+def _h_debug_raise(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    exc_type = _SAFE_EXCEPTIONS.get(_str(args, "type"))
+    if exc_type is None:
+        raise type("InjectedError", (Exception,), {})(args.get("message", ""))
+    raise exc_type(args.get("message", ""))
+
+
+READ_HANDLERS: Dict[str, Handler] = {
+    "ping": _h_ping,
+    "info": _h_info,
+    "contains_many": _h_contains_many,
+    "load_records": _h_load_records,
+    "load_entries": _h_load_entries,
+    "load_blobs": _h_load_blobs,
+    "expand": _h_expand,
+    "query_records": _h_query_records,
+    "load_blob": _h_load_blob,
+    "load_value": _h_load_value,
+}
+WRITE_HANDLERS: Dict[str, Handler] = {
+    "save_records": _h_save_records,
+    "evict": _h_evict,
+    "collect_garbage": _h_collect_garbage,
+}
+
+
+def handler_table(read_only: bool, debug_ops: bool = False) -> Dict[str, Handler]:
+    """The operations a server answers; a read-only one has no write entries."""
+    table = dict(READ_HANDLERS)
+    if not read_only:
+        table.update(WRITE_HANDLERS)
+    if debug_ops:
+        table["debug_raise"] = _h_debug_raise
+    return table
+
+
+def server_info(cache: BaseCache, cache_name: Optional[str], read_only: bool) -> Dict[str, Any]:
+    """What ``SshCache.info()`` reports: the cache (credentials redacted),
+    versions, and where and as what the server runs."""
+    try:
+        from ..config import cache_to_config, redact
+
+        described: Any = redact(cache_to_config(cache))
+    except Exception:  # a cache the config layer can't express
+        described = cache.describe()
+    cloudpickle = sys.modules.get("cloudpickle")  # reported if loaded; never imported for this
+    return {
+        "cache": described,
+        "cache_name": cache_name,
+        "read_only": bool(read_only or cache.read_only),
+        "versions": {
+            "library": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "cloudpickle": getattr(cloudpickle, "__version__", None),
+            "python": sys.version.split()[0],
+        },
+        "cwd": os.getcwd(),
+        "hostname": socket.gethostname(),
+        "python": sys.executable,
+        "pid": os.getpid(),
+        "peak_rss_bytes": _peak_rss(),
+    }
+
+
+def _peak_rss() -> Optional[int]:
+    """The server's peak resident memory, so a client can check that a huge
+    value really streamed through in bounded memory."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rejected_write(op: str) -> Rejected:
+    return Rejected(f"this server is read-only: {op!r} is not allowed")
