@@ -401,3 +401,30 @@ def test_a_record_without_a_digest_scheme_reads_as_legacy(calls: SqlCallStore) -
     assert calls.get(rec.key) == rec
     tamper(calls, "UPDATE calls SET digest_scheme = NULL")  # as written before the field existed
     assert calls.get(rec.key).digest_scheme == callmod.LEGACY_DIGEST_SCHEME  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"name": "mod.f"},
+        {"arg_digests": {"x": "1" * 64}},
+        {"name": "mod.f", "arg_digests": {"x": "1" * 64, "y": "2" * 64}},
+    ],
+    ids=["name", "argument", "name-and-two-arguments"],
+)
+def test_sqlite_queries_are_index_searches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kw: dict[str, Any]
+) -> None:
+    """A query must not read the whole table: at a million calls that is seconds."""
+    store = SqlCallStore(f"sqlite:///{tmp_path}/calls.db")
+    store.put(record("ab" * 32, arg_digests={"x": "1" * 64, "y": "2" * 64}))
+    seen: List[Any] = []
+    real = store._db.rows
+    monkeypatch.setattr(
+        store._db, "rows", lambda sql, params=(): seen.append((sql, params)) or real(sql, params)
+    )
+    assert [r.key for r in store.query(**kw)] == ["ab" * 32]
+    (statement, params) = seen[-1]
+    plan = " | ".join(str(r[-1]) for r in real("EXPLAIN QUERY PLAN " + statement, params))
+    assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    store.close()

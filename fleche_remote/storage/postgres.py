@@ -62,11 +62,14 @@ def _broken_errors() -> Tuple[Type[BaseException], ...]:
 class _Held:
     """A pooled connection one thread keeps; back to the pool when dropped."""
 
-    __slots__ = ("__weakref__", "conn", "fairy")
+    __slots__ = ("__weakref__", "conn", "cur", "fairy")
 
     def __init__(self, fairy: Any) -> None:
         self.fairy = fairy
         self.conn: Any = fairy.driver_connection
+        # one cursor for the thread's reads: making one per statement (what
+        # conn.execute does) cost as much client time as the round trip
+        self.cur: Any = self.conn.cursor()
 
     def release(self, invalidate: bool = False) -> None:
         fairy, self.fairy = self.fairy, None
@@ -189,7 +192,7 @@ class PostgresDatabase(Database):
         for attempt in (0, 1):
             held = self._conn()
             try:
-                cur = held.conn.execute(sql, params)
+                cur = held.cur.execute(sql, params)
                 return cur.fetchone() if one else cur.fetchall()
             except self._broken as exc:
                 # the server went away (restart, idle timeout): a read is

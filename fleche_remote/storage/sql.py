@@ -552,20 +552,31 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
-        where = ["c.key > ?"]
-        params: List[Any] = []
+        args = list((arg_digests or {}).items())
+        if args:
+            # drive the search from the (arg, digest, key) index, in key
+            # order; CROSS JOIN keeps SQLite's planner from starting at calls
+            (arg, digest), args = args[0], args[1:]
+            tables, order = "call_args a CROSS JOIN calls c", "a.key"
+            where = ["a.arg = ?", "a.digest = ?", "a.key > ?", "c.key = a.key"]
+            before: List[Any] = [arg, digest]
+        else:
+            tables, order, where, before = "calls c", "c.key", ["c.key > ?"], []
+        after: List[Any] = []
         if name is not None:
             where.append("c.name = ?")
-            params.append(name)
-        for arg, digest in (arg_digests or {}).items():
-            where.append("c.key IN (SELECT a.key FROM call_args a WHERE a.arg = ? AND a.digest = ?)")
-            params += [arg, digest]
+            after.append(name)
+        for arg, digest in args:
+            where.append(
+                "EXISTS (SELECT 1 FROM call_args x WHERE x.arg = ? AND x.digest = ? AND x.key = c.key)"
+            )
+            after += [arg, digest]
         sql = self._db.sql(
-            f"SELECT {_READ_CALL} FROM calls c WHERE {' AND '.join(where)} ORDER BY c.key LIMIT ?"
+            f"SELECT {_READ_CALL} FROM {tables} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         )
         last = ""
         while True:
-            page = [self._record(r) for r in self._db.rows(sql, [last, *params, PAGE])]
+            page = [self._record(r) for r in self._db.rows(sql, [*before, last, *after, PAGE])]
             for record in page:
                 if record_matches(record, name, arg_digests, metadata):
                     yield record
