@@ -534,6 +534,30 @@ def _take_channel() -> Tuple[BinaryIO, BinaryIO]:
     return os.fdopen(in_fd, "rb", buffering=0), os.fdopen(out_fd, "wb", buffering=1 << 20)
 
 
+def _bound_malloc() -> None:
+    """Keep value chunks out of glibc's heap.
+
+    Chunk buffers are allocated by the reading thread and freed by the
+    upload thread. With glibc's default, the first freed 1 MiB buffer
+    raises the mmap threshold above 1 MiB, later buffers come from the
+    heap, and small allocations between them keep the freed space from
+    being trimmed: a 4 GiB upload through sshd left the server at 330 MB
+    resident. With a fixed threshold (which also switches the dynamic one
+    off) every chunk is its own mapping, returned to the system when freed,
+    and the server stays near 30 MB whatever the value's size.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 256 << 10)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only]``."""
     parser = argparse.ArgumentParser(
@@ -543,6 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", help="read this fleche.toml instead of discovering one")
     parser.add_argument("--read-only", action="store_true", help="refuse every write")
     args = parser.parse_args(argv)
+    _bound_malloc()
     in_stream, out_stream = _take_channel()
     logging.basicConfig(
         stream=sys.stderr,
