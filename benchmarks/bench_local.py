@@ -8,6 +8,8 @@ importable) and every repeat, on fresh storage:
 1. small save: ``--small`` distinct calls, each returning a list of ten
    floats, saved one by one (``cache.save(Call(...))``; diskcache
    ``set``; joblib: the first call of a ``memory.cache``-d function);
+   the files the subject then has on disk are counted (``file+sqlite`` and
+   ``file+postgres`` keep small values inline in their database);
 2. small load: a *fresh* cache object on the same storage loads every
    result (``cache.load_value(key)``; diskcache ``get``; joblib: the same
    calls through a fresh ``Memory``, checked not to recompute);
@@ -264,6 +266,7 @@ class JoblibSubject(Subject):
 class Outcome:
     name: str
     best: Dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    files: int = 0  # files on disk after the small saves (most seen)
     error: Optional[str] = None
 
 
@@ -304,6 +307,7 @@ def run_once(outcome: Outcome, subject: Subject, workdir: Path, n: int, big: np.
     try:
         subject.setup(workdir)
         keys, t_ss, c_ss = timed(functools.partial(subject.save_small, n))
+        outcome.files = max(outcome.files, sum(len(files) for _, _, files in os.walk(workdir)))
         loaded, t_sl, c_sl = timed(functools.partial(subject.load_small, keys))
         if loaded != expected_small:
             bad = next(i for i, (a, b) in enumerate(zip(loaded, expected_small)) if a != b)
@@ -538,18 +542,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(
         f"work: {args.small} small calls (a list of {SMALL_LEN} floats each); "
-        f"one float64 array of {mb:g} MB (random)"
+        f"one float64 array of {mb:g} MB (random); files: on disk after the small saves"
     )
     print()
-    header = ("backend", "small save/s", "small load/s", "big save MB/s", "big load MB/s")
+    header = ("backend", "small save/s", "small load/s", "big save MB/s", "big load MB/s", "files")
     rows = []
     for name, o in outcomes.items():
         if o.error:
-            rows.append([name, "FAILED", "-", "-", "-"])
+            rows.append([name, "FAILED", "-", "-", "-", "-"])
         else:
-            rows.append([name, *(fmt_rate(results[name].get(p)) for p in PHASES)])
+            rows.append([name, *(fmt_rate(results[name].get(p)) for p in PHASES), f"{o.files:,}"])
     for name in skipped:
-        rows.append([name, "skipped", "-", "-", "-"])
+        rows.append([name, "skipped", "-", "-", "-", "-"])
     print(table(header, rows))
     print()
     print("ours / theirs (>1: we are faster); dc = diskcache, jl = joblib.Memory")

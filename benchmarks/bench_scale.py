@@ -240,9 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} cpus; "
         f"fleche_remote {fleche_remote.__version__}; sqlite {sqlite3.sqlite_version}",
         *([pg_version] if pg_version else []),
-        f"work: small results (a list of {SMALL_LEN} floats), saved with save_many in batches of {args.batch}; "
-        f"{args.samples} random lookups per measurement (query: a quarter of that)",
-        f"files: everything under the cache's root (PostgreSQL's own files not counted); total {elapsed:.0f} s",
+        f"work: small results (a list of {SMALL_LEN} floats), saved with save_many in batches of "
+        f"{args.batch}; {args.samples} random lookups per measurement (query: a quarter of that)",
+        f"files: everything under the cache's root (PostgreSQL's own files not counted); "
+        f"total {elapsed:.0f} s",
         f"load average (1, 5, 15 min) before {load_before}, after {load_average()}",
     ]
     report(results, info)

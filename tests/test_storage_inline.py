@@ -135,8 +135,9 @@ def test_sqlite_batches_are_one_transaction_and_one_query(tmp_path: Path) -> Non
     assert [c.result for c in loaded if c] == [c.result for c in calls]
     assert trace.count("SELECT") == 3 and trace.count("BEGIN") == 0, trace.seen
     trace.clear()
-    cache.save_many(calls)  # all present: one lookup, no write transaction
-    assert trace.count("BEGIN") == 0 and trace.count("SELECT") == 1, trace.seen
+    cache.save_many(calls)  # all present: one lookup, nothing written
+    assert trace.count("BEGIN") == 1 and trace.count("SELECT") == 1, trace.seen
+    assert trace.count("INSERT") == 0, trace.seen
     cache.close()
 
 
@@ -160,6 +161,19 @@ def test_postgres_batches_are_one_transaction(postgres_url: str, tmp_path: Path)
     assert txid() - before == 1  # reads take none
     assert [c.result for c in loaded if c] == [c.result for c in calls]
     cache.close()
+
+
+def test_a_resaved_call_keeps_its_value_and_leaves_no_orphan(cache: Cache) -> None:
+    first = Call("resave.f", {"x": 1}, "first result")
+    key = cache.save(first)
+    for batch in (
+        [Call("resave.f", {"x": 1}, "second result")],
+        [first, Call("resave.f", {"x": 1}, "third")],
+    ):
+        assert cache.save_many(batch)[0] == key
+    assert cache.load_value(key) == "first result"
+    assert len(set(cache.calls.blob_digests())) == 1  # type: ignore[attr-defined]
+    assert cache.collect_garbage() == 0
 
 
 def test_a_streamed_batch_is_read_in_order_and_drained(cache: Cache) -> None:

@@ -227,6 +227,13 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _call_row(r: CallRecord, now: float) -> Tuple[Any, ...]:
+    return (
+        r.key, r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
+        r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
+    )  # fmt: skip
+
+
 def _insert(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
     """All ``rows`` in one driver call; a lone row skips executemany's set-up."""
     if len(rows) == 1:
@@ -414,33 +421,45 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         self.put_entries(records, {})
 
     def put_entries(self, records: Sequence[CallRecord], blobs: Mapping[str, Blob]) -> None:
+        """Records, their argument rows and their small values, in one transaction.
+
+        A record already stored is left as it is, and so are its argument
+        rows, and the value given with it is not written (it may differ:
+        a re-run of a function that is not deterministic), so no unreferenced
+        value is left behind. One record: its insert reports whether it was
+        new. A batch: one lookup of the keys, inside the transaction.
+        """
         for record in records:
             _check_key(record.key)
-        if self._db.backend == "sqlite":
-            # SQLite has one write lock for the whole file, and re-saves and
-            # back-fills are common: a plain read skips what is stored already
-            present = set(self._present([r.key for r in records]))
-            records = [r for r in records if r.key not in present]
-            if not records:
-                return
-        wanted = {r.value for r in records}
-        blob_rows = [_blob_row(d, b) for d, b in blobs.items() if d in wanted]
+        if not records:
+            return
         now = time.time()
-        rows: List[Tuple[Any, ...]] = []
-        args: List[Tuple[str, str, str]] = []
-        for r in records:
-            rows.append(
-                (
-                    r.key, r.name, r.version, bytes(r.arguments),
-                    _compact(r.arg_digests), dumps_json(r.metadata),
-                    r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
-                )
-            )  # fmt: skip
-            args.extend((a, d, r.key) for a, d in r.arg_digests.items())
+        rows = [_call_row(r, now) for r in records]
+        new: List[CallRecord] = []
         with self._db.transaction() as cur:
-            _insert(cur, self._insert_blob, blob_rows)
-            _insert(cur, self._insert_call, rows)
-            _insert(cur, self._insert_arg, args)
+            if len(records) == 1:
+                if cur.execute(self._insert_call, rows[0]).rowcount == 0:
+                    return  # stored already: an empty commit, no page written
+                new = list(records)
+            else:
+                seen: set[str] = set()
+                for chunk in _chunks(sorted({r.key for r in records})):
+                    cond, params = self._db.in_list("key", chunk)
+                    seen.update(
+                        k for (k,) in cur.execute(self._db.sql(f"SELECT key FROM calls WHERE {cond}"), params)
+                    )
+                fresh: List[Tuple[Any, ...]] = []
+                for r, row in zip(records, rows):
+                    if r.key not in seen:
+                        seen.add(r.key)
+                        new.append(r)
+                        fresh.append(row)
+                if not new:
+                    return
+                _insert(cur, self._insert_call, fresh)
+            _insert(cur, self._insert_arg, [(a, d, r.key) for r in new for a, d in r.arg_digests.items()])
+            wanted = {r.value for r in new}
+            _insert(cur, self._insert_blob, [_blob_row(d, b) for d, b in blobs.items() if d in wanted])
 
     def delete(self, key: str) -> None:
         sql = self._db.sql
