@@ -355,6 +355,55 @@ def run_all(
     return outcomes
 
 
+def server_batches(
+    subjects: Sequence[Tuple[str, Subject]], base: Path, n: int, repeat: int
+) -> Dict[str, Tuple[float, float]]:
+    """What a server's storage does for one batch of ``n`` small entries:
+    ``Cache.save_records`` of records and blobs already made (as they arrive
+    from a client), and ``Cache.load_entries`` with every body read. Best
+    of ``repeat``, seconds, on fresh storage each time."""
+    from fleche_remote.call import make_record
+    from fleche_remote.values import blob_digest, encode_value
+
+    best: Dict[str, Tuple[float, float]] = {}
+    for name, subject in subjects:
+        if not isinstance(subject, FlecheSubject):
+            continue
+        for rep in range(repeat):
+            workdir = base / f"batch-{name.replace('+', '_')}-{rep}"
+            workdir.mkdir()
+            try:
+                subject.setup(workdir)
+                items = []
+                for i in range(n):
+                    call = Call("bench.batch", {"i": i}, small_result(i))
+                    blob = encode_value(call.result)
+                    items.append((make_record(call, blob, blob_digest(blob)), blob))
+                keys = [record.key for record, _ in items]
+                with subject._cache() as cache:
+                    cache.contains(keys[0])  # connect and create tables outside the timing
+                    _, t_save, _ = timed(functools.partial(cache.save_records, items))
+                    entries, t_load, _ = timed(functools.partial(_read_entries, cache, keys))
+                if len(entries) != n:
+                    raise RuntimeError(f"load_entries gave {len(entries)} entries, expected {n}")
+                old = best.get(name, (float("inf"), float("inf")))
+                best[name] = (min(old[0], t_save), min(old[1], t_load))
+            finally:
+                subject.teardown()
+                shutil.rmtree(workdir, ignore_errors=True)
+    return best
+
+
+def _read_entries(cache: Cache, keys: List[str]) -> List[Any]:
+    """Every entry with its whole body, as a server streams them out."""
+    out = []
+    for entry in cache.load_entries(keys):
+        if entry is None:
+            raise RuntimeError("an entry saved in the batch is missing")
+        out.append((entry[0], entry[1].read_all()))
+    return out
+
+
 def rates(outcome: Outcome, n: int, mb: float) -> Dict[str, float]:
     """Phase -> calls/s (small) or MB/s (big); higher is better."""
     work = {"small_save": n, "small_load": n, "big_save": mb, "big_load": mb}
@@ -526,6 +575,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, reason in skipped.items():
             print(f"skipping {name}: {reason}", file=sys.stderr, flush=True)
         outcomes = run_all(subjects, base, args.small, big, args.repeat)
+        print("server-side batches ...", file=sys.stderr, flush=True)
+        batches = server_batches(
+            [(k, v) for k, v in subjects if outcomes[k].error is None], base, 1000, args.repeat
+        )
         info = versions(postgres)
         where = f"{base.parent} on {fs_type(base.parent)}"
     elapsed = time.perf_counter() - started
@@ -567,6 +620,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = results[name]
         rows2.append([name] + [fmt_ratio(r.get(p), (ref or {}).get(p)) for p in PHASES for ref in (dc, jl)])
     print(table(header2, rows2))
+    if batches:
+        print()
+        print(
+            "a server's storage part: one batch of 1000 small entries (Cache.save_records / load_entries), ms"
+        )
+        print()
+        print(
+            table(
+                ["backend", "save_records", "load_entries"],
+                [[k, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}"] for k, (a, b) in batches.items()],
+            )
+        )
     failures = {name: o.error for name, o in outcomes.items() if o.error}
     if failures or skipped:
         print()
