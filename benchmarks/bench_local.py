@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import fleche_remote
-from fleche_remote import Cache, Call
+from fleche_remote import BaseCache, Cache, Call
 
 OURS = ("memory", "file", "file-gz", "file+sqlite", "file+postgres", "hdf5")
 BASELINES = ("diskcache", "joblib")
@@ -394,7 +394,7 @@ def server_batches(
     return best
 
 
-def _read_entries(cache: Cache, keys: List[str]) -> List[Any]:
+def _read_entries(cache: BaseCache, keys: List[str]) -> List[Any]:
     """Every entry with its whole body, as a server streams them out."""
     out = []
     for entry in cache.load_entries(keys):
