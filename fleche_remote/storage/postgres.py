@@ -204,6 +204,19 @@ class PostgresDatabase(Database):
                 raise self.error("reading", exc) from exc
         raise AssertionError("unreachable")
 
+    def write_one(self, sql: str, params: Sequence[Any]) -> Optional[Tuple[Any, ...]]:
+        """One statement that writes, in its own (implicit) transaction: one
+        round trip, where BEGIN ... COMMIT would cost two more."""
+        if self.echo:
+            self.trace(sql, params)
+        held = self._conn()
+        try:
+            return held.cur.execute(sql, params).fetchone()  # type: ignore[no-any-return]
+        except self._errors as exc:
+            if held.conn.closed or getattr(held.conn, "broken", False):
+                self._drop(held)
+            raise self.error("writing", exc) from exc
+
     def rows(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         return self._read(sql, params, one=False)  # type: ignore[no-any-return]
 

@@ -220,6 +220,19 @@ _CALL_COLUMNS = (
 _READ_CALL = ", ".join(f"c.{c}" for c in _CALL_COLUMNS[:-1])
 _BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
 
+# PostgreSQL: a record, its argument rows and its inline value in one
+# statement (data-modifying CTEs run as one atomic statement)
+_PG_PUT_ONE = (
+    f"WITH c AS (INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_CALL_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING key), "
+    "a AS (INSERT INTO call_args (arg, digest, key) SELECT x.arg, x.digest, c.key "
+    "FROM c CROSS JOIN unnest(%s::text[], %s::text[]) AS x(arg, digest) ON CONFLICT DO NOTHING), "
+    "b AS (INSERT INTO blobs (digest, kind, meta, size, body) SELECT v.* FROM c CROSS JOIN "
+    "(VALUES (%s::text, %s::text, %s::text, %s::bigint, %s::bytea)) AS v(digest, kind, meta, size, body) "
+    "WHERE %s ON CONFLICT DO NOTHING) "
+    "SELECT count(*) FROM c"
+)
+
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     size = BATCH  # read at call time: tests shrink it to force several batches
@@ -435,6 +448,9 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             return
         now = time.time()
         rows = [_call_row(r, now) for r in records]
+        if len(records) == 1 and self._db.backend == "postgresql":
+            self._put_one_postgres(records[0], rows[0], blobs)
+            return
         new: List[CallRecord] = []
         with self._db.transaction() as cur:
             if len(records) == 1:
@@ -460,6 +476,16 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             _insert(cur, self._insert_arg, [(a, d, r.key) for r in new for a, d in r.arg_digests.items()])
             wanted = {r.value for r in new}
             _insert(cur, self._insert_blob, [_blob_row(d, b) for d, b in blobs.items() if d in wanted])
+
+    def _put_one_postgres(self, r: CallRecord, row: Tuple[Any, ...], blobs: Mapping[str, Blob]) -> None:
+        """One save as one statement: each round trip to the server costs
+        more than the work (BEGIN, three inserts and COMMIT would be five).
+        The argument rows and the value are inserted only if the record
+        was (``FROM c``), as in the general path."""
+        blob = blobs.get(r.value)
+        body: Tuple[Any, ...] = _blob_row(r.value, blob) if blob is not None else (None,) * 5
+        params = (*row, list(r.arg_digests), list(r.arg_digests.values()), *body, blob is not None)
+        self._db.write_one(_PG_PUT_ONE, params)  # type: ignore[attr-defined]
 
     def delete(self, key: str) -> None:
         sql = self._db.sql

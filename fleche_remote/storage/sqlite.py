@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,7 +146,7 @@ class SqliteDatabase(Database):
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             if not self.memory:
-                conn.execute("PRAGMA journal_mode = WAL")
+                _enter_wal(conn)
                 conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -231,6 +232,29 @@ class SqliteDatabase(Database):
                     conn.close()
             self._conns = []
             self._token = object()
+
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL mode, unless it is already (the usual case).
+
+    Switching needs an exclusive lock, and SQLite reports "database is
+    locked" at once, without its busy handler, when another process holds
+    the file at that moment (two jobs creating one cache together), so
+    this retries for up to :data:`BUSY_TIMEOUT_S`.
+    """
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class _NoLock:
