@@ -29,7 +29,6 @@ Design rules:
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from pathlib import Path
@@ -39,9 +38,20 @@ from urllib.parse import parse_qsl
 from .. import call as _callmod
 from ..call import CallRecord
 from ..errors import ConfigError, CorruptEntryError, StorageError
-from ..values import Blob, BytesBlob
+from ..values import Blob
 from ._config import check_keys, resolve_path, typed
 from ._sqldb import BATCH, BUSY_TIMEOUT_S, Database
+from ._sqlrows import (
+    _BLOB_COLUMNS,
+    _CALL_COLUMNS,
+    _PG_PUT_ONE,
+    _READ_CALL,
+    _blob,
+    _blob_row,
+    _call_row,
+    _insert,
+    loads_json,
+)
 from .base import CallStore, InlineValues, ValueStore, record_matches
 
 __all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
@@ -153,130 +163,10 @@ def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict
     return {"url": _resolve_url(url, base_dir, where)[0], "echo": typed(table, "echo", bool, False)}
 
 
-# -- metadata as JSON ----------------------------------------------------------
-#
-# Call metadata is plain data, which includes bytes and tuples; JSON has
-# neither. They are tagged ({"$bytes": base64}, {"$tuple": [...]}), and a
-# user dict that happens to look like a tag is wrapped in {"$dict": ...},
-# so every plain value round-trips exactly and the column stays readable.
-
-_TAGS = ("$bytes", "$tuple", "$dict")
-
-
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, bytes):
-        return {"$bytes": base64.b64encode(obj).decode("ascii")}
-    if isinstance(obj, tuple):
-        return {"$tuple": [_to_json(x) for x in obj]}
-    if isinstance(obj, list):
-        return [_to_json(x) for x in obj]
-    if isinstance(obj, dict):
-        out = {k: _to_json(v) for k, v in obj.items()}
-        return {"$dict": out} if len(out) == 1 and next(iter(out)) in _TAGS else out
-    return obj
-
-
-def _from_json(obj: Any) -> Any:
-    if isinstance(obj, list):
-        return [_from_json(x) for x in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            ((tag, inner),) = obj.items()
-            if tag == "$bytes":
-                return base64.b64decode(inner)
-            if tag == "$tuple":
-                return tuple(_from_json(x) for x in inner)
-            if tag == "$dict":
-                return {k: _from_json(v) for k, v in inner.items()}
-        return {k: _from_json(v) for k, v in obj.items()}
-    return obj
-
-
-#: One encoder for every row: ``json.dumps`` with arguments builds a new one
-#: per call, which cost more than the insert it feeds.
-_compact = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def dumps_json(obj: Any) -> str:
-    """Plain data as JSON text, bytes and tuples tagged (see above)."""
-    if not obj and type(obj) is dict:
-        return "{}"
-    return _compact(_to_json(obj))
-
-
-def loads_json(data: str) -> Any:
-    """Inverse of :func:`dumps_json`."""
-    if data == "{}":
-        return {}
-    return _from_json(json.loads(data))
-
-
-# -- rows ------------------------------------------------------------------------
-
-_CALL_COLUMNS = (
-    "key", "name", "version", "arguments", "arg_digests", "metadata",
-    "value", "value_kind", "value_size", "digest_scheme", "created",
-)  # fmt: skip
-_READ_CALL = ", ".join(f"c.{c}" for c in _CALL_COLUMNS[:-1])
-_BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
-
-# PostgreSQL: a record, its argument rows and its inline value in one
-# statement (data-modifying CTEs run as one atomic statement)
-_PG_PUT_ONE = (
-    f"WITH c AS (INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_CALL_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING key), "
-    "a AS (INSERT INTO call_args (arg, digest, key) SELECT x.arg, x.digest, c.key "
-    "FROM c CROSS JOIN unnest(%s::text[], %s::text[]) AS x(arg, digest) ON CONFLICT DO NOTHING), "
-    "b AS (INSERT INTO blobs (digest, kind, meta, size, body) SELECT v.* FROM c CROSS JOIN "
-    "(VALUES (%s::text, %s::text, %s::text, %s::bigint, %s::bytea)) AS v(digest, kind, meta, size, body) "
-    "WHERE %s ON CONFLICT DO NOTHING) "
-    "SELECT count(*) FROM c"
-)
-
-
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     size = BATCH  # read at call time: tests shrink it to force several batches
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _call_row(r: CallRecord, now: float) -> Tuple[Any, ...]:
-    return (
-        r.key, r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
-        r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
-    )  # fmt: skip
-
-
-def _insert(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
-    """All ``rows`` in one driver call; a lone row skips executemany's set-up."""
-    if len(rows) == 1:
-        cur.execute(sql, rows[0])
-    elif rows:
-        cur.executemany(sql, rows)
-
-
-def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
-    body = blob.read_all()
-    if len(body) != blob.size:
-        raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
-    meta = "{}" if not blob.meta else _compact(blob.meta)
-    return (digest, blob.kind, meta, blob.size, body)
-
-
-def _blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body: Any) -> BytesBlob:
-    where = f"value {digest[:16]} in {store!r}"
-    try:
-        meta = {} if meta_text == "{}" else json.loads(meta_text)
-    except (TypeError, ValueError) as exc:
-        raise CorruptEntryError(f"{where}: meta is not JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(body, (bytes, bytearray, memoryview)):
-        raise CorruptEntryError(
-            f"{where}: expected a JSON object and a binary body, "
-            f"got {type(meta).__name__} and {type(body).__name__}"
-        )
-    if len(body) != size:
-        raise CorruptEntryError(f"{where}: {len(body)} body bytes, expected {size}")
-    return BytesBlob(kind, meta, body)
 
 
 class _SqlStore:
