@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .. import __version__
 from ..caches.base import BaseCache
 from ..call import CallRecord
+from ..digest import DIGEST_SCHEME_NAME
 from ..errors import ProtocolError, Rejected
 from ..values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
@@ -240,7 +241,7 @@ def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
         if not isinstance(item, Inline) or not isinstance(item.body, bytes):
             raise ProtocolError(f"inline value for {record.key[:12]} is a {type(item).__name__}")
         blob = BytesBlob(item.kind, item.meta, item.body)
-        if blob_digest(blob) != record.value:
+        if blob_digest(blob, _scheme(record)) != record.value:
             raise ProtocolError(f"inline value for {record.key[:12]} does not hash to its record's digest")
         batch.append((record, blob))
     if batch:
@@ -253,9 +254,14 @@ def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
         incoming = next(streamed)
         if incoming.header.digest != record.value:
             raise ProtocolError("a value stream's digest does not match its record")
-        ctx.cache.save_records([(record, VerifyingBlob(incoming, record.value))])
+        ctx.cache.save_records([(record, VerifyingBlob(incoming, record.value, _scheme(record)))])
         incoming.drain()
     return Reply()
+
+
+def _scheme(record: CallRecord) -> str:
+    """The digest scheme the client used: the server checks with the same one."""
+    return str(getattr(record, "digest_scheme", DIGEST_SCHEME_NAME))
 
 
 def _h_evict(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
