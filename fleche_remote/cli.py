@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -32,6 +33,12 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 from .errors import ConfigError, FlecheRemoteError
 
 PROG = "fleche-remote"
+
+# Modules that contribute subcommands. Each has ``register(subparsers)``,
+# which adds its parsers and sets ``run=FUNCTION(args, out) -> int`` on
+# them; imported only when the command line is built, so that
+# ``import fleche_remote`` stays cheap.
+COMMAND_MODULES: Sequence[str] = ()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_HELP = "read this file instead of discovering fleche.toml files"
 
@@ -169,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_ls.add_argument("--name", metavar="FUNC", help="only calls of this function (module.qualname)")
     p_ls.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p_ls.set_defaults(run=cmd_ls)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
