@@ -22,6 +22,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from .. import progress
 from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..digest import Digest
@@ -105,6 +106,9 @@ class SshCache(BaseCache):
             throughput of ssh's default chacha20 here); an explicit
             ``Ciphers``/``-c`` of the user always wins.
         ssh: the ssh program.
+        progress: show a bar on stderr while a large value streams
+            (``True``/``False``; ``None``: when stderr is a terminal; see
+            :mod:`fleche_remote.progress`).
         command: run this argv instead of building an ssh command (a local
             ``python -m fleche_remote serve``, a container exec, ...).
     """
@@ -123,6 +127,7 @@ class SshCache(BaseCache):
         read_only: bool = False,
         fast_cipher: bool = True,
         ssh: str = "ssh",
+        progress: Optional[bool] = None,
         command: Optional[Sequence[str]] = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
     ) -> None:
@@ -139,6 +144,7 @@ class SshCache(BaseCache):
         self._local_read_only = bool(read_only)
         self.fast_cipher = bool(fast_cipher)
         self.ssh = ssh
+        self.progress = progress
         self.command = list(command) if command is not None else None
         self._transport_factory = _transport_factory
         self._conn: Optional[Connection] = None
@@ -173,6 +179,7 @@ class SshCache(BaseCache):
         "read_only": bool,
         "fast_cipher": bool,
         "ssh": str,
+        "progress": bool,
     }
 
     @classmethod
@@ -213,6 +220,8 @@ class SshCache(BaseCache):
             cfg["fast_cipher"] = False
         if self.ssh != "ssh":
             cfg["ssh"] = self.ssh
+        if self.progress is not None:
+            cfg["progress"] = self.progress
         return cfg
 
     def remote_command(self) -> str:
@@ -353,7 +362,12 @@ class SshCache(BaseCache):
                 inline.append(None)
                 blobs.append((BlobHeader(blob.kind, blob.meta, blob.size, record.value), blob))
         args = {"records": [r for r, _ in items], "inline": inline}
-        self._request("save_records", args, blobs=blobs)
+        blobs, bar = progress.uploads(blobs, self.progress, self.host)
+        try:
+            self._request("save_records", args, blobs=blobs)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         if not keys:
@@ -361,7 +375,8 @@ class SshCache(BaseCache):
         return list(self._request("load_records", {"keys": [str(k) for k in keys]}))
 
     def load_blob(self, value_digest: str) -> Blob:
-        return self._request("load_blob", {"digest": str(value_digest)}, consume=_spool)  # type: ignore[no-any-return]
+        consume = progress.downloads(_spool, self.progress, self.host)
+        return self._request("load_blob", {"digest": str(value_digest)}, consume=consume)  # type: ignore[no-any-return]
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         """Blobs for ``value_digests`` in one round trip (small ones travel
@@ -369,7 +384,8 @@ class SshCache(BaseCache):
         if not value_digests:
             return []
         args = {"digests": [str(d) for d in value_digests]}
-        return self._request("load_blobs", args, consume=_unpack_blobs)  # type: ignore[no-any-return]
+        consume = progress.downloads(_unpack_blobs, self.progress, self.host)
+        return self._request("load_blobs", args, consume=consume)  # type: ignore[no-any-return]
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         """Records and their result blobs in one round trip."""
@@ -380,7 +396,8 @@ class SshCache(BaseCache):
             blobs = _unpack_blobs([None if e is None else e[1] for e in result], streams)
             return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
 
-        return self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=consume)  # type: ignore[no-any-return]
+        with_bar = progress.downloads(consume, self.progress, self.host)
+        return self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=with_bar)  # type: ignore[no-any-return]
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
@@ -438,10 +455,12 @@ class SshCache(BaseCache):
     def load_value(self, key: str) -> Any:
         """The result under ``key`` (full or unique prefix), in one round
         trip; an array streams straight into its final buffer."""
-        return self._request("load_value", {"key": str(key)}, consume=_decode_first)
+        consume = progress.downloads(_decode_first, self.progress, self.host)
+        return self._request("load_value", {"key": str(key)}, consume=consume)
 
     def fetch_result(self, value_digest: str) -> Any:
-        return self._request("load_blob", {"digest": str(value_digest)}, consume=_decode_first)
+        consume = progress.downloads(_decode_first, self.progress, self.host)
+        return self._request("load_blob", {"digest": str(value_digest)}, consume=consume)
 
 
 #: Records per query page, and pages the server may send ahead of us.
