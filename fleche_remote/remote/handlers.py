@@ -3,7 +3,10 @@
 Requests are decoded by the restricted decoder and dispatched through the
 explicit tables below, never ``getattr`` on a received name. A read-only
 server uses a table with every write removed, so a read-only key cannot
-write, evict or collect garbage whatever its client sends.
+write, evict or collect garbage whatever its client sends. An append-only
+server keeps only ``save_records``, behind a check that refuses to replace
+an entry already stored under another value: results can be added, never
+changed or removed.
 
 A handler takes the server context, the request's arguments and its
 incoming value streams, and returns a :class:`Reply`: a result (plain
@@ -49,10 +52,13 @@ MAX_WINDOW = 64
 class Context:
     """What handlers share: the cache and how the server presents itself."""
 
-    def __init__(self, cache: BaseCache, cache_name: Optional[str], read_only: bool) -> None:
+    def __init__(
+        self, cache: BaseCache, cache_name: Optional[str], read_only: bool, append_only: bool = False
+    ) -> None:
         self.cache = cache
         self.cache_name = cache_name
         self.read_only = read_only
+        self.append_only = append_only
         self.info: Dict[str, Any] = {}
 
 
@@ -156,7 +162,7 @@ def _h_ping(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Re
 
 
 def _h_info(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
-    ctx.info = server_info(ctx.cache, ctx.cache_name, ctx.read_only)
+    ctx.info = server_info(ctx.cache, ctx.cache_name, ctx.read_only, ctx.append_only)
     return Reply(ctx.info)
 
 
@@ -259,6 +265,28 @@ def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
     return Reply()
 
 
+def _h_save_records_append_only(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    """``save_records`` that never replaces a stored entry.
+
+    A record already stored with the same value is a no-op (a re-save of
+    the same result, as a back-filling stack does); one stored with another
+    value is refused before anything is written. The stores themselves
+    keep the first record of a key, so this check is what turns a silent
+    no-op into an error the client sees.
+    """
+    records = args.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
+        raise ProtocolError("save_records needs a list of CallRecords")
+    stored = ctx.cache.load_records([r.key for r in records])
+    for record, old in zip(records, stored):
+        if old is not None and old.value != record.value:
+            raise Rejected(
+                f"this server is append-only: {record.key[:16]} is already stored with another "
+                f"value, and an entry cannot be overwritten"
+            )
+    return _h_save_records(ctx, args, blobs)
+
+
 def _scheme(record: CallRecord) -> str:
     """The digest scheme the client used: the server checks with the same one."""
     return str(getattr(record, "digest_scheme", DIGEST_SCHEME_NAME))
@@ -307,17 +335,23 @@ WRITE_HANDLERS: Dict[str, Handler] = {
 }
 
 
-def handler_table(read_only: bool, debug_ops: bool = False) -> Dict[str, Handler]:
-    """The operations a server answers; a read-only one has no write entries."""
+def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = False) -> Dict[str, Handler]:
+    """The operations a server answers: a read-only one has no write
+    entries, an append-only one only a ``save_records`` that refuses to
+    replace what is stored."""
     table = dict(READ_HANDLERS)
-    if not read_only:
+    if append_only and not read_only:
+        table["save_records"] = _h_save_records_append_only
+    elif not read_only:
         table.update(WRITE_HANDLERS)
     if debug_ops:
         table["debug_raise"] = _h_debug_raise
     return table
 
 
-def server_info(cache: BaseCache, cache_name: Optional[str], read_only: bool) -> Dict[str, Any]:
+def server_info(
+    cache: BaseCache, cache_name: Optional[str], read_only: bool, append_only: bool = False
+) -> Dict[str, Any]:
     """What ``SshCache.info()`` reports: the cache (credentials redacted),
     versions, and where and as what the server runs."""
     try:
@@ -331,6 +365,7 @@ def server_info(cache: BaseCache, cache_name: Optional[str], read_only: bool) ->
         "cache": described,
         "cache_name": cache_name,
         "read_only": bool(read_only or cache.read_only),
+        "append_only": bool(append_only),
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -356,5 +391,8 @@ def _peak_rss() -> Optional[int]:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def rejected_write(op: str) -> Rejected:
+def rejected_write(op: str, append_only: bool = False) -> Rejected:
+    """The refusal of a write the server's mode took out of its table."""
+    if append_only:
+        return Rejected(f"this server is append-only: {op!r} is not allowed (saves only add new entries)")
     return Rejected(f"this server is read-only: {op!r} is not allowed")

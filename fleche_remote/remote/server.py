@@ -24,6 +24,13 @@ Design rules:
   in step, because a request's incoming value streams are always drained.
   A frame that breaks the protocol ends the server (the client sees the
   connection close and reports our stderr).
+* Nothing a client sends is trusted to have the right shape: a request
+  whose id or announced values are malformed ends the connection (the
+  stream can no longer be kept in step); a bad operation name or bad
+  arguments get an error answer. Either way the server never dies with a
+  traceback, and allocates nothing beyond the decoder's limits.
+* ``--read-only`` and ``--append-only`` take operations out of the
+  dispatch table; the client's own idea of the mode plays no part.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ from .protocol import (
     encode_message,
     frame_header,
 )
+from .turns import BULK_FRAME, WriteTurns
 
 log = logging.getLogger("fleche_remote.server")
 
@@ -105,12 +113,15 @@ class _Output:
 
     def __init__(self, stream: BinaryIO) -> None:
         self._out = stream
-        self._lock = threading.Lock()
+        self._turns = WriteTurns()
         self.broken = False
 
-    def send(self, parts: Sequence[Any], flush: bool = True) -> bool:
-        """Write ``parts`` as one unit; False once the client is gone."""
-        with self._lock:
+    def send(self, parts: Sequence[Any], flush: bool = True, bulk: bool = False) -> bool:
+        """Write ``parts`` as one unit; False once the client is gone.
+
+        ``bulk`` marks one frame of a value: it lets small answers go first.
+        """
+        with self._turns.bulk() if bulk else self._turns.small():
             if self.broken:
                 return False
             try:
@@ -285,6 +296,7 @@ class _Server:
             if frame.type == MSG:
                 if not isinstance(frame.message, Request):
                     raise ProtocolError(f"expected a request, got a {type(frame.message).__name__}")
+                _check_request(frame.message)
                 self._dispatch(frame.message)
             else:
                 self._route(frame)
@@ -338,14 +350,18 @@ class _Server:
             stream.grant(n if isinstance(n, int) and 0 < n <= 1024 else 1)
 
     def _call(self, request: Request, blobs: List[IncomingBlob]) -> Any:
-        handler = self.table.get(request.op)
+        op = getattr(request, "op", None)
+        if not isinstance(op, str):
+            raise ProtocolError(f"an operation name must be a str, got {type(op).__name__}")
+        handler = self.table.get(op)
         if handler is None:
-            if request.op in WRITE_HANDLERS:
-                raise rejected_write(request.op)
-            raise ProtocolError(f"unknown operation {request.op!r}; this server knows {sorted(self.table)}")
-        if not isinstance(request.args, dict):
-            raise ProtocolError("request arguments must be a dict")
-        return handler(self.ctx, request.args, blobs)
+            if op in WRITE_HANDLERS:
+                raise rejected_write(op, self.ctx.append_only)
+            raise ProtocolError(f"unknown operation {op[:100]!r}; this server knows {sorted(self.table)}")
+        args = getattr(request, "args", None)
+        if not isinstance(args, dict):
+            raise ProtocolError(f"request arguments must be a dict, got {type(args).__name__}")
+        return handler(self.ctx, args, blobs)
 
     def _send_error(self, request: Request, exc: BaseException, flush: bool = True) -> None:
         if not isinstance(exc, (KeyError, Rejected)):
@@ -366,10 +382,10 @@ class _Server:
         """Stream one value; False if the client went away or cancelled."""
         sent = 0
         try:
-            for chunk in blob.chunks(CHUNK_SIZE):
+            for chunk in blob.chunks(BULK_FRAME):
                 if stream is not None and (stream.cancelled or self.stopping.is_set()):
                     return False
-                if not self.out.send([frame_header(DATA, rid, len(chunk)), chunk], flush=flush):
+                if not self.out.send([frame_header(DATA, rid, len(chunk)), chunk], flush=flush, bulk=True):
                     return False
                 sent += len(chunk)
             if sent != blob.size:
@@ -464,6 +480,39 @@ class _Server:
         self.out.flush()
 
 
+def _check_request(request: Request) -> None:
+    """Refuse a request the server cannot stay in step after answering.
+
+    Its id must be an int (every frame of the answer repeats it) and the
+    values it announces must be well-formed headers (the frames that
+    follow are checked against them). Anything else about a request (its
+    operation, its arguments) is answered with an error instead.
+
+    Raises:
+        ProtocolError: the connection has to close.
+    """
+    rid = getattr(request, "id", None)
+    if type(rid) is not int:
+        raise ProtocolError(f"a request id must be an int, got {type(rid).__name__}")
+    blobs = getattr(request, "blobs", None)
+    if not isinstance(blobs, list):
+        raise ProtocolError(f"request {rid}: 'blobs' must be a list, got {type(blobs).__name__}")
+    for header in blobs:
+        size = getattr(header, "size", None)
+        if (
+            not isinstance(header, BlobHeader)
+            or type(size) is not int
+            or size < 0
+            or not isinstance(getattr(header, "kind", None), str)
+            or not isinstance(getattr(header, "meta", None), dict)
+            or not isinstance(getattr(header, "digest", None), str)
+        ):
+            raise ProtocolError(
+                f"request {rid}: a value header must be a BlobHeader(kind: str, meta: dict, "
+                f"size: int >= 0, digest: str), got {header!r:.200}"
+            )
+
+
 def error_response(rid: int, exc: BaseException) -> ErrorResponse:
     """An exception as data, for the client to rebuild."""
     cls = type(exc)
@@ -477,6 +526,10 @@ def error_response(rid: int, exc: BaseException) -> ErrorResponse:
         args = tuple(exc.args)
     except TypeError:
         pass
+    if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
+        # OSError keeps the file name out of args: put it back, so the
+        # client's error names the path as well as the errno
+        args = (*args, str(exc.filename))
     tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
     return ErrorResponse(rid, tname, str(exc), args, tb)
 
@@ -488,6 +541,7 @@ def serve(
     *,
     cache_name: Optional[str] = None,
     read_only: bool = False,
+    append_only: bool = False,
 ) -> None:
     """Answer requests from ``input_stream`` on ``output_stream`` until EOF.
 
@@ -500,15 +554,18 @@ def serve(
             threads at once.
         cache_name: its name in the server's config, reported in ``info``.
         read_only: refuse writes even if ``cache`` allows them.
+        append_only: take evict and garbage collection away, and refuse a
+            save that would replace an entry stored with another value.
 
     Raises:
         ProtocolError: the input is not the fleche-remote protocol (the
             caller should exit; the client will see the connection end).
     """
     read_only = bool(read_only or cache.read_only)
-    ctx = Context(cache, cache_name, read_only)
-    ctx.info = server_info(cache, cache_name, read_only)
-    table = handler_table(read_only, os.environ.get(DEBUG_OPS_ENV) == "1")
+    append_only = bool(append_only and not read_only)
+    ctx = Context(cache, cache_name, read_only, append_only)
+    ctx.info = server_info(cache, cache_name, read_only, append_only)
+    table = handler_table(read_only, os.environ.get(DEBUG_OPS_ENV) == "1", append_only)
     out = _Output(output_stream)
     out.send([BANNER + encode_message(Hello(PROTOCOL_VERSION, __version__, ctx.info))])
     server = _Server(ctx, table, _Input(input_stream), out)
@@ -559,13 +616,19 @@ def _bound_malloc() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only]``."""
+    """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only | --append-only]``."""
     parser = argparse.ArgumentParser(
         prog="fleche-remote serve", description="Serve a cache over stdin/stdout."
     )
     parser.add_argument("--cache", help="cache name in fleche.toml (default: [default] cache)")
     parser.add_argument("--config", help="read this fleche.toml instead of discovering one")
-    parser.add_argument("--read-only", action="store_true", help="refuse every write")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", action="store_true", help="refuse every write")
+    mode.add_argument(
+        "--append-only",
+        action="store_true",
+        help="allow saves of new entries only: no evict, no overwrite, no garbage collection",
+    )
     args = parser.parse_args(argv)
     _bound_malloc()
     in_stream, out_stream = _take_channel()
@@ -585,18 +648,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info(
         "serving cache %s%s from %s (protocol %d, fleche-remote %s)",
         args.cache or "[default]",
-        " read-only" if args.read_only or cache.read_only else "",
+        " read-only" if args.read_only or cache.read_only else " append-only" if args.append_only else "",
         os.getcwd(),
         PROTOCOL_VERSION,
         __version__,
     )
     try:
-        serve(in_stream, out_stream, cache, cache_name=args.cache, read_only=args.read_only)
+        serve(
+            in_stream,
+            out_stream,
+            cache,
+            cache_name=args.cache,
+            read_only=args.read_only,
+            append_only=args.append_only,
+        )
     except ProtocolError as exc:
         print(f"fleche-remote serve: protocol error, closing: {exc}", file=sys.stderr)
         return 3
     except BrokenPipeError:
         return 0
+    except Exception:  # a server bug: say so in one place, with the traceback, and exit non-zero
+        log.exception("internal error, closing")
+        return 4
     finally:
         cache.close()
     return 0
