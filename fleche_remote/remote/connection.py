@@ -48,7 +48,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 
 from .. import errors as _errors
 from ..errors import ProtocolError, RemoteConnectionError, RemoteError
-from ..values import CHUNK_SIZE, Blob
+from ..values import Blob
 from .protocol import (
     ABORT,
     DATA,
@@ -70,6 +70,7 @@ from .protocol import (
     frame_header,
 )
 from .transport import Transport, TransportTimeout
+from .turns import BULK_FRAME, WriteTurns
 
 log = logging.getLogger("fleche_remote.client")
 
@@ -224,7 +225,7 @@ class Connection:
         self._started = time.monotonic()
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
-        self._send_lock = threading.Lock()
+        self._turns = WriteTurns()  # small requests overtake a value's chunks
         self._upload_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._pending: Dict[int, _Pending] = {}
@@ -550,13 +551,13 @@ class Connection:
                     pending = bytearray(head)
                     for header, blob in blobs:
                         sent = 0
-                        for chunk in blob.chunks(CHUNK_SIZE):
+                        for chunk in blob.chunks(BULK_FRAME):
                             n = len(chunk)
                             pending += frame_header(DATA, request.id, n)
                             if n <= _GATHER_BELOW:
                                 pending += chunk
                             else:
-                                with self._send_lock:
+                                with self._turns.bulk():
                                     self.transport.write(pending, self.timeout)
                                     self.transport.write(chunk, self.timeout)
                                 pending = bytearray()
@@ -564,7 +565,7 @@ class Connection:
                         if sent != header.size:
                             raise ValueError(f"value produced {sent} bytes, expected {header.size}")
                         pending += encode_end(request.id)
-                    with self._send_lock:
+                    with self._turns.small():
                         self.transport.write(pending, self.timeout)
                     complete = True
             except RemoteConnectionError as exc:
@@ -577,7 +578,7 @@ class Connection:
 
     def _write_whole(self, data: bytes) -> None:
         try:
-            with _DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._send_lock:
+            with _DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._turns.small():
                 self.transport.write(data, self.timeout)
         except RemoteConnectionError as exc:
             raise self._send_failed(exc) from None

@@ -1,0 +1,56 @@
+"""Whose frames go out next on a shared pipe.
+
+Both ends write whole frames from several threads onto one byte stream: a
+value's chunks from the thread that streams it, and small requests or
+answers from everyone else. A plain :class:`threading.Lock` is not fair:
+the streaming thread releases it between chunks and, still holding the
+GIL, takes it straight back, so a small answer can wait for the whole
+value (measured: a 16 MB download at 40 Mbit/s held a ``contains`` for
+1.8 s). :class:`WriteTurns` gives small writes the next turn: a bulk
+writer steps aside between its frames while any small writer waits.
+
+A small write still waits for the one frame being written, so bulk frames
+are kept short (:data:`BULK_FRAME`): a quarter of a mebibyte is 50 ms at
+40 Mbit/s, and costs nothing measurable in throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+#: Size of the DATA frames a value is streamed in, each way.
+BULK_FRAME = 256 << 10
+
+
+class WriteTurns:
+    """A lock for frame writers where small writes overtake bulk ones."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._urgent = 0
+
+    @contextlib.contextmanager
+    def small(self) -> Iterator[None]:
+        """Hold the pipe for a small write (a request, an answer, a credit)."""
+        with self._cond:
+            self._urgent += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._cond:
+                self._urgent -= 1
+                if not self._urgent:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Hold the pipe for one frame of a value, after any waiting small write."""
+        with self._cond:
+            while self._urgent:
+                self._cond.wait()
+        with self._lock:
+            yield
