@@ -32,14 +32,16 @@ from fleche_remote.testing import SshServer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-#: Our remote's fleche.toml: a file cache under ``store`` in the workdir.
+#: Our remote's fleche.toml: under ``store`` in the workdir, values as
+#: cloudpickle files (small ones inline) and calls in SQLite, the layout
+#: we recommend for a cluster.
 OURS_TOML = """\
 [default]
 cache = "main"
 root = true
 
 [main]
-template = "cloudpickle"
+template = "sql"
 root = "store"
 """
 

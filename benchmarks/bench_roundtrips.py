@@ -101,7 +101,7 @@ def fleche_cell(answer: Dict[str, Any], work: str, field: str, rtt: float, rpcs:
 def decorated_calls(link: Link, workdir: Path, n: int) -> Dict[str, Any]:
     """n calls of a @cached function the remote already has, through an empty
     local layer + the ssh layer: a plain loop, then ``f.map``."""
-    direct = cache_from_config({"template": "cloudpickle", "root": str(workdir / "store")})
+    direct = cache_from_config({"template": "sql", "root": str(workdir / "store")})
     populate = cached(cache=direct)(square)
     for i in range(n):
         populate(i)
@@ -111,7 +111,7 @@ def decorated_calls(link: Link, workdir: Path, n: int) -> Dict[str, Any]:
         remote.ping()  # connected: the start-up is a row of its own
         for variant in ("loop", "map"):
             with tempfile.TemporaryDirectory(prefix="fleche-bench-local-") as local_dir:
-                local = cache_from_config({"template": "cloudpickle", "root": local_dir})
+                local = cache_from_config({"template": "sql", "root": local_dir})
                 f = cached(cache=CacheStack([local, remote]))(square)
                 before = requests(remote)
                 try:
