@@ -4,9 +4,11 @@ The format is the one the ``fleche`` package reads, so an existing file
 mostly just works. In short:
 
 * Every top-level table names a cache, except ``[default]``, which holds
-  ``cache = "NAME"`` (the cache ``load_cache()`` returns), ``root = true``
-  (stop the discovery walk here) and ``metadata`` (read by ``fleche``;
-  accepted and ignored here).
+  ``cache`` (the cache ``load_cache()`` returns: a table's name, an inline
+  table, or an array of names and tables, which is a stack),
+  ``root = true`` (stop the discovery walk here) and ``metadata``
+  (fleche's; only its default ``["Runtime"]`` is accepted, see
+  :mod:`fleche_remote.config_forms`).
 * A cache table is either explicit (``values = {type = ...}`` and
   ``calls = {type = ...}``), a ``template`` with a ``root``, or
   ``type = "ssh"`` (or another registered cache type). ``read_only = true``
@@ -17,6 +19,13 @@ mostly just works. In short:
 * Files are found by walking up from the working directory to ``$HOME``
   (inclusive) or ``/``, then ``$XDG_CONFIG_HOME/fleche/cache.toml``; they
   merge shallowly at the top level, the closer file winning a whole table.
+  A discovered file that someone else could have written is skipped with
+  a warning (:mod:`fleche_remote.config_trust`). With no file at all, the
+  built-in cache in the user cache directory is used
+  (:mod:`fleche_remote.config_default`).
+* fleche's own forms (``lock_timeout``, bare-path SQL urls, ``void``,
+  ``dill``, pools, ...) are translated or refused in
+  :mod:`fleche_remote.config_forms`.
 * A relative ``root`` or SQLite ``url`` is relative to the file that
   declared it, so a checked-in file means the same cache from any
   subdirectory.
@@ -31,17 +40,24 @@ and a ``values.``/``calls.`` prefix.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import config_forms
 from .caches import BaseCache, Cache, CacheStack
+from .caches.void import VoidCache
+from .config_default import builtin_tables, user_cache_dir
+from .config_trust import UntrustedConfigWarning, skip_message, untrusted_reason
 from .errors import ConfigError
 from .redaction import is_secret_key, redact, redact_text
 from .storage._config import resolve_path
+from .storage._fs import FS_KEYS
 from .storage.base import build_store
 
 if sys.version_info >= (3, 11):
@@ -51,8 +67,14 @@ else:  # pragma: no cover - exercised by the 3.9 test interpreter only
 
 CONFIG_NAME = "fleche.toml"
 DEFAULT_TABLE = "default"
-#: Keys of ``[default]``; ``metadata`` is fleche's and is ignored here.
-DEFAULT_KEYS = {"cache": str, "root": bool, "metadata": list}
+#: Keys of ``[default]`` and their types; ``cache`` is a name, an inline
+#: table or an inline array (a stack); ``metadata`` is checked by
+#: :func:`~fleche_remote.config_forms.check_metadata`.
+DEFAULT_KEYS: Dict[str, Tuple[type, ...]] = {"cache": (str, dict, list), "root": (bool,), "metadata": (list,)}
+#: The table name errors and the cache memo use for an inline ``[default] cache``.
+INLINE_DEFAULT = "default.cache"
+
+log = logging.getLogger("fleche_remote.config")
 
 CacheConfig = Union[Dict[str, Any], List[Any]]
 CacheFactory = Callable[[Dict[str, Any], Optional[Path]], BaseCache]
@@ -71,6 +93,10 @@ class Config(Mapping[str, Any]):
     Attributes:
         files: the files read, highest priority (closest) first.
         searched: every path looked at, found or not, for error messages.
+        ignored: discovered files that were skipped as unsafe, each with
+            the reason (see :mod:`fleche_remote.config_trust`).
+        builtin: True when no file was found and the tables are the
+            built-in default (see :func:`builtin_config`).
     """
 
     def __init__(
@@ -79,11 +105,15 @@ class Config(Mapping[str, Any]):
         sources: Mapping[str, Optional[Path]],
         files: Sequence[Path] = (),
         searched: Sequence[Path] = (),
+        ignored: Sequence[Tuple[Path, str]] = (),
+        builtin: bool = False,
     ) -> None:
         self._tables = dict(tables)
         self._sources = dict(sources)
         self.files: List[Path] = list(files)
         self.searched: List[Path] = list(searched)
+        self.ignored: List[Tuple[Path, str]] = list(ignored)
+        self.builtin = builtin
 
     def __getitem__(self, name: str) -> Any:
         return self._tables[name]
@@ -108,7 +138,12 @@ class Config(Mapping[str, Any]):
         )
 
     def default_cache(self) -> Optional[str]:
-        """``[default] cache``, or None when unset."""
+        """``[default] cache`` when it names a table, else None (unset or inline)."""
+        spec = self.default_spec()
+        return spec if isinstance(spec, str) else None
+
+    def default_spec(self) -> Any:
+        """``[default] cache`` as written: a name, an inline table, an array, or None."""
         default = self._tables.get(DEFAULT_TABLE)
         return default.get("cache") if isinstance(default, dict) else None
 
@@ -157,10 +192,27 @@ def read_toml(path: os.PathLike[str] | str) -> Dict[str, Any]:
         ConfigError: the file is unreadable or not valid TOML (the message
             gives the line and column the parser stopped at).
     """
-    path = Path(path)
+    data, _ = _read_toml(Path(path), trusted_only=False)
+    assert data is not None
+    return data
+
+
+def _read_toml(path: Path, trusted_only: bool) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Parse ``path``: ``(tables, None)``; with ``trusted_only``,
+    ``(None, reason)`` and a warning for a file that others could have
+    written.
+
+    The ownership check and the parse use one open file, so the file
+    checked is the file read.
+    """
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            if trusted_only:
+                reason = untrusted_reason(os.fstat(fh.fileno()))
+                if reason is not None:
+                    warnings.warn(skip_message(path, reason), UntrustedConfigWarning, stacklevel=3)
+                    return None, reason
+            return tomllib.load(fh), None
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"line (\d+)", str(exc))
         where = f" at line {found.group(1)}" if found else ""
@@ -170,19 +222,31 @@ def read_toml(path: os.PathLike[str] | str) -> Dict[str, Any]:
 
 
 def _check_default(table: Any, path: Path) -> None:
-    def fail(message: str, key: Optional[str] = None) -> ConfigError:
-        return ConfigError(message, file=str(path), table=DEFAULT_TABLE, key=key)
-
+    where = _Where(path, DEFAULT_TABLE)
     if not isinstance(table, dict):
-        raise fail(f"[default] must be a table, got {type(table).__name__} {table!r}")
+        raise where.error(f"[default] must be a table, got {type(table).__name__} {table!r}")
     for key, value in table.items():
         expected = DEFAULT_KEYS.get(key)
         if expected is None:
             known = ", ".join(sorted(DEFAULT_KEYS))
-            raise fail(f"unknown key {key!r} in [default]; expected one of {known}", key)
+            raise where.error(f"unknown key {key!r} in [default]; expected one of {known}", key)
         if not isinstance(value, expected):
+            names = ", ".join(t.__name__ for t in expected)
             got = f"{type(value).__name__} {value!r}"
-            raise fail(f"[default] {key} must be a {expected.__name__}, got {got}", key)
+            raise where.error(f"[default] {key} must be a {names}, got {got}", key)
+    if "metadata" in table:
+        config_forms.check_metadata(table["metadata"], where)
+    spec = table.get("cache")
+    if isinstance(spec, list):
+        if not spec:
+            raise where.error("[default] cache = [] names no layer; give at least one", "cache")
+        for i, item in enumerate(spec):
+            if not isinstance(item, (str, dict, list)):
+                raise where.error(
+                    f"[default] cache[{i}] must be a table name or an inline table, got "
+                    f"{type(item).__name__} {item!r}",
+                    "cache",
+                )
 
 
 def load_config(
@@ -194,10 +258,14 @@ def load_config(
         path: read just this file instead of discovering.
         cwd: start the walk here instead of the current directory.
 
+    Discovered files that others could have written are skipped with an
+    :class:`~fleche_remote.config_trust.UntrustedConfigWarning` (and listed
+    in ``config.ignored``); a file named by ``path`` is read as it is.
+
     Returns:
         The merged :class:`Config`; it is empty (``config.files == []``)
-        when no file was found, which is not an error until a cache is
-        asked for.
+        when no file was found, which is not an error:
+        :func:`load_cache` then uses the built-in default.
 
     Raises:
         ConfigError: a file is missing (``path`` given), unreadable, not
@@ -214,8 +282,12 @@ def load_config(
     tables: Dict[str, Any] = {}
     sources: Dict[str, Optional[Path]] = {}
     files: List[Path] = []
+    ignored: List[Tuple[Path, str]] = []
     for candidate in candidates:  # closest first, so the first table of a name wins
-        data = read_toml(candidate)
+        data, unsafe = _read_toml(candidate, trusted_only=path is None)
+        if data is None:
+            ignored.append((candidate, unsafe or ""))
+            continue
         files.append(candidate)
         if DEFAULT_TABLE in data:
             _check_default(data[DEFAULT_TABLE], candidate)
@@ -226,7 +298,15 @@ def load_config(
         default = data.get(DEFAULT_TABLE)
         if isinstance(default, dict) and default.get("root") is True:
             break
-    return Config(tables, sources, files, searched)
+    return Config(tables, sources, files, searched, ignored)
+
+
+def builtin_config(searched: Sequence[Path] = (), ignored: Sequence[Tuple[Path, str]] = ()) -> Config:
+    """The configuration in effect when no fleche.toml was found: one
+    cache, ``local``, in the user cache directory (see
+    :mod:`fleche_remote.config_default`), which is ``[default] cache``."""
+    tables = builtin_tables(user_cache_dir(_home()))
+    return Config(tables, {}, (), searched, ignored, builtin=True)
 
 
 # -- cache types ----------------------------------------------------------------
@@ -306,6 +386,10 @@ class _Where:
             message, file=str(self.source) if self.source is not None else None, table=self.table, key=key
         )
 
+    def label(self, key: Optional[str] = None) -> str:
+        """``file F, table [T], key 'K'``: the place a warning is about."""
+        return str(self.error("", key)).strip(" ()")
+
     def rewrap(self, exc: ConfigError, prefix: str = "") -> ConfigError:
         """``exc`` (raised by a store that knows only its own key) with the
         file, the table and the full key path filled in."""
@@ -360,17 +444,10 @@ def _build(cfg: Any, where: _Where) -> BaseCache:
         if not cfg:
             raise where.error("a cache stack needs at least one layer, got an empty array")
         prefix = where.table if where.table is not None else ""
-        layers: List[BaseCache] = []
-        write_behind: List[BaseCache] = []
-        for i, item in enumerate(cfg):
-            layer_where = _Where(where.source, f"{prefix}[{i}]")
-            item, behind = _split_write_behind(item, layer_where, first=not i)
-            layers.append(_build(item, layer_where))
-            if behind:
-                write_behind.append(layers[-1])
-        return CacheStack(layers, write_behind=write_behind)
+        return _build_stack([(item, _Where(where.source, f"{prefix}[{i}]")) for i, item in enumerate(cfg)])
     if not isinstance(cfg, dict):
         raise where.error(f"a cache must be a table or an array of tables, got {_describe(cfg)}")
+    config_forms.check_cache_table(cfg, where)
     if WRITE_BEHIND_KEY in cfg:
         raise where.error(
             f"{WRITE_BEHIND_KEY} = true goes on an ssh layer of a stack ([[name]] tables), "
@@ -382,6 +459,19 @@ def _build(cfg: Any, where: _Where) -> BaseCache:
     if "template" in cfg:
         return _build_template(cfg, where)
     return _build_explicit(cfg, where)
+
+
+def _build_stack(items: Sequence[Tuple[Any, _Where]]) -> BaseCache:
+    """A stack of layers, each with the place it was declared (layers of
+    an inline ``[default] cache`` array may come from different files)."""
+    layers: List[BaseCache] = []
+    write_behind: List[BaseCache] = []
+    for i, (item, layer_where) in enumerate(items):
+        item, behind = _split_write_behind(item, layer_where, first=not i)
+        layers.append(_build(item, layer_where))
+        if behind:
+            write_behind.append(layers[-1])
+    return CacheStack(layers, write_behind=write_behind)
 
 
 def _split_write_behind(item: Any, where: _Where, first: bool) -> Tuple[Any, bool]:
@@ -449,6 +539,7 @@ def _build_store(kind: str, table: Any, where: _Where) -> Any:
         )
     if "type" not in table:
         raise where.error(f"{kind} needs a 'type' naming a store type", key=f"{kind}.type")
+    table = config_forms.normalise_store(kind, table, where)
     try:
         return build_store(kind, table, where.base_dir)
     except ConfigError as exc:
@@ -471,6 +562,8 @@ def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
                 key=kind,
             )
     read_only = _read_only(cfg, where)
+    if config_forms.check_void(cfg["values"], cfg["calls"], cfg, where):
+        return VoidCache()
     values = _build_store("values", cfg["values"], where)
     calls = _build_store("calls", cfg["calls"], where)
     return Cache(values, calls, read_only=read_only)
@@ -487,13 +580,14 @@ def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
 
 def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     template = cfg["template"]
+    config_forms.check_template(template, where)
     if not isinstance(template, str) or template not in TEMPLATES:
         raise where.error(
             f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}", key="template"
         )
     allowed = {"template", "read_only"}
     if template != "memory":
-        allowed.add("root")
+        allowed |= {"root", *FS_KEYS}
     if template == "sql":
         allowed |= {"url", "values"}
     if ("values" in cfg and template != "sql") or isinstance(cfg.get("values"), dict) or "calls" in cfg:
@@ -522,6 +616,7 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             calls = {"type": "hdf5", "path": str(root / "calls.h5")}
         else:  # sql
             value_type = cfg.get("values", "cloudpickle")
+            config_forms.check_sql_template_values(value_type, where)
             if value_type not in SQL_TEMPLATE_VALUES:
                 raise where.error(
                     f"the sql template stores values in files; values must be one of "
@@ -531,8 +626,11 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             url = cfg.get("url", f"sqlite:///{root / 'calls.db'}")
             if not isinstance(url, str):
                 raise where.error(f"url must be a SQLAlchemy URL string, got {_describe(url)}", key="url")
+            url = config_forms.sqlite_url(url)
             values = {"type": value_type, "root": str(root / "values")}
             calls = {"type": "sql", "url": url}
+    for table in (values, calls):  # shared / allow_network_fs reach both stores
+        table.update((k, cfg[k]) for k in FS_KEYS if k in cfg)
     return Cache(
         _build_store("values", values, where), _build_store("calls", calls, where), read_only=read_only
     )
@@ -610,8 +708,13 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
     same name while the files are unchanged returns the same object, so
     one process keeps one connection per remote.
 
+    When discovery found no file at all, the built-in default applies
+    (:func:`builtin_config`: a cache named ``local`` in the user cache
+    directory), and the first use in a process says so at INFO level.
+
     Args:
-        name: a top-level table; None means ``[default] cache``.
+        name: a top-level table; None means ``[default] cache`` (a name,
+            an inline table, or an array of names and tables: a stack).
         config: a :class:`Config` (or a plain mapping of tables, whose
             relative paths then resolve against the current directory).
 
@@ -619,10 +722,9 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
         The built cache.
 
     Raises:
-        ConfigError: no config file was found (the message lists every
-            path looked at), no default is set, ``name`` is not a table
-            (the message lists the ones there are), or the table is
-            malformed.
+        ConfigError: no default is set, ``name`` is not a table (the
+            message lists the ones there are, and every path looked at
+            when no file was found), or the table is malformed.
     """
     remember = config is None
     if config is None:
@@ -631,13 +733,17 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
         cfg = config
     else:
         cfg = Config(config, {})
-    if not cfg.files and cfg.searched:
-        looked = ", ".join(str(p) for p in cfg.searched)
-        raise ConfigError(f"no fleche.toml found; looked at: {looked}")
+    if not cfg.files and cfg.searched and not cfg.builtin:
+        cfg = builtin_config(cfg.searched, cfg.ignored)
+    if cfg.builtin:
+        _announce_builtin(cfg)
     read = ", ".join(str(f) for f in cfg.files) or "none"
+    if cfg.builtin:
+        looked = ", ".join(str(p) for p in cfg.searched)
+        read = f"no fleche.toml found, so only the built-in cache exists; looked at: {looked}"
     if name is None:
-        name = cfg.default_cache()
-        if name is None:
+        spec = cfg.default_spec()
+        if spec is None:
             source = cfg.source(DEFAULT_TABLE)
             raise ConfigError(
                 f'no cache name given and no default set; add cache = "NAME" to [default] '
@@ -646,18 +752,67 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
                 table=DEFAULT_TABLE,
                 key="cache",
             )
+        if not isinstance(spec, str):
+            return _remembered(INLINE_DEFAULT, cfg, remember, lambda: _build_inline_default(spec, cfg))
+        name = spec
     if name not in cfg or name == DEFAULT_TABLE:
         available = ", ".join(cfg.cache_names()) or "none"
-        raise ConfigError(f"no cache named {name!r}; available: {available} (files read: {read})", table=name)
-    source = cfg.source(name)
+        raise ConfigError(f"no cache named {name!r}; available: {available} ({read})", table=name)
+    table, source = cfg[name], cfg.source(name)
+    return _remembered(name, cfg, remember, lambda: cache_from_config(table, name=name, source=source))
+
+
+def _remembered(name: str, cfg: Config, remember: bool, build: Callable[[], BaseCache]) -> BaseCache:
     if not remember:
-        return cache_from_config(cfg[name], name=name, source=source)
-    token = (name, _fingerprint(cfg))
+        return build()
+    token = (name, _fingerprint(cfg), str(cfg.get(name, "")) if cfg.builtin else "")
     with _loaded_lock:
         cache = _loaded.get(token)
         if cache is None:
-            cache = _loaded[token] = cache_from_config(cfg[name], name=name, source=source)
+            cache = _loaded[token] = build()
         return cache
+
+
+def _build_inline_default(spec: Any, cfg: Config) -> BaseCache:
+    """``[default] cache`` given as a table or an array: an array's strings
+    name top-level tables (each resolving paths against its own file), its
+    tables are layers written in place."""
+    source = cfg.source(DEFAULT_TABLE)
+    if isinstance(spec, dict):
+        return _build(spec, _Where(source, INLINE_DEFAULT))
+    items: List[Tuple[Any, _Where]] = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, str):
+            items.append((item, _Where(source, f"{INLINE_DEFAULT}[{i}]")))
+            continue
+        if item not in cfg or item == DEFAULT_TABLE:
+            available = ", ".join(cfg.cache_names()) or "none"
+            raise ConfigError(
+                f"[default] cache[{i}] names {item!r}, which is not a table here; available: {available}",
+                file=str(source) if source is not None else None,
+                table=DEFAULT_TABLE,
+                key="cache",
+            )
+        items.append((cfg[item], _Where(cfg.source(item), item)))
+    return _build_stack(items)
+
+
+_announced: List[str] = []
+
+
+def _announce_builtin(cfg: Config) -> None:
+    # once per process: every @cached function resolves its cache through here
+    table = cfg.get(cfg.default_cache() or "")
+    root = table.get("root") if isinstance(table, dict) else None
+    if root in _announced:
+        return
+    _announced.append(str(root))
+    log.info(
+        "no fleche.toml found (looked at %s); caching in the built-in cache at %s. "
+        "Add a fleche.toml to choose another (see `fleche-remote config`)",
+        ", ".join(str(p) for p in cfg.searched) or "nowhere",
+        root,
+    )
 
 
 def forget_loaded_caches() -> None:

@@ -39,11 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private $HOME with XDG_CONFIG_HOME unset, and a clean cache memo."""
+    """A private $HOME with XDG_CONFIG_HOME and XDG_CACHE_HOME unset, and a
+    clean cache memo."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     forget_loaded_caches()
     yield home
     forget_loaded_caches()
@@ -347,8 +349,14 @@ def test_no_config_found_lists_every_path_looked_at(home: Path, monkeypatch: pyt
     deep = home / "a" / "b"
     deep.mkdir(parents=True)
     monkeypatch.chdir(deep)
-    with pytest.raises(ConfigError) as info:
-        load_cache()
+    # the default is the built-in cache; any other name is an error that says where we looked
+    builtin = cache_to_config(load_cache())
+    assert builtin == {
+        "values": {"type": "cloudpickle", "root": str(home / ".cache" / "fleche-remote" / "values")},
+        "calls": {"type": "sql", "url": f"sqlite:///{home / '.cache' / 'fleche-remote' / 'calls.db'}"},
+    }
+    with pytest.raises(ConfigError, match=r"no fleche\.toml found") as info:
+        load_cache("results")
     for path in candidate_paths(deep):
         assert str(path) in str(info.value)
 
