@@ -17,6 +17,11 @@ Choices worth knowing:
   lookup (``load_many(results=True)``) and one ``save_many`` for the
   whole batch, because on a remote layer round trips, not bytes, are
   what the user waits for.
+* A ``pathlib.Path`` argument is keyed by the file or directory tree it
+  names (see :mod:`.paths`), so a changed input is a new call. A result
+  that is (or plainly holds) a ``Path`` names a file on this machine: it
+  is saved to local layers only, never to a remote one (logged, not
+  raised; a stack saves it into its first layer without pushing it on).
 * Two threads missing the same key both compute and both save; saves of
   an existing key are no-ops, so both return correct results. No lock is
   held while the function runs, so a slow call never blocks other keys.
@@ -33,6 +38,7 @@ import threading
 import time
 import types
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import (
     Any,
     Callable,
@@ -43,21 +49,24 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     TypeVar,
     Union,
     overload,
 )
 
-from .caches import BaseCache
+from .caches import BaseCache, CacheStack
 from .call import Call, LazyCall
-from .digest import Digest, call_digest
+from .digest import Digest, call_digest, normalize_version
 from .errors import CorruptEntryError, Rejected
+from .query import plan_query
 
 log = logging.getLogger("fleche_remote.cached")
 
 F = TypeVar("F", bound=Callable[..., Any])
 CacheSpec = Union[None, str, BaseCache]
+VersionSpec = Union[None, str, int]
 
 
 def _metadata(wall_time: float) -> Dict[str, Any]:
@@ -75,6 +84,65 @@ def _metadata(wall_time: float) -> Dict[str, Any]:
     }
 
 
+#: How far into tuples, lists and dicts a result is searched for a local
+#: ``Path``, and the largest container searched: enough for ``(frame,
+#: Path)`` or ``{"plot": Path}``, cheap for a list of a million floats.
+PATH_SEARCH_DEPTH = 3
+PATH_SEARCH_ITEMS = 1000
+
+_warned_path_results: Set[str] = set()
+
+
+def _holds_local_path(value: Any, depth: int = 0) -> bool:
+    """Whether a result is, or plainly holds, a ``pathlib.Path``: a name for
+    a file on this machine, which a remote layer could not read back."""
+    if isinstance(value, Path):
+        return True
+    if depth >= PATH_SEARCH_DEPTH:
+        return False
+    if type(value) in (tuple, list) and len(value) <= PATH_SEARCH_ITEMS:
+        return any(_holds_local_path(v, depth + 1) for v in value)
+    if type(value) is dict and len(value) <= PATH_SEARCH_ITEMS:
+        return any(_holds_local_path(v, depth + 1) for v in value.values())
+    return False
+
+
+def _is_remote(cache: BaseCache) -> bool:
+    # no SshCache can exist before its module is imported: importing it
+    # here just to answer "no" would cost every local user the import
+    client = sys.modules.get("fleche_remote.remote.client")
+    return client is not None and isinstance(cache, client.SshCache)
+
+
+def _local_target(cache: BaseCache) -> Optional[BaseCache]:
+    """Where a result holding a local ``Path`` may be saved: ``cache`` when
+    no remote layer would receive it; a stack's first layer, directly, when
+    the stack would also push the save to a remote (write-behind); None when
+    the save would go to a remote."""
+    if _is_remote(cache):
+        return None
+    if isinstance(cache, CacheStack):
+        first = _local_target(cache.layers[0])
+        if first is None or any(_is_remote(w.layer) for w in cache.write_behind):
+            return first
+        return cache
+    return cache
+
+
+def _path_result_skipped(name: str, cache: BaseCache) -> None:
+    # logged, not raised: the caller still gets the result; once per function
+    # as a warning, since the function now runs on every call
+    level = logging.DEBUG if name in _warned_path_results else logging.WARNING
+    _warned_path_results.add(name)
+    log.log(
+        level,
+        "%s returned a local Path; not saving it to %r, whose remote layer could not read the file "
+        "it names (return the file's content to cache it remotely)",
+        name,
+        cache,
+    )
+
+
 class CachedFunction:
     """A function whose results are kept in a cache (what ``@cached`` returns).
 
@@ -84,12 +152,13 @@ class CachedFunction:
 
     Attributes:
         name: the name calls are filed under, ``module.qualname``.
-        version: bump it to stop finding results of earlier versions.
+        version: bump it to stop finding results of earlier versions (held
+            as a str: ``@cached(version=2)`` gives ``"2"``).
         ignore: parameters left out of the key (e.g. a verbosity flag).
     """
 
     def __init__(
-        self, func: Callable[..., Any], cache: CacheSpec, version: Optional[str], ignore: Iterable[str]
+        self, func: Callable[..., Any], cache: CacheSpec, version: VersionSpec, ignore: Iterable[str]
     ):
         if not callable(func):
             raise TypeError(f"@cached needs a function, got {func!r}")
@@ -97,8 +166,7 @@ class CachedFunction:
             raise TypeError(
                 f"cache must be None, a cache name or a BaseCache, got {type(cache).__name__} {cache!r}"
             )
-        if version is not None and not isinstance(version, str):
-            raise TypeError(f"version must be a string or None, got {type(version).__name__} {version!r}")
+        version = normalize_version(version)  # 2 and "2" are one version
         ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore)
         self._signature = inspect.signature(func)
         unknown = [n for n in ignored if n not in self._signature.parameters]
@@ -199,13 +267,63 @@ class CachedFunction:
         """
         return self.cache.load(self.key(*args, **kwargs))
 
-    def query(self, **filters: Any) -> Iterator[LazyCall]:
-        """Stored calls of this function whose arguments equal ``filters``.
+    def query(
+        self,
+        *args: Any,
+        arguments: Optional[Mapping[str, Any]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        version: Any = None,
+        **filters: Any,
+    ) -> Iterator[LazyCall]:
+        """Stored calls of this function whose arguments equal those given.
 
-        Every version's calls are included; ``LazyCall.version`` tells
-        them apart. See :meth:`~fleche_remote.caches.BaseCache.query`.
+        ``f.query(1)``, ``f.query(x=1)`` and fleche's ``f.query(arguments=
+        {"x": 1})`` are one query; arguments not given match anything.
+        Every version's calls are included unless ``version`` is given;
+        ``LazyCall.version`` tells them apart. ``metadata`` is as in
+        :meth:`~fleche_remote.caches.BaseCache.query`.
+
+        Raises:
+            TypeError: a name the function does not take, arguments that
+                do not fit its signature, or a parameter whose name is also
+                a query field (``version``, ``metadata``, ...) given as a
+                keyword: pass it as ``arguments={"version": ...}``.
+            ValueError: a parameter in ``ignore``, which keys leave out, so
+                no stored call could match it.
         """
-        return self.cache.query(self.name, **filters)
+        params = self._signature.parameters
+        fields = {"arguments": arguments, "metadata": metadata, "version": version}
+        for field, value in fields.items():
+            if value is not None and field in params:
+                raise TypeError(
+                    f"{self.name} has a parameter named {field!r}, so query({field}=...) is ambiguous: "
+                    f"give that argument positionally, or filter with "
+                    f"{self.name}.cache.query({self.name!r}, {field}=...)"
+                )
+        wanted: Dict[str, Any] = dict(self._signature.bind_partial(*args).arguments) if args else {}
+        for name, value in filters.items():
+            if name in wanted:
+                raise TypeError(f"{self.name}: argument {name!r} given both positionally and as a keyword")
+            wanted[name] = value
+        if arguments is not None and not isinstance(arguments, Mapping):
+            raise TypeError(f"arguments must be a mapping, got {type(arguments).__name__} {arguments!r}")
+        named = [*wanted, *(arguments or {})]
+        unknown = [n for n in named if n not in params]
+        if unknown:
+            raise TypeError(
+                f"{self.name} takes no argument {', '.join(map(repr, unknown))}, so no call could match; "
+                f"its parameters are {', '.join(params) or 'none'}"
+            )
+        ignored = [n for n in named if n in self.ignore]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(map(repr, ignored))} is in {self.name}'s ignore list: keys leave it out, "
+                f"so stored calls cannot be told apart by it"
+            )
+        # wanted goes in as keyword filters, by digest; a parameter called
+        # ``name`` or ``result`` is just an argument here
+        plan = plan_query(self.name, arguments=arguments, metadata=metadata, version=version, filters=wanted)
+        return self.cache._run_query(plan)
 
     # -- sweeps: one lookup and one save for a whole batch of calls ---------
 
@@ -345,6 +463,19 @@ class CachedFunction:
             Call(self.name, todo[key][2], result, _metadata(wall_time), self.version)
             for key, (result, wall_time) in computed.items()
         ]
+        with_paths = [c for c in calls if _holds_local_path(c.result)]
+        if with_paths:
+            calls = [c for c in calls if not _holds_local_path(c.result)]
+            target = _local_target(cache)
+            if target is None:
+                _path_result_skipped(self.name, cache)
+            else:
+                self._save_batch_into(target, with_paths)
+        self._save_batch_into(cache, calls)
+
+    def _save_batch_into(self, cache: BaseCache, calls: List[Call]) -> None:
+        if not calls:
+            return
         try:
             cache.save_many(calls)
             return
@@ -387,8 +518,15 @@ class CachedFunction:
             log.debug("%s: cache %r is read-only; result of key %s not saved", self.name, cache, key[:12])
             return result
         call = Call(self.name, arguments, result, _metadata(wall_time), self.version)
+        target = cache
+        if _holds_local_path(result):
+            local = _local_target(cache)
+            if local is None:
+                _path_result_skipped(self.name, cache)
+                return result
+            target = local
         try:
-            cache.save(call)
+            target.save(call)
         except Rejected as exc:
             log.debug("%s: cache refused key %s: %s", self.name, key[:12], exc)
         except Exception:
@@ -412,7 +550,7 @@ def cached(func: F) -> F: ...
 
 @overload
 def cached(
-    func: None = None, *, cache: CacheSpec = None, version: Optional[str] = None, ignore: Iterable[str] = ()
+    func: None = None, *, cache: CacheSpec = None, version: VersionSpec = None, ignore: Iterable[str] = ()
 ) -> Callable[[F], F]: ...
 
 
@@ -420,7 +558,7 @@ def cached(
     func: Optional[Callable[..., Any]] = None,
     *,
     cache: CacheSpec = None,
-    version: Optional[str] = None,
+    version: VersionSpec = None,
     ignore: Iterable[str] = (),
 ) -> Any:
     """Memoize a function in a persistent cache.
@@ -432,8 +570,10 @@ def cached(
         cache: a :class:`~fleche_remote.caches.BaseCache`, the name of a
             cache in fleche.toml, or None for ``[default] cache``; names
             are resolved on the first call.
-        version: part of the key; change it when the function's meaning
-            changes, so old results are no longer found.
+        version: part of the key (a str or an int); change it when the
+            function's meaning changes, so old results are no longer
+            found. An int stands for its decimal string: ``version=2`` and
+            ``version="2"`` are the same version, with the same keys.
         ignore: names of parameters that do not affect the result (a
             log level, a progress flag); they are left out of the key.
 

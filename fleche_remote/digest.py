@@ -13,7 +13,11 @@ fed to SHA-256 through a small canonical, tagged encoding instead:
   matter, keys need not be comparable, and a call key can be rebuilt from
   the per-argument digests a record already holds;
 * ``1``, ``1.0`` and ``True`` are different keys, as they are different
-  arguments.
+  arguments;
+* a concrete :class:`pathlib.Path` is keyed by its name and the content of
+  the file or directory tree it names, so a changed input file is a new
+  call (see :mod:`.paths`); a ``PurePath``, or a path that names nothing,
+  by its spelling.
 
 Anything the encoder does not know falls back to its cloudpickle bytes,
 with one warning per type that the key may not be stable across processes.
@@ -77,7 +81,7 @@ import hashlib
 import math
 import struct
 import warnings
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Set
 
 #: Names the whole scheme (key encoding, value digest, bulk hash and its
@@ -258,6 +262,11 @@ def _encode(obj: Any, update: Callable[[bytes], None], depth: int = 0) -> None:
         update((b"S" if t is set else b"Z") + _U64.pack(len(elems)))
         for ed in elems:
             update(ed)
+    elif isinstance(obj, Path):
+        # a concrete path is keyed by the file or tree it names (see .paths)
+        from .paths import encode_path
+
+        encode_path(obj, update, lambda: _encode_named(b"p", "path", obj.as_posix(), update, depth))
     elif isinstance(obj, PurePath):
         _encode_named(b"p", "path", obj.as_posix(), update, depth)
     elif isinstance(obj, enum.Enum):
@@ -366,14 +375,43 @@ def digest_of(obj: Any) -> Digest:
     return Digest(h.hexdigest())
 
 
-def call_digest(name: str, arguments: Dict[str, Any], version: Optional[str] = None) -> Digest:
-    """The key a call is saved under: its name, version and arguments."""
-    return digest_of(("call", name, version, arguments))
+def normalize_version(version: Any) -> Optional[str]:
+    """A function version as keys and records hold it: ``None`` or a ``str``.
+
+    An ``int`` is accepted and stands for its decimal string, so
+    ``version=2`` and ``version="2"`` are one version with one set of keys
+    (and ``LazyCall.version`` reads back ``"2"`` either way). That is a
+    choice: every backend stores the version as text (an SQL ``TEXT``
+    column, an HDF5 string attribute), so an int could not come back as an
+    int, and a key must be rebuildable from what a record holds. fleche
+    keys ``2`` and ``"2"`` apart; nothing is lost by joining them, since
+    fleche-remote keys differ from fleche's anyway.
+
+    Raises:
+        TypeError: ``version`` is another type (``bool`` included, which
+            would otherwise pass as an int).
+    """
+    if version is None or type(version) is str:
+        return version  # type: ignore[no-any-return]
+    if isinstance(version, str):
+        return str(version)
+    if isinstance(version, int) and not isinstance(version, bool):
+        return str(int(version))
+    raise TypeError(
+        f"version must be a str, an int or None, got {type(version).__name__} {version!r}; "
+        f"bump it (e.g. version=2 or version='2024-06') when a function's meaning changes"
+    )
 
 
-def call_digest_from_arg_digests(
-    name: str, arg_digests: Mapping[str, str], version: Optional[str] = None
-) -> Digest:
+def call_digest(name: str, arguments: Dict[str, Any], version: Any = None) -> Digest:
+    """The key a call is saved under: its name, version and arguments.
+
+    ``version`` goes through :func:`normalize_version` (``2`` is ``"2"``).
+    """
+    return digest_of(("call", name, normalize_version(version), arguments))
+
+
+def call_digest_from_arg_digests(name: str, arg_digests: Mapping[str, str], version: Any = None) -> Digest:
     """The same key as :func:`call_digest`, from ``{name: digest_of(value)}``.
 
     A record stores one digest per argument anyway; building the key from
@@ -381,7 +419,7 @@ def call_digest_from_arg_digests(
     """
     h = _PREFIXED.copy()
     h.update(b"t" + _U64.pack(4))
-    for part in ("call", name, version):
+    for part in ("call", name, normalize_version(version)):
         _encode(part, h.update)
     items = sorted((_sub_digest(k, 0), bytes.fromhex(d)) for k, d in arg_digests.items())
     h.update(b"d" + _U64.pack(len(items)))

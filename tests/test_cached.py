@@ -157,7 +157,7 @@ def test_ignore_accepts_a_single_name() -> None:
     [
         ({"ignore": ("verbos",)}, "'verbos'"),
         ({"cache": 42}, "cache must be"),
-        ({"version": 3}, "version must be"),
+        ({"version": 2.5}, "version must be"),
     ],
 )
 def test_bad_options_fail_at_decoration(options: Dict[str, Any], fragment: str) -> None:

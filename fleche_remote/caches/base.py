@@ -22,11 +22,13 @@ import abc
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import Call, CallRecord, LazyCall, make_record
-from ..digest import Digest, digest_of
+from ..digest import Digest
 from ..errors import Rejected
+from ..query import QueryPlan, check_keywords, plan_query
 from ..values import Blob, blob_digest, decode_value, encode_value
 
-#: Filter keys with this name match metadata instead of an argument.
+#: Filter keys with this name match metadata instead of an argument (one of
+#: the reserved fields, :data:`fleche_remote.query.FIELDS`).
 METADATA_FILTER = "metadata"
 
 
@@ -202,19 +204,45 @@ class BaseCache(abc.ABC):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.contains(key)
 
-    def query(self, name: Optional[str] = None, **filters: Any) -> Iterator[LazyCall]:
-        """Stream stored calls of ``name`` whose arguments equal ``filters``.
+    def query(
+        self,
+        name: Any = None,
+        *,
+        arguments: Optional[Mapping[str, Any]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        module: Optional[str] = None,
+        version: Any = None,
+        **filters: Any,
+    ) -> Iterator[LazyCall]:
+        """Stream stored calls matching every filter given.
 
-        Arguments compare by their stable digest, so ``x=1`` matches a call
-        made with ``x=1`` but not ``x=1.0``. The reserved filter
-        ``metadata={...}`` matches metadata values instead.
+        Two forms, which can be mixed: keywords naming arguments,
+        ``query("mod.f", x=1)``, and fleche's, ``query(name="f",
+        module="mod", arguments={"x": 1}, metadata={...}, version=2)`` (or
+        a fleche ``QueryCall``). Arguments compare by their stable digest,
+        so ``x=1`` matches a call made with ``x=1`` but not ``x=1.0``. See
+        :mod:`fleche_remote.query` for every rule (``None`` wildcards,
+        partial metadata tables, bare qualnames).
+
+        The filters are checked here, before anything is searched, so a
+        bad one raises at the call, not on first iteration.
+
+        Raises:
+            TypeError: a filter of the wrong type, or one fleche-remote
+                cannot apply (``code_digest=``, ``result=``).
+            ValueError: an empty ``name`` or ``module``.
         """
-        meta = filters.pop(METADATA_FILTER, None)
-        if meta is not None and not isinstance(meta, Mapping):
-            raise TypeError("the metadata filter must be a mapping")
-        arg_digests = {k: str(digest_of(v)) for k, v in filters.items()}
-        for record in self.query_records(name, arg_digests or None, meta):
-            yield self._lazy(record)
+        check_keywords(filters)
+        plan = plan_query(
+            name, arguments=arguments, metadata=metadata, module=module, version=version, filters=filters
+        )
+        return self._run_query(plan)
+
+    def _run_query(self, plan: QueryPlan) -> Iterator[LazyCall]:
+        records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
+        for record in records:
+            if plan.accepts(record):
+                yield self._lazy(record)
 
     def collect_garbage(self) -> int:
         """Remove stored values no call refers to; returns how many.
