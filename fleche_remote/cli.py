@@ -8,14 +8,26 @@ Subcommands:
 ``config``
     Print the merged configuration, secrets redacted, with the file each
     table came from. The output is valid TOML.
-``ls``
-    List stored calls of a cache: short key, function name, when it was
-    computed.
+``info HOST|CACHE``, ``doctor HOST|CACHE``
+    What a cache is and what its server reports; a check of a remote
+    set-up with a fix for each failure (:mod:`.cli_info`).
+``ls``, ``show KEY``, ``evict``, ``gc``
+    List, inspect and remove stored calls; delete unreferenced values
+    (:mod:`.cli_entries`).
+``pull SRC DST``, ``push SRC DST``
+    Copy selected entries between two caches, skipping what is there
+    (:mod:`.cli_copy`).
+``demo``
+    A laptop and a cluster on this machine, through a private sshd
+    (:mod:`.cli_demo`).
 
-An error the user can fix (a malformed fleche.toml, an unknown cache name)
-prints one line to stderr and exits with status 2, without a traceback;
-a failure at run time (a remote that does not answer, unreadable storage)
-exits with status 1.
+Every command has ``--help``; those whose output is data have ``--json``.
+
+Exit status: 0 when all went well; 1 for a failure at run time (a remote
+that does not answer, unreadable storage, a ``doctor`` check that failed);
+2 for a usage or configuration error the user can fix (a malformed
+fleche.toml, an unknown cache name, a bad option), printed as one line on
+stderr without a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +50,12 @@ PROG = "fleche-remote"
 # which adds its parsers and sets ``run=FUNCTION(args, out) -> int`` on
 # them; imported only when the command line is built, so that
 # ``import fleche_remote`` stays cheap.
-COMMAND_MODULES: Sequence[str] = ()
+COMMAND_MODULES: Sequence[str] = (
+    "fleche_remote.cli_info",
+    "fleche_remote.cli_entries",
+    "fleche_remote.cli_copy",
+    "fleche_remote.cli_demo",
+)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_HELP = "read this file instead of discovering fleche.toml files"
 
@@ -127,30 +144,6 @@ def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _when(metadata: Mapping[str, Any]) -> str:
-    stamp = metadata.get("timestamp")
-    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
-        return "-"
-    try:
-        return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
-    except (OverflowError, OSError, ValueError):
-        return "-"
-
-
-def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
-    """List stored calls: short key, function name, timestamp."""
-    from .config import load_cache
-
-    cache = load_cache(args.cache, config=_load(args))
-    try:
-        # records, not LazyCalls: listing must not unpickle anyone's arguments
-        for record in cache.query_records(args.name):
-            out.write(f"{record.key[:12]}  {record.name}  {_when(record.metadata)}\n")
-    finally:
-        cache.close()
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``serve`` is listed for help; its arguments are
     parsed by the server itself)."""
@@ -171,11 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_config = sub.add_parser("config", help="print the merged configuration (secrets redacted)")
     p_config.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p_config.set_defaults(run=cmd_config)
-    p_ls = sub.add_parser("ls", help="list stored calls")
-    p_ls.add_argument("cache", nargs="?", metavar="NAME", help="cache name (default: [default] cache)")
-    p_ls.add_argument("--name", metavar="FUNC", help="only calls of this function (module.qualname)")
-    p_ls.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
-    p_ls.set_defaults(run=cmd_ls)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
@@ -210,6 +198,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 2
+    except KeyboardInterrupt:
+        _error("interrupted (a pull or push run again resumes where this one stopped)")
+        return 130
+    except KeyError as exc:
+        if isinstance(exc, FlecheRemoteError):  # AmbiguousDigestError: its message says which
+            _error(str(exc))
+        else:
+            _error(f"nothing stored under {exc.args[0] if exc.args else '?'}")
+        return 1
     except (FlecheRemoteError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `fleche-remote ls | head`
             devnull = os.open(os.devnull, os.O_WRONLY)

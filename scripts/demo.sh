@@ -3,7 +3,7 @@
 #
 # Sets up what the demo needs on a fresh Debian machine (OpenSSH for the
 # private sshd that plays the cluster, a .venv with fleche-remote), then
-# runs examples/laptop_and_cluster.py.
+# runs `fleche-remote demo` (arguments go to it: bash scripts/demo.sh -n 1 2 3 4).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -31,9 +31,9 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv with $PY"
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import fleche_remote, numpy, sqlalchemy" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import fleche_remote, numpy, sqlalchemy, tqdm" >/dev/null 2>&1; then
     echo "==> installing fleche-remote into .venv"
     .venv/bin/pip install -q -e '.[sql,numpy]'
 fi
-echo "==> running examples/laptop_and_cluster.py"
-exec .venv/bin/python examples/laptop_and_cluster.py
+echo "==> running fleche-remote demo"
+exec .venv/bin/python -m fleche_remote demo "$@"

@@ -428,34 +428,6 @@ def test_a_callable_without_a_qualified_name_is_refused_at_decoration() -> None:
         cached(cache=memory_cache())(functools.partial(pow, 2))
 
 
-def test_cli_ls_lists_what_cached_stored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fleche_remote.cli import main
-
-    config = tmp_path / "fleche.toml"
-    config.write_text("[default]\ncache = 'disk'\n[disk]\ntemplate = 'cloudpickle'\nroot = 'c'\n")
-    store = cache_from_config({"template": "cloudpickle", "root": str(tmp_path / "c")})
-    add, _ = counting(store)
-
-    @cached(cache=store)
-    def other(x: int) -> int:
-        return x
-
-    add(1)
-    add(2)
-    other(3)
-    assert main(["ls", "--config", str(config)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3
-    assert sorted(line.split()[0] for line in lines) == sorted(
-        k[:12] for k in (add.key(1), add.key(2), other.key(3))
-    )
-    assert main(["ls", "disk", "--name", add.name, "--config", str(config)]) == 0
-    only = capsys.readouterr().out.splitlines()
-    assert len(only) == 2 and all(line.split()[1] == add.name for line in only)
-    stamp = " ".join(only[0].split()[2:])
-    assert len(stamp) == 19 and stamp[4] == "-" and stamp[13] == ":"  # YYYY-MM-DD HH:MM:SS
-
-
 # -- sweeps: f.map, f.starmap, f.map_kwargs ----------------------------------------
 
 
