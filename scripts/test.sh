@@ -11,6 +11,8 @@
 #   * .test-state/py3.9, .test-state/py3.13: bare interpreters with only
 #     this checkout and numpy, standing for a cluster's Python, for the
 #     cross-version tests (exported as FLECHE_REMOTE_PY39 / _PY313).
+#   * .test-state/fleche: the fleche package next to this checkout, for the
+#     import-fleche tests (exported as FLECHE_REMOTE_FLECHE_PY).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -110,6 +112,13 @@ for version in 3.9 3.13; do
     ensure_venv "$STATE/py$version" "$base" -e . numpy
     export "$var=$STATE/py$version/bin/python"
 done
+
+# fleche 0.22 (it needs Python >= 3.11 and pulls pandas) beside this checkout,
+# for the import-fleche tests (exported as FLECHE_REMOTE_FLECHE_PY).
+fleche_base="$(pyenv_python 3.13)"
+[ -n "$fleche_base" ] || fleche_base="$BASE_PY"
+ensure_venv "$STATE/fleche" "$fleche_base" -e ".[fleche]" "fleche==0.22.2"
+export FLECHE_REMOTE_FLECHE_PY="$STATE/fleche/bin/python"
 
 # -- 3. checks -------------------------------------------------------------------
 
