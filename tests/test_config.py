@@ -14,6 +14,7 @@ import pytest
 
 from fleche_remote import Cache, CacheStack, Call, ConfigError
 from fleche_remote.caches import BaseCache
+from fleche_remote.caches.void import VoidCache
 from fleche_remote.config import (
     Config,
     cache_from_config,
@@ -610,8 +611,9 @@ def test_example_file_builds_every_cache(tmp_path: Path, monkeypatch: pytest.Mon
     } <= set(built)
     assert built["colleague"].read_only and built["terse_read_only"].read_only
     assert "postgresql" in built["postgres"].calls.to_config()["url"]
+    assert isinstance(built["off"], VoidCache)
     for name, cache in built.items():
-        if cache.read_only or name == "postgres":  # /shared and db.example.org are not here
+        if cache.read_only or name in ("postgres", "off"):  # /shared and db.example.org are not here
             continue
         assert roundtrip_value(cache) == 42, name
         cache.close()
