@@ -133,15 +133,19 @@ def _load(args: argparse.Namespace) -> Any:
 
 def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
     """Print the merged, redacted configuration and where it came from."""
-    from .config import redact
+    from .config import builtin_config, redact
 
     config = _load(args)
+    # files skipped as unsafe are listed first: they explain a missing table
+    ignored = "".join(f"# ignored {p}: {why}\n" for p, why in config.ignored)
     if not config.files:
         looked = "\n".join(f"#   {p}" for p in config.searched)
-        out.write(f"# no fleche.toml found; looked at:\n{looked}\n")
+        config = builtin_config(config.searched, config.ignored)
+        note = "# so @cached uses the built-in cache:\n\n"
+        out.write(f"{ignored}# no fleche.toml found; looked at:\n{looked}\n{note}{dump_config(dict(config))}")
         return 0
     header = ["# merged from (highest priority first):"] + [f"#   {f}" for f in config.files]
-    out.write("\n".join(header) + "\n\n" + dump_config(redact(dict(config)), config.source))
+    out.write(ignored + "\n".join(header) + "\n\n" + dump_config(redact(dict(config)), config.source))
     return 0
 
 
