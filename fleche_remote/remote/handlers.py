@@ -196,6 +196,9 @@ def _h_query_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlo
     if name is not None and not isinstance(name, str):
         raise ProtocolError(f"argument 'name' must be a str or None, got {type(name).__name__}")
     arg_digests = _optional_mapping(args, "arg_digests")
+    if arg_digests and not all(isinstance(k, str) and isinstance(v, str) for k, v in arg_digests.items()):
+        # a filter that could never match is an error, not an empty answer
+        raise ProtocolError("argument 'arg_digests' must map argument names (str) to digests (str)")
     metadata = _optional_mapping(args, "metadata")
     size = _int(args, "page", PAGE_RECORDS, 1, 10 * PAGE_RECORDS)
     window = _int(args, "window", DEFAULT_WINDOW, 1, MAX_WINDOW)
