@@ -106,6 +106,10 @@ def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
 
 _UNSET: Any = object()
 
+#: The metadata entry where a signed cache keeps a record's signature
+#: (see :mod:`fleche_remote.signing`); ``LazyCall.metadata`` leaves it out.
+SIGNATURE_KEY = "fleche_remote.signature"
+
 
 class LazyCall:
     """A stored call whose ``result`` is loaded on first access.
@@ -139,7 +143,10 @@ class LazyCall:
 
     @property
     def metadata(self) -> Mapping[str, Any]:
-        return self.record.metadata
+        meta = self.record.metadata
+        if SIGNATURE_KEY in meta:  # a signed cache's stamp, not the caller's metadata
+            return {k: v for k, v in meta.items() if k != SIGNATURE_KEY}
+        return meta
 
     @property
     def value_digest(self) -> Digest:

@@ -56,6 +56,7 @@ from .config_default import builtin_tables, user_cache_dir
 from .config_trust import UntrustedConfigWarning, skip_message, untrusted_reason
 from .errors import ConfigError
 from .redaction import is_secret_key, redact, redact_text
+from .signing import config_signer
 from .storage._config import resolve_path
 from .storage._fs import FS_KEYS
 from .storage.base import build_store
@@ -364,7 +365,7 @@ def _cache_factory(name: str) -> CacheFactory:
 TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
 SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
-_EXPLICIT_KEYS = ("values", "calls", "read_only")
+_EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key")
 #: On an ssh layer of a stack: push saves to it in the background
 #: (see :mod:`fleche_remote.caches.writebehind`).
 WRITE_BEHIND_KEY = "write_behind"
@@ -564,9 +565,10 @@ def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     read_only = _read_only(cfg, where)
     if config_forms.check_void(cfg["values"], cfg["calls"], cfg, where):
         return VoidCache()
-    values = _build_store("values", cfg["values"], where)
-    calls = _build_store("calls", cfg["calls"], where)
-    return Cache(values, calls, read_only=read_only)
+    signer, values_table, calls_table = config_signer(cfg, where)  # also fleche's per-store keys
+    values = _build_store("values", values_table, where)
+    calls = _build_store("calls", calls_table, where)
+    return Cache(values, calls, read_only=read_only, secret_key=signer)
 
 
 def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
@@ -585,7 +587,7 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
         raise where.error(
             f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}", key="template"
         )
-    allowed = {"template", "read_only"}
+    allowed = {"template", "read_only", "secret_key"}
     if template != "memory":
         allowed |= {"root", *FS_KEYS}
     if template == "sql":
@@ -632,7 +634,10 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     for table in (values, calls):  # shared / allow_network_fs reach both stores
         table.update((k, cfg[k]) for k in FS_KEYS if k in cfg)
     return Cache(
-        _build_store("values", values, where), _build_store("calls", calls, where), read_only=read_only
+        _build_store("values", values, where),
+        _build_store("calls", calls, where),
+        read_only=read_only,
+        secret_key=config_signer(cfg, where)[0],
     )
 
 
@@ -677,6 +682,8 @@ def cache_to_config(cache: BaseCache) -> CacheConfig:
         cfg: Dict[str, Any] = {"values": cache.values.to_config(), "calls": cache.calls.to_config()}
         if cache.read_only:
             cfg["read_only"] = True
+        if cache.signer is not None and cache.signer.in_config:  # not a FLECHE_SECRET_KEY one
+            cfg["secret_key"] = cache.signer.to_config()
         return cfg
     raise TypeError(f"a {type(cache).__name__} has no config form (it has no to_config() method)")
 

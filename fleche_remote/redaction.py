@@ -6,7 +6,10 @@ a job log or a bug report. Keys are judged by name (a value under
 ``password`` or ``api_key`` is hidden whatever it is) and strings by
 content (``postgresql://user:pw@host`` keeps the user and host, loses the
 password), because a URL is where credentials hide most often in
-fleche.toml.
+fleche.toml. Shell assignments in strings are judged by their name too:
+``export FLECHE_SECRET_KEY=...`` in an ssh layer's ``setup_commands``, or
+``-o SetEnv=API_TOKEN=...`` in its ``ssh_options``, keep the name and lose
+the value; a signed cache's ``secret_key`` is hidden by its name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ REDACTED = "***"
 _SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "credential", "apikey", "private")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@/\s]*)@")
 _QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|secret|token|api_key|apikey)=)[^&\s]*", re.I)
+#: ``NAME=value`` in a shell command or an ssh option; masked when NAME is secret
+_ASSIGNMENT = re.compile(r"(?P<name>\b[A-Za-z_][A-Za-z0-9_]*)=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|'\"]+)")
 
 
 def is_secret_key(key: str) -> bool:
@@ -36,10 +41,17 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with URL passwords (``user:***@host``) and secret query
-    parameters masked."""
+    """``text`` with URL passwords (``user:***@host``), secret query
+    parameters and secret shell assignments (``FLECHE_SECRET_KEY=***``)
+    masked."""
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED + "@", text)
-    return _QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
+    return _ASSIGNMENT.sub(_mask_assignment, text)
+
+
+def _mask_assignment(match: re.Match[str]) -> str:
+    name = match.group("name")
+    return f"{name}={REDACTED}" if is_secret_key(name) else match.group(0)
 
 
 def redact(obj: Any) -> Any:

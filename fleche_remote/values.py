@@ -347,6 +347,17 @@ def blob_hasher(kind: str, meta: Dict[str, Any], scheme: str = DIGEST_SCHEME_NAM
     return BlobHasher(prefix + _meta_bytes(kind, meta) + b"\x00")
 
 
+def digest_from_body(
+    kind: str, meta: Dict[str, Any], body: BodyHasher, scheme: str = DIGEST_SCHEME_NAME
+) -> Digest:
+    """The digest of a blob whose body was already fed to ``body``: lets a
+    pass over the body serve for a digest whose meta is only known after
+    it (a signed blob's, whose meta holds the body's signature)."""
+    h = blob_hasher(kind, meta, scheme)
+    h._body = body
+    return Digest(h.hexdigest())
+
+
 def blob_digest(blob: Blob, scheme: str = DIGEST_SCHEME_NAME) -> Digest:
     """Content digest of a blob: equal values are stored once under it."""
     h = blob_hasher(blob.kind, blob.meta, scheme)

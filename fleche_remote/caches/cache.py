@@ -9,6 +9,13 @@ not a million files, and a save is one transaction. Bigger values go to
 the value store (files, HDF5), streamed, before their records. Loads look
 inline first. Over any other call store a ``Cache`` keeps every value in
 its value store, as before.
+
+Signed. With a ``secret_key`` a ``Cache`` signs every entry it stores and
+checks every one it hands out, before anything is unpickled (see
+:mod:`fleche_remote.signing`): records in :meth:`Cache.load_records`,
+:meth:`~Cache.query_records` and :meth:`~Cache.load_entries`, values as
+their bodies are read. Stores keep the signatures as plain data; they
+need not know.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from ..call import CallRecord
 from ..digest import Digest
 from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
+from ..redaction import REDACTED, redact
+from ..signing import SecretKeyArg, Signer
 from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
 from .base import BaseCache
@@ -40,9 +49,26 @@ class Cache(BaseCache):
         values: where result blobs go (``values.type`` in fleche.toml).
         calls: where call records go (``calls.type``).
         read_only: refuse every write with :class:`~fleche_remote.Rejected`.
+        secret_key: sign every entry saved and refuse, with a
+            :class:`~fleche_remote.signing.SignatureError`, every entry
+            loaded that is not signed with it: a hex string (several keys
+            separated by ``:``, the first signs), raw ``bytes``, a list of
+            either, or a :class:`~fleche_remote.signing.Signer`.
+            ``FLECHE_SECRET_KEY`` applies to caches built from fleche.toml,
+            not to this constructor.
+
+    Raises:
+        ConfigError: ``secret_key`` is not hex, or is empty.
     """
 
-    def __init__(self, values: ValueStore, calls: CallStore, *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        values: ValueStore,
+        calls: CallStore,
+        *,
+        read_only: bool = False,
+        secret_key: SecretKeyArg = None,
+    ) -> None:
         if not isinstance(values, ValueStore):
             raise TypeError(f"values must be a ValueStore, got {type(values).__name__}")
         if not isinstance(calls, CallStore):
@@ -52,6 +78,8 @@ class Cache(BaseCache):
         self._read_only = bool(read_only)
         #: the call store, when it keeps small values inline
         self._inline: Optional[InlineValues] = calls if isinstance(calls, InlineValues) else None
+        #: signs and checks entries; None for an unsigned cache
+        self.signer: Optional[Signer] = Signer.of(secret_key)
 
     @property
     def read_only(self) -> bool:
@@ -59,11 +87,27 @@ class Cache(BaseCache):
 
     def __repr__(self) -> str:
         ro = ", read_only=True" if self._read_only else ""
-        return f"Cache(values={self.values.to_config()}, calls={self.calls.to_config()}{ro})"
+        signed = f", secret_key={REDACTED!r}" if self.signer is not None else ""
+        return f"Cache(values={self.values.to_config()}, calls={self.calls.to_config()}{ro}{signed})"
+
+    def _where(self, what: str, ident: str) -> str:
+        """Where an entry lives, for a refusal's message: its file when the
+        store keeps one per entry, else the store's (redacted) table."""
+        store: Any = self.calls if what == "call" else self.values
+        path_of = getattr(store, "_path", None)
+        if callable(path_of):
+            try:
+                return str(path_of(ident))
+            except Exception:  # a digest the store would not file: fall back to the table
+                pass
+        inline = " (or inline in the call store)" if what == "value" and self._inline is not None else ""
+        return f"{what}s store {redact(store.to_config())}{inline}"
 
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
         if self._read_only:
             raise Rejected(f"cannot save: {self!r} is read-only")
+        if self.signer is not None:
+            items = self.signer.sign_entries(items)
         inline = self._inline
         if inline is None:
             for record, blob in items:
@@ -83,9 +127,18 @@ class Cache(BaseCache):
         inline.put_entries([record for record, _ in items], small)
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
-        return self.calls.get_many(keys)
+        records = self.calls.get_many(keys)
+        if self.signer is None:
+            return records
+        return self.signer.open_records(records, self._where, keys)
 
     def load_blob(self, value_digest: str) -> Blob:
+        blob = self._load_blob(value_digest)
+        if self.signer is None:
+            return blob
+        return self.signer.open_blob(blob, value_digest, self._where)
+
+    def _load_blob(self, value_digest: str) -> Blob:
         if self._inline is not None:
             blob = self._inline.get_blobs([value_digest])[0]
             if blob is not None:
@@ -93,8 +146,14 @@ class Cache(BaseCache):
         return self.values.get(value_digest)
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
+        blobs = self._load_blobs(value_digests)
+        if self.signer is None:
+            return blobs
+        return self.signer.open_blobs(blobs, value_digests, self._where)
+
+    def _load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         if self._inline is None:
-            return super().load_blobs(value_digests)
+            return [self._value_or_none(d) for d in value_digests]
         out = self._inline.get_blobs(value_digests)
         for i, blob in enumerate(out):
             if blob is None:
@@ -102,8 +161,20 @@ class Cache(BaseCache):
         return out
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        entries = self._load_entries(keys)
+        if self.signer is None:
+            return entries
+        return self.signer.open_entries(entries, self._where, keys)
+
+    def _load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         if self._inline is None:
-            return super().load_entries(keys)
+            records = self.calls.get_many(keys)
+            blobs = iter(self._load_blobs([r.value for r in records if r is not None]))
+            found: List[Optional[Tuple[CallRecord, Blob]]] = []
+            for record in records:
+                blob = None if record is None else next(blobs)
+                found.append(None if record is None or blob is None else (record, blob))
+            return found
         out: List[Optional[Tuple[CallRecord, Blob]]] = []
         for entry in self._inline.get_entries(keys):
             if entry is None:
@@ -160,7 +231,10 @@ class Cache(BaseCache):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
-        return self.calls.query(name, arg_digests, metadata)
+        records = self.calls.query(name, arg_digests, metadata)
+        if self.signer is None:
+            return records
+        return self.signer.iter_records(records, self._where)
 
     def collect_garbage(self) -> int:
         """Delete values no stored call refers to, inline and in the value
@@ -184,12 +258,15 @@ class Cache(BaseCache):
         self.calls.close()
 
     def describe(self) -> Dict[str, Any]:
-        return {
+        described = {
             "class": "Cache",
             "values": self.values.to_config(),
             "calls": self.calls.to_config(),
             "read_only": self._read_only,
         }
+        if self.signer is not None:
+            described["signed_with"] = self.signer.key_id
+        return described
 
 
 def _in_memory(digest: str, blob: Blob) -> Blob:

@@ -27,6 +27,7 @@ from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..digest import Digest
 from ..errors import ConfigError, Rejected
+from ..signing import SecretKeyArg, Signer
 from ..storage._config import check_keys, typed
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
 from .connection import Connection, warn_on_skew
@@ -111,6 +112,10 @@ class SshCache(BaseCache):
             :mod:`fleche_remote.progress`).
         command: run this argv instead of building an ssh command (a local
             ``python -m fleche_remote serve``, a container exec, ...).
+        secret_key: sign every entry here, before it is sent, and check
+            every one that comes back before anything is unpickled (see
+            :mod:`fleche_remote.signing`). The server stores and serves the
+            signed bytes as they are and never sees the key.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class SshCache(BaseCache):
         ssh: str = "ssh",
         progress: Optional[bool] = None,
         command: Optional[Sequence[str]] = None,
+        secret_key: SecretKeyArg = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
     ) -> None:
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
@@ -147,6 +153,8 @@ class SshCache(BaseCache):
         self.progress = progress
         self.command = list(command) if command is not None else None
         self._transport_factory = _transport_factory
+        #: signs and checks entries on this side; None for an unsigned cache
+        self.signer: Optional[Signer] = Signer.of(secret_key)
         self._conn: Optional[Connection] = None
         self._conn_lock = threading.Lock()
         self._finalizer: Optional[weakref.finalize] = None
@@ -180,6 +188,7 @@ class SshCache(BaseCache):
         "fast_cipher": bool,
         "ssh": str,
         "progress": bool,
+        "secret_key": (str, list),
     }
 
     @classmethod
@@ -195,6 +204,7 @@ class SshCache(BaseCache):
         for key in ("ssh_options", "setup_commands"):
             if not all(isinstance(v, str) for v in kwargs.get(key, ())):
                 raise ConfigError(f"{key!r} must be a list of strings", key=key)
+        kwargs["secret_key"] = Signer.from_config(kwargs.get("secret_key"))  # or FLECHE_SECRET_KEY
         return cls(**kwargs)
 
     def to_config(self) -> Dict[str, Any]:
@@ -222,7 +232,15 @@ class SshCache(BaseCache):
             cfg["ssh"] = self.ssh
         if self.progress is not None:
             cfg["progress"] = self.progress
+        if self.signer is not None and self.signer.in_config:  # secret: redact before showing
+            cfg["secret_key"] = self.signer.to_config()
         return cfg
+
+    def _where(self, what: str, ident: str) -> str:
+        """Names where a refused entry lives (no round trip)."""
+        served = f"cache {self.cache_name!r}" if self.cache_name else "its default cache"
+        workdir = f" from {self.workdir}" if self.workdir else ""
+        return f"{self.host} ({served}{workdir})"
 
     def remote_command(self) -> str:
         """The shell command line ssh runs on the remote."""
@@ -350,6 +368,8 @@ class SshCache(BaseCache):
             raise Rejected(f"cannot save: {self!r} is read-only")
         if not items:
             return
+        if self.signer is not None:  # here, so that the key never leaves this process
+            items = self.signer.sign_entries(items)
         budget = WIRE_INLINE_BUDGET
         inline: List[Optional[Inline]] = []
         blobs: List[Tuple[BlobHeader, Blob]] = []
@@ -372,11 +392,13 @@ class SshCache(BaseCache):
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         if not keys:
             return []
-        return list(self._request("load_records", {"keys": [str(k) for k in keys]}))
+        records = list(self._request("load_records", {"keys": [str(k) for k in keys]}))
+        return records if self.signer is None else self.signer.open_records(records, self._where, keys)
 
     def load_blob(self, value_digest: str) -> Blob:
         consume = progress.downloads(_spool, self.progress, self.host)
-        return self._request("load_blob", {"digest": str(value_digest)}, consume=consume)  # type: ignore[no-any-return]
+        blob: Blob = self._request("load_blob", {"digest": str(value_digest)}, consume=consume)
+        return blob if self.signer is None else self.signer.open_blob(blob, value_digest, self._where)
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         """Blobs for ``value_digests`` in one round trip (small ones travel
@@ -385,7 +407,8 @@ class SshCache(BaseCache):
             return []
         args = {"digests": [str(d) for d in value_digests]}
         consume = progress.downloads(_unpack_blobs, self.progress, self.host)
-        return self._request("load_blobs", args, consume=consume)  # type: ignore[no-any-return]
+        blobs: List[Optional[Blob]] = self._request("load_blobs", args, consume=consume)
+        return blobs if self.signer is None else self.signer.open_blobs(blobs, value_digests, self._where)
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         """Records and their result blobs in one round trip."""
@@ -397,7 +420,8 @@ class SshCache(BaseCache):
             return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
 
         with_bar = progress.downloads(consume, self.progress, self.host)
-        return self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=with_bar)  # type: ignore[no-any-return]
+        entries = self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=with_bar)
+        return entries if self.signer is None else self.signer.open_entries(entries, self._where, keys)  # type: ignore[no-any-return]
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
@@ -435,7 +459,10 @@ class SshCache(BaseCache):
                 message = exchange.first()
                 if message.more:
                     conn.send_one_way("credit", {"id": exchange.pending.rid, "n": 1})
-                yield from message.result
+                if self.signer is None:
+                    yield from message.result
+                else:
+                    yield from self.signer.iter_records(message.result, self._where)
                 if not message.more:
                     return
 
@@ -455,11 +482,15 @@ class SshCache(BaseCache):
     def load_value(self, key: str) -> Any:
         """The result under ``key`` (full or unique prefix), in one round
         trip; an array streams straight into its final buffer."""
-        consume = progress.downloads(_decode_first, self.progress, self.host)
+        decode = _decode_first if self.signer is None else self.signer.stream_decoder(self._where, key=key)
+        consume = progress.downloads(decode, self.progress, self.host)
         return self._request("load_value", {"key": str(key)}, consume=consume)
 
     def fetch_result(self, value_digest: str) -> Any:
-        consume = progress.downloads(_decode_first, self.progress, self.host)
+        decode: Callable[..., Any] = _decode_first
+        if self.signer is not None:
+            decode = self.signer.stream_decoder(self._where, digest=value_digest)
+        consume = progress.downloads(decode, self.progress, self.host)
         return self._request("load_blob", {"digest": str(value_digest)}, consume=consume)
 
 

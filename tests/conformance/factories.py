@@ -165,6 +165,32 @@ def _read_only(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest
     )
 
 
+#: Keys of the signed variants (hex, as in fleche.toml).
+SIGNING_KEY = "5e" * 32
+OTHER_SIGNING_KEY = "a7" * 32
+
+
+@register("signed")
+def _signed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    from fleche_remote.storage.sql import SqlCallStore
+
+    # small values inline in SQLite, big ones in files: both signed
+    calls = SqlCallStore(f"sqlite:///{tmp_path / 'calls.sqlite'}")
+    return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls, secret_key=SIGNING_KEY))
+
+
+@register("signed-stack", tags=["stack"])
+def _signed_stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    # each layer its own key: a back-fill is checked with one and signed with the other
+    top = Cache(MemoryValueStore(), MemoryCallStore(), secret_key=SIGNING_KEY)
+    lower = Cache(
+        FileValueStore(tmp_path / "cache" / "values"),
+        FileCallStore(tmp_path / "cache" / "calls"),
+        secret_key=OTHER_SIGNING_KEY,
+    )
+    return CacheUnderTest(CacheStack([top, lower]))
+
+
 @register("stack", tags=["stack"])
 def _stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     return CacheUnderTest(
@@ -175,7 +201,7 @@ def _stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
 # -- the same caches behind SshCache, through the real ssh and sshd -----------
 
 
-def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str) -> Any:
+def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str, **kwargs: Any) -> Any:
     """An SshCache whose server runs ``[main]`` = ``cache_table`` from its own
     fleche.toml, in a directory of this test, through the session's sshd."""
     import sys
@@ -193,6 +219,7 @@ def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str) ->
         workdir=str(remote),
         timeout=60,
         connect_timeout=60,
+        **kwargs,
     )
 
 
@@ -220,6 +247,13 @@ def _ssh_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderT
 def _ssh_hdf5(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     table = 'values = {type = "hdf5", path = "cache.h5"}\ncalls = {type = "hdf5", path = "cache.h5"}'
     return CacheUnderTest(_remote(tmp_path, request, table))
+
+
+@register("ssh-signed")
+def _ssh_signed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    # signed on the client; the server stores the signed bytes without the key
+    table = 'template = "cloudpickle"\nroot = "store"'
+    return CacheUnderTest(_remote(tmp_path, request, table, secret_key=SIGNING_KEY))
 
 
 @register("ssh-read-only")
