@@ -365,7 +365,8 @@ class _Server:
 
     def _send_error(self, request: Request, exc: BaseException, flush: bool = True) -> None:
         if not isinstance(exc, (KeyError, Rejected)):
-            log.warning("%s failed: %s: %s", request.op, type(exc).__name__, exc)
+            # repr, cut short: a hostile name or message must not write control bytes into the log
+            log.warning("%.80r failed: %s: %.500r", request.op, type(exc).__name__, str(exc))
         self.out.send([encode_message(error_response(request.id, exc))], flush=flush)
 
     # -- answers ------------------------------------------------------------
