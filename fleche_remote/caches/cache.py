@@ -241,10 +241,12 @@ class Cache(BaseCache):
         store; returns how many. Inline values go in one transaction, safe
         beside concurrent saves. For the value store, run it while no
         process is saving into this cache: a value written just before its
-        record would look unreferenced."""
+        record would look unreferenced. Temp files of killed writers go
+        too (never a live writer's), and count."""
         if self._read_only:
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
         removed = self._inline.collect_blobs() if self._inline is not None else 0
+        removed += self.values.collect_temporaries() + self.calls.collect_temporaries()
         candidates = list(self.values.digests())
         referenced = self.calls.refers_to(candidates) if candidates else []
         for digest, keep in zip(candidates, referenced):

@@ -91,6 +91,15 @@ class ValueStore(ABC):
     def close(self) -> None:
         """Release files, connections and locks; the store may be reopened."""
 
+    def collect_temporaries(self) -> int:
+        """Remove what killed writers left half-written; returns how many.
+
+        Only stores that write temp files have any (the file stores); the
+        others write in transactions and return 0. Never touches a live
+        writer's temp file.
+        """
+        return 0
+
 
 class CallStore(ABC):
     """Call records addressed by call key."""
@@ -193,6 +202,11 @@ class CallStore(ABC):
 
     def close(self) -> None:
         """Release files, connections and locks; the store may be reopened."""
+
+    def collect_temporaries(self) -> int:
+        """Remove what killed writers left half-written; returns how many
+        (see :meth:`ValueStore.collect_temporaries`)."""
+        return 0
 
 
 class InlineValues(ABC):

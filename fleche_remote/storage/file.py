@@ -10,6 +10,15 @@ Every write goes to a temp file in the same directory and is then
 a shared file system with POSIX rename) sees a whole file or none, and two
 writers of the same content both succeed. A failed write (full disk,
 quota) removes its temp file and raises; nothing half-written is left.
+Temp names carry the writer's host and pid (``.KEY.HOST.PID.RAND.tmp``),
+so that :meth:`collect_temporaries` can remove what a killed writer left
+behind while never touching a live writer's file; that, and needing no
+lock, is why file stores are the safe choice on NFS, Lustre and GPFS.
+
+Files are created with the umask applied (0666 & ~umask) and directories
+likewise, plus group (or world) bits with ``shared``; see :mod:`._fs`.
+A reader that may not enter the cache gets a PermissionError that names
+the directory in the way, never an empty cache.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import json
 import os
 import re
 import struct
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
 
@@ -29,6 +38,7 @@ from ..errors import CorruptEntryError, StorageError
 from ..plain import dumps_plain, loads_plain
 from ..values import Blob, FileBlob
 from ._config import check_keys, resolve_path, typed
+from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .base import CallStore, ValueStore
 
 _VALUE_MAGIC = b"FRV1\n"
@@ -40,10 +50,33 @@ def _shard(root: Path, key: str) -> Path:
     return root / key[:2]
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_temp(path: Path, fs: FsPolicy) -> tuple[int, str]:
+    """A new temp file beside ``path`` (see :func:`._fs.temp_name`), made
+    with mode 0666 so that the umask applies, then the shared bits."""
+    while True:
+        tmp = os.path.join(path.parent, temp_name(path.name))
+        try:
+            fd = os.open(tmp, _OPEN_NEW, 0o666)
+        except FileExistsError:  # the random part collided: draw again
+            continue
+        except FileNotFoundError:  # a new shard: create it, then retry
+            fs.make_dirs(path.parent)
+            fd = os.open(tmp, _OPEN_NEW, 0o666)
+        try:
+            fs.fix_fd(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], fs: FsPolicy) -> None:
     """Write via ``write(fh)`` to a temp file beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp(path, fs)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -69,31 +102,83 @@ def _check_key(key: str) -> str:
 
 
 def _file_options(table: Dict[str, Any], base_dir: Optional[Path], where: str) -> Dict[str, Any]:
-    check_keys(table, ("root", "compress"), where)
+    check_keys(table, ("root", "compress", *FS_KEYS), where)
     root = typed(table, "root", (str, os.PathLike))
     return {
         "root": resolve_path(root, base_dir),
         "compress": typed(table, "compress", bool, False),
         "type_name": table.get("type", "cloudpickle"),
+        "fs": FsPolicy.from_table(table, where),
     }
 
 
+def _exists(path: str, what: str) -> bool:
+    """``os.path.exists`` that raises, instead of answering False, when
+    this user may not look (a colleague's cache written under umask 077)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise permission_error(path, what) from None
+    return True
+
+
 class _FileRoot:
-    """What both file stores share: a root directory and a compress flag."""
+    """What both file stores share: a root directory, a compress flag, and
+    the ``shared`` / ``allow_network_fs`` options (the latter changes
+    nothing here: file stores are safe on network file systems)."""
 
     def __init__(
-        self, root: str | os.PathLike[str], compress: bool = False, type_name: str = "cloudpickle"
+        self,
+        root: str | os.PathLike[str],
+        compress: bool = False,
+        type_name: str = "cloudpickle",
+        fs: FsPolicy = DEFAULT_FS,
     ) -> None:
         self.root = Path(os.path.expanduser(os.fspath(root))).absolute()
         self._root_str = str(self.root)
         self.compress = compress
         self.type_name = type_name
+        self.fs = fs.check()
 
     def to_config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"type": self.type_name, "root": str(self.root)}
         if self.compress:
             cfg["compress"] = True
+        cfg.update(self.fs.to_config())
         return cfg
+
+    def collect_temporaries(self, foreign_age: Optional[float] = None) -> int:
+        """Remove temp files that writers left behind; returns how many.
+
+        A temp file of a dead process of this host goes at once; one of
+        another host (or of unknown origin) once it is ``foreign_age``
+        seconds old (default :data:`._fs.FOREIGN_TEMP_AGE_S`); a live
+        writer's is never touched. See :func:`._fs.temp_is_stale`.
+        """
+        kwargs = {} if foreign_age is None else {"foreign_age": foreign_age}
+        removed = 0
+        now = time.time()
+        for shard in _shards(self.root):
+            try:
+                entries = list(os.scandir(shard))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+                if temp_is_stale(entry.name, mtime, now, **kwargs):
+                    try:
+                        os.unlink(entry.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
 
 class FileValueStore(_FileRoot, ValueStore):
@@ -132,14 +217,16 @@ class FileValueStore(_FileRoot, ValueStore):
             if written != blob.size:
                 raise CorruptEntryError(f"value {digest[:16]}: got {written} bytes, expected {blob.size}")
 
-        _atomic_write(path, write)
+        _atomic_write(path, write, self.fs)
 
     def get(self, digest: str) -> Blob:
         path = self._path(digest)
         try:
             fh = open(path, "rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise KeyError(digest) from None
+        except PermissionError:
+            raise permission_error(path, "the value file") from None
         with fh:
             head = fh.read(len(_VALUE_MAGIC) + _LEN.size)
             if len(head) < len(_VALUE_MAGIC) + _LEN.size or not head.startswith(_VALUE_MAGIC):
@@ -165,7 +252,7 @@ class FileValueStore(_FileRoot, ValueStore):
             _check_key(digest)
         except KeyError:
             return False
-        return os.path.exists(os.path.join(self._root_str, digest[:2], digest))
+        return _exists(os.path.join(self._root_str, digest[:2], digest), "the value file")
 
     def delete(self, digest: str) -> None:
         try:
@@ -177,15 +264,19 @@ class FileValueStore(_FileRoot, ValueStore):
         yield from _walk(self.root, "")
 
 
-def _walk(root: Path, suffix: str) -> Iterator[str]:
+def _shards(root: Path) -> List[Path]:
     try:
-        shards = sorted(os.scandir(root), key=lambda e: e.name)
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
-        return
-    for shard in shards:
-        if len(shard.name) != 2 or not shard.is_dir():
-            continue
-        yield from _list_shard(Path(shard.path), suffix)
+        return []
+    except PermissionError:
+        raise permission_error(root, "the cache directory") from None
+    return [Path(e.path) for e in entries if len(e.name) == 2 and e.is_dir()]
+
+
+def _walk(root: Path, suffix: str) -> Iterator[str]:
+    for shard in _shards(root):
+        yield from _list_shard(shard, suffix)
 
 
 def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
@@ -193,6 +284,8 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
         entries = os.listdir(shard)
     except FileNotFoundError:
         return
+    except PermissionError:
+        raise permission_error(shard, "the cache directory") from None
     for name in sorted(entries):
         if name.startswith(".") or not name.endswith(suffix):
             continue
@@ -222,14 +315,16 @@ class FileCallStore(_FileRoot, CallStore):
         def write(fh: BinaryIO) -> None:
             fh.write(_CALL_MAGIC + data)
 
-        _atomic_write(path, write)
+        _atomic_write(path, write, self.fs)
 
     def get(self, key: str) -> CallRecord:
         path = self._path(key)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise KeyError(key) from None
+        except PermissionError:
+            raise permission_error(path, "the call file") from None
         if not data.startswith(_CALL_MAGIC):
             raise CorruptEntryError(f"{path} is not a fleche-remote call file")
         body = data[len(_CALL_MAGIC) :]
@@ -249,7 +344,7 @@ class FileCallStore(_FileRoot, CallStore):
             _check_key(key)
         except KeyError:
             return False
-        return os.path.exists(os.path.join(self._root_str, key[:2], key + ".call"))
+        return _exists(os.path.join(self._root_str, key[:2], key + ".call"), "the call file")
 
     def delete(self, key: str) -> None:
         try:

@@ -43,9 +43,16 @@ power) in the middle of a write can leave the HDF5 file itself damaged,
 since the library has no journal; every entry in it may then be lost
 (``h5clear``/``h5repack`` sometimes recover it). Keep irreplaceable results
 in a file or SQL store, or copy the .h5 aside. The lock also needs a file
-system where ``flock`` works across the machines that share it (local
-disks, and NFS/Lustre/GPFS mounted with lock support). Readers of an .h5
-that they cannot write read without a lock, as no one can write it either.
+system where ``flock`` works across the machines that share it: a path on
+NFS, Lustre, GPFS and other network or parallel file systems is refused
+(see :mod:`._fs`) unless ``allow_network_fs = true`` says that only one
+machine writes it, or that the mount has cluster-wide locks. Readers of an
+.h5 that they cannot write read without a lock, as no one can write it
+either.
+
+The .h5, its directory and its lock file are created under the umask,
+plus group (or world) bits with ``shared``; a reader that may not reach
+them gets a PermissionError naming what is in the way.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ from ..errors import ConfigError, CorruptEntryError, ProtocolError, StorageError
 from ..plain import dumps_plain, loads_plain
 from ..values import Blob, BytesBlob
 from ._config import check_keys, resolve_path, typed
+from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
 from .base import CallStore, ValueStore, record_matches
 
 #: Name an entry is written under before it is moved into place. Writers
@@ -81,6 +89,13 @@ INCOMING = ".incoming"
 LOCK_TIMEOUT_S = 120.0
 
 _HEX = frozenset("0123456789abcdef")
+
+#: What to use instead of HDF5 on a network file system, for the refusal.
+_NETWORK_FIX = (
+    'Use file stores (template = "cloudpickle"), which are safe there, or give each writer '
+    "its own .h5 on a local disk (a per-writer layout) and copy the results together "
+    "afterwards with fleche-remote push; calls can also go to PostgreSQL."
+)
 
 
 def _check_key(key: str) -> str:
@@ -117,10 +132,11 @@ if hasattr(os, "register_at_fork"):
 class _H5File:
     """One HDF5 file guarded by ``<path>.lock``; see the module docstring."""
 
-    def __init__(self, path: Path, lock_timeout: float) -> None:
+    def __init__(self, path: Path, lock_timeout: float, fs: FsPolicy = DEFAULT_FS) -> None:
         self.path = path
         self.lock_path = Path(str(path) + ".lock")
         self.lock_timeout = lock_timeout
+        self.fs = fs
 
     @contextmanager
     def _this_process(self) -> Iterator[None]:
@@ -162,8 +178,10 @@ class _H5File:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         if exclusive:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                return os.open(self.lock_path, flags, 0o666)
+                self.fs.make_dirs(self.path.parent)
+                fd = os.open(self.lock_path, flags, 0o666)
+                self.fs.fix_path(self.lock_path)
+                return fd
             except OSError as exc:
                 raise StorageError(
                     exc.errno, f"cannot create the lock file {self.lock_path} to write {self.path}: {exc}"
@@ -188,15 +206,19 @@ class _H5File:
         try:
             if fd is not None:
                 self._lock(fd, write)
-            if not write and not self.path.exists():
+            if not write and not self._exists():
                 yield None
                 return
             try:
                 f = h5py.File(self.path, "a" if write else "r")
             except OSError as exc:
+                if not os.access(self.path, os.R_OK):
+                    raise permission_error(self.path, "the HDF5 file") from None
                 raise StorageError(
                     f"cannot open {self.path} as an HDF5 file ({'a' if write else 'r'}): {exc}"
                 )
+            if write:
+                self.fs.fix_path(self.path)
             try:
                 yield f
             finally:
@@ -204,6 +226,15 @@ class _H5File:
         finally:
             if fd is not None:
                 os.close(fd)  # releases the flock
+
+    def _exists(self) -> bool:
+        try:
+            os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except PermissionError:
+            raise permission_error(self.path, "the HDF5 file") from None
+        return True
 
 
 def _group(f: Optional[h5py.File], name: str) -> Optional[h5py.Group]:
@@ -312,28 +343,37 @@ def _attr_str(ds: h5py.Dataset, name: str) -> str:
 
 def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict[str, Any]:
     where = f"{kind}.type = 'hdf5'"
-    check_keys(table, ("path", "lock_timeout"), where)
+    check_keys(table, ("path", "lock_timeout", *FS_KEYS), where)
     if "path" not in table:
         raise ConfigError(f"{where} needs path = 'cache.h5' (an HDF5 file); no path was given", key="path")
     path = typed(table, "path", (str, os.PathLike))
     timeout = typed(table, "lock_timeout", (int, float), LOCK_TIMEOUT_S)
     if timeout <= 0:
         raise ConfigError(f"{where}: lock_timeout must be > 0 seconds, got {timeout!r}", key="lock_timeout")
-    return {"path": resolve_path(path, base_dir), "lock_timeout": float(timeout)}
+    return {
+        "path": resolve_path(path, base_dir),
+        "lock_timeout": float(timeout),
+        "fs": FsPolicy.from_table(table, where),
+    }
 
 
 class _Hdf5Store:
     """Shared constructor and config for both HDF5 stores."""
 
-    def __init__(self, path: str | os.PathLike[str], lock_timeout: float = LOCK_TIMEOUT_S) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], lock_timeout: float = LOCK_TIMEOUT_S, fs: FsPolicy = DEFAULT_FS
+    ) -> None:
         self.path = resolve_path(path, None)
         self.lock_timeout = lock_timeout
-        self._file = _H5File(self.path, lock_timeout)
+        self.fs = fs.check()
+        fs.check_local(self.path, "an HDF5 file", _NETWORK_FIX)
+        self._file = _H5File(self.path, lock_timeout, fs)
 
     def to_config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"type": "hdf5", "path": str(self.path)}
         if self.lock_timeout != LOCK_TIMEOUT_S:
             cfg["lock_timeout"] = self.lock_timeout
+        cfg.update(self.fs.to_config())
         return cfg
 
     def __repr__(self) -> str:
@@ -347,8 +387,11 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
         path: the .h5 file (created, with its directory, on first write);
             a relative path resolves against the current directory.
         lock_timeout: seconds to wait for ``<path>.lock`` before raising.
+        fs: the ``shared`` and ``allow_network_fs`` options (see :mod:`._fs`).
 
     Raises:
+        ConfigError: the path is on a network or parallel file system and
+            ``fs`` does not allow it.
         StorageError: the lock is not free within ``lock_timeout``, or the
             file is not HDF5.
         CorruptEntryError: an entry exists but is not one this store wrote.
@@ -456,8 +499,11 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
         path: the .h5 file (created, with its directory, on first write);
             a relative path resolves against the current directory.
         lock_timeout: seconds to wait for ``<path>.lock`` before raising.
+        fs: the ``shared`` and ``allow_network_fs`` options (see :mod:`._fs`).
 
     Raises:
+        ConfigError: the path is on a network or parallel file system and
+            ``fs`` does not allow it.
         StorageError: the lock is not free within ``lock_timeout``, or the
             file is not HDF5.
         CorruptEntryError: an entry is not a call record this store wrote.

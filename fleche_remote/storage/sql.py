@@ -40,6 +40,7 @@ from ..call import CallRecord
 from ..errors import ConfigError, CorruptEntryError, StorageError
 from ..values import Blob
 from ._config import check_keys, resolve_path, typed
+from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ._sqldb import BATCH, BUSY_TIMEOUT_S, Database
 from ._sqlrows import (
     _BLOB_COLUMNS,
@@ -137,7 +138,7 @@ def _pg_url(url: str, where: str) -> Any:
     return parsed
 
 
-def open_database(url: str, what: str, echo: bool = False) -> Database:
+def open_database(url: str, what: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> Database:
     """The :class:`~._sqldb.Database` for an (already resolved) url."""
     backend, rest = _split_url(url, what)
     if backend == "sqlite":
@@ -145,7 +146,7 @@ def open_database(url: str, what: str, echo: bool = False) -> Database:
 
         path, _, query = rest[1:].partition("?")
         target, uri = connect_target(path, dict(parse_qsl(query)))
-        return SqliteDatabase(target, uri, what, url, echo)
+        return SqliteDatabase(target, uri, what, url, echo, fs)
     from .postgres import PostgresDatabase
 
     parsed = _pg_url(url, what)
@@ -154,13 +155,17 @@ def open_database(url: str, what: str, echo: bool = False) -> Database:
 
 def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict[str, Any]:
     where = f"{kind}.type = 'sql'"
-    check_keys(table, ("url", "echo"), where)
+    check_keys(table, ("url", "echo", *FS_KEYS), where)
     if "url" not in table:
         raise ConfigError(f"{where} needs url = {_EXAMPLE}; no url was given", key="url")
     url = typed(table, "url", str)
     if not url.strip():
         raise ConfigError(f"{where} needs url = {_EXAMPLE}; got an empty string", key="url")
-    return {"url": _resolve_url(url, base_dir, where)[0], "echo": typed(table, "echo", bool, False)}
+    return {
+        "url": _resolve_url(url, base_dir, where)[0],
+        "echo": typed(table, "echo", bool, False),
+        "fs": FsPolicy.from_table(table, where),
+    }
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -174,11 +179,12 @@ class _SqlStore:
 
     _kind = ""  # "values" or "calls": names the store in messages
 
-    def __init__(self, url: str, echo: bool = False) -> None:
+    def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         where = f"{self._kind}.type = 'sql'"
         self.url, self.backend = _resolve_url(url, None, where)
         self.echo = echo
-        self._db = open_database(self.url, f"sql {self._kind} store", echo)
+        self.fs = fs
+        self._db = open_database(self.url, f"sql {self._kind} store", echo, fs)
         db = self._db
         self._insert_blob = db.insert_ignore("blobs", _BLOB_COLUMNS)
         self._get_blob = db.sql("SELECT digest, kind, meta, size, body FROM blobs WHERE digest = ?")
@@ -192,6 +198,7 @@ class _SqlStore:
         cfg: Dict[str, Any] = {"type": "sql", "url": self.url}
         if self.echo:
             cfg["echo"] = True
+        cfg.update(self.fs.to_config())
         return cfg
 
     def __repr__(self) -> str:
@@ -303,8 +310,8 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     type_name = "sql"
     _kind = "calls"
 
-    def __init__(self, url: str, echo: bool = False) -> None:
-        super().__init__(url, echo)
+    def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
+        super().__init__(url, echo, fs)
         db = self._db
         self._insert_call = db.insert_ignore("calls", _CALL_COLUMNS)
         self._insert_arg = db.insert_ignore("call_args", ("arg", "digest", "key"))

@@ -29,6 +29,21 @@ Tuning, per connection, and why:
   concurrent writers the lock must be taken up front, where the busy
   timeout applies. ``isolation_level=None`` stops ``sqlite3`` from
   issuing BEGINs of its own; reads run in autocommit, one statement each.
+
+Sharing (see :mod:`._fs`). The database file is created by this module,
+mode 0666 under the umask plus the ``shared`` bits, before SQLite opens it:
+SQLite itself would make it 0644 whatever the umask, and it gives the -wal
+and -shm files the database's mode. A database on a network or parallel
+file system is refused unless ``allow_network_fs`` says otherwise.
+
+Reading another user's database. A WAL database can be read only where
+its -wal and -shm exist or can be created; when its writers have all
+closed (SQLite then deletes both) a colleague who may read the file but
+not write its directory gets "attempt to write a readonly database". Such
+a reader falls back to a *snapshot*: the file opened ``immutable``, which
+is consistent as long as nothing writes it, so every read checks before
+and after that the file is unchanged and no -wal has appeared (a writer
+has started); otherwise it reopens, in the ordinary way if it now can.
 """
 
 from __future__ import annotations
@@ -39,10 +54,25 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from urllib.parse import quote, unquote
 
+from ..errors import StorageError
+from ._fs import DEFAULT_FS, FsPolicy, permission_error
 from ._sqldb import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database
+
+_T = TypeVar("_T")
+
+#: What SQLite tells someone who can read a database but not create its
+#: -wal and -shm beside it (see "Reading another user's database").
+_READ_ONLY_SIGNS = ("readonly database", "unable to open database file")
+
+#: What to use instead of SQLite on a network file system, for the refusal.
+_NETWORK_FIX = (
+    'Keep the calls in PostgreSQL (calls = { type = "sql", url = "postgresql+psycopg://..." }), '
+    "or give each writer its own database on a local disk (a per-writer layout), or use file "
+    'stores (template = "cloudpickle"), which are safe there.'
+)
 
 #: Bytes of the database file each connection maps into memory. Reads then
 #: cost no system call per page; the mapping uses address space, and pages
@@ -80,15 +110,26 @@ class SqliteDatabase(Database):
             ``":memory:"`` for a private in-memory database.
         uri: ``target`` is a ``file:`` URI.
         what, shown, echo: see :class:`~._sqldb.Database`.
+        fs: the ``shared`` and ``allow_network_fs`` options.
+
+    Raises:
+        ConfigError: the file is on a network or parallel file system and
+            ``fs`` does not allow it.
     """
 
     backend = "sqlite"
 
-    def __init__(self, target: str, uri: bool, what: str, shown: str, echo: bool = False) -> None:
+    def __init__(
+        self, target: str, uri: bool, what: str, shown: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS
+    ) -> None:
         super().__init__(what, shown, echo)
         self.target = target
         self.uri = uri
         self.memory = target in ("", ":memory:")
+        self.fs = fs.check()
+        self.path = None if self.memory else _file_path(target, uri)
+        if self.path is not None and not (uri and "immutable=1" in target):
+            fs.check_local(self.path, f"the SQLite database of the {what}", _NETWORK_FIX)
         self._local = _Local()
         self._reset()
         _DATABASES.add(self)
@@ -101,6 +142,8 @@ class SqliteDatabase(Database):
         self._pid = os.getpid()
         self._conns: List[sqlite3.Connection] = []
         self._schema_ready = False
+        # snapshot connections (see the module docstring), by id: the file's stamp when opened
+        self._snapshots: Dict[int, Tuple[Any, ...]] = {}
 
     def _forked(self) -> None:
         _INHERITED.extend(self._conns)
@@ -124,7 +167,7 @@ class SqliteDatabase(Database):
                 try:
                     conn = self._open()
                 except sqlite3.Error as exc:
-                    raise self.error("opening", exc) from exc
+                    conn = self._open_snapshot(exc)
                 self._conns.append(conn)
             if not self._schema_ready:
                 self._create_tables(conn)
@@ -134,7 +177,10 @@ class SqliteDatabase(Database):
 
     def _open(self) -> sqlite3.Connection:
         if not self.memory and not self.uri:
-            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fs.create(self.target)
+            except PermissionError:
+                raise permission_error(self.target, f"the SQLite database of the {self.what}") from None
         conn = sqlite3.connect(
             self.target or ":memory:",
             timeout=BUSY_TIMEOUT_S,
@@ -153,7 +199,77 @@ class SqliteDatabase(Database):
         except BaseException:
             conn.close()
             raise
+        if self.path is not None:
+            # SQLite copies the database's mode to these; a database made
+            # before ``shared`` was set needs them widened too
+            self.fs.fix_path(self.path + "-wal")
+            self.fs.fix_path(self.path + "-shm")
         return conn
+
+    # -- reading a database one may not write (see the module docstring) ----------------
+
+    def _stamp(self) -> Tuple[Any, ...]:
+        """What changes when anyone writes the file: a -wal, mtime, size, inode."""
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (None,)
+        return (os.path.exists(self.path + "-wal"), st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _open_snapshot(self, cause: sqlite3.Error) -> sqlite3.Connection:
+        """The immutable fallback for a reader that cannot create -wal/-shm,
+        or a clear error (a PermissionError when the file is out of reach)."""
+        path = self.path
+        if path is None or not any(sign in str(cause) for sign in _READ_ONLY_SIGNS):
+            raise self.error("opening", cause) from cause
+        if not os.access(path, os.R_OK):
+            raise permission_error(path, f"the SQLite database of the {self.what}") from cause
+        stamp = self._stamp()
+        if stamp[0] is not False or os.access(os.path.dirname(path) or ".", os.W_OK):
+            # a writer is active, or we could have created the files: not our case
+            raise self.error("opening", cause) from cause
+        try:
+            conn = sqlite3.connect(
+                f"file:{quote(path)}?mode=ro&immutable=1",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+            )
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        except sqlite3.Error as exc:
+            raise self.error("opening (read-only, immutable)", exc) from exc
+        self._snapshots[id(conn)] = stamp
+        return conn
+
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        """Forget this thread's (snapshot) connection; the next use reopens."""
+        with self._lock:
+            self._snapshots.pop(id(conn), None)
+            if conn in self._conns:
+                self._conns.remove(conn)
+            self._local.conn, self._local.token = None, None
+        conn.close()
+
+    def _read(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``run(conn)`` on a snapshot connection, retried until the file
+        was unchanged from before it opened until after the read."""
+        for _ in range(100):
+            conn = self._connection()
+            stamp = self._snapshots.get(id(conn))
+            if stamp is None:  # an ordinary connection now: the writer left its files
+                return run(conn)
+            if self._stamp() == stamp:
+                result = run(conn)
+                if self._stamp() == stamp:
+                    return result
+            self._drop(conn)
+            time.sleep(0.01)
+        raise StorageError(
+            f"{self.what} at {self.shown}: could not read it: it changed during every read of 100, "
+            f"and this user may not create its -wal and -shm files to read it while it is written"
+        )
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         try:
@@ -180,6 +296,8 @@ class SqliteDatabase(Database):
         if self.echo:
             self.trace(sql, params)
         try:
+            if self._snapshots:
+                return self._read(lambda c: c.execute(sql, params).fetchall())
             if self.memory:
                 with self._serial:
                     return conn.execute(sql, params).fetchall()
@@ -192,6 +310,8 @@ class SqliteDatabase(Database):
         if self.echo:
             self.trace(sql, params)
         try:
+            if self._snapshots:
+                return self._read(lambda c: c.execute(sql, params).fetchone())  # type: ignore[no-any-return]
             if self.memory:
                 with self._serial:
                     return conn.execute(sql, params).fetchone()  # type: ignore[no-any-return]
@@ -231,6 +351,7 @@ class SqliteDatabase(Database):
                 for conn in self._conns:
                     conn.close()
             self._conns = []
+            self._snapshots = {}
             self._token = object()
 
 
@@ -292,6 +413,19 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _file_path(target: str, uri: bool) -> Optional[str]:
+    """The file a ``sqlite3.connect`` target names (a ``file:`` URI's path)."""
+    if not uri:
+        return os.path.abspath(target)
+    path, _, query = (target[len("file:") :] if target.startswith("file:") else target).partition("?")
+    path = unquote(path.partition("#")[0])
+    if path == ":memory:" or "mode=memory" in query:
+        return None
+    if path.startswith("//"):  # file://host/path: SQLite accepts only an empty host or localhost
+        path = "/" + path[2:].partition("/")[2]
+    return os.path.abspath(path)
 
 
 def connect_target(database: str, query: Dict[str, str]) -> Tuple[str, bool]:
