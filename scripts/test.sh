@@ -74,6 +74,13 @@ else
     say "system packages present (sshd, ssh, ssh-keygen, PostgreSQL server)"
 fi
 
+# A second Unix user, who reads (and, with shared = "group", writes) caches
+# written by this one in tests/test_sharing.py.
+if ! id -u fleche-peer >/dev/null 2>&1; then
+    say "creating the test user fleche-peer"
+    as_root useradd --system --user-group --no-create-home --shell /usr/sbin/nologin fleche-peer
+fi
+
 # -- 2. virtualenvs ------------------------------------------------------------
 
 # ensure_venv DIR BASE_PYTHON PIP_ARGS...: create DIR if needed and pip
