@@ -15,9 +15,11 @@ costs the login plus one round trip.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -26,15 +28,19 @@ from .. import progress
 from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..digest import Digest
-from ..errors import ConfigError, Rejected
+from ..errors import ConfigError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage._config import check_keys, typed
 from ..values import Blob, BytesBlob, StreamBlob, decode_value
+from . import bootstrap as _bootstrap
+from . import health
 from .connection import Connection, warn_on_skew
 from .handlers import WIRE_INLINE_BUDGET, WIRE_INLINE_MAX
 from .protocol import BlobHeader, Inline
-from .ssh_options import fast_cipher_options
+from .ssh_options import connection_needs_no_prompt, fast_cipher_options, timeout_options
 from .transport import PipeTransport, SubprocessTransport, Transport
+
+log = logging.getLogger("fleche_remote.client")
 
 #: Spool a fetched value to disk past this size (``load_blob`` hands the
 #: bytes to another store, so they must outlive the wire stream).
@@ -98,8 +104,26 @@ class SshCache(BaseCache):
             fleche.toml is found from there.
         connect_timeout: seconds for ssh to log in and the server to
             announce itself (generous: a 2FA prompt happens in this time).
+            Unless the user's ssh options or config set them, ssh also gets
+            ``ConnectTimeout=10`` and ``ServerAliveInterval=5`` x
+            ``ServerAliveCountMax=3``, so a silent host fails in ~10 s.
         timeout: seconds any single wait may last once connected; a hung
             server becomes a :class:`RemoteConnectionError` after it.
+        on_error: ``"raise"`` (default): a connection failure raises
+            :class:`RemoteConnectionError`. ``"warn"``: it is logged once
+            per outage (a WARNING) and the cache answers as if empty
+            (reads miss, queries find nothing), so a stack's local layers
+            go on serving and its new results stay local; saves, evictions
+            and ``info()`` still raise, so nothing is lost silently.
+        retry_after: seconds after a failure when the next operation may
+            reopen a broken connection by itself, if ssh needs no prompt
+            (BatchMode, or a live ControlMaster socket). None: only
+            :meth:`reconnect` does.
+        idle_timeout: seconds after which a connection that carried
+            nothing is closed; the next operation opens a new one (with no
+            prompt when a ControlMaster socket is live). None: kept open.
+        error_callback: called with the exception once per outage (the
+            first connection failure after the remote last worked).
         read_only: refuse writes locally, and start the server
             ``--read-only`` as well.
         fast_cipher: when the ssh configuration names no cipher, ask for
@@ -112,6 +136,11 @@ class SshCache(BaseCache):
             :mod:`fleche_remote.progress`).
         command: run this argv instead of building an ssh command (a local
             ``python -m fleche_remote serve``, a container exec, ...).
+        bootstrap: ``"auto"``: when the remote has no fleche_remote of
+            this version, send this client's server code over the ssh
+            pipe (cached there by hash; see
+            :mod:`fleche_remote.remote.bootstrap`); ``"never"``: require
+            an installed one; ``"always"``: send it even so.
         secret_key: sign every entry here, before it is sent, and check
             every one that comes back before anything is unpickled (see
             :mod:`fleche_remote.signing`). The server stores and serves the
@@ -134,7 +163,12 @@ class SshCache(BaseCache):
         ssh: str = "ssh",
         progress: Optional[bool] = None,
         command: Optional[Sequence[str]] = None,
+        bootstrap: str = "auto",
         secret_key: SecretKeyArg = None,
+        on_error: str = "raise",
+        retry_after: Optional[float] = None,
+        idle_timeout: Optional[float] = None,
+        error_callback: Optional[Callable[[BaseException], Any]] = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
     ) -> None:
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
@@ -152,12 +186,31 @@ class SshCache(BaseCache):
         self.ssh = ssh
         self.progress = progress
         self.command = list(command) if command is not None else None
+        self.bootstrap = _bootstrap.check_mode(bootstrap)
         self._transport_factory = _transport_factory
         #: signs and checks entries on this side; None for an unsigned cache
         self.signer: Optional[Signer] = Signer.of(secret_key)
         self._conn: Optional[Connection] = None
         self._conn_lock = threading.Lock()
         self._finalizer: Optional[weakref.finalize] = None
+        self.idle_timeout = health.check_seconds("idle_timeout", idle_timeout)
+        self._last_used = time.monotonic()
+        self._idle_stop: Optional[threading.Event] = None
+        self._idle_closed: Optional[Connection] = None
+        self._outage = health.Outage(repr(self), on_error, retry_after, error_callback, self._needs_no_prompt)
+
+    @property
+    def on_error(self) -> str:
+        """``"raise"`` or ``"warn"`` (see the class notes)."""
+        return self._outage.on_error
+
+    @property
+    def retry_after(self) -> Optional[float]:
+        return self._outage.retry_after
+
+    @property
+    def error_callback(self) -> Optional[Callable[[BaseException], Any]]:
+        return self._outage.error_callback
 
     # -- construction helpers ----------------------------------------------
 
@@ -188,6 +241,10 @@ class SshCache(BaseCache):
         "fast_cipher": bool,
         "ssh": str,
         "progress": bool,
+        "on_error": str,
+        "retry_after": (int, float),
+        "idle_timeout": (int, float),
+        "bootstrap": str,
         "secret_key": (str, list),
     }
 
@@ -204,6 +261,16 @@ class SshCache(BaseCache):
         for key in ("ssh_options", "setup_commands"):
             if not all(isinstance(v, str) for v in kwargs.get(key, ())):
                 raise ConfigError(f"{key!r} must be a list of strings", key=key)
+        if "on_error" in kwargs:
+            try:
+                health.check_on_error(kwargs["on_error"])
+            except ValueError as exc:
+                raise ConfigError(str(exc), key="on_error") from None
+        for key in ("retry_after", "idle_timeout"):
+            try:
+                health.check_seconds(key, kwargs.get(key))
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=key) from None
         kwargs["secret_key"] = Signer.from_config(kwargs.get("secret_key"))  # or FLECHE_SECRET_KEY
         return cls(**kwargs)
 
@@ -232,6 +299,14 @@ class SshCache(BaseCache):
             cfg["ssh"] = self.ssh
         if self.progress is not None:
             cfg["progress"] = self.progress
+        if self.on_error != "raise":
+            cfg["on_error"] = self.on_error
+        if self.retry_after is not None:
+            cfg["retry_after"] = self.retry_after
+        if self.idle_timeout is not None:
+            cfg["idle_timeout"] = self.idle_timeout
+        if self.bootstrap != "auto":
+            cfg["bootstrap"] = self.bootstrap
         if self.signer is not None and self.signer.in_config:  # secret: redact before showing
             cfg["secret_key"] = self.signer.to_config()
         return cfg
@@ -253,7 +328,10 @@ class SshCache(BaseCache):
         if self.workdir:
             steps.append(f"cd {_sh_path(self.workdir)}")
         steps.extend(self.setup_commands)
-        steps.append("exec " + " ".join(serve))
+        if self.bootstrap == "never":
+            steps.append("exec " + " ".join(serve))
+        else:  # a stub that runs an installed server, or ships this one
+            steps.append("exec " + _bootstrap.stub_command(serve[0], serve[4:], self.bootstrap))
         return " && ".join(steps)
 
     def argv(self) -> List[str]:
@@ -261,7 +339,9 @@ class SshCache(BaseCache):
         if self.command is not None:
             return list(self.command)
         extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
-        return [self.ssh, "-T", *extra, *self.ssh_options, self.host, self.remote_command()]
+        # after the user's options: ssh keeps the first value, so theirs win
+        timeouts = timeout_options(self.ssh, self.ssh_options, self.host)
+        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, self.host, self.remote_command()]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
@@ -271,28 +351,57 @@ class SshCache(BaseCache):
 
     def _connection(self) -> Connection:
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.broken is None:
             return conn
         with self._conn_lock:
-            if self._conn is None:
-                self._conn = self._open()
-            return self._conn
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self._open()
+            elif conn.broken is not None and self._outage.since is not None and self._outage.retry_due():
+                log.info("%r: trying the remote again (retry_after = %g s)", self, self.retry_after)
+                self._close_locked()
+                conn = self._conn = self._open()
+            return conn
+
+    def _needs_no_prompt(self) -> bool:
+        """Whether opening a connection can't ask anybody for anything."""
+        if self.command is not None or self._transport_factory is not None:
+            return True
+        return connection_needs_no_prompt(self.ssh, self.ssh_options, self.host)
+
+    def _noise_reporter(self) -> Callable[[bytes], None]:
+        key = (self.host, self.ssh_options, tuple(self.command or ()))
+        return lambda noise: health.report_login_noise(key, self.host, noise)
 
     def _open(self) -> Connection:
         if self._transport_factory is not None:
             transport = self._transport_factory()
         else:
             transport = SubprocessTransport(self.argv(), label=self.host)
+            if self.command is None and self.bootstrap != "never":
+                transport = _bootstrap.BootstrapTransport(
+                    transport, _bootstrap.code_bundle(), connect_timeout=self.connect_timeout
+                )
         host = self.host
         conn = Connection(
             transport,
             target=host,
             timeout=self.timeout,
             connect_timeout=self.connect_timeout,
-            diagnose_startup=_startup_message(self.host, self.python, self.setup_commands),
+            diagnose_startup=_bootstrap.explain_startup(
+                self.host,
+                self.python,
+                self.bootstrap,
+                _startup_message(self.host, self.python, self.setup_commands),
+            ),
             on_hello=lambda hello: warn_on_skew(host, hello.library),
+            on_noise=self._noise_reporter(),
         )
         self._finalizer = weakref.finalize(self, Connection.close, conn)
+        self._last_used = time.monotonic()
+        if self.idle_timeout is not None:
+            self._idle_stop = threading.Event()
+            health.watch_idle(self, conn, self._idle_stop)
         return conn
 
     def reconnect(self) -> None:
@@ -311,18 +420,95 @@ class SshCache(BaseCache):
             self._close_locked()
 
     def _close_locked(self) -> None:
+        if self._idle_stop is not None:
+            self._idle_stop.set()
+            self._idle_stop = None
         if self._finalizer is not None:
             self._finalizer()  # closes the connection exactly once
             self._finalizer = None
         self._conn = None
+
+    def _close_if_idle(self, conn: Connection) -> bool:
+        """Close ``conn`` if it is still ours and carried nothing for
+        ``idle_timeout`` seconds; whether the watch is over."""
+        with self._conn_lock:
+            if self._conn is not conn or conn.broken is not None:
+                return True
+            if self.idle_timeout is None or conn.in_flight:
+                return False
+            if time.monotonic() - self._last_used < self.idle_timeout:
+                return False
+            log.debug("%r: closing the connection after %g s idle", self, self.idle_timeout)
+            self._idle_closed = conn
+            self._close_locked()
+            return True
+
+    def is_alive(self, timeout: float = 10.0) -> bool:
+        """Whether the remote answers a ping within ``timeout`` seconds.
+
+        Opens the connection if there is none (or reopens one that broke,
+        when ``retry_after`` allows it), never raises, and never breaks a
+        healthy connection that is merely slow: the ping goes on in the
+        background and a late answer is simply not waited for.
+        """
+        done = threading.Event()
+        answered: List[bool] = []
+
+        def ping() -> None:
+            try:
+                self._connection().request("ping")
+                answered.append(True)
+                self._used()
+            except Exception as exc:  # any failure means "not alive"
+                log.debug("%r: ping failed: %s", self, exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=ping, name="fleche-remote ping", daemon=True).start()
+        done.wait(timeout)
+        return bool(answered)
 
     @property
     def connected(self) -> bool:
         """Whether a live connection is open (no connection is started)."""
         return self._conn is not None and self._conn.broken is None
 
-    def _request(self, op: str, args: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Any:
-        return self._connection().request(op, args, **kwargs)
+    def _request(
+        self,
+        op: str,
+        args: Optional[Dict[str, Any]] = None,
+        *,
+        offline: Optional[Callable[[], Any]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One request. A connection failure is reported once per outage;
+        with ``on_error = "warn"`` and an ``offline`` answer, that answer is
+        returned instead of raising."""
+        conn: Optional[Connection] = None
+        try:
+            try:
+                conn = self._connection()
+                result = conn.request(op, args, **kwargs)
+            except RemoteConnectionError:
+                if self._idle_closed is None or conn is not self._idle_closed:
+                    raise
+                # closed for idleness between taking it and sending: reopen
+                result = self._connection().request(op, args, **kwargs)
+        except RemoteConnectionError as exc:
+            return self._unavailable(exc, offline)
+        self._used()
+        return result
+
+    def _used(self) -> None:
+        self._last_used = time.monotonic()
+        if self._outage.since is not None:
+            self._outage.recovered()
+
+    def _unavailable(self, exc: RemoteConnectionError, offline: Optional[Callable[[], Any]]) -> Any:
+        self._outage.failed(exc)
+        if offline is None or self.on_error == "raise":
+            raise exc
+        return offline()
 
     # -- information ---------------------------------------------------------
 
@@ -335,13 +521,23 @@ class SshCache(BaseCache):
                 the handshake, without a round trip.
         """
         if refresh:
-            return dict(self._request("info"))
-        return dict(self._connection().hello.info)
+            info = dict(self._request("info"))
+        else:
+            info = dict(self._connection().hello.info)
+        info["login_noise"] = self.login_noise.decode("utf-8", "replace")
+        return info
 
     @property
     def read_only(self) -> bool:
-        """Whether writes are refused; known from the handshake, no round trip."""
-        return self._local_read_only or bool(self._connection().hello.info.get("read_only"))
+        """Whether writes are refused; known from the handshake, no round trip.
+        With ``on_error = "warn"``, an unreachable remote counts as writable
+        (a save to it then raises, rather than being skipped)."""
+        if self._local_read_only:
+            return True
+        try:
+            return bool(self._connection().hello.info.get("read_only"))
+        except RemoteConnectionError as exc:
+            return bool(self._unavailable(exc, lambda: False))
 
     @property
     def login_noise(self) -> bytes:
@@ -349,6 +545,16 @@ class SshCache(BaseCache):
         conn = self._connection()
         conn.hello  # noqa: B018 - the noise is known once the banner is in
         return conn.noise
+
+    @property
+    def bootstrap_status(self) -> Optional[str]:
+        """How the server was started: ``"installed"`` (the remote's own
+        fleche_remote), ``"cached"`` (code sent earlier, found by hash),
+        ``"sent"`` (code sent now), or ``None`` (``bootstrap = "never"``,
+        or not over ssh). Waits for the handshake."""
+        conn = self._connection()
+        conn.hello  # noqa: B018 - the status line comes before the banner
+        return getattr(conn.transport, "status", None)
 
     @property
     def request_count(self) -> int:
@@ -392,12 +598,15 @@ class SshCache(BaseCache):
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
         if not keys:
             return []
-        records = list(self._request("load_records", {"keys": [str(k) for k in keys]}))
+        args = {"keys": [str(k) for k in keys]}
+        records = list(self._request("load_records", args, offline=lambda: [None] * len(keys)))
         return records if self.signer is None else self.signer.open_records(records, self._where, keys)
 
     def load_blob(self, value_digest: str) -> Blob:
         consume = progress.downloads(_spool, self.progress, self.host)
-        blob: Blob = self._request("load_blob", {"digest": str(value_digest)}, consume=consume)
+        blob: Blob = self._request(
+            "load_blob", {"digest": str(value_digest)}, consume=consume, offline=_absent(value_digest)
+        )
         return blob if self.signer is None else self.signer.open_blob(blob, value_digest, self._where)
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
@@ -407,7 +616,9 @@ class SshCache(BaseCache):
             return []
         args = {"digests": [str(d) for d in value_digests]}
         consume = progress.downloads(_unpack_blobs, self.progress, self.host)
-        blobs: List[Optional[Blob]] = self._request("load_blobs", args, consume=consume)
+        blobs: List[Optional[Blob]] = self._request(
+            "load_blobs", args, consume=consume, offline=lambda: [None] * len(value_digests)
+        )
         return blobs if self.signer is None else self.signer.open_blobs(blobs, value_digests, self._where)
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
@@ -420,13 +631,19 @@ class SshCache(BaseCache):
             return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
 
         with_bar = progress.downloads(consume, self.progress, self.host)
-        entries = self._request("load_entries", {"keys": [str(k) for k in keys]}, consume=with_bar)
+        entries = self._request(
+            "load_entries",
+            {"keys": [str(k) for k in keys]},
+            consume=with_bar,
+            offline=lambda: [None] * len(keys),
+        )
         return entries if self.signer is None else self.signer.open_entries(entries, self._where, keys)  # type: ignore[no-any-return]
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
             return []
-        return list(self._request("contains_many", {"keys": [str(k) for k in keys]}))
+        args = {"keys": [str(k) for k in keys]}
+        return list(self._request("contains_many", args, offline=lambda: [False] * len(keys)))
 
     def evict(self, key: str) -> None:
         if self._local_read_only or self._known_read_only():
@@ -434,7 +651,7 @@ class SshCache(BaseCache):
         self._request("evict", {"key": str(key)})
 
     def expand(self, short_key: str) -> Digest:
-        return Digest(self._request("expand", {"prefix": str(short_key)}))
+        return Digest(self._request("expand", {"prefix": str(short_key)}, offline=_absent(short_key)))
 
     def query_records(
         self,
@@ -452,11 +669,20 @@ class SshCache(BaseCache):
             "page": QUERY_PAGE,
             "window": QUERY_WINDOW,
         }
-        conn = self._connection()
-        exchange = conn.exchange("query_records", args)
+        try:
+            conn = self._connection()
+            exchange = conn.exchange("query_records", args)
+        except RemoteConnectionError as exc:
+            self._unavailable(exc, lambda: None)  # offline: no records
+            return
         with exchange:
             while True:
-                message = exchange.first()
+                try:
+                    message = exchange.first()
+                except RemoteConnectionError as exc:
+                    self._unavailable(exc, lambda: None)  # offline: the records so far
+                    return
+                self._used()
                 if message.more:
                     conn.send_one_way("credit", {"id": exchange.pending.rid, "n": 1})
                 if self.signer is None:
@@ -474,7 +700,10 @@ class SshCache(BaseCache):
     def _known_read_only(self) -> bool:
         """Read-only as the server said, if it has said yet: a first save
         does not wait for the handshake (the server refuses it anyway)."""
-        conn = self._connection()
+        try:
+            conn = self._connection()
+        except RemoteConnectionError:
+            return False  # the write itself says what is wrong
         return conn.hello_received and bool(conn.hello.info.get("read_only"))
 
     # -- one-round-trip overrides ---------------------------------------------
@@ -484,14 +713,24 @@ class SshCache(BaseCache):
         trip; an array streams straight into its final buffer."""
         decode = _decode_first if self.signer is None else self.signer.stream_decoder(self._where, key=key)
         consume = progress.downloads(decode, self.progress, self.host)
-        return self._request("load_value", {"key": str(key)}, consume=consume)
+        return self._request("load_value", {"key": str(key)}, consume=consume, offline=_absent(key))
 
     def fetch_result(self, value_digest: str) -> Any:
         decode: Callable[..., Any] = _decode_first
         if self.signer is not None:
             decode = self.signer.stream_decoder(self._where, digest=value_digest)
         consume = progress.downloads(decode, self.progress, self.host)
-        return self._request("load_blob", {"digest": str(value_digest)}, consume=consume)
+        args = {"digest": str(value_digest)}
+        return self._request("load_blob", args, consume=consume, offline=_absent(value_digest))
+
+
+def _absent(key: str) -> Callable[[], Any]:
+    """The offline answer of a lookup that raises on a miss."""
+
+    def raise_missing() -> Any:
+        raise KeyError(key)
+
+    return raise_missing
 
 
 #: Records per query page, and pages the server may send ahead of us.

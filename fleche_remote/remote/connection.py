@@ -202,6 +202,9 @@ class Connection:
         diagnose_startup: turns (exit code, stderr lines) of a peer that
             died before its banner into a helpful message.
         on_hello: called once with the server's ``Hello`` (version checks).
+        on_noise: called once with what a login shell printed before the
+            banner, if anything (the owner decides how loudly to report
+            it); without it, the noise is logged at INFO.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class Connection:
         connect_timeout: float,
         diagnose_startup: Optional[Callable[[Optional[int], List[str]], str]] = None,
         on_hello: Optional[Callable[[Hello], None]] = None,
+        on_noise: Optional[Callable[[bytes], None]] = None,
     ) -> None:
         self.transport = transport
         self.target = target
@@ -220,6 +224,7 @@ class Connection:
         self.connect_timeout = connect_timeout
         self._diagnose_startup = diagnose_startup
         self._on_hello = on_hello
+        self._on_noise = on_noise
         self._decoder = FrameDecoder()
         self._scanner: Optional[BannerScanner] = BannerScanner()
         self._started = time.monotonic()
@@ -284,6 +289,11 @@ class Connection:
     def hello_received(self) -> bool:
         return self._hello is not None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose answers are not all read yet."""
+        return len(self._pending)
+
     def _take_banner(self, data: bytes) -> bytes:
         """Feed bytes before the banner; returns what follows it, once found."""
         assert self._scanner is not None
@@ -295,8 +305,10 @@ class Connection:
             return b""
         self.noise, version, rest = found
         self._scanner = None
-        if self.noise:
-            log.warning(
+        if self.noise and self._on_noise is not None:
+            self._on_noise(self.noise)
+        elif self.noise:
+            log.info(
                 "skipped %d bytes of login output from %s: %s",
                 len(self.noise),
                 self.target,

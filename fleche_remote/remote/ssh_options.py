@@ -14,6 +14,20 @@ config files, and ``ssh -G -F none`` the one with no config files at all.
 Any ``-c`` or ``Ciphers`` in the user's options, or a cipher list that
 differs (a site policy in ``/etc/ssh/ssh_config``, say), and we pass
 nothing. The answer is cached per (ssh, options, host) for the process.
+
+Time-outs follow the same rule. OpenSSH waits for the operating system's
+TCP time-out (a minute or more) on a host that accepts the connection and
+never speaks, and never notices a link that died once connected. So unless
+the user's options or config set them, we pass ``ConnectTimeout=10``
+(covers the TCP connect and ssh's own handshake, not the authentication, so
+a 2FA prompt keeps all the time it needs) and ``ServerAliveInterval=5`` x
+``ServerAliveCountMax=3``: a silent host fails in about 10 s, a dead link
+in about 15 s. They go after the user's options, because ssh keeps the
+first value it is given: the user's own ``-o`` always wins.
+
+Whether a reconnection could prompt (a password, a 2FA code) is asked of
+ssh the same way: ``BatchMode yes`` in the effective configuration, or a
+live ``ControlMaster`` socket (``ssh -O check``), means it cannot.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ import functools
 import logging
 import subprocess
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger("fleche_remote.ssh")
 
@@ -63,7 +77,17 @@ def _user_names_cipher(options: Sequence[str]) -> bool:
     return False
 
 
-def _ciphers(argv: Sequence[str]) -> Optional[str]:
+#: The time-outs we pass when the user's ssh configuration leaves them at
+#: OpenSSH's defaults: (``ssh -G`` key, option name, our value).
+DEFAULT_TIMEOUTS: Tuple[Tuple[str, str, str], ...] = (
+    ("connecttimeout", "ConnectTimeout", "10"),
+    ("serveraliveinterval", "ServerAliveInterval", "5"),
+    ("serveralivecountmax", "ServerAliveCountMax", "3"),
+)
+
+
+def _ssh_config(argv: Sequence[str]) -> Optional[Dict[str, str]]:
+    """What ``ssh -G ...`` prints, as {lower-case key: value}; None if it fails."""
     try:
         done = subprocess.run(
             list(argv), capture_output=True, text=True, timeout=_PROBE_TIMEOUT, stdin=subprocess.DEVNULL
@@ -72,22 +96,37 @@ def _ciphers(argv: Sequence[str]) -> Optional[str]:
         return None
     if done.returncode != 0:
         return None
+    config: Dict[str, str] = {}
     for line in done.stdout.splitlines():
         key, _, value = line.partition(" ")
-        if key.lower() == "ciphers":
-            return value.strip()
-    return None
+        config.setdefault(key.lower(), value.strip())
+    return config
+
+
+@functools.lru_cache(maxsize=64)
+def _configs(
+    ssh: str, options: Tuple[str, ...], host: str
+) -> Tuple[Optional[Mapping[str, str]], Optional[Mapping[str, str]]]:
+    """The effective configuration for ``host`` with the user's options and
+    files, and OpenSSH's own defaults (no files, no options). ``BatchMode
+    yes`` changes a default (ServerAliveInterval becomes 300), so the
+    defaults are taken with the same BatchMode."""
+    configured = _ssh_config([ssh, "-G", *options, host])
+    batch = ["-o", "BatchMode=yes"] if configured and configured.get("batchmode") == "yes" else []
+    return configured, _ssh_config([ssh, "-G", "-F", "none", *batch, host])
 
 
 @functools.lru_cache(maxsize=64)
 def _probe(ssh: str, options: Tuple[str, ...], host: str) -> Tuple[str, ...]:
     if _user_names_cipher(options) or not cpu_has_aes():
         return ()
-    configured = _ciphers([ssh, "-G", *options, host])
-    default = _ciphers([ssh, "-G", "-F", "none", host])
-    if configured is None or default is None or configured != default:
+    configured, default = _configs(ssh, options, host)
+    if configured is None or default is None:
         return ()
-    if "aes128-gcm@openssh.com" not in configured.split(","):
+    ciphers = configured.get("ciphers")
+    if ciphers is None or ciphers != default.get("ciphers"):
+        return ()
+    if "aes128-gcm@openssh.com" not in ciphers.split(","):
         return ()  # this ssh was built without it
     log.debug("ssh for %s: no cipher configured, asking for %s", host, FAST_CIPHERS)
     return ("-c", FAST_CIPHERS)
@@ -97,3 +136,42 @@ def fast_cipher_options(ssh: str, options: Sequence[str], host: str) -> Tuple[st
     """``("-c", FAST_CIPHERS)`` when the user has not chosen a cipher and the
     CPU has AES instructions; ``()`` otherwise (see the module notes)."""
     return _probe(ssh, tuple(options), host)
+
+
+def timeout_options(ssh: str, options: Sequence[str], host: str) -> Tuple[str, ...]:
+    """``-o ConnectTimeout=10`` and the ServerAlive pair, each only where the
+    user's options and ssh config leave it at OpenSSH's default; ``()`` when
+    ssh cannot say (see the module notes). Meant to follow the user's
+    options on the command line."""
+    configured, default = _configs(ssh, tuple(options), host)
+    if configured is None or default is None:
+        return ()
+    extra: Tuple[str, ...] = ()
+    for key, name, value in DEFAULT_TIMEOUTS:
+        if configured.get(key) == default.get(key):
+            extra += ("-o", f"{name}={value}")
+    return extra
+
+
+def connection_needs_no_prompt(ssh: str, options: Sequence[str], host: str) -> bool:
+    """Whether ssh can connect to ``host`` without asking anybody anything:
+    ``BatchMode yes`` in the effective configuration, or a live
+    ControlMaster socket to reuse. Only then may a connection be reopened
+    unasked (a prompt that nobody answers hangs, or locks an account)."""
+    configured, _ = _configs(ssh, tuple(options), host)
+    if configured is None:
+        return False
+    if configured.get("batchmode") == "yes":
+        return True
+    if configured.get("controlpath", "none") == "none":
+        return False
+    try:
+        done = subprocess.run(
+            [ssh, *options, "-O", "check", host],
+            capture_output=True,
+            timeout=_PROBE_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0

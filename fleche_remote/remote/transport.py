@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable, Deque, List, Optional, Protocol, Sequence, Tuple, Union
 
 from ..errors import RemoteConnectionError
@@ -165,6 +166,29 @@ class FdTransport:
                 return 0
             raise
 
+    def _drain(self, deadline: float) -> bool:
+        """Read and drop what the peer still sends, until it ends its output
+        (True) or ``deadline`` (``time.monotonic()``) passes (False).
+
+        Used on close: a peer blocked writing a value nobody reads (after
+        Ctrl-C, say) cannot notice the end of its input and exit; once its
+        writes go through, it does, in a fraction of a second.
+        """
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([self._rfd], [], [], remaining)
+            if not ready:
+                return False
+            try:
+                if not os.read(self._rfd, _READ_SIZE):
+                    return True
+            except BlockingIOError:
+                continue
+            except OSError:
+                return True
+
     def _close_fds(self) -> None:
         for fd in (self._wfd, self._rfd):
             try:
@@ -236,15 +260,20 @@ class SubprocessTransport(FdTransport):
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + grace
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.close()  # EOF: the server finishes and exits
         except OSError:
             pass
         try:
-            self.proc.wait(grace)
+            self._drain(deadline)  # a server stuck writing to us can't see the EOF
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._kill()
+        except BaseException:  # Ctrl-C while closing: don't leave the child behind
+            self._kill()
+            raise
         try:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
@@ -321,6 +350,7 @@ class PipeTransport(FdTransport):
             os.close(self._wfd)
         except OSError:
             pass
+        self._drain(time.monotonic() + 5)  # unblocks a server thread writing to us
         self._thread.join(5)
         try:
             os.close(self._rfd)
