@@ -14,7 +14,10 @@ The store is the ``sql`` template: call records, and every value up to
 32 KiB, in one SQLite file (``calls.db``), bigger values as files under
 ``values/``. That is the fast local layout (one file, not one per result,
 for small values; native SQL queries by argument), and it needs nothing
-beyond the standard library.
+beyond the standard library. Where that directory is on a network or
+parallel file system (an NFS home on a cluster), SQLite's locking is not
+safe and the SQLite store refuses it, so the built-in cache is then plain
+files (the ``cloudpickle`` template), which are safe there.
 
 Any fleche.toml that is found wins, whole: the built-in table is used
 only when discovery found no file at all.
@@ -26,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from .storage._fs import network_mount
 
 #: The name the built-in cache goes by (``load_cache("local")``, ``fleche-remote ls local``).
 BUILTIN_NAME = "local"
@@ -49,7 +54,8 @@ def user_cache_dir(home: Optional[Path] = None) -> Path:
 def builtin_tables(root: Optional[Path] = None) -> Dict[str, Any]:
     """The fleche.toml tables in effect when no file was found."""
     root = user_cache_dir() if root is None else root
+    template = "cloudpickle" if network_mount(root) is not None else "sql"
     return {
         "default": {"cache": BUILTIN_NAME},
-        BUILTIN_NAME: {"template": "sql", "root": str(root)},
+        BUILTIN_NAME: {"template": template, "root": str(root)},
     }

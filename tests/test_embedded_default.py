@@ -118,3 +118,28 @@ def test_platform_cache_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert user_cache_dir(tmp_path) == tmp_path / ".cache" / "fleche-remote"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert user_cache_dir(tmp_path) == tmp_path / "x" / "fleche-remote"
+
+
+def test_on_a_network_file_system_the_builtin_cache_is_plain_files(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite is not safe on NFS (and its store refuses it): a cluster's NFS
+    home gets the file template, which is."""
+    from fleche_remote.config import builtin_config, cache_to_config, load_cache
+    from fleche_remote.storage._fs import ENV_MOUNT_TABLE
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nfiler:/home {home} nfs4 rw 0 0\n")
+    monkeypatch.setenv(ENV_MOUNT_TABLE, str(mounts))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    config = builtin_config()
+    assert config["local"] == {"template": "cloudpickle", "root": str(home / ".cache" / "fleche-remote")}
+    cache = load_cache(config=config)
+    assert cache_to_config(cache)["calls"] == {
+        "type": "cloudpickle",
+        "root": str(home / ".cache" / "fleche-remote" / "calls"),
+    }
+    cache.close()
+    monkeypatch.setenv(ENV_MOUNT_TABLE, str(tmp_path / "no-such-table"))
+    assert builtin_config()["local"]["template"] == "sql"
