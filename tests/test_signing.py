@@ -399,3 +399,26 @@ def test_fleche_remote_config_prints_no_key(tmp_path: Path, capsys: pytest.Captu
     assert main(["config", "--config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert KEY not in printed and "secret_key" in printed and "***" in printed
+
+
+def test_pull_signs_an_existing_cache_into_a_signed_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleche_remote.cli import main
+    from fleche_remote.config import load_cache, load_config
+
+    path = tmp_path / "fleche.toml"
+    path.write_text(
+        '[old]\ntemplate = "cloudpickle"\nroot = "old"\n\n'
+        f'[new]\ntemplate = "cloudpickle"\nroot = "new"\nsecret_key = "{KEY}"\n'
+    )
+    config = load_config(path)
+    old = load_cache("old", config=config)
+    keys = old.save_many([Call(NAME, {"x": i}, np.arange(i + 1)) for i in range(3)])
+    with pytest.raises(SignatureError):  # the signed view of the old files refuses them
+        Cache(old.values, old.calls, secret_key=KEY).load_value(keys[0])
+    assert main(["pull", "--config", str(path), "old", "new"]) == 0
+    new = load_cache("new", config=config)
+    assert new.signer is not None
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(new.load_value(key), np.arange(i + 1))
