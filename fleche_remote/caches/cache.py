@@ -20,6 +20,7 @@ need not know.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import CallRecord
@@ -97,11 +98,14 @@ class Cache(BaseCache):
         path_of = getattr(store, "_path", None)
         if callable(path_of):
             try:
-                return str(path_of(ident))
+                path = path_of(ident)
+                if what == "call" or self._inline is None or os.path.exists(path):
+                    return str(path)
             except Exception:  # a digest the store would not file: fall back to the table
                 pass
-        inline = " (or inline in the call store)" if what == "value" and self._inline is not None else ""
-        return f"{what}s store {redact(store.to_config())}{inline}"
+        if what == "value" and self._inline is not None and self._inline.get_blobs([ident])[0] is not None:
+            return f"the calls store {redact(self.calls.to_config())} (inline)"
+        return f"{what}s store {redact(store.to_config())}"
 
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
         if self._read_only:
