@@ -108,7 +108,7 @@ STUB_ERROR_PREFIX = "fleche-remote bootstrap:"
 #: Import names the server may need, and the distribution (and extra of
 #: fleche-remote) that provides each.
 PACKAGES: Dict[str, Tuple[str, Optional[str]]] = {
-    "sqlalchemy": ("SQLAlchemy", "sql"),
+    "sqlalchemy": ("SQLAlchemy", "postgres"),  # SQLite needs only the standard library
     "psycopg": ("psycopg[binary]", "postgres"),
     "h5py": ("h5py", "hdf5"),
     "numpy": ("numpy", "numpy"),
