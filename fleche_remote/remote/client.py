@@ -434,8 +434,8 @@ class SshCache(BaseCache):
         with self._conn_lock:
             if self._conn is not conn or conn.broken is not None:
                 return True
-            if self.idle_timeout is None or conn.in_flight:
-                return False
+            if self.idle_timeout is None or conn.in_flight or not conn.hello_received:
+                return False  # busy, or still logging in
             if time.monotonic() - self._last_used < self.idle_timeout:
                 return False
             log.debug("%r: closing the connection after %g s idle", self, self.idle_timeout)

@@ -125,10 +125,8 @@ class Outage:
         """Record a connection failure; the first of an outage is reported."""
         with self._lock:
             first = self.since is None
-            now = time.monotonic()
-            if first:
-                self.since = now
-            self._last_attempt = now
+            if first:  # the retry clock starts here (calls refused meanwhile don't reset it)
+                self.since = self._last_attempt = time.monotonic()
             self.last_error = exc
         if not first:
             return
