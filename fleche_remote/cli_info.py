@@ -363,6 +363,8 @@ def _check_latency(layer: Any, report: Report) -> None:
 
 
 def _stream(layer: Any, remote: str, send: int, receive: int) -> Optional[float]:
+    from .remote.protocol import MAGIC
+
     """Seconds to move ``send`` bytes up or ``receive`` bytes down through the
     layer's ssh, timed from the remote's ready mark; None when the remote
     never printed it (a forced command ran instead)."""
@@ -381,7 +383,10 @@ def _stream(layer: Any, remote: str, send: int, receive: int) -> Optional[float]
             data = proc.stdout.read1(65536)  # type: ignore[attr-defined]
             if not data:
                 return None
-            seen = (seen + data)[-4096:]
+            # keep what may hold a mark split across reads, not the noise before it
+            seen = seen[-len(_READY_MARK) :] + data
+            if MAGIC in seen:  # a forced command started the server instead
+                return None
         started = time.perf_counter()
         got = len(seen.split(_READY_MARK, 1)[1])
         if send:
