@@ -188,6 +188,14 @@ class FileValueStore(_FileRoot, ValueStore):
         root: directory (created on first write).
         compress: gzip the body (level 1: cheap, and most of the win for
             the redundant data scientists store).
+        type_name: the ``values.type`` it was built as ("pickle" or
+            "cloudpickle": the same files), kept for ``to_config``.
+        fs: ``shared`` (file and directory modes) and ``allow_network_fs``
+            (accepted, and not needed here); see :mod:`._fs`.
+
+    Raises:
+        PermissionError: this user may not read the cache's directory or
+            a file in it; the message names which, and the fix.
     """
 
     @classmethod
@@ -295,7 +303,10 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
 
 
 class FileCallStore(_FileRoot, CallStore):
-    """Call records as small files, decoded with the restricted decoder."""
+    """Call records as small files, decoded with the restricted decoder.
+
+    Takes the arguments of :class:`FileValueStore` and raises as it does.
+    """
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> FileCallStore:
