@@ -13,7 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
-from .digest import DIGEST_SCHEME_NAME, Digest, call_digest, call_digest_from_arg_digests, digest_of
+from .digest import (
+    DIGEST_SCHEME_NAME,
+    Digest,
+    call_digest,
+    call_digest_from_arg_digests,
+    digest_of,
+    normalize_version,
+)
 from .plain import check_plain, register_plain
 
 if TYPE_CHECKING:
@@ -93,7 +100,7 @@ def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
     return CallRecord(
         key=str(call_digest_from_arg_digests(call.name, arg_digests, call.version)),
         name=call.name,
-        version=call.version,
+        version=normalize_version(call.version),  # an int version is stored as its text
         arguments=cloudpickle.dumps(arguments, protocol=4),
         arg_digests=arg_digests,
         metadata=metadata,

@@ -67,3 +67,16 @@ def test_an_int_version_round_trips_as_its_string(store: str, tmp_path: Path) ->
     # the key rebuilt from what the store gives back is the key it is filed under
     assert Call(lazy.name, dict(lazy.arguments), version=lazy.version).key() == lazy.key == v2.key(1)
     cache.close()
+
+
+def test_a_call_saved_with_an_int_version_reads_back_the_same_on_every_store(tmp_path: Path) -> None:
+    caches: List[Any] = [
+        Cache(MemoryValueStore(), MemoryCallStore()),
+        cache_from_config({"template": "sql", "root": str(tmp_path / "sql")}),
+        cache_from_config({"template": "hdf5", "root": str(tmp_path / "h5")}),
+    ]
+    for cache in caches:
+        key = cache.save(Call("m.f", {"x": 1}, 10, version=2))
+        assert key == Call("m.f", {"x": 1}, version="2").key()
+        assert cache.load(key).version == "2", cache
+        cache.close()
