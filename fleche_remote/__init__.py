@@ -17,7 +17,7 @@ from .cached import cached
 from .caches import BaseCache, Cache, CacheStack
 from .caches.writebehind import WriteBehind
 from .call import Call, CallRecord, LazyCall
-from .digest import Digest, UnstableDigestWarning, digest_of
+from .digest import BulkHashUnavailable, Digest, UnstableDigestWarning, digest_of
 from .errors import (
     AmbiguousDigestError,
     ConfigError,
@@ -41,12 +41,14 @@ _LAZY = {
     "cache_to_config": "fleche_remote.config",
     "load_cache": "fleche_remote.config",
     "redact": "fleche_remote.config",
+    "SignatureError": "fleche_remote.signing",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import cache_from_config, cache_to_config, load_cache, load_config, redact
     from .remote.client import SshCache
     from .remote.server import serve
+    from .signing import SignatureError
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +65,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AmbiguousDigestError",
     "BaseCache",
+    "BulkHashUnavailable",
     "Cache",
     "CacheStack",
     "Call",
@@ -77,6 +80,7 @@ __all__ = [
     "Rejected",
     "RemoteConnectionError",
     "RemoteError",
+    "SignatureError",
     "SshCache",
     "StorageError",
     "UnstableDigestWarning",
