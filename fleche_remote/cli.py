@@ -56,6 +56,7 @@ COMMAND_MODULES: Sequence[str] = (
     "fleche_remote.cli_copy",
     "fleche_remote.cli_demo",
     "fleche_remote.migrate",
+    "fleche_remote.remote.install",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_HELP = "read this file instead of discovering fleche.toml files"
