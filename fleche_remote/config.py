@@ -481,9 +481,15 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
     same name while the files are unchanged returns the same object, so
     one process keeps one connection per remote.
 
-    When discovery found no file at all, the built-in default applies
-    (:func:`builtin_config`: a cache named ``local`` in the user cache
-    directory), and the first use in a process says so at INFO level.
+    When this call discovers the files itself (no ``config``) and finds
+    none at all, the built-in default applies (:func:`builtin_config`: a
+    cache named ``local`` in the user cache directory), and the first use
+    in a process says so at INFO level. That is ``@cached``'s path. A
+    caller that passes a discovered :class:`Config` with no files gets the
+    "no fleche.toml found" error instead, so a server started where no
+    fleche.toml is (a wrong ``workdir``, most likely) says so rather than
+    quietly filling a cache nobody configured; such a caller may pass
+    ``builtin_config(config.searched)`` to choose the default itself.
 
     Args:
         name: a top-level table; None means ``[default] cache`` (a name,
@@ -495,9 +501,10 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
         The built cache.
 
     Raises:
-        ConfigError: no default is set, ``name`` is not a table (the
-            message lists the ones there are, and every path looked at
-            when no file was found), or the table is malformed.
+        ConfigError: a given discovered ``config`` found no file (the
+            message lists every path looked at), no default is set,
+            ``name`` is not a table (the message lists the ones there
+            are), or the table is malformed.
     """
     remember = config is None
     if config is None:
@@ -507,6 +514,9 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
     else:
         cfg = Config(config, {})
     if not cfg.files and cfg.searched and not cfg.builtin:
+        if not remember:
+            looked = ", ".join(str(p) for p in cfg.searched)
+            raise ConfigError(f"no fleche.toml found; looked at: {looked}")
         cfg = builtin_config(cfg.searched, cfg.ignored)
     if cfg.builtin:
         _announce_builtin(cfg)

@@ -17,6 +17,7 @@ from fleche_remote.caches import BaseCache
 from fleche_remote.caches.void import VoidCache
 from fleche_remote.config import (
     Config,
+    builtin_config,
     cache_from_config,
     cache_to_config,
     candidate_paths,
@@ -360,6 +361,13 @@ def test_no_config_found_lists_every_path_looked_at(home: Path, monkeypatch: pyt
         load_cache("results")
     for path in candidate_paths(deep):
         assert str(path) in str(info.value)
+    # a caller that discovered the files itself (the server) decides: no file is an error...
+    discovered = load_config()
+    with pytest.raises(ConfigError, match=r"no fleche\.toml found; looked at") as info:
+        load_cache(config=discovered)
+    assert str(deep / "fleche.toml") in str(info.value)
+    # ...unless it asks for the built-in default
+    assert cache_to_config(load_cache(config=builtin_config(discovered.searched))) == builtin
 
 
 def test_unknown_name_lists_the_available_ones(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
