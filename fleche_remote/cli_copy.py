@@ -47,6 +47,10 @@ BATCH_KEYS = 256
 BATCH_BYTES = 256 << 20
 
 
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
 def _batches(records: List[CallRecord]) -> List[List[CallRecord]]:
     out: List[List[CallRecord]] = []
     batch: List[CallRecord] = []
@@ -107,13 +111,13 @@ def cmd_copy(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     elif args.dry_run:
         out.write(
-            f"would copy {len(todo)} of {len(selected)} entries ({human_bytes(total)}) "
+            f"would copy {len(todo)} of {_entries(len(selected))} ({human_bytes(total)}) "
             f"from {src.label} to {dst.label}; {len(selected) - len(todo)} already there\n"
         )
     else:
         rate = f", {human_bytes(moved / elapsed)}/s" if moved and elapsed > 0 else ""
         out.write(
-            f"copied {copied} entries ({human_bytes(moved)}) from {src.label} to {dst.label} "
+            f"copied {_entries(copied)} ({human_bytes(moved)}) from {src.label} to {dst.label} "
             f"in {elapsed:.2f} s{rate}; {len(selected) - len(todo)} already there"
             + (f"; {missing} listed without a value in the source, skipped" if missing else "")
             + "\n"

@@ -203,7 +203,7 @@ def test_push_into_a_stack_layer_with_a_progress_bar(world) -> None:
     mirror.close()
     done = world.run("push", "mirror", "shared:1", "--progress")
     assert done.returncode == 0, done.stderr
-    assert "copied 1 entries (9.0 MiB)" in done.stdout
+    assert "copied 1 entry (9.0 MiB)" in done.stdout
     assert "copy" in done.stderr and "100%" in done.stderr  # tqdm drew the bar on stderr
     assert world.cluster_cache().load_value(big) == bytes(9 << 20)
     refused = world.run("push", "mirror", "ro")

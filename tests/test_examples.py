@@ -19,6 +19,30 @@ STORY = {
         "read-only: True; reads work: True",
         "evict refused",
     ],
+    "sweep_with_map.py": [
+        "200 points in",
+        "computed 200, requests to the cluster so far: 1",  # one lookup for the whole sweep
+        "computed 100,",  # widened: only the new points
+        "pushed to the cluster in the background: True",
+        "computed 0, requests to the cluster so far: 1",  # another process: all hits, one batch
+        "kept locally: 300",
+    ],
+    "read_only_colleague.py": [
+        "the server says read-only: True",
+        "computed 0 time(s) here",
+        "stored on the cluster: False",
+        "alpha=0.1",
+        "save refused",
+        "evict refused (exit 1)",
+        "gc refused (exit 1)",
+    ],
+    "pull_and_push.py": [
+        "copied 1 entry (192.0 KiB) from cluster to laptop",
+        "would copy 4 of 5 entries (768.0 KiB) from cluster to laptop; 1 already there",
+        "copied 4 entries (768.0 KiB) from cluster to laptop",
+        "copied 1 entry (5 B) from laptop to cluster",
+        "the cluster holds now: ['__main__.summarize', 'work.prepare', 'work.simulate']",
+    ],
 }
 
 
