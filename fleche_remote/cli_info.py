@@ -66,6 +66,15 @@ try:
         out["config_error"] = "%s: %s" % (type(exc).__name__, exc)
 except Exception as exc:
     out["package_error"] = "%s: %s" % (type(exc).__name__, exc)
+    # no package to ask: the fleche.toml files above the working directory
+    found, d = [], os.getcwd()
+    while True:
+        if os.path.isfile(os.path.join(d, "fleche.toml")):
+            found.append(os.path.join(d, "fleche.toml"))
+        if os.path.dirname(d) == d:
+            break
+        d = os.path.dirname(d)
+    out["config_files_above"] = found
 print("FLECHE-DOCTOR " + json.dumps(out))
 """
 
@@ -240,22 +249,29 @@ def _probe(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
     return probe
 
 
-def _check_package(probe: Optional[Dict[str, Any]], info: Optional[Dict[str, Any]], report: Report) -> None:
+def _check_package(
+    layer: Any, probe: Optional[Dict[str, Any]], info: Optional[Dict[str, Any]], report: Report
+) -> None:
     from . import __version__
 
-    boot = (info or {}).get("bootstrap")
+    # the server's own word on how it runs, when it gives one; else the layer's setting
+    boot = (info or {}).get("bootstrap") or getattr(layer, "bootstrap", None)
+    mode = f"; bootstrap = {boot}" if boot else ""
     if probe is not None and "package" in probe:
         same = probe["package"] == __version__
+        shipped = not same and info is not None and boot not in (None, "never")
         report.add(
-            "ok" if same else "warn",
+            "ok" if same or shipped else "warn",
             "package",
-            f"fleche-remote {probe['package']} at {probe['package_file']} (this client: {__version__})",
-            "" if same else f"pip install 'fleche-remote=={__version__}' there (or let bootstrap ship it)",
+            f"fleche-remote {probe['package']} at {probe['package_file']} (this client: {__version__}{mode})"
+            + ("; the server runs the code this client sent" if shipped else ""),
+            ""
+            if same or shipped
+            else f"pip install 'fleche-remote=={__version__}' there, or set bootstrap = 'auto'",
         )
     elif probe is not None:
         if info is not None:
-            how = f" ({boot})" if boot else ""
-            report.add("ok", "package", f"not installed; the server runs the code this client sent{how}")
+            report.add("ok", "package", f"not installed; the server runs the code this client sent{mode}")
         else:
             report.add(
                 "fail",
@@ -287,6 +303,9 @@ def _check_config(probe: Optional[Dict[str, Any]], info: Optional[Dict[str, Any]
             f"none found from {cwd} (looked at {searched})",
             "put a fleche.toml in the remote workdir (or set workdir = to where it is)",
         )
+    elif (probe or {}).get("config_files_above"):
+        above = ", ".join(probe["config_files_above"])  # type: ignore[index]
+        report.add("ok", "fleche.toml", f"{above} (above {cwd}; the closest one wins)")
     elif probe is not None and "config_error" in probe:
         report.add(
             "fail", "fleche.toml", probe["config_error"], "fix the remote's fleche.toml (see the error)"
@@ -432,7 +451,7 @@ def _doctor_layer(layer: Any, args: argparse.Namespace, report: Report) -> None:
     if probe is None and report.results and report.results[-1]["status"] == "fail":
         return
     info = _connect(layer, report)
-    _check_package(probe, info, report)
+    _check_package(layer, probe, info, report)
     _check_config(probe, info, report)
     if info is None:
         return

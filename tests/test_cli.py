@@ -281,3 +281,34 @@ def test_main_in_process_returns_exit_codes(world, capsys, monkeypatch) -> None:
     assert capsys.readouterr().out.split() == ["KEY", "NAME", "ARGUMENTS", "SIZE", "AGE"]
     assert main(["show", "abc", "mirror"]) == 1
     assert "nothing stored under abc" in capsys.readouterr().err
+
+
+def test_doctor_against_a_bare_python_reports_the_bootstrap(tmp_path) -> None:
+    """A remote with nothing but CPython 3.9: the package check says the
+    server runs the code the client sent, and fleche.toml is still found."""
+    import glob
+    import os
+    import shlex
+    import subprocess
+
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9.*/bin/python3.9")))
+    if not found:
+        pytest.fail("no pyenv Python 3.9 (~/.pyenv/versions/3.9.*) for the zero-install doctor test")
+    (tmp_path / "fleche.toml").write_text(
+        '[default]\ncache = "r"\nroot = true\n[r]\ntemplate = "pickle"\nroot = "c"\n'
+    )
+    with private_sshd(env={"PYTHONPATH": None}) as bare:
+        options = " ".join(shlex.quote(o) for o in bare.ssh_options)
+        argv = [sys.executable, "-m", "fleche_remote", "doctor", bare.host, "--python", found[-1]]
+        argv += ["--workdir", str(tmp_path), "--bytes", "0", "--ssh-options", options]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Python 3.9." in done.stdout
+    assert "not installed; the server runs the code this client sent; bootstrap = auto" in done.stdout
+    assert f"ok    fleche.toml  {tmp_path / 'fleche.toml'}" in done.stdout
