@@ -94,6 +94,12 @@ def test_ls_names_match_unqualified_and_filters_combine(world) -> None:
     assert [row[0] for row in _rows("\n" + done.stdout)] == [world.keys["work.simulate(2)"][:12]]
     done = world.call("ls", "cluster", "--name", "imulate", "--no-header")
     assert done.stdout == ""  # a name matches whole dotted parts only
+    recent = world.call("ls", "cluster", "--since", "1h", "--no-header")  # saved "in 2033": recent
+    assert sorted(row[1] for row in _rows("\n" + recent.stdout)) == [
+        "__main__.simulate",
+        "work.other",
+        "work.trap",
+    ]
     done = world.call("ls", "cluster", "--since", "2010-01-01", "--json")
     assert sorted(e["name"] for e in json.loads(done.stdout)) == sorted(
         ["__main__.simulate", "work.other", "work.trap"]
