@@ -62,7 +62,9 @@ class World:
     keys: Dict[str, str]
     marker: Path
 
-    def run(self, *args: str, timeout: float = 120, env: Any = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, timeout: float = 120, env: Any = None, stdin: Any = subprocess.DEVNULL
+    ) -> subprocess.CompletedProcess:
         environ = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200", **(env or {}))
         return subprocess.run(
             [sys.executable, "-m", "fleche_remote", *args],
@@ -71,7 +73,7 @@ class World:
             text=True,
             timeout=timeout,
             env=environ,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
         )
 
     def call(self, *args: str) -> subprocess.CompletedProcess:

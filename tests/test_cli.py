@@ -4,6 +4,7 @@ against a private sshd that plays the cluster (see ``cli_world.py``)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Iterator
 
@@ -171,11 +172,23 @@ def test_evict_asks_for_many_and_is_refused_read_only(world) -> None:
     cluster = world.cluster_cache()
     for n in range(10):
         cluster.save(Call("work.many", {"n": n}, n))
-    done = world.call("evict", "--cache", "cluster", "--name", "many")
+    done = world.run("evict", "--cache", "cluster", "--name", "many")  # no terminal to ask on
     assert done.returncode == 2 and "pass --yes" in done.stderr
     assert len(list(cluster.query_records("work.many"))) == 10
+    for answer, code, left in ((b"n\n", 2, 10), (b"y\n", 0, 0)):  # asked on a terminal
+        master, slave = os.openpty()
+        try:
+            os.write(master, answer)
+            done = world.run("evict", "--cache", "cluster", "--name", "many", stdin=slave)
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert "evict 10 calls from cluster? [y/N]" in done.stderr
+        assert done.returncode == code and len(list(cluster.query_records("work.many"))) == left
+    for n in range(6):
+        cluster.save(Call("work.many", {"n": n}, n))
     done = world.call("evict", "--cache", "cluster", "--name", "many", "--yes")
-    assert done.returncode == 0 and "evicted 10" in done.stdout
+    assert done.returncode == 0 and "evicted 6" in done.stdout
     refused = world.run("evict", world.keys["work.other(1)"], "--cache", "ro")
     assert refused.returncode == 1 and "read-only" in refused.stderr
     assert cluster.contains(world.keys["work.other(1)"])
