@@ -41,7 +41,8 @@ before a separator, the client sends the separator, the zip and then
 again every byte it had sent before (at most :data:`REPLAY_MAX`; a bigger
 first request waits for the status line instead), so the server sees
 the requests exactly once. A first start therefore costs one round trip
-more than a cached one, plus the zip (~130 KB).
+more than a cached one, plus the zip (~230 KB) and compiling what the
+server imports (once per Python version; the ``.pyc`` files stay).
 
 The marker and the separator are derived from the code's hash, so a
 login shell's output cannot be mistaken for them, and the stub reads its
@@ -135,7 +136,7 @@ def check_mode(mode: Any) -> str:
 
 
 #: The zip is never smaller than this (the server's sources compress to
-#: ~190 KB); the stub relies on it to size its reads (see ``receive``).
+#: ~230 KB); the stub relies on it to size its reads (see ``receive``).
 MIN_ZIP = 16 << 10
 
 #: The largest zip a stub accepts: a length field beyond it is garbage.
@@ -421,8 +422,8 @@ class BootstrapTransport:
         if data is None:
             return
         if not data:  # ended before the status line: let the connection say why
-            self._eof = True
             self._ready += self._held
+            self._eof = True
             self._held.clear()
             self._resolved = True
             self._replay = None
@@ -448,11 +449,11 @@ class BootstrapTransport:
         if end < 0:
             return
         state = bytes(self._held[at + len(marker) : end]).decode("ascii", "replace")
+        # everything for the connection is in place before reads go direct
         self._ready += self._held[:at]
-        rest = bytes(self._held[end + 1 :])
+        self._ready += self._held[end + 1 :]
         self._held.clear()
         self._resolve(state)
-        self._ready += rest
 
     def _resolve(self, state: str) -> None:
         if state == "need":

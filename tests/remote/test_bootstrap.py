@@ -279,3 +279,77 @@ def test_bad_bootstrap_setting_is_a_config_error():
 
     with pytest.raises(ConfigError, match="bootstrap must be one of 'auto', 'never', 'always'"):
         SshCache.from_config({"type": "ssh", "host": "h", "bootstrap": "sometimes"})
+
+
+class _ScriptedPipe:
+    """The wrapped side of a BootstrapTransport: hands out ``incoming`` in
+    pieces of ``step`` bytes and records what is written."""
+
+    def __init__(self, incoming: bytes, step: int) -> None:
+        self.pieces = [incoming[i : i + step] for i in range(0, len(incoming), step)]
+        self.written = bytearray()
+        self.alive = True
+
+    def write(self, data: Any, timeout: float) -> None:
+        self.written += data
+
+    def read_ready(self) -> Any:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def wait_readable(self, timeout: float) -> None:
+        pass
+
+    def readinto_ready(self, into: memoryview) -> Any:
+        raise AssertionError("not used before the banner")
+
+    def close(self) -> None:
+        pass
+
+    def diagnose(self) -> Any:
+        return 0, []
+
+
+def _read_all(transport: Any) -> bytes:
+    out = bytearray()
+    while True:
+        data = transport.read(1.0)
+        if not data:
+            return bytes(out)
+        out += data
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 64, 1 << 20])
+@pytest.mark.parametrize("state", ["need", "cached", "installed"])
+def test_the_status_line_is_found_wherever_the_reads_split_it(step, state):
+    from fleche_remote.remote.bootstrap import BootstrapTransport
+    from fleche_remote.remote.protocol import BANNER
+
+    bundle = code_bundle()
+    noise, after = b"Welcome to the cluster\n", BANNER + b"frames..."
+    pipe = _ScriptedPipe(noise + bundle.marker + state.encode() + b"\n" + after, step)
+    transport = BootstrapTransport(pipe, bundle)
+    transport.write(b"first request", 1.0)  # leaves before the status is known
+    assert _read_all(transport) == noise + after  # the status line alone is taken out
+    assert transport.status == ("sent" if state == "need" else state)
+    if state == "need":  # the stub drops what came before the separator: sent again after the code
+        assert (
+            bytes(pipe.written) == b"first request" + bundle.separator + bundle.payload() + b"first request"
+        )
+    else:
+        assert bytes(pipe.written) == b"first request"
+    transport.write(b"later", 1.0)
+    assert bytes(pipe.written).endswith(b"later")
+
+
+@pytest.mark.parametrize("step", [1, 5, 1 << 20])
+def test_a_server_started_without_the_stub_passes_straight_through(step):
+    from fleche_remote.remote.bootstrap import BootstrapTransport
+    from fleche_remote.remote.protocol import BANNER
+
+    stream = b"motd\n" + BANNER + b"hello frames"
+    pipe = _ScriptedPipe(stream, step)
+    transport = BootstrapTransport(pipe, code_bundle())
+    transport.write(b"req", 1.0)
+    assert _read_all(transport) == stream
+    assert transport.status is None
+    assert bytes(pipe.written) == b"req"
