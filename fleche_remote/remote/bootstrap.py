@@ -262,6 +262,8 @@ import hashlib, re, shutil, socket, tempfile, zipfile, io, atexit
 def installed():
     try:
         import importlib.util
+        if sys.version_info < (3, 11) and importlib.util.find_spec("tomli") is None:
+            return False  # not an installed package, whose dependencies include tomli
         spec = importlib.util.find_spec("fleche_remote")
         if spec is None or not spec.origin:
             return False
