@@ -197,7 +197,7 @@ class SshCache(BaseCache):
         self._last_used = time.monotonic()
         self._idle_stop: Optional[threading.Event] = None
         self._idle_closed: Optional[Connection] = None
-        self._outage = health.Outage(repr(self), on_error, retry_after, error_callback, self._needs_no_prompt)
+        self._outage = health.Outage(repr(self), on_error, retry_after, error_callback, self._prompt_check())
 
     @property
     def on_error(self) -> str:
@@ -363,15 +363,18 @@ class SshCache(BaseCache):
                 conn = self._conn = self._open()
             return conn
 
-    def _needs_no_prompt(self) -> bool:
-        """Whether opening a connection can't ask anybody for anything."""
+    def _prompt_check(self) -> Callable[[], bool]:
+        """Whether opening a connection can't ask anybody for anything (no
+        reference to self, so that the cache is freed as soon as unused)."""
         if self.command is not None or self._transport_factory is not None:
-            return True
-        return connection_needs_no_prompt(self.ssh, self.ssh_options, self.host)
+            return lambda: True
+        ssh, options, host = self.ssh, self.ssh_options, self.host
+        return lambda: connection_needs_no_prompt(ssh, options, host)
 
     def _noise_reporter(self) -> Callable[[bytes], None]:
-        key = (self.host, self.ssh_options, tuple(self.command or ()))
-        return lambda noise: health.report_login_noise(key, self.host, noise)
+        # no reference to self: the connection outlives it in the finalizer
+        key, host = (self.host, self.ssh_options, tuple(self.command or ())), self.host
+        return lambda noise: health.report_login_noise(key, host, noise)
 
     def _open(self) -> Connection:
         if self._transport_factory is not None:

@@ -236,6 +236,8 @@ class Connection:
         self._pending: Dict[int, _Pending] = {}
         self._queued_total = 0
         self._leading = False
+        self._leader = 0  # thread ident of the leader, to spot a flag left by Ctrl-C
+        self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
         self.broken: Optional[str] = None
@@ -437,6 +439,7 @@ class Connection:
     def _wait(self, pending: Optional[_Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
         while True:
+            abandoned = False
             with self._cond:
                 while True:
                     if pending is not None and pending.frames:
@@ -444,22 +447,44 @@ class Connection:
                         size = _frame_size(frame)
                         pending.queued -= size
                         self._queued_total -= size
+                        self._last_taken = time.monotonic()
                         self._cond.notify_all()
                         return frame
                     if pending is None and self._hello is not None:
                         return None
                     if self._error is not None:
                         raise copy.copy(self._error)
+                    if self._leading and self._leader == threading.get_ident():
+                        self._leading = False  # Ctrl-C hit this thread between leading and letting go
                     if not self._leading and self._queued_total < MAX_QUEUED_BYTES:
                         self._leading = True
+                        self._leader = threading.get_ident()
+                        break
+                    if self._queue_abandoned():
+                        abandoned = True
                         break
                     self._cond.wait(_FOLLOW_SLICE)
+            if abandoned:  # outside the lock: _fail takes it
+                raise self._fail(
+                    f"replies from {self.target} filled the queue and nobody took them for "
+                    f"{self.timeout:g} s (a request abandoned mid-answer?); the connection was closed"
+                )
             try:
                 self._lead(pending)
             finally:
                 with self._cond:
                     self._leading = False
                     self._cond.notify_all()
+
+    def _queue_abandoned(self) -> bool:
+        """The queue is full and no thread has taken a frame for ``timeout``:
+        its frames belong to a request nobody reads (one that Ctrl-C cut
+        off before its answer was forgotten), so reading can never resume."""
+        return (
+            self._queued_total >= MAX_QUEUED_BYTES
+            and not self._leading
+            and time.monotonic() - self._last_taken > self.timeout
+        )
 
     def _lead(self, pending: Optional[_Pending]) -> None:
         """Read until ``pending`` has a frame (or the Hello is in)."""

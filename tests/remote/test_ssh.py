@@ -476,6 +476,34 @@ def test_ctrl_c_mid_transfer_leaves_connection_usable_or_closed(sshd, tmp_path):
         cache.close()
 
 
+def test_ctrl_c_in_the_narrowest_windows_never_wedges_the_connection(sshd, tmp_path):
+    """The two states a Ctrl-C can leave behind in a few bytecodes, made on
+    purpose: a request sent whose answer nobody will read (interrupted
+    between sending it and starting to read), and a "someone is reading"
+    flag its thread never cleared. Either way the next call answers or
+    fails within ``timeout``: it never hangs."""
+    cache = ssh_cache(sshd, remote_dir(tmp_path), bootstrap="never", timeout=2)
+    try:
+        big = cache.save(Call("big", {}, np.ones(64 << 20, dtype=np.uint8)))  # > MAX_QUEUED_BYTES
+        small = cache.save(Call("small", {}, "fine"))
+        conn = cache._conn
+        conn.exchange("load_value", {"key": str(big)})  # never entered, never exited
+        # small answers go on while the abandoned value fills the queue; once
+        # it is full, the next call fails after `timeout` instead of hanging
+        deadline = time.monotonic() + 60
+        with pytest.raises(RemoteConnectionError, match="nobody took them"):
+            while time.monotonic() < deadline:
+                assert _within(60, cache.load_value, small) == "fine"
+        cache.reconnect()
+        assert cache.load_value(small) == "fine"
+
+        conn = cache._conn
+        conn._leading, conn._leader = True, threading.get_ident()  # left set by an interrupt
+        assert _within(60, cache.load_value, small) == "fine"
+    finally:
+        cache.close()
+
+
 def test_close_with_an_abandoned_value_lets_the_server_exit_by_itself(sshd, tmp_path):
     """After Ctrl-C mid-load the server may be blocked writing the abandoned
     value when the process exits. close() drains it, so the server sees the
