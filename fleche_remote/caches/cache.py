@@ -21,6 +21,7 @@ need not know.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import CallRecord
@@ -61,6 +62,10 @@ class Cache(BaseCache):
     Raises:
         ConfigError: ``secret_key`` is not hex, or is empty.
     """
+
+    #: A value in the value store younger than this (seconds) is never
+    #: collected as garbage: its record may be on its way.
+    GC_GRACE_SECONDS: float = 3600.0
 
     def __init__(
         self,
@@ -242,21 +247,27 @@ class Cache(BaseCache):
 
     def collect_garbage(self) -> int:
         """Delete values no stored call refers to, inline and in the value
-        store; returns how many. Inline values go in one transaction, safe
-        beside concurrent saves. For the value store, run it while no
-        process is saving into this cache: a value written just before its
-        record would look unreferenced. Temp files of killed writers go
-        too (never a live writer's), and count."""
+        store; returns how many. Safe beside concurrent saves: inline values
+        go in one transaction with their records, and a value in the value
+        store is spared while it is younger than :attr:`GC_GRACE_SECONDS`
+        (a save writes its value, then its record; storing a value again
+        refreshes its time). Temp files of killed writers go too (never a
+        live writer's), and count."""
         if self._read_only:
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
         removed = self._inline.collect_blobs() if self._inline is not None else 0
         removed += self.values.collect_temporaries() + self.calls.collect_temporaries()
+        started = time.time()
         candidates = list(self.values.digests())
         referenced = self.calls.refers_to(candidates) if candidates else []
         for digest, keep in zip(candidates, referenced):
-            if not keep:
-                self.values.delete(digest)
-                removed += 1
+            if keep:
+                continue
+            stored = self.values.stored_at(digest)
+            if stored is not None and stored > started - self.GC_GRACE_SECONDS:
+                continue  # may be a save in progress: its record comes next
+            self.values.delete(digest)
+            removed += 1
         return removed
 
     def close(self) -> None:

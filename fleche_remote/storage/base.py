@@ -100,6 +100,16 @@ class ValueStore(ABC):
         """
         return 0
 
+    def stored_at(self, digest: str) -> Optional[float]:
+        """When ``digest`` was last stored (or stored again), as a Unix
+        time; None when the store does not know.
+
+        Garbage collection spares values younger than a grace period: a
+        save writes its value before its record, so a fresh value with no
+        record yet is not an orphan.
+        """
+        return None
+
 
 class CallStore(ABC):
     """Call records addressed by call key."""

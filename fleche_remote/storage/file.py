@@ -207,8 +207,16 @@ class FileValueStore(_FileRoot, ValueStore):
 
     def put(self, digest: str, blob: Blob) -> None:
         path = self._path(digest)
-        if path.exists():
+        try:
+            # already stored: refresh its time, so that a garbage collection
+            # running beside this save sees a fresh value, not an orphan
+            os.utime(path)
             return
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            if path.exists():  # a colleague's file in a shared cache: it stays
+                return
         header = json.dumps(
             {"kind": blob.kind, "meta": blob.meta, "size": blob.size, "gzip": self.compress}
         ).encode()
@@ -270,6 +278,12 @@ class FileValueStore(_FileRoot, ValueStore):
 
     def digests(self) -> Iterator[str]:
         yield from _walk(self.root, "")
+
+    def stored_at(self, digest: str) -> Optional[float]:
+        try:
+            return os.stat(self._path(digest)).st_mtime
+        except (OSError, KeyError):
+            return None
 
 
 def _shards(root: Path) -> List[Path]:
