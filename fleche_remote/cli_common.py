@@ -61,10 +61,18 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_cli_config(args: argparse.Namespace) -> Any:
-    from .config import load_config
+    """The configuration a command works on: ``--config``, else the
+    discovered files, else (none found) the built-in default cache, as
+    ``@cached`` would use it."""
+    from .config import builtin_config, load_config
 
     path = getattr(args, "config", None)
-    return load_config(path) if path else load_config()
+    if path:
+        return load_config(path)
+    config = load_config()
+    if not config.files and config.searched and not config.builtin:
+        config = builtin_config(config.searched, config.ignored)
+    return config
 
 
 @dataclass

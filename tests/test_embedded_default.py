@@ -143,3 +143,15 @@ def test_on_a_network_file_system_the_builtin_cache_is_plain_files(
     cache.close()
     monkeypatch.setenv(ENV_MOUNT_TABLE, str(tmp_path / "no-such-table"))
     assert builtin_config()["local"]["template"] == "sql"
+
+
+def test_cli_lists_shows_and_evicts_in_the_builtin_cache(home: Path, tmp_path: Path) -> None:
+    xdg = str(tmp_path / "xdg-cache")
+    run(home, xdg, "script.py")
+    listed = run(home, xdg, "-m", "fleche_remote", "ls", "--name", "square").stdout
+    rows = [line for line in listed.splitlines()[1:] if line.strip()]
+    assert len(rows) == 1 and "__main__.square" in rows[0] and "x=3" in rows[0], listed
+    key = rows[0].split()[0]
+    assert "result" in run(home, xdg, "-m", "fleche_remote", "show", key).stdout
+    run(home, xdg, "-m", "fleche_remote", "evict", key)
+    assert "__main__.square" not in run(home, xdg, "-m", "fleche_remote", "ls").stdout
