@@ -616,6 +616,17 @@ def _bound_malloc() -> None:
         pass
 
 
+def _serve_as_stored(cache: Any) -> None:
+    """Drop the server's own signing keys (a ``secret_key`` in its table or
+    ``FLECHE_SECRET_KEY`` in its environment): clients sign what they save
+    and check what they load, so the server keeps their bytes as they came.
+    Signing again here would refuse every client that uses another key."""
+    for layer in getattr(cache, "layers", None) or [cache]:
+        if getattr(layer, "signer", None) is not None:
+            layer.signer = None
+            log.info("the server's secret_key is not used: clients sign and check entries themselves")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only | --append-only]``."""
     parser = argparse.ArgumentParser(
@@ -646,6 +657,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         print(f"fleche-remote serve: cannot open the cache: {exc}", file=sys.stderr)
         return 2
+    _serve_as_stored(cache)
     log.info(
         "serving cache %s%s from %s (protocol %d, fleche-remote %s)",
         args.cache or "[default]",

@@ -161,3 +161,21 @@ def test_a_stack_of_differently_keyed_layers_over_ssh(
         assert local.calls.get(key).metadata[SIGNATURE_KEY].split(":")[1] == Signer.of(KEY).key_id
     finally:
         stack.close()
+
+
+def test_a_key_in_the_servers_own_table_is_not_used(sshd: Any, tmp_path: Path) -> None:
+    """The served table has another key: the server still keeps and serves
+    the client's signed bytes as they came, and says it dropped its key."""
+    toml = (
+        '[default]\ncache = "main"\nroot = true\n\n'
+        f'[main]\ntemplate = "cloudpickle"\nroot = "store"\nsecret_key = "{OTHER}"\n'
+    )
+    workdir = remote_dir(tmp_path, toml)
+    cache = ssh_cache(sshd, workdir, KEY)
+    try:
+        key = cache.save(Call(NAME, {"x": 1}, np.arange(300_000)))
+        np.testing.assert_array_equal(cache.load_value(key), np.arange(300_000))
+        record = server_files(workdir).calls.get(key)
+        assert record.metadata[SIGNATURE_KEY].split(":")[1] == Signer.of(KEY).key_id
+    finally:
+        cache.close()
