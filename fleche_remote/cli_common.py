@@ -124,7 +124,7 @@ def open_cache(spec: Optional[str], args: argparse.Namespace, *, any_host: bool 
         cache = _host_cache(spec, args)
         return Opened(cache, spec, cache)
     config = load_cli_config(args)
-    names = set(config.cache_names()) if config.files else set()
+    names = set(config.cache_names()) if config.files or config.builtin else set()
     if spec is None or spec in names:
         cache = load_cache(spec, config=config)
         return Opened(cache, spec or str(config.default_cache() or "default"), cache)

@@ -155,3 +155,4 @@ def test_cli_lists_shows_and_evicts_in_the_builtin_cache(home: Path, tmp_path: P
     assert "result" in run(home, xdg, "-m", "fleche_remote", "show", key).stdout
     run(home, xdg, "-m", "fleche_remote", "evict", key)
     assert "__main__.square" not in run(home, xdg, "-m", "fleche_remote", "ls").stdout
+    assert "__main__.cube" in run(home, xdg, "-m", "fleche_remote", "ls", "local").stdout  # by its name too
