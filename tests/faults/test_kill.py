@@ -8,11 +8,12 @@ an error on the client that carries the server's stderr. After the
 client or its ssh dies, the server exits by itself and the next client
 works at once.
 
-The server kills use a bandwidth-capped slow link (8 MiB values take
-about a quarter of a second to cross it) so that a kill delay drawn from
-a seeded RNG lands before, during or after the transfer and the writes;
-each run reuses one ssh connection (ControlMaster) to start its server
-quickly.
+The server kills go through a bandwidth-capped slow link
+(:mod:`fleche_remote.testing.slowlink`), and each kill delay is a seeded
+random fraction of the time a whole save has been taking, so kills land
+before, during and after the transfer and the writes, on a fast machine
+or a loaded one. Every run has a server of its own, started over one
+shared ssh connection (ControlMaster), a few runs ahead.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .support import (
 RUNS = 50
 STORES = ("files", "sqlite")
 LARGE = 8 << 20
-#: The link's cap: 8 MiB crosses it in ~0.25 s, so kills land mid-stream.
+#: The link's cap, so that a value takes a while to cross it.
 RATE_MBPS = 280.0
 BATCH = 200
 #: A kill comes after ``f`` times the store's last whole save, ``f`` drawn
