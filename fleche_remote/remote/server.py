@@ -102,6 +102,11 @@ UPLOAD_QUEUE_FRAMES = 8
 #: flight; this only stops a hostile one from spawning threads without end.
 MAX_STREAMS = 256
 
+#: Requests with values that may wait for the upload thread. A client has
+#: at most 64 requests in flight; this only stops a hostile one from
+#: announcing values it never sends until the server runs out of memory.
+MAX_PENDING_UPLOADS = 256
+
 #: How often blocked server threads look up to see if the server is stopping.
 _POLL = 0.5
 
@@ -321,6 +326,11 @@ class _Server:
             self._flow_control(request)
             return
         if request.blobs:
+            if self.upload_jobs.qsize() >= MAX_PENDING_UPLOADS:
+                raise ProtocolError(
+                    f"more than {MAX_PENDING_UPLOADS} requests with values are waiting for their data; "
+                    f"a client has at most 64 requests in flight"
+                )
             upload = _Upload(self, request)
             self.uploads[request.id] = upload
             self.upload_jobs.put((request, upload.blobs))

@@ -504,3 +504,17 @@ def test_huge_announced_lengths_are_refused_at_once(tmp_path: Path) -> None:
         assert [f.message.id for f in frames] == [1]  # the request before it was answered
     check_untouched(cache, stored, tmp_path, before)
     cache.close()
+
+
+def test_values_announced_and_never_sent_are_bounded(tmp_path: Path) -> None:
+    """A client that announces value after value and sends none: the
+    server stops at its limit instead of queueing them without end."""
+    cache, stored, before = stocked_cache(tmp_path, "file")
+    header = BlobHeader("bytes", {}, 10, "ab" * 32)
+    data = b"".join(
+        encode_message(Request(n, "save_records", {"records": []}, [header])) for n in range(1, 2000)
+    )
+    _, stopped = run_server(cache, data)
+    assert isinstance(stopped, ProtocolError) and "are waiting for their data" in str(stopped)
+    check_untouched(cache, stored, tmp_path, before)
+    cache.close()
