@@ -29,17 +29,15 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import inspect
 import logging
 import sys
 import threading
 import time
 import types
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -57,6 +55,9 @@ from typing import (
 )
 
 from .caches import BaseCache, CacheStack
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concurrent.futures import Executor
 from .call import Call, LazyCall
 from .digest import Digest, call_digest, normalize_version
 from .errors import CorruptEntryError, Rejected
@@ -168,6 +169,8 @@ class CachedFunction:
             )
         version = normalize_version(version)  # 2 and "2" are one version
         ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+        import inspect  # here, not at import: a server that never decorates skips its cost
+
         self._signature = inspect.signature(func)
         unknown = [n for n in ignored if n not in self._signature.parameters]
         if unknown:
@@ -426,6 +429,8 @@ class CachedFunction:
             for key, (args, kwargs, _) in todo.items():
                 computed[key] = _run_timed(self, args, kwargs)
             return
+        from concurrent.futures import CancelledError
+
         futures = {
             key: executor.submit(_run_timed, self, args, kwargs) for key, (args, kwargs, _) in todo.items()
         }
@@ -439,7 +444,7 @@ class CachedFunction:
                         failure = exc
                         for other in futures.values():
                             other.cancel()  # those not started; running ones finish and are kept
-                except concurrent.futures.CancelledError:
+                except CancelledError:
                     continue
         except BaseException:
             for other in futures.values():
