@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "serve",
         help="serve a cache on stdin/stdout (run by SshCache over ssh)",
-        description="Options: --cache NAME, --config PATH, --read-only or --append-only (see 'serve --help').",
+        description="Options: --cache NAME, --config PATH, --read-only or --append-only "
+        "(see 'serve --help').",
         add_help=False,
     )
     p_config = sub.add_parser("config", help="print the merged configuration (secrets redacted)")
