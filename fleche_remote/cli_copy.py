@@ -159,20 +159,9 @@ class _LayeredReader:
         self.layers = layers_of(stack)
 
     def load_entries(self, keys: List[str]) -> List[Any]:
-        result: List[Any] = [None] * len(keys)
-        missing = list(range(len(keys)))
-        for layer in self.layers:
-            if not missing:
-                break
-            found = layer.load_entries([keys[i] for i in missing])
-            still = []
-            for i, entry in zip(missing, found):
-                if entry is None:
-                    still.append(i)
-                else:
-                    result[i] = entry
-            missing = still
-        return result
+        from .caches.stack import first_found
+
+        return first_found(self.layers, keys, lambda layer, some: layer.load_entries(some))
 
 
 def register(sub: Any) -> None:

@@ -22,7 +22,21 @@ anyway, in the first layer.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from ..call import CallRecord
 from ..digest import Digest
@@ -208,20 +222,7 @@ class CacheStack(BaseCache):
         return result
 
     def _load_records_only(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
-        result: List[Optional[CallRecord]] = [None] * len(keys)
-        missing = list(range(len(keys)))
-        for layer in self.layers:
-            if not missing:
-                break
-            found = layer.load_records([keys[i] for i in missing])
-            still = []
-            for i, record in zip(missing, found):
-                if record is None:
-                    still.append(i)
-                else:
-                    result[i] = record
-            missing = still
-        return result
+        return first_found(self.layers, keys, lambda layer, some: layer.load_records(some))
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         # no back-fill: a blob without its record is garbage in the first layer
@@ -365,3 +366,30 @@ class CacheStack(BaseCache):
             "layers": [layer.describe() for layer in self.layers],
             "read_only": self.read_only,
         }
+
+
+_T = TypeVar("_T")
+
+
+def first_found(
+    layers: Sequence[BaseCache],
+    keys: Sequence[str],
+    fetch: Callable[[BaseCache, List[str]], Sequence[Optional[_T]]],
+) -> List[Optional[_T]]:
+    """For each key, what the first layer holding it gives (None where none
+    does), without back-fill: each layer is asked once, in one batch, for
+    the keys still missing, so a stack of N layers costs at most N batches."""
+    result: List[Optional[_T]] = [None] * len(keys)
+    missing = list(range(len(keys)))
+    for layer in layers:
+        if not missing:
+            break
+        found = fetch(layer, [keys[i] for i in missing])
+        still = []
+        for i, item in zip(missing, found):
+            if item is None:
+                still.append(i)
+            else:
+                result[i] = item
+        missing = still
+    return result
