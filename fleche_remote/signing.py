@@ -46,16 +46,17 @@ Design rules:
 Costs: a save makes one extra pass over the value (HMAC and digest
 together), a load one HMAC over the body as it arrives; HMAC-SHA256 runs
 at SHA-256 speed (see the README for the figures on this machine).
+
+This module holds the keys, the MACs and what is refused; how the signed
+data is spelled in bytes is :mod:`fleche_remote.canonical`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
-import json
 import os
 import struct
-import tempfile
 import warnings
 from typing import (
     Any,
@@ -72,14 +73,13 @@ from typing import (
 )
 
 from .call import SIGNATURE_KEY, CallRecord
+from .canonical import _parts, _rereadable, canonical
 from .digest import DIGEST_SCHEME_NAME, BodyHasher, Digest
 from .errors import ConfigError, CorruptEntryError
 from .values import (
     CHUNK_SIZE,
     Blob,
-    BytesBlob,
     BytesLike,
-    PartsBlob,
     StreamBlob,
     decode_value,
     digest_from_body,
@@ -480,131 +480,7 @@ def config_signer(cfg: Mapping[str, Any], where: Any) -> Tuple[Optional[Signer],
     return signer, stores["values"], stores["calls"]
 
 
-# -- canonical bytes of plain data ------------------------------------------------------
-
-
-def canonical(obj: Any) -> bytes:
-    """Unambiguous bytes of plain data (what metadata may hold), the same
-    whichever store it went through: dict keys sorted, tuples as lists
-    (some stores give lists back). Compact ASCII JSON when the value has
-    no bytes; otherwise every item tagged and length-prefixed, so that a
-    ``bytes`` and a ``str`` or dict that looks like one never collide.
-
-    Raises:
-        TypeError: ``obj`` holds something that is not plain data.
-    """
-    try:  # JSON, in C, when it can say it exactly: everything but bytes
-        return b"J" + _json(obj).encode("ascii")
-    except TypeError:
-        out = bytearray(b"C")
-        _canon(obj, out)
-        return bytes(out)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item") and not hasattr(obj, "__len__"):  # a NumPy scalar a store gave back
-        return obj.item()
-    raise TypeError(type(obj).__name__)  # bytes, and anything not plain: the tagged form
-
-
-#: Sorted keys, no spaces, ASCII only: one text for one value. A tuple
-#: comes out as a list, which is what some stores give back.
-_json = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, check_circular=False, default=_json_default
-).encode
-
-
-def _canon(obj: Any, out: bytearray) -> None:
-    kind = type(obj)
-    if kind is str:
-        data = obj.encode("utf-8", "surrogatepass")
-        out += b"s%d:" % len(data)
-        out += data
-    elif kind is dict:
-        out += b"d%d:" % len(obj)
-        for k in sorted(obj):
-            _canon(k, out)
-            _canon(obj[k], out)
-    elif obj is None:
-        out += b"N"
-    elif obj is True:
-        out += b"T"
-    elif obj is False:
-        out += b"F"
-    elif kind is int:
-        out += b"i%d;" % obj
-    elif kind is float:
-        out += b"f" + obj.hex().encode() + b";"
-    elif kind is bytes:
-        out += b"b%d:" % len(obj)
-        out += obj
-    elif kind is list or kind is tuple:
-        out += b"l%d:" % len(obj)
-        for item in obj:
-            _canon(item, out)
-    else:
-        _canon_other(obj, out)
-
-
-def _canon_other(obj: Any, out: bytearray) -> None:
-    """Subclasses and the odd types a store may give back, as their plain twin."""
-    if isinstance(obj, bool):
-        _canon(bool(obj), out)
-    elif isinstance(obj, int):
-        _canon(int(obj), out)
-    elif isinstance(obj, float):
-        _canon(float(obj), out)
-    elif isinstance(obj, str):
-        _canon(str(obj), out)
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
-        _canon(bytes(obj), out)
-    elif isinstance(obj, (list, tuple)):
-        _canon(list(obj), out)
-    elif isinstance(obj, Mapping):
-        _canon(dict(obj), out)
-    elif hasattr(obj, "item") and not hasattr(obj, "__len__"):  # a NumPy scalar
-        _canon(obj.item(), out)
-    else:
-        raise TypeError(f"cannot sign a {type(obj).__name__}: metadata must be plain data")
-
-
 # -- blobs ------------------------------------------------------------------------------
-
-
-def _parts(blob: Blob) -> Iterator[BytesLike]:
-    """The body in the largest pieces at hand (no per-chunk overhead for
-    bodies already in memory)."""
-    if isinstance(blob, BytesBlob):
-        yield blob._data
-    elif isinstance(blob, PartsBlob):
-        yield from blob._parts
-    else:
-        yield from blob.chunks()
-
-
-def _rereadable(blob: Blob) -> Blob:
-    """``blob`` itself, or for a one-shot stream a spooled copy of it."""
-    inner = getattr(blob, "inner", blob)  # a VerifyingBlob around a stream
-    if not isinstance(inner, StreamBlob):
-        return blob
-    spool = tempfile.SpooledTemporaryFile(max_size=64 << 20, prefix="fleche-remote-sign-")
-    for chunk in blob.chunks():
-        spool.write(chunk)
-    return _SpooledBlob(blob.kind, blob.meta, blob.size, spool)
-
-
-class _SpooledBlob(Blob):
-    def __init__(self, kind: str, meta: Dict[str, Any], size: int, spool: Any) -> None:
-        self.kind, self.meta, self.size = kind, dict(meta), size
-        self._spool = spool
-
-    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[BytesLike]:
-        self._spool.seek(0)
-        while True:
-            data = self._spool.read(chunk_size)
-            if not data:
-                return
-            yield data
 
 
 class _SignedBlob(Blob):
