@@ -31,6 +31,10 @@ Design rules:
   traceback, and allocates nothing beyond the decoder's limits.
 * ``--read-only`` and ``--append-only`` take operations out of the
   dispatch table; the client's own idea of the mode plays no part.
+
+The plumbing under the loop (frames in and out, the queues that carry
+uploads, the credits of streamed answers) is
+:mod:`~fleche_remote.remote.server_io`.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import queue
 import sys
 import threading
 import traceback
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..caches.base import BaseCache
 from ..errors import ProtocolError, Rejected
 from ..plain import check_plain
-from ..values import CHUNK_SIZE, Blob
+from ..values import Blob
 from .handlers import (
     WRITE_HANDLERS,
     Context,
@@ -61,17 +65,14 @@ from .handlers import (
     server_info,
 )
 from .protocol import (
-    ABORT,
     BANNER,
     DATA,
-    END,
     MSG,
     NEED_DATA,
     PROTOCOL_VERSION,
     BlobHeader,
     ErrorResponse,
     Frame,
-    FrameDecoder,
     Hello,
     Request,
     Response,
@@ -80,7 +81,8 @@ from .protocol import (
     encode_message,
     frame_header,
 )
-from .turns import BULK_FRAME, WriteTurns
+from .server_io import _EOF, _POLL, _Input, _Output, _OutStream, _Upload
+from .turns import BULK_FRAME
 
 log = logging.getLogger("fleche_remote.server")
 
@@ -88,15 +90,9 @@ log = logging.getLogger("fleche_remote.server")
 #: raises a chosen exception on the server to prove the error path.
 DEBUG_OPS_ENV = "FLECHE_REMOTE_DEBUG_OPS"
 
-#: Read size: one chunk frame plus its header in a single call.
-_READ_SIZE = CHUNK_SIZE + 64
-
 #: Answers whose values add up to at most this are written by the main
 #: thread at once; bigger ones get a stream thread.
 STREAM_ABOVE = 1 << 20
-
-#: Value chunks queued between the reader and the upload thread (~8 MiB).
-UPLOAD_QUEUE_FRAMES = 8
 
 #: Stream threads at once. A well-behaved client has at most 64 requests in
 #: flight; this only stops a hostile one from spawning threads without end.
@@ -106,167 +102,6 @@ MAX_STREAMS = 256
 #: at most 64 requests in flight; this only stops a hostile one from
 #: announcing values it never sends until the server runs out of memory.
 MAX_PENDING_UPLOADS = 256
-
-#: How often blocked server threads look up to see if the server is stopping.
-_POLL = 0.5
-
-_EOF = object()
-
-
-class _Output:
-    """Frames out, whole frames at a time, from any thread."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._out = stream
-        self._turns = WriteTurns()
-        self.broken = False
-
-    def send(self, parts: Sequence[Any], flush: bool = True, bulk: bool = False) -> bool:
-        """Write ``parts`` as one unit; False once the client is gone.
-
-        ``bulk`` marks one frame of a value: it lets small answers go first.
-        """
-        with self._turns.bulk() if bulk else self._turns.small():
-            if self.broken:
-                return False
-            try:
-                for part in parts:
-                    self._out.write(part)
-                if flush:
-                    self._out.flush()
-            except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
-                self.broken = True
-                return False
-            return True
-
-    def flush(self) -> None:
-        self.send((), flush=True)
-
-
-class _Input:
-    """Blocking frame reads from the server's input stream (main thread)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._read = getattr(stream, "read1", None) or stream.read
-        self._readinto = getattr(stream, "readinto", None)
-        self.decoder = FrameDecoder()
-
-    def next_frame(self, block: bool = True) -> Any:
-        """The next frame; ``NEED_DATA`` if none is complete and not ``block``;
-        ``None`` at end of input."""
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is not NEED_DATA or not block:
-                return frame
-            claim = self.decoder.claim_payload() if self._readinto is not None else None
-            if claim is not None:
-                self._fill(*claim)
-                continue
-            data = self._read(_READ_SIZE)
-            if not data:
-                if self.decoder.buffered:
-                    raise ProtocolError(
-                        f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
-                    )
-                return None
-            self.decoder.feed(data)
-
-    def _fill(self, buf: bytearray, have: int) -> None:
-        assert self._readinto is not None
-        view = memoryview(buf)
-        while have < len(buf):
-            n = self._readinto(view[have:])
-            if not n:
-                raise ProtocolError(f"input ended inside a frame ({have} of {len(buf)} payload bytes)")
-            have += n
-        self.decoder.feed_claimed(buf)
-
-
-class _Upload:
-    """The value streams of one request, fed by the reader, read by a handler."""
-
-    def __init__(self, server: _Server, request: Request) -> None:
-        self.server = server
-        self.headers = list(request.blobs)
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=UPLOAD_QUEUE_FRAMES)
-        self.index = 0  # the blob now arriving
-        self.received = 0
-        self.blobs = [IncomingBlob(h, self._source(h)) for h in self.headers]
-
-    @property
-    def complete(self) -> bool:
-        return self.index >= len(self.headers)
-
-    def route(self, frame: Frame) -> None:
-        """Check one incoming frame against what was announced, and queue it."""
-        if self.complete:
-            raise ProtocolError(f"value data for request {frame.id} after its last value ended")
-        header = self.headers[self.index]
-        if frame.type == DATA:
-            self.received += len(frame.payload)
-            if self.received > header.size:
-                raise ProtocolError(f"value longer than the announced {header.size} bytes")
-        elif frame.type == END:
-            if self.received != header.size:
-                raise ProtocolError(f"value ended after {self.received} of {header.size} bytes")
-        if frame.type in (END, ABORT):
-            self.index += 1
-            self.received = 0
-        self._put(frame)
-
-    def _put(self, item: Any) -> None:
-        while True:
-            try:
-                self.queue.put(item, timeout=_POLL)
-                return
-            except queue.Full:
-                if self.server.stopping.is_set():
-                    return
-
-    def close_input(self) -> None:
-        """The input ended: whatever waits for more data gets an error."""
-        try:
-            self.queue.put_nowait(_EOF)
-        except queue.Full:
-            pass
-
-    def _source(self, header: BlobHeader) -> Iterator[Any]:
-        while True:
-            try:
-                frame = self.queue.get(timeout=_POLL)
-            except queue.Empty:
-                if self.server.stopping.is_set():
-                    raise ProtocolError("the server is stopping") from None
-                continue
-            if frame is _EOF:
-                self._put(_EOF)  # the next blob's reader must see it too
-                raise ProtocolError("input ended in the middle of a value")
-            if frame.type == DATA:
-                yield frame.payload
-            elif frame.type == END:
-                return
-            else:  # ABORT: the client could not produce the value
-                reason = bytes(frame.payload).decode("utf-8", "replace")
-                raise ValueError(f"the client aborted the value: {reason}")
-
-
-class _OutStream:
-    """Flow control for one answer streamed by a thread of its own."""
-
-    def __init__(self, credits: int) -> None:
-        self.credits = credits
-        self.cancelled = False
-        self.cond = threading.Condition()
-
-    def grant(self, n: int) -> None:
-        with self.cond:
-            self.credits += n
-            self.cond.notify_all()
-
-    def cancel(self) -> None:
-        with self.cond:
-            self.cancelled = True
-            self.cond.notify_all()
 
 
 class _Server:
