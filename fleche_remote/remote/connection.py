@@ -32,37 +32,35 @@ it too until the owner reconnects explicitly. Nothing reconnects silently:
 that would repeat a 2FA prompt behind the user's back. A request abandoned
 by its caller (Ctrl-C while waiting) leaves the connection usable: its
 remaining frames are skipped, and a value stream is cancelled.
+
+What each request is owed (the frames filed under it, the reader of its
+answer, remote errors rebuilt) is :mod:`~fleche_remote.remote.exchange`.
 """
 
 from __future__ import annotations
 
-import builtins
-import collections
 import copy
 import logging
 import signal
 import threading
 import time
 import warnings
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .. import errors as _errors
-from ..errors import ProtocolError, RemoteConnectionError, RemoteError
+from ..errors import ProtocolError, RemoteConnectionError
 from ..values import Blob
+from .exchange import _Exchange, _frame_size, _Pending
+from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
-    ABORT,
     DATA,
-    END,
     MSG,
     NEED_DATA,
     BannerScanner,
     BlobHeader,
-    ErrorResponse,
     Frame,
     FrameDecoder,
     Hello,
     Request,
-    Response,
     check_version,
     describe_noise,
     encode_end,
@@ -97,55 +95,6 @@ _GATHER_BELOW = 64 << 10
 #: thread leads (the leader enforces the real deadline).
 _FOLLOW_SLICE = 0.5
 
-_REBUILDABLE: Dict[str, Type[BaseException]] = {
-    name: getattr(builtins, name)
-    for name in (
-        "KeyError",
-        "LookupError",
-        "IndexError",
-        "ValueError",
-        "TypeError",
-        "OSError",
-        "FileNotFoundError",
-        "PermissionError",
-        "IsADirectoryError",
-        "NotImplementedError",
-        "RuntimeError",
-        "MemoryError",
-    )
-}
-for _name in (
-    "Rejected",
-    "AmbiguousDigestError",
-    "ConfigError",
-    "StorageError",
-    "CorruptEntryError",
-    "ProtocolError",
-):
-    _REBUILDABLE[f"fleche_remote.errors.{_name}"] = getattr(_errors, _name)
-
-
-def rebuild_exception(err: ErrorResponse) -> BaseException:
-    """The local twin of a remote exception, with the remote traceback.
-
-    Built-in types and fleche-remote's own come back as themselves (so
-    ``except KeyError`` works across ssh); anything else is a
-    :class:`RemoteError` naming the remote type.
-    """
-    cls = _REBUILDABLE.get(err.type)
-    exc: BaseException
-    if cls is not None:
-        try:
-            exc = cls(*err.args) if err.args else cls(err.message)
-        except Exception:
-            exc = cls(err.message)
-    else:
-        exc = RemoteError(err.type, err.message, err.traceback)
-    exc.remote_traceback = err.traceback  # type: ignore[attr-defined]
-    if cls is not None and err.traceback and hasattr(exc, "add_note"):
-        exc.add_note("--- remote traceback ---\n" + err.traceback.rstrip())
-    return exc
-
 
 class _DeferSigint:
     """Hold back Ctrl-C while a small request is written (main thread only)."""
@@ -171,21 +120,6 @@ class _DeferSigint:
             signal.signal(signal.SIGINT, self._old)
             if self.pending and exc[0] is None:
                 raise KeyboardInterrupt
-
-
-class _Pending:
-    """One request in flight: the frames received for it, not yet taken."""
-
-    __slots__ = ("frames", "queued", "rid")
-
-    def __init__(self, rid: int) -> None:
-        self.rid = rid
-        self.frames: Deque[Frame] = collections.deque()
-        self.queued = 0
-
-
-def _frame_size(frame: Frame) -> int:
-    return len(frame.payload) + 64
 
 
 class Connection:
@@ -636,87 +570,6 @@ class Connection:
                 self._error = RemoteConnectionError(f"the connection to {self.target} was closed")
             self._cond.notify_all()
         self.transport.close()
-
-
-class _Exchange:
-    """The answer side of one request: its messages and value streams.
-
-    Used as a context manager; leaving it early (an exception, Ctrl-C, a
-    consumer that stopped reading) forgets the request, so its remaining
-    frames are skipped, and asks the server to stop a stream in progress.
-    """
-
-    def __init__(self, conn: Connection, pending: _Pending) -> None:
-        self.conn = conn
-        self.pending = pending
-        self.finished = False
-        self._streams_left = 0
-        self._more = False
-
-    def __enter__(self) -> _Exchange:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        conn = self.conn
-        conn._forget(self.pending)
-        conn._slots.release()
-        if not self.finished and conn.broken is None:
-            try:
-                conn.send_one_way("cancel", {"id": self.pending.rid})
-            except Exception:  # the connection is failing anyway
-                pass
-
-    def _next(self) -> Frame:
-        frame = self.conn._wait(self.pending)
-        assert frame is not None
-        return frame
-
-    def _settle(self) -> None:
-        self.finished = not self._streams_left and not self._more
-
-    def first(self) -> Response:
-        """The next message (one page, for a paged answer).
-
-        Raises:
-            the rebuilt remote exception, for an error answer.
-        """
-        frame = self._next()
-        message = frame.message
-        if frame.type != MSG:
-            raise self.conn._fail(f"expected a reply from {self.conn.target}, got frame type {frame.type}")
-        if isinstance(message, ErrorResponse):
-            self.finished = True
-            raise rebuild_exception(message)
-        if not isinstance(message, Response):
-            raise self.conn._fail(f"expected a reply from {self.conn.target}, got {type(message).__name__}")
-        self._streams_left = len(message.blobs)
-        self._more = message.more
-        self._settle()
-        return message
-
-    def stream(self, header: BlobHeader) -> Iterator[bytes]:
-        """DATA payloads of one incoming value, until END."""
-        received = 0
-        while True:
-            frame = self._next()
-            if frame.type == DATA:
-                received += len(frame.payload)
-                yield frame.payload
-            elif frame.type == END:
-                if received != header.size:
-                    raise self.conn._fail(
-                        f"value from {self.conn.target} ended after {received} of {header.size} bytes"
-                    )
-                self._streams_left -= 1
-                self._settle()
-                return
-            elif frame.type == ABORT:
-                self._streams_left -= 1
-                self._settle()
-                reason = bytes(frame.payload).decode("utf-8", "replace")
-                raise _errors.CorruptEntryError(f"the server could not send the value: {reason}")
-            else:
-                raise self.conn._fail(f"expected value data from {self.conn.target}, got a message")
 
 
 def warn_on_skew(host: str, remote_version: str) -> None:
