@@ -11,13 +11,16 @@ ways. Requests from many threads are pipelined on the one connection.
 The first request is written as soon as ssh starts, before the server's
 banner arrives: its answer comes right behind the banner, so a cold start
 costs the login plus one round trip.
+
+This module says what each operation asks of the server. The connection
+it travels on (opened, reused, idled out, retried, and what an outage
+answers) is :mod:`~fleche_remote.remote.lifecycle`; what is done with the
+values a reply streams back is :mod:`~fleche_remote.remote.receive`.
 """
 
 from __future__ import annotations
 
-import logging
 import shlex
-import tempfile
 import threading
 import time
 import weakref
@@ -31,20 +34,16 @@ from ..digest import Digest
 from ..errors import ConfigError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage._config import check_keys, typed
-from ..values import Blob, BytesBlob, StreamBlob, decode_value
+from ..values import Blob
 from . import bootstrap as _bootstrap
 from . import health
-from .connection import Connection, warn_on_skew
+from .connection import Connection
 from .handlers import WIRE_INLINE_BUDGET, WIRE_INLINE_MAX
+from .lifecycle import _Lifecycle
 from .protocol import BlobHeader, Inline
-from .ssh_options import connection_needs_no_prompt, fast_cipher_options, timeout_options
-from .transport import PipeTransport, SubprocessTransport, Transport
-
-log = logging.getLogger("fleche_remote.client")
-
-#: Spool a fetched value to disk past this size (``load_blob`` hands the
-#: bytes to another store, so they must outlive the wire stream).
-SPOOL_IN_MEMORY_BELOW = 64 << 20
+from .receive import _decode_first, _spool, _unpack_blobs
+from .ssh_options import fast_cipher_options, timeout_options
+from .transport import PipeTransport, Transport
 
 
 def _sh_path(path: str) -> str:
@@ -56,37 +55,7 @@ def _sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def _startup_message(
-    host: str, python: str, setup: Sequence[str]
-) -> Callable[[Optional[int], List[str]], str]:
-    def explain(code: Optional[int], tail: List[str]) -> str:
-        text = "\n".join(tail)
-        if code == 255:
-            last = tail[-1] if tail else "no message"
-            return f"ssh could not connect to {host}: {last}"
-        if "No module named fleche_remote" in text or "No module named 'fleche_remote'" in text:
-            return (
-                f"fleche_remote is not installed for {python!r} on {host}: install it there "
-                f"(pip install fleche-remote) or activate its environment with setup_commands"
-            )
-        if code == 127:
-            return (
-                f"the remote shell on {host} could not run a command (exit 127): is python={python!r} "
-                f"on the remote PATH, and do setup_commands {list(setup)!r} exist there?"
-            )
-        if code == 126:
-            return f"the remote command on {host} is not executable (exit 126): python={python!r}"
-        if code is not None and code != 0 and setup and "fleche-remote serve" not in text:
-            return (
-                f"the remote command on {host} failed before the server started "
-                f"(setup_commands {list(setup)!r})"
-            )
-        return f"the server on {host} exited before its banner"
-
-    return explain
-
-
-class SshCache(BaseCache):
+class SshCache(_Lifecycle, BaseCache):
     """A :class:`BaseCache` whose storage is a cache on another host.
 
     Args:
@@ -347,172 +316,6 @@ class SshCache(BaseCache):
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
         return f"SshCache({self.host!r}{name})"
 
-    # -- connection lifecycle ----------------------------------------------
-
-    def _connection(self) -> Connection:
-        conn = self._conn
-        if conn is not None and conn.broken is None:
-            return conn
-        with self._conn_lock:
-            conn = self._conn
-            if conn is None:
-                conn = self._conn = self._open()
-            elif conn.broken is not None and self._outage.since is not None and self._outage.retry_due():
-                log.info("%r: trying the remote again (retry_after = %g s)", self, self.retry_after)
-                self._close_locked()
-                conn = self._conn = self._open()
-            return conn
-
-    def _prompt_check(self) -> Callable[[], bool]:
-        """Whether opening a connection can't ask anybody for anything (no
-        reference to self, so that the cache is freed as soon as unused)."""
-        if self.command is not None or self._transport_factory is not None:
-            return lambda: True
-        ssh, options, host = self.ssh, self.ssh_options, self.host
-        return lambda: connection_needs_no_prompt(ssh, options, host)
-
-    def _noise_reporter(self) -> Callable[[bytes], None]:
-        # no reference to self: the connection outlives it in the finalizer
-        key, host = (self.host, self.ssh_options, tuple(self.command or ())), self.host
-        return lambda noise: health.report_login_noise(key, host, noise)
-
-    def _open(self) -> Connection:
-        if self._transport_factory is not None:
-            transport = self._transport_factory()
-        else:
-            transport = SubprocessTransport(self.argv(), label=self.host)
-            if self.command is None and self.bootstrap != "never":
-                transport = _bootstrap.BootstrapTransport(
-                    transport, _bootstrap.code_bundle(), connect_timeout=self.connect_timeout
-                )
-        host = self.host
-        conn = Connection(
-            transport,
-            target=host,
-            timeout=self.timeout,
-            connect_timeout=self.connect_timeout,
-            diagnose_startup=_bootstrap.explain_startup(
-                self.host,
-                self.python,
-                self.bootstrap,
-                _startup_message(self.host, self.python, self.setup_commands),
-            ),
-            on_hello=lambda hello: warn_on_skew(host, hello.library),
-            on_noise=self._noise_reporter(),
-        )
-        self._finalizer = weakref.finalize(self, Connection.close, conn)
-        self._last_used = time.monotonic()
-        if self.idle_timeout is not None:
-            self._idle_stop = threading.Event()
-            health.watch_idle(self, conn, self._idle_stop)
-        return conn
-
-    def reconnect(self) -> None:
-        """Close the connection (if any) and open a new one now.
-
-        Connection failures never reconnect on their own (that would
-        repeat a 2FA prompt unasked); call this to go on after one.
-        """
-        with self._conn_lock:
-            self._close_locked()
-            self._conn = self._open()
-
-    def close(self) -> None:
-        """End the remote server; the next operation starts a new one."""
-        with self._conn_lock:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        if self._idle_stop is not None:
-            self._idle_stop.set()
-            self._idle_stop = None
-        if self._finalizer is not None:
-            self._finalizer()  # closes the connection exactly once
-            self._finalizer = None
-        self._conn = None
-
-    def _close_if_idle(self, conn: Connection) -> bool:
-        """Close ``conn`` if it is still ours and carried nothing for
-        ``idle_timeout`` seconds; whether the watch is over."""
-        with self._conn_lock:
-            if self._conn is not conn or conn.broken is not None:
-                return True
-            if self.idle_timeout is None or conn.in_flight or not conn.hello_received:
-                return False  # busy, or still logging in
-            if time.monotonic() - self._last_used < self.idle_timeout:
-                return False
-            log.debug("%r: closing the connection after %g s idle", self, self.idle_timeout)
-            self._idle_closed = conn
-            self._close_locked()
-            return True
-
-    def is_alive(self, timeout: float = 10.0) -> bool:
-        """Whether the remote answers a ping within ``timeout`` seconds.
-
-        Opens the connection if there is none (or reopens one that broke,
-        when ``retry_after`` allows it), never raises, and never breaks a
-        healthy connection that is merely slow: the ping goes on in the
-        background and a late answer is simply not waited for.
-        """
-        done = threading.Event()
-        answered: List[bool] = []
-
-        def ping() -> None:
-            try:
-                self._connection().request("ping")
-                answered.append(True)
-                self._used()
-            except Exception as exc:  # any failure means "not alive"
-                log.debug("%r: ping failed: %s", self, exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=ping, name="fleche-remote ping", daemon=True).start()
-        done.wait(timeout)
-        return bool(answered)
-
-    @property
-    def connected(self) -> bool:
-        """Whether a live connection is open (no connection is started)."""
-        return self._conn is not None and self._conn.broken is None
-
-    def _request(
-        self,
-        op: str,
-        args: Optional[Dict[str, Any]] = None,
-        *,
-        offline: Optional[Callable[[], Any]] = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One request. A connection failure is reported once per outage;
-        with ``on_error = "warn"`` and an ``offline`` answer, that answer is
-        returned instead of raising."""
-        conn: Optional[Connection] = None
-        try:
-            try:
-                conn = self._connection()
-                result = conn.request(op, args, **kwargs)
-            except RemoteConnectionError:
-                if self._idle_closed is None or conn is not self._idle_closed:
-                    raise
-                # closed for idleness between taking it and sending: reopen
-                result = self._connection().request(op, args, **kwargs)
-        except RemoteConnectionError as exc:
-            return self._unavailable(exc, offline)
-        self._used()
-        return result
-
-    def _used(self) -> None:
-        self._last_used = time.monotonic()
-        if self._outage.since is not None:
-            self._outage.recovered()
-
-    def _unavailable(self, exc: RemoteConnectionError, offline: Optional[Callable[[], Any]]) -> Any:
-        self._outage.failed(exc)
-        if offline is None or self.on_error == "raise":
-            raise exc
-        return offline()
-
     # -- information ---------------------------------------------------------
 
     def info(self, refresh: bool = True) -> Dict[str, Any]:
@@ -739,64 +542,6 @@ def _absent(key: str) -> Callable[[], Any]:
 #: Records per query page, and pages the server may send ahead of us.
 QUERY_PAGE = 500
 QUERY_WINDOW = 4
-
-
-def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
-    header, chunks = streams[0]
-    return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
-
-
-def _unpack_blobs(
-    items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]
-) -> List[Optional[Blob]]:
-    """Blobs from a reply's items: ``Inline`` ones as they are, ``True`` ones
-    from the streams that follow, in order (spooled: they outlive the wire)."""
-    out: List[Optional[Blob]] = []
-    pending = iter(streams)
-    spooled = 0
-    for item in items:
-        if item is None:
-            out.append(None)
-        elif isinstance(item, Inline):
-            out.append(BytesBlob(item.kind, item.meta, item.body))
-        else:
-            header, chunks = next(pending)
-            blob = _spool_one(header, chunks, in_memory=spooled + header.size < SPOOL_IN_MEMORY_BELOW)
-            spooled += header.size
-            out.append(blob)
-    return out
-
-
-class _SpooledBlob(Blob):
-    """A fetched value held in a temp file."""
-
-    def __init__(self, header: BlobHeader, spool: Any) -> None:
-        self.kind = header.kind
-        self.meta = dict(header.meta)
-        self.size = header.size
-        self._spool = spool
-
-    def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        self._spool.seek(0)
-        while True:
-            data = self._spool.read(chunk_size)
-            if not data:
-                return
-            yield data
-
-
-def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> Blob:
-    if in_memory:
-        return BytesBlob(header.kind, header.meta, b"".join(chunks))
-    spool = tempfile.TemporaryFile(prefix="fleche-remote-")
-    for chunk in chunks:
-        spool.write(chunk)
-    return _SpooledBlob(header, spool)
-
-
-def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
-    header, chunks = streams[0]
-    return _spool_one(header, chunks, in_memory=header.size < SPOOL_IN_MEMORY_BELOW)
 
 
 __all__ = ["SshCache"]

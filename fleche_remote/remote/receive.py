@@ -1,0 +1,86 @@
+"""Values as the client receives them: decoded, unpacked or spooled.
+
+A reply that carries values streams them after its message, chunk by
+chunk, on the shared connection. What :class:`~fleche_remote.remote.client.SshCache`
+does with those streams depends on who asked: a result is decoded
+straight into its final buffers (``load_value``); a blob that another
+store will take over is read to the end first (``load_blob``), into
+memory when it is small, into a temp file past
+:data:`SPOOL_IN_MEMORY_BELOW`, because it must outlive the wire stream;
+a batch mixes values that travelled inside the reply with streamed ones.
+
+It is separate from the client because none of it knows about requests,
+connections or outages: these are the ``consume`` functions that
+:meth:`~fleche_remote.remote.connection.Connection.request` hands a
+reply's streams to.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Iterator, List, Optional, Tuple
+
+from ..values import Blob, BytesBlob, StreamBlob, decode_value
+from .protocol import BlobHeader, Inline
+
+#: Spool a fetched value to disk past this size (``load_blob`` hands the
+#: bytes to another store, so they must outlive the wire stream).
+SPOOL_IN_MEMORY_BELOW = 64 << 20
+
+
+def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
+    header, chunks = streams[0]
+    return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
+
+
+def _unpack_blobs(
+    items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]
+) -> List[Optional[Blob]]:
+    """Blobs from a reply's items: ``Inline`` ones as they are, ``True`` ones
+    from the streams that follow, in order (spooled: they outlive the wire)."""
+    out: List[Optional[Blob]] = []
+    pending = iter(streams)
+    spooled = 0
+    for item in items:
+        if item is None:
+            out.append(None)
+        elif isinstance(item, Inline):
+            out.append(BytesBlob(item.kind, item.meta, item.body))
+        else:
+            header, chunks = next(pending)
+            blob = _spool_one(header, chunks, in_memory=spooled + header.size < SPOOL_IN_MEMORY_BELOW)
+            spooled += header.size
+            out.append(blob)
+    return out
+
+
+class _SpooledBlob(Blob):
+    """A fetched value held in a temp file."""
+
+    def __init__(self, header: BlobHeader, spool: Any) -> None:
+        self.kind = header.kind
+        self.meta = dict(header.meta)
+        self.size = header.size
+        self._spool = spool
+
+    def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        self._spool.seek(0)
+        while True:
+            data = self._spool.read(chunk_size)
+            if not data:
+                return
+            yield data
+
+
+def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> Blob:
+    if in_memory:
+        return BytesBlob(header.kind, header.meta, b"".join(chunks))
+    spool = tempfile.TemporaryFile(prefix="fleche-remote-")
+    for chunk in chunks:
+        spool.write(chunk)
+    return _SpooledBlob(header, spool)
+
+
+def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
+    header, chunks = streams[0]
+    return _spool_one(header, chunks, in_memory=header.size < SPOOL_IN_MEMORY_BELOW)
