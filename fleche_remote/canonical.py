@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import tempfile
-from typing import Any, Dict, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
-from .values import CHUNK_SIZE, Blob, BytesBlob, BytesLike, PartsBlob, StreamBlob
+from .values import Blob, BytesBlob, BytesLike, PartsBlob, SpooledBlob, StreamBlob
 
 # -- canonical bytes of plain data ------------------------------------------------------
 
@@ -131,18 +131,4 @@ def _rereadable(blob: Blob) -> Blob:
     spool = tempfile.SpooledTemporaryFile(max_size=64 << 20, prefix="fleche-remote-sign-")
     for chunk in blob.chunks():
         spool.write(chunk)
-    return _SpooledBlob(blob.kind, blob.meta, blob.size, spool)
-
-
-class _SpooledBlob(Blob):
-    def __init__(self, kind: str, meta: Dict[str, Any], size: int, spool: Any) -> None:
-        self.kind, self.meta, self.size = kind, dict(meta), size
-        self._spool = spool
-
-    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[BytesLike]:
-        self._spool.seek(0)
-        while True:
-            data = self._spool.read(chunk_size)
-            if not data:
-                return
-            yield data
+    return SpooledBlob(blob.kind, blob.meta, blob.size, spool)

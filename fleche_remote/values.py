@@ -294,6 +294,26 @@ class StreamBlob(Blob):
             pass
 
 
+class SpooledBlob(Blob):
+    """A value held in a temp file (or a spooled one), re-readable any
+    number of times: what a one-shot :class:`StreamBlob` becomes when it
+    must be read twice (checked, then stored) or kept past its stream."""
+
+    def __init__(self, kind: str, meta: Dict[str, Any], size: int, spool: Any) -> None:
+        self.kind = kind
+        self.meta = dict(meta)
+        self.size = size
+        self._spool = spool
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[BytesLike]:
+        self._spool.seek(0)
+        while True:
+            data = self._spool.read(chunk_size)
+            if not data:
+                return
+            yield data
+
+
 def _meta_bytes(kind: str, meta: Dict[str, Any]) -> bytes:
     return json.dumps([kind, meta], sort_keys=True, separators=(",", ":")).encode()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
-from ..values import Blob, BytesBlob, StreamBlob, decode_value
+from ..values import Blob, BytesBlob, SpooledBlob, StreamBlob, decode_value
 from .protocol import BlobHeader, Inline
 
 #: Spool a fetched value to disk past this size (``load_blob`` hands the
@@ -54,31 +54,13 @@ def _unpack_blobs(
     return out
 
 
-class _SpooledBlob(Blob):
-    """A fetched value held in a temp file."""
-
-    def __init__(self, header: BlobHeader, spool: Any) -> None:
-        self.kind = header.kind
-        self.meta = dict(header.meta)
-        self.size = header.size
-        self._spool = spool
-
-    def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        self._spool.seek(0)
-        while True:
-            data = self._spool.read(chunk_size)
-            if not data:
-                return
-            yield data
-
-
 def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> Blob:
     if in_memory:
         return BytesBlob(header.kind, header.meta, b"".join(chunks))
     spool = tempfile.TemporaryFile(prefix="fleche-remote-")
     for chunk in chunks:
         spool.write(chunk)
-    return _SpooledBlob(header, spool)
+    return SpooledBlob(header.kind, header.meta, header.size, spool)
 
 
 def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
