@@ -226,20 +226,7 @@ class CacheStack(BaseCache):
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         # no back-fill: a blob without its record is garbage in the first layer
-        result: List[Optional[Blob]] = [None] * len(value_digests)
-        missing = list(range(len(value_digests)))
-        for layer in self.layers:
-            if not missing:
-                break
-            found = layer.load_blobs([value_digests[i] for i in missing])
-            still = []
-            for i, blob in zip(missing, found):
-                if blob is None:
-                    still.append(i)
-                else:
-                    result[i] = blob
-            missing = still
-        return result
+        return first_found(self.layers, value_digests, lambda layer, some: layer.load_blobs(some))
 
     def load_blob(self, value_digest: str) -> Blob:
         blob = self.load_blobs([value_digest])[0]
@@ -376,8 +363,8 @@ def first_found(
     keys: Sequence[str],
     fetch: Callable[[BaseCache, List[str]], Sequence[Optional[_T]]],
 ) -> List[Optional[_T]]:
-    """For each key, what the first layer holding it gives (None where none
-    does), without back-fill: each layer is asked once, in one batch, for
+    """For each key (a call's key or a value's digest), what the first layer
+    holding it gives (None where none does), without back-fill: each layer is asked once, in one batch, for
     the keys still missing, so a stack of N layers costs at most N batches."""
     result: List[Optional[_T]] = [None] * len(keys)
     missing = list(range(len(keys)))

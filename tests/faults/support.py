@@ -104,18 +104,6 @@ def master_connection(sshd: Any, rate_mbps: Optional[float] = None) -> Iterator[
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is as good as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def reaped(pid: int) -> bool:
     """Gone altogether, not even a zombie: garbage collection counts a
     zombie's temp files as a live writer's (its pid still answers)."""

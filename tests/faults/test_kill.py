@@ -33,10 +33,10 @@ import pytest
 
 from fleche_remote import Call, RemoteConnectionError
 from fleche_remote.remote.client import SshCache
+from fleche_remote.testing._util import pid_exists
 
 from .support import (
     DEADLINE_S,
-    alive,
     check_entries,
     master_connection,
     open_store,
@@ -215,7 +215,7 @@ def test_killed_client_or_ssh_ends_the_server_and_frees_the_store(
         else:
             ssh = _child_ssh(proc.pid)
             os.kill(ssh, signal.SIGKILL)
-        took = wait_until(lambda: not alive(server), f"server {server} exits after its {victim} died")
+        took = wait_until(lambda: not pid_exists(server), f"server {server} exits after its {victim} died")
         proc.wait(DEADLINE_S)
         if victim == "ssh":
             assert proc.returncode != 0 and "RemoteConnectionError" in proc.stderr.read()

@@ -13,6 +13,7 @@ import pytest
 from fleche_remote import Call, RemoteConnectionError
 from fleche_remote.errors import ConfigError
 from fleche_remote.remote.client import SshCache
+from fleche_remote.testing._util import pid_exists
 
 from .helpers import remote_dir, ssh_cache
 
@@ -25,18 +26,6 @@ def _eventually(check: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {DEADLINE:g} s: {what}")
         time.sleep(0.05)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:  # a zombie is as good as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_is_alive_answers_without_raising_and_without_breaking_a_slow_connection(sshd, tmp_path):
@@ -76,7 +65,7 @@ def test_idle_connection_is_closed_and_reopened_transparently(sshd, tmp_path):
         pid = cache.info()["pid"]
         ssh = cache._conn.transport
         _eventually(lambda: not cache.connected, "the idle connection is closed")
-        _eventually(lambda: _gone(pid), f"server {pid} exits")
+        _eventually(lambda: not pid_exists(pid), f"server {pid} exits")
         assert not ssh.alive
         assert cache.load_value(key) == 2  # reopened for this call, no reconnect() needed
         assert cache.info()["pid"] != pid

@@ -22,26 +22,15 @@ from fleche_remote import Call, Rejected, RemoteConnectionError, RemoteError
 from fleche_remote.config import load_cache
 from fleche_remote.remote.client import SshCache
 from fleche_remote.testing import private_sshd
+from fleche_remote.testing._util import pid_exists
 
 from .helpers import remote_dir, ssh_cache
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is as good as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_exists(pid):
             return True
         time.sleep(0.05)
     return False
