@@ -30,6 +30,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 import threading
@@ -169,8 +170,6 @@ class CachedFunction:
             )
         version = normalize_version(version)  # 2 and "2" are one version
         ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore)
-        import inspect  # here, not at import: a server that never decorates skips its cost
-
         self._signature = inspect.signature(func)
         unknown = [n for n in ignored if n not in self._signature.parameters]
         if unknown:

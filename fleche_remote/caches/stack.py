@@ -161,22 +161,15 @@ class CacheStack(BaseCache):
     def _entries_from(self, keys: Sequence[str], start: int) -> List[Optional[Entry]]:
         """Entries from ``layers[start:]``, each asked once for what the ones
         above lacked; hits below the first layer back-filled in one batch."""
-        result: List[Optional[Entry]] = [None] * len(keys)
-        missing = list(range(len(keys)))
         backfill: List[Entry] = []
-        for depth in range(start, len(self.layers)):
-            if not missing:
-                break
-            found = self.layers[depth].load_entries([keys[i] for i in missing])
-            still = []
-            for i, entry in zip(missing, found):
-                if entry is None:
-                    still.append(i)
-                else:
-                    result[i] = entry
-                    if depth:
-                        backfill.append(entry)
-            missing = still
+
+        def fetch(layer: BaseCache, some: List[str]) -> List[Optional[Entry]]:
+            found = layer.load_entries(some)
+            if layer is not self.layers[0]:
+                backfill.extend(entry for entry in found if entry is not None)
+            return found
+
+        result = first_found(self.layers[start:], keys, fetch)
         if self._backfilling():
             self._save_backfill(backfill)
         return result
@@ -364,8 +357,9 @@ def first_found(
     fetch: Callable[[BaseCache, List[str]], Sequence[Optional[_T]]],
 ) -> List[Optional[_T]]:
     """For each key (a call's key or a value's digest), what the first layer
-    holding it gives (None where none does), without back-fill: each layer is asked once, in one batch, for
-    the keys still missing, so a stack of N layers costs at most N batches."""
+    holding it gives (None where none does). Each layer is asked once, in
+    one batch, for the keys still missing, so a stack of N layers costs at
+    most N batches; back-filling is the caller's business."""
     result: List[Optional[_T]] = [None] * len(keys)
     missing = list(range(len(keys)))
     for layer in layers:
