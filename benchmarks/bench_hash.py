@@ -106,8 +106,8 @@ def _cpu_flags() -> str:
 
 
 def _library(arr: np.ndarray, repeat: int) -> List[Tuple[str, float]]:
-    from fleche_remote.digest import call_digest
-    from fleche_remote.values import blob_digest, encode_value
+    from fleche_remote.codec.digest import call_digest
+    from fleche_remote.codec.values import blob_digest, encode_value
 
     rows = [
         ("key of f(x=<array>)", _best(lambda: call_digest("m.f", {"x": arr}), repeat)),
@@ -170,7 +170,7 @@ def main(argv: List[str] | None = None) -> None:
     print(f"|{'-' * 42}|{'-' * 9}:|")
     for label, seconds in _library(arr, opts.repeat):
         print(f"| {label:40} | {seconds:8.3f} |")
-    from fleche_remote.digest import call_digest
+    from fleche_remote.codec.digest import call_digest
 
     small = {"x": 3, "y": [1.5] * 10, "name": "run-7", "opts": {"tol": 1e-6, "n": 100}}
     timer = timeit.Timer(lambda: call_digest("m.f", small))

@@ -123,7 +123,7 @@ class FlecheSubject(Subject):
         if name not in OURS:
             raise ValueError(name)
         if name in ("file+sqlite", "file+postgres"):
-            importlib.import_module("fleche_remote.storage.sql")
+            importlib.import_module("fleche_remote.storage.sql.stores")
         elif name == "hdf5":
             importlib.import_module("fleche_remote.storage.hdf5")
         self.name = name
@@ -161,7 +161,7 @@ class FlecheSubject(Subject):
 
             # two files, as the "hdf5" template lays them out
             return Cache(Hdf5ValueStore(d / "values.h5"), Hdf5CallStore(d / "calls.h5"))
-        from fleche_remote.storage.sql import SqlCallStore
+        from fleche_remote.storage.sql.stores import SqlCallStore
 
         return Cache(FileValueStore(d / "values"), SqlCallStore(self.url))
 
@@ -363,7 +363,7 @@ def server_batches(
     from a client), and ``Cache.load_entries`` with every body read. Best
     of ``repeat``, seconds, on fresh storage each time."""
     from fleche_remote.call import make_record
-    from fleche_remote.values import blob_digest, encode_value
+    from fleche_remote.codec.values import blob_digest, encode_value
 
     best: Dict[str, Tuple[float, float]] = {}
     for name, subject in subjects:

@@ -17,7 +17,7 @@ from .cached import cached
 from .caches import BaseCache, Cache, CacheStack
 from .caches.writebehind import WriteBehind
 from .call import Call, CallRecord, LazyCall
-from .digest import BulkHashUnavailable, Digest, UnstableDigestWarning, digest_of
+from .codec.digest import BulkHashUnavailable, Digest, UnstableDigestWarning, digest_of
 from .errors import (
     AmbiguousDigestError,
     ConfigError,

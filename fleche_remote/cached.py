@@ -60,7 +60,7 @@ from .caches import BaseCache, CacheStack
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
 from .call import Call, LazyCall
-from .digest import Digest, call_digest, normalize_version
+from .codec.digest import Digest, call_digest, normalize_version
 from .errors import CorruptEntryError, Rejected
 from .query import plan_query
 

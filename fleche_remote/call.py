@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
-from .digest import (
+from .codec.digest import (
     DIGEST_SCHEME_NAME,
     Digest,
     call_digest,
@@ -21,10 +21,10 @@ from .digest import (
     digest_of,
     normalize_version,
 )
-from .plain import check_plain, register_plain
+from .codec.plain import check_plain, register_plain
 
 if TYPE_CHECKING:
-    from .values import Blob
+    from .codec.values import Blob
 
 
 @dataclass
@@ -63,7 +63,7 @@ class CallRecord:
     """A call as stored: plain fields only, safe to decode anywhere.
 
     ``digest_scheme`` names how ``key``, ``arg_digests`` and ``value`` were
-    computed (:data:`~fleche_remote.digest.DIGEST_SCHEME_NAME`), so a store
+    computed (:data:`~fleche_remote.codec.digest.DIGEST_SCHEME_NAME`), so a store
     can tell records of different schemes apart, and a server can check a
     value under the scheme its record claims, without any migration.
     """

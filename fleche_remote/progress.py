@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
-from .values import CHUNK_SIZE, Blob, BytesLike
+from .codec.values import CHUNK_SIZE, Blob, BytesLike
 
 #: Transfers smaller than this get no bar: at ssh speeds they last well
 #: under a second, and a sweep moves thousands of them.

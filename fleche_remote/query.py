@@ -36,7 +36,7 @@ Semantics, as in fleche where fleche has them:
   mapping holding those entries (each ``None`` again a wildcard), which
   is fleche's ``{"Runtime": {"hostname": ...}}`` form. Tuples and lists
   compare as the same sequence (a SQL store keeps lists).
-* ``version`` is compared as :func:`~fleche_remote.digest.normalize_version`
+* ``version`` is compared as :func:`~fleche_remote.codec.digest.normalize_version`
   makes it (``2`` is ``"2"``); ``None`` means any version.
 """
 
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Set
 
 from .call import CallRecord
-from .digest import digest_of, normalize_version
-from .plain import check_plain
+from .codec.digest import digest_of, normalize_version
+from .codec.plain import check_plain
 
 #: fleche's ``QueryCall`` fields; as ``query`` keywords they are never argument names.
 FIELDS = ("name", "arguments", "metadata", "module", "version", "code_digest", "result")

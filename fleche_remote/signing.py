@@ -30,7 +30,7 @@ Design rules:
   stored once, and an older unsigned copy of the same value can never
   stand in for it. A loaded value is checked as its body streams into
   its final buffers, and both its signature and its digest (the address
-  it was asked for) must match before :func:`~fleche_remote.values.decode_value`
+  it was asked for) must match before :func:`~fleche_remote.codec.values.decode_value`
   unpickles anything.
 * **Signing happens in the cache object that holds the key**: a
   :class:`~fleche_remote.Cache`, or an :class:`~fleche_remote.SshCache` on
@@ -48,7 +48,7 @@ together), a load one HMAC over the body as it arrives; HMAC-SHA256 runs
 at SHA-256 speed (see the README for the figures on this machine).
 
 This module holds the keys, the MACs and what is refused; how the signed
-data is spelled in bytes is :mod:`fleche_remote.canonical`.
+data is spelled in bytes is :mod:`fleche_remote.codec.canonical`.
 """
 
 from __future__ import annotations
@@ -73,10 +73,9 @@ from typing import (
 )
 
 from .call import SIGNATURE_KEY, CallRecord
-from .canonical import _parts, _rereadable, canonical
-from .digest import DIGEST_SCHEME_NAME, BodyHasher, Digest
-from .errors import ConfigError, CorruptEntryError
-from .values import (
+from .codec.canonical import _parts, _rereadable, canonical
+from .codec.digest import DIGEST_SCHEME_NAME, BodyHasher, Digest
+from .codec.values import (
     CHUNK_SIZE,
     Blob,
     BytesLike,
@@ -84,6 +83,7 @@ from .values import (
     decode_value,
     digest_from_body,
 )
+from .errors import ConfigError, CorruptEntryError
 
 #: The environment variable that ``fleche`` reads too: colon-separated hex keys.
 ENV_VAR = "FLECHE_SECRET_KEY"
@@ -507,7 +507,7 @@ class _CheckedBlob(Blob):
 
     ``chunks`` raises after the last chunk (so a store writing temp-then-
     rename never renames a forged body); ``read_all`` and ``fill`` raise
-    before they return, so :func:`~fleche_remote.values.decode_value`
+    before they return, so :func:`~fleche_remote.codec.values.decode_value`
     never unpickles a body that did not match.
     """
 

@@ -13,8 +13,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from fleche_remote import BaseCache, Cache, Digest
 from fleche_remote.call import CallRecord
+from fleche_remote.codec.values import Blob
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
-from fleche_remote.values import Blob
 
 
 def memory_cache(read_only: bool = False) -> Cache:

@@ -1,4 +1,4 @@
-"""``fleche_remote.peek``: arguments shown without importing or running anything."""
+"""``fleche_remote.codec.peek``: arguments shown without importing or running anything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import cloudpickle
 import numpy as np
 
-from fleche_remote.peek import PEEK_MAX_BYTES, abridged_arguments, peek_arguments
+from fleche_remote.codec.peek import PEEK_MAX_BYTES, abridged_arguments, peek_arguments
 
 
 @dataclasses.dataclass

@@ -29,8 +29,8 @@ from fleche_remote.config import (
     load_cache,
     load_config,
 )
-from fleche_remote.config_forms import ConfigDeprecationWarning
-from fleche_remote.config_trust import ConfigWarning
+from fleche_remote.config.forms import ConfigDeprecationWarning
+from fleche_remote.config.trust import ConfigWarning
 from fleche_remote.remote.client import SshCache
 
 FORMS = Path(__file__).parent / "data" / "fleche_forms"

@@ -33,17 +33,24 @@ import pytest
 import xxhash
 
 from fleche_remote import Digest, UnstableDigestWarning, digest_of
-from fleche_remote import digest as digest_module
 from fleche_remote.call import LEGACY_DIGEST_SCHEME, Call, CallRecord, make_record
-from fleche_remote.digest import (
+from fleche_remote.codec import digest as digest_module
+from fleche_remote.codec.digest import (
     DIGEST_SCHEME_NAME,
     BulkHashUnavailable,
     c_order_blocks,
     call_digest,
     call_digest_from_arg_digests,
 )
-from fleche_remote.plain import dumps_plain, loads_plain
-from fleche_remote.values import BytesBlob, FileBlob, StreamBlob, VerifyingBlob, blob_digest, blob_hasher
+from fleche_remote.codec.plain import dumps_plain, loads_plain
+from fleche_remote.codec.values import (
+    BytesBlob,
+    FileBlob,
+    StreamBlob,
+    VerifyingBlob,
+    blob_digest,
+    blob_hasher,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +63,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from fleche_remote.digest import call_digest, digest_of
-from fleche_remote.values import BytesBlob, blob_digest
+from fleche_remote.codec.digest import call_digest, digest_of
+from fleche_remote.codec.values import BytesBlob, blob_digest
 
 MiB = 1 << 20
 

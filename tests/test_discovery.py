@@ -24,7 +24,7 @@ import pytest
 
 from fleche_remote import ConfigError
 from fleche_remote.config import forget_loaded_caches, load_cache, load_config
-from fleche_remote.config_trust import UntrustedConfigWarning
+from fleche_remote.config.trust import UntrustedConfigWarning
 
 REPO = Path(__file__).resolve().parents[1]
 #: uids no account uses (a file owned by them is "someone else's")

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import pytest
 
-from fleche_remote.config_default import user_cache_dir
+from fleche_remote.config.default import user_cache_dir
 
 SCRIPT = textwrap.dedent(
     """
@@ -126,7 +126,7 @@ def test_on_a_network_file_system_the_builtin_cache_is_plain_files(
     """SQLite is not safe on NFS (and its store refuses it): a cluster's NFS
     home gets the file template, which is."""
     from fleche_remote.config import builtin_config, cache_to_config, load_cache
-    from fleche_remote.storage._fs import ENV_MOUNT_TABLE
+    from fleche_remote.storage.fs import ENV_MOUNT_TABLE
 
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nfiler:/home {home} nfs4 rw 0 0\n")

@@ -26,8 +26,8 @@ from remote.helpers import remote_dir, ssh_cache
 from fleche_remote import Call
 from fleche_remote.config import cache_from_config
 from fleche_remote.errors import ConfigError
-from fleche_remote.storage import _fs
-from fleche_remote.storage._fs import Mount, mount_of, network_mount, parse_mount_table
+from fleche_remote.storage import fs as _fs
+from fleche_remote.storage.fs import Mount, mount_of, network_mount, parse_mount_table
 
 MOUNTINFO = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
 27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
@@ -167,7 +167,7 @@ def test_real_tmpfs_in_a_private_mount_namespace(tmp_path):
         d.mkdir()
     script = f"""
 import json, os
-from fleche_remote.storage._fs import mount_of, network_mount
+from fleche_remote.storage.fs import mount_of, network_mount
 from fleche_remote.config import cache_from_config
 from fleche_remote import Call
 os.mkdir({str(inner)!r})
@@ -283,7 +283,7 @@ def test_collect_garbage_removes_dead_writers_temp_files_only(tmp_path):
 WRITER = """
 import sys, time
 from fleche_remote.storage.file import FileValueStore
-from fleche_remote.values import StreamBlob
+from fleche_remote.codec.values import StreamBlob
 
 def body():
     yield b"x" * 65536

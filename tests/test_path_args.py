@@ -15,7 +15,7 @@ from remote.helpers import remote_dir, ssh_cache
 
 from fleche_remote import CacheStack, cached, digest_of
 from fleche_remote.caches import Cache
-from fleche_remote.paths import clear_path_cache, path_cache_info
+from fleche_remote.codec.paths import clear_path_cache, path_cache_info
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
 
 HOUR_AGO = time.time() - 3600

@@ -41,7 +41,7 @@ import json, os, sys
 import gzip, pwd, secrets, socket, sqlite3, stat, urllib.parse
 import cloudpickle, h5py, numpy
 import fleche_remote.config, fleche_remote.storage.file, fleche_remote.storage.hdf5
-import fleche_remote.storage.sql, fleche_remote.storage.sqlite
+import fleche_remote.storage.sql.stores, fleche_remote.storage.sql.sqlite
 from fleche_remote import Call
 from fleche_remote.config import cache_from_config
 uid, gid, umask = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3], 8)

@@ -23,15 +23,15 @@ import pytest
 
 from fleche_remote import Cache, CacheStack, Call
 from fleche_remote.call import SIGNATURE_KEY, CallRecord
+from fleche_remote.codec.values import BytesBlob, blob_digest, encode_value
 from fleche_remote.config import cache_from_config, cache_to_config, redact
 from fleche_remote.errors import ConfigError
 from fleche_remote.signing import ENV_VAR, SignatureError, Signer, canonical
 from fleche_remote.storage.file import FileCallStore, FileValueStore
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
-from fleche_remote.values import BytesBlob, blob_digest, encode_value
 
 #: Canaries are arguments too, hashed through cloudpickle on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore::fleche_remote.digest.UnstableDigestWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fleche_remote.codec.digest.UnstableDigestWarning")
 
 KEY = "3c" * 32
 OTHER = "d1" * 32
@@ -60,7 +60,7 @@ def _file(root: Path) -> Tuple[Any, Any]:
 
 
 def _sqlite(root: Path) -> Tuple[Any, Any]:
-    from fleche_remote.storage.sql import SqlCallStore
+    from fleche_remote.storage.sql.stores import SqlCallStore
 
     return FileValueStore(root / "values"), SqlCallStore(f"sqlite:///{root / 'calls.db'}")
 

@@ -14,11 +14,11 @@ import pytest
 
 from fleche_remote.caches import Cache
 from fleche_remote.call import Call, CallRecord, make_record
+from fleche_remote.codec.plain import dumps_plain
+from fleche_remote.codec.values import BytesBlob, StreamBlob, blob_digest, decode_value, encode_value
 from fleche_remote.errors import AmbiguousDigestError, ConfigError, CorruptEntryError, StorageError
-from fleche_remote.plain import dumps_plain
 from fleche_remote.storage.base import build_store
 from fleche_remote.storage.hdf5 import INCOMING, Hdf5CallStore, Hdf5ValueStore
-from fleche_remote.values import BytesBlob, StreamBlob, blob_digest, decode_value, encode_value
 
 
 @pytest.fixture

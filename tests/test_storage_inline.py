@@ -22,10 +22,10 @@ import pytest
 
 from fleche_remote import Cache, Call, cache_from_config
 from fleche_remote.call import CallRecord, make_record
+from fleche_remote.codec.values import StreamBlob, blob_digest, encode_value
 from fleche_remote.storage.base import INLINE_MAX
 from fleche_remote.storage.file import FileValueStore
-from fleche_remote.storage.sql import SqlCallStore
-from fleche_remote.values import StreamBlob, blob_digest, encode_value
+from fleche_remote.storage.sql.stores import SqlCallStore
 
 
 def files_under(root: Path) -> List[Path]:
@@ -219,7 +219,7 @@ import sys
 import time
 from fleche_remote import Cache, Call
 from fleche_remote.storage.file import FileValueStore
-from fleche_remote.storage.sql import SqlCallStore, SqlValueStore
+from fleche_remote.storage.sql.stores import SqlCallStore, SqlValueStore
 cache = Cache(SqlValueStore("sqlite:///{tmp_path}/v.db"), SqlCallStore("sqlite:///{tmp_path}/c.db"))
 key = cache.save(Call("f", {{"x": 1}}, 2))
 assert cache.load_value(key) == 2

@@ -17,11 +17,11 @@ import pytest
 
 from fleche_remote.caches import Cache
 from fleche_remote.call import Call, CallRecord, make_record
+from fleche_remote.codec.values import BytesBlob, StreamBlob, blob_digest, decode_value, encode_value
 from fleche_remote.errors import AmbiguousDigestError, ConfigError, CorruptEntryError, StorageError
-from fleche_remote.storage import sql as sqlmod
 from fleche_remote.storage.base import build_store
-from fleche_remote.storage.sql import SqlCallStore, SqlValueStore
-from fleche_remote.values import BytesBlob, StreamBlob, blob_digest, decode_value, encode_value
+from fleche_remote.storage.sql import stores as sqlmod
+from fleche_remote.storage.sql.stores import SqlCallStore, SqlValueStore
 
 
 @pytest.fixture

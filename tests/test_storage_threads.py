@@ -51,7 +51,7 @@ def cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cache]:
     elif kind == "file":
         made = Cache(FileValueStore(tmp_path / "values"), FileCallStore(tmp_path / "calls"))
     elif kind in ("file+sqlite", "sqlite-in-memory", "file+postgres"):
-        from fleche_remote.storage.sql import SqlCallStore
+        from fleche_remote.storage.sql.stores import SqlCallStore
 
         url = {
             "file+sqlite": f"sqlite:///{tmp_path}/calls.db",

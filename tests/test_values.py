@@ -18,11 +18,8 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 import pytest
 
-from fleche_remote import values as values_module
-from fleche_remote.errors import CorruptEntryError
-from fleche_remote.storage.file import FileValueStore
-from fleche_remote.storage.memory import MemoryValueStore
-from fleche_remote.values import (
+from fleche_remote.codec import values as values_module
+from fleche_remote.codec.values import (
     KINDS,
     OUT_OF_BAND_MIN,
     Blob,
@@ -35,6 +32,9 @@ from fleche_remote.values import (
     decode_value,
     encode_value,
 )
+from fleche_remote.errors import CorruptEntryError
+from fleche_remote.storage.file import FileValueStore
+from fleche_remote.storage.memory import MemoryValueStore
 
 MiB = 1 << 20
 
@@ -144,7 +144,7 @@ def test_encoding_copies_no_buffer() -> None:
 
 
 def test_a_non_contiguous_array_streams_in_bounded_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleche_remote import digest as digest_module
+    from fleche_remote.codec import digest as digest_module
 
     monkeypatch.setattr(digest_module, "BLOCK_BYTES", MiB)
     arr = np.asfortranarray(np.arange(4 * MiB // 8, dtype="<f8").reshape(512, -1))  # 4 MiB

@@ -10,8 +10,8 @@ import pytest
 
 from fleche_remote import Call, cached
 from fleche_remote.caches import Cache
+from fleche_remote.codec.digest import call_digest, normalize_version
 from fleche_remote.config import cache_from_config
-from fleche_remote.digest import call_digest, normalize_version
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
 
 

@@ -2,7 +2,7 @@
 
 A cache is built from a handful of record-level primitives, which move
 :class:`~fleche_remote.call.CallRecord` s and value
-:class:`~fleche_remote.values.Blob` s without ever decoding a result. The
+:class:`~fleche_remote.codec.values.Blob` s without ever decoding a result. The
 user-facing methods (``save``, ``load``, ``query``, ...) are written once,
 here, on top of them. That split is what lets the same interface be a
 local directory (:class:`~fleche_remote.caches.Cache`), a stack of layers
@@ -22,10 +22,10 @@ import abc
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import Call, CallRecord, LazyCall, make_record
-from ..digest import Digest
+from ..codec.digest import Digest
+from ..codec.values import Blob, blob_digest, decode_value, encode_value
 from ..errors import Rejected
 from ..query import QueryPlan, check_keywords, plan_query
-from ..values import Blob, blob_digest, decode_value, encode_value
 
 #: Filter keys with this name match metadata instead of an argument (one of
 #: the reserved fields, :data:`fleche_remote.query.FIELDS`).

@@ -25,12 +25,12 @@ import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import CallRecord
-from ..digest import Digest
+from ..codec.digest import Digest
+from ..codec.values import Blob, BytesBlob, StreamBlob, decode_value
 from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
 from ..redaction import REDACTED, redact
 from ..signing import SecretKeyArg, Signer
 from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
-from ..values import Blob, BytesBlob, StreamBlob, decode_value
 from .base import BaseCache
 
 _HEX = frozenset("0123456789abcdef")

@@ -39,9 +39,9 @@ from typing import (
 )
 
 from ..call import CallRecord
-from ..digest import Digest
+from ..codec.digest import Digest
+from ..codec.values import Blob, decode_value
 from ..errors import AmbiguousDigestError, Rejected
-from ..values import Blob, decode_value
 from .base import BaseCache
 from .writebehind import WriteBehind
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import CallRecord
-from ..digest import Digest
-from ..values import Blob
+from ..codec.digest import Digest
+from ..codec.values import Blob
 from .base import BaseCache
 
 #: The table a void cache is written as: both halves ``void``, as in fleche.

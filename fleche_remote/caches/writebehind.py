@@ -46,7 +46,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
-from ..digest import Digest
+from ..codec.digest import Digest
 
 if TYPE_CHECKING:
     from .base import BaseCache

@@ -53,7 +53,7 @@ when a remote asks for it; naming the code costs the client ~7 ms once
 per process (reading and hashing the sources).
 
 Big values on a server without ``xxhash``: the digest scheme hashes bodies
-of 1 MiB or more with XXH3-128 (see :mod:`fleche_remote.digest`), and a
+of 1 MiB or more with XXH3-128 (see :mod:`fleche_remote.codec.digest`), and a
 server checks each value's digest before storing it. A stdlib-only server
 cannot, so it refuses such a save with an error that says to install
 ``xxhash``, and stores nothing. Reading needs no hashing at all, so every

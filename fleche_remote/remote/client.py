@@ -30,11 +30,11 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optio
 from .. import progress
 from ..caches.base import BaseCache
 from ..call import CallRecord
-from ..digest import Digest
+from ..codec.digest import Digest
+from ..codec.values import Blob
 from ..errors import ConfigError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
-from ..storage._config import check_keys, typed
-from ..values import Blob
+from ..storage.options import check_keys, typed
 from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection

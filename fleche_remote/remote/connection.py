@@ -47,8 +47,8 @@ import time
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
-from ..values import Blob
 from .exchange import _Exchange, _frame_size, _Pending
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (

@@ -27,9 +27,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .. import __version__
 from ..caches.base import BaseCache
 from ..call import CallRecord
-from ..digest import DIGEST_SCHEME_NAME
+from ..codec.digest import DIGEST_SCHEME_NAME
+from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
-from ..values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
 
 #: Values up to this size travel inside the reply or request message; larger

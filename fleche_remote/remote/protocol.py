@@ -11,7 +11,7 @@ Design rules (everything that shapes the bytes lives here):
   bytes. The marker makes garbage on the wire fail loudly at the first
   bad byte instead of being read as a length.
 * ``MSG`` frames carry one message (a registered frozen dataclass) encoded
-  with :mod:`fleche_remote.plain`, and decoded with its restricted
+  with :mod:`fleche_remote.codec.plain`, and decoded with its restricted
   unpickler: nothing that arrives can name a class outside the allow-list.
 * Values travel as ``DATA`` frames (raw bytes, at most ``max_chunk``
   each) after the message that announced them in a :class:`BlobHeader`,
@@ -51,8 +51,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ..codec.plain import dumps_plain, loads_plain, register_plain
 from ..errors import ProtocolError
-from ..plain import dumps_plain, loads_plain, register_plain
 
 PROTOCOL_VERSION = 2
 

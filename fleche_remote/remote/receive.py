@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
-from ..values import Blob, BytesBlob, SpooledBlob, StreamBlob, decode_value
+from ..codec.values import Blob, BytesBlob, SpooledBlob, StreamBlob, decode_value
 from .protocol import BlobHeader, Inline
 
 #: Spool a fetched value to disk past this size (``load_blob`` hands the

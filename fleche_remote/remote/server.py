@@ -50,9 +50,9 @@ from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..caches.base import BaseCache
+from ..codec.plain import check_plain
+from ..codec.values import Blob
 from ..errors import ProtocolError, Rejected
-from ..plain import check_plain
-from ..values import Blob
 from .handlers import (
     WRITE_HANDLERS,
     Context,

@@ -25,8 +25,8 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
+from ..codec.values import CHUNK_SIZE
 from ..errors import ProtocolError
-from ..values import CHUNK_SIZE
 from .handlers import IncomingBlob
 from .protocol import ABORT, DATA, END, NEED_DATA, BlobHeader, Frame, FrameDecoder, Request
 from .turns import WriteTurns

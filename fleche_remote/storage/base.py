@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ..call import CallRecord
+from ..codec.values import Blob
 from ..errors import ConfigError
-from ..values import Blob
 
 #: Values whose body is at most this many bytes live *inline*, in the call
 #: store's database next to the records, when the call store can hold them
@@ -284,14 +284,14 @@ _VALUE_TYPES: Dict[str, str] = {
     "memory": "fleche_remote.storage.memory:MemoryValueStore",
     "pickle": "fleche_remote.storage.file:FileValueStore",
     "cloudpickle": "fleche_remote.storage.file:FileValueStore",
-    "sql": "fleche_remote.storage.sql:SqlValueStore",
+    "sql": "fleche_remote.storage.sql.stores:SqlValueStore",
     "hdf5": "fleche_remote.storage.hdf5:Hdf5ValueStore",
 }
 _CALL_TYPES: Dict[str, str] = {
     "memory": "fleche_remote.storage.memory:MemoryCallStore",
     "pickle": "fleche_remote.storage.file:FileCallStore",
     "cloudpickle": "fleche_remote.storage.file:FileCallStore",
-    "sql": "fleche_remote.storage.sql:SqlCallStore",
+    "sql": "fleche_remote.storage.sql.stores:SqlCallStore",
     "hdf5": "fleche_remote.storage.hdf5:Hdf5CallStore",
 }
 

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
 
 from ..call import CallRecord
+from ..codec.plain import dumps_plain, loads_plain
+from ..codec.values import Blob, FileBlob
 from ..errors import CorruptEntryError, StorageError
-from ..plain import dumps_plain, loads_plain
-from ..values import Blob, FileBlob
-from ._config import check_keys, resolve_path, typed
-from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .base import CallStore, ValueStore
+from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
+from .options import check_keys, resolve_path, typed
 
 _VALUE_MAGIC = b"FRV1\n"
 _CALL_MAGIC = b"FRC1\n"

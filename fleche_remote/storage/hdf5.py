@@ -72,12 +72,12 @@ import h5py
 import numpy as np
 
 from ..call import CallRecord
+from ..codec.plain import dumps_plain, loads_plain
+from ..codec.values import Blob, BytesBlob
 from ..errors import ConfigError, CorruptEntryError, ProtocolError, StorageError
-from ..plain import dumps_plain, loads_plain
-from ..values import Blob, BytesBlob
-from ._config import check_keys, resolve_path, typed
-from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
 from .base import CallStore, ValueStore, record_matches
+from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
+from .options import check_keys, resolve_path, typed
 
 #: Name an entry is written under before it is moved into place. Writers
 #: are exclusive, so one name suffices; a leftover from a crashed writer is

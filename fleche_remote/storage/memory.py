@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 from ..call import CallRecord
-from ..values import Blob, BytesBlob
-from ._config import check_keys
+from ..codec.values import Blob, BytesBlob
 from .base import CallStore, ValueStore
+from .options import check_keys
 
 
 class MemoryValueStore(ValueStore):

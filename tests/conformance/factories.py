@@ -133,7 +133,7 @@ def _file_compressed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnd
 
 @register("file+sqlite")
 def _file_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    from fleche_remote.storage.sql import SqlCallStore
+    from fleche_remote.storage.sql.stores import SqlCallStore
 
     calls = SqlCallStore(f"sqlite:///{tmp_path / 'calls.sqlite'}")
     return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
@@ -141,7 +141,7 @@ def _file_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTe
 
 @register("file+postgres")
 def _file_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    from fleche_remote.storage.sql import SqlCallStore
+    from fleche_remote.storage.sql.stores import SqlCallStore
 
     calls = SqlCallStore(request.getfixturevalue("postgres_url"))
     return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
@@ -172,7 +172,7 @@ OTHER_SIGNING_KEY = "a7" * 32
 
 @register("signed")
 def _signed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    from fleche_remote.storage.sql import SqlCallStore
+    from fleche_remote.storage.sql.stores import SqlCallStore
 
     # small values inline in SQLite, big ones in files: both signed
     calls = SqlCallStore(f"sqlite:///{tmp_path / 'calls.sqlite'}")

@@ -21,7 +21,7 @@ from typing import Any, List, Tuple
 import pytest
 
 from fleche_remote import Call
-from fleche_remote.plain import dumps_plain
+from fleche_remote.codec.plain import dumps_plain
 from fleche_remote.remote.client import SshCache
 from fleche_remote.remote.protocol import (
     DATA,

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from fleche_remote.caches import Cache
 from fleche_remote.call import Call, CallRecord
+from fleche_remote.codec.plain import dumps_plain
 from fleche_remote.errors import ProtocolError
-from fleche_remote.plain import dumps_plain
 from fleche_remote.remote.handlers import READ_HANDLERS, WRITE_HANDLERS
 from fleche_remote.remote.protocol import (
     ABORT,
@@ -59,7 +59,7 @@ from fleche_remote.remote.protocol import (
 from fleche_remote.remote.server import serve
 from fleche_remote.storage.file import FileCallStore, FileValueStore
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
-from fleche_remote.storage.sql import SqlCallStore
+from fleche_remote.storage.sql.stores import SqlCallStore
 
 FUZZ = settings(
     max_examples=150,

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from fleche_remote.call import CallRecord
+from fleche_remote.codec.plain import dumps_plain, loads_plain
 from fleche_remote.errors import IncompatibleProtocolError, ProtocolError
-from fleche_remote.plain import dumps_plain, loads_plain
 from fleche_remote.remote.protocol import (
     ABORT,
     BANNER,

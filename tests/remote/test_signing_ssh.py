@@ -18,16 +18,16 @@ import pytest
 
 from fleche_remote import Cache, CacheStack, Call
 from fleche_remote.call import SIGNATURE_KEY
+from fleche_remote.codec.values import BytesBlob
 from fleche_remote.config import cache_from_config
 from fleche_remote.remote.client import SshCache
 from fleche_remote.signing import ENV_VAR, SignatureError, Signer
 from fleche_remote.storage.file import FileCallStore, FileValueStore
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
-from fleche_remote.values import BytesBlob
 
 from .helpers import remote_dir
 
-pytestmark = pytest.mark.filterwarnings("ignore::fleche_remote.digest.UnstableDigestWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fleche_remote.codec.digest.UnstableDigestWarning")
 
 KEY = "6b" * 32
 OTHER = "e4" * 32

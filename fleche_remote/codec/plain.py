@@ -17,7 +17,7 @@ import io
 import pickle
 from typing import Any, Dict, FrozenSet, Tuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 #: Protocol 4 is understood by every Python we support (3.9+) and frames
 #: large bytes objects without copying them through the memo.

@@ -27,8 +27,10 @@ import json
 import time
 from typing import Any, List, Optional, TextIO, Tuple
 
-from .call import CallRecord
-from .cli_common import (
+from ..call import CallRecord
+from ..errors import ConfigError
+from ..progress import ByteBar, CountingBlob, human_bytes, wanted
+from .common import (
     Filters,
     add_cache_options,
     add_filter_options,
@@ -37,8 +39,6 @@ from .cli_common import (
     open_cache,
     select,
 )
-from .errors import ConfigError
-from .progress import ByteBar, CountingBlob, human_bytes, wanted
 
 #: Entries per round trip (``contains_many``, ``load_entries``, ``save_records``).
 BATCH_KEYS = 256
@@ -159,7 +159,7 @@ class _LayeredReader:
         self.layers = layers_of(stack)
 
     def load_entries(self, keys: List[str]) -> List[Any]:
-        from .caches.stack import first_found
+        from ..caches.stack import first_found
 
         return first_found(self.layers, keys, lambda layer, some: layer.load_entries(some))
 

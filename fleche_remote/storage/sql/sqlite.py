@@ -57,9 +57,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import quote, unquote
 
-from ..errors import StorageError
-from ._fs import DEFAULT_FS, FsPolicy, permission_error
-from ._sqldb import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database
+from ...errors import StorageError
+from ..fs import DEFAULT_FS, FsPolicy, permission_error
+from .db import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database
 
 _T = TypeVar("_T")
 
@@ -109,7 +109,7 @@ class SqliteDatabase(Database):
         target: the file path, a ``file:`` URI (with ``uri``), or ``""`` /
             ``":memory:"`` for a private in-memory database.
         uri: ``target`` is a ``file:`` URI.
-        what, shown, echo: see :class:`~._sqldb.Database`.
+        what, shown, echo: see :class:`~.db.Database`.
         fs: the ``shared`` and ``allow_network_fs`` options.
 
     Raises:

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._sqldb import SCHEMA, Database
+from .db import SCHEMA, Database
 
 #: Arbitrary constant naming the advisory lock that serializes CREATE TABLE.
 _DDL_LOCK_ID = 0x666C6563686531

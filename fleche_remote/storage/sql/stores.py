@@ -2,7 +2,7 @@
 
 SQLite (one file, nothing to run) suits the processes of one machine;
 PostgreSQL suits many machines. Both run the same statements through the
-small DB-API interface of :mod:`._sqldb`: SQLite through the standard
+small DB-API interface of :mod:`.db`: SQLite through the standard
 library's ``sqlite3`` alone (:mod:`.sqlite`; no SQLAlchemy is imported for
 a ``sqlite://`` url, so a server starts fast and needs nothing installed),
 PostgreSQL through a SQLAlchemy engine and psycopg 3 (:mod:`.postgres`).
@@ -35,14 +35,15 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl
 
-from .. import call as _callmod
-from ..call import CallRecord
-from ..errors import ConfigError, CorruptEntryError, StorageError
-from ..values import Blob
-from ._config import check_keys, resolve_path, typed
-from ._fs import DEFAULT_FS, FS_KEYS, FsPolicy
-from ._sqldb import BATCH, BUSY_TIMEOUT_S, Database
-from ._sqlrows import (
+from ... import call as _callmod
+from ...call import CallRecord
+from ...codec.values import Blob
+from ...errors import ConfigError, CorruptEntryError, StorageError
+from ..base import CallStore, InlineValues, ValueStore, record_matches
+from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
+from ..options import check_keys, resolve_path, typed
+from .db import BATCH, BUSY_TIMEOUT_S, Database
+from .rows import (
     _BLOB_COLUMNS,
     _CALL_COLUMNS,
     _PG_PUT_ONE,
@@ -53,7 +54,6 @@ from ._sqlrows import (
     _insert,
     loads_json,
 )
-from .base import CallStore, InlineValues, ValueStore, record_matches
 
 __all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
 
@@ -139,7 +139,7 @@ def _pg_url(url: str, where: str) -> Any:
 
 
 def open_database(url: str, what: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> Database:
-    """The :class:`~._sqldb.Database` for an (already resolved) url."""
+    """The :class:`~.db.Database` for an (already resolved) url."""
     backend, rest = _split_url(url, what)
     if backend == "sqlite":
         from .sqlite import SqliteDatabase, connect_target
@@ -246,7 +246,7 @@ class SqlValueStore(_SqlStore, ValueStore):
     Args:
         url: ``sqlite:///path/values.db`` (a relative path resolves against
             the current directory) or ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql.stores``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
@@ -301,7 +301,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     Args:
         url: ``sqlite:///path/calls.db`` (a relative path resolves against
             the current directory) or ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql.stores``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
@@ -475,7 +475,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         return [r[0] for r in self._db.rows(sql, (prefix, prefix + "g", limit))]
 
     def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
-        # one paged scan: there is no index on calls.value (see _sqldb.SCHEMA)
+        # one paged scan: there is no index on calls.value (see db.SCHEMA)
         wanted = set(value_digests)
         found: set[str] = set()
         sql = self._db.sql("SELECT key, value FROM calls WHERE key > ? ORDER BY key LIMIT ?")

@@ -8,9 +8,9 @@ import base64
 import json
 from typing import Any, Sequence, Tuple
 
-from ..call import CallRecord
-from ..errors import CorruptEntryError
-from ..values import Blob, BytesBlob
+from ...call import CallRecord
+from ...codec.values import Blob, BytesBlob
+from ...errors import CorruptEntryError
 
 # -- metadata as JSON ----------------------------------------------------------
 #

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .storage._fs import network_mount
+from ..storage.fs import network_mount
 
 #: The name the built-in cache goes by (``load_cache("local")``, ``fleche-remote ls local``).
 BUILTIN_NAME = "local"

@@ -18,7 +18,7 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, ContextManager, List, Optional, Sequence, Tuple
 
-from ..errors import StorageError
+from ...errors import StorageError
 
 log = logging.getLogger("fleche_remote.storage.sql")
 

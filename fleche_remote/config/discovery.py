@@ -6,9 +6,9 @@ Files are found by walking up from the working directory to ``$HOME``
 level, the closer file winning a whole table, and ``root = true`` in a
 ``[default]`` table stops the walk. A discovered file that someone else
 could have written is skipped with a warning
-(:mod:`fleche_remote.config_trust`). With no file at all,
+(:mod:`fleche_remote.config.trust`). With no file at all,
 :func:`builtin_config` is what applies
-(:mod:`fleche_remote.config_default`).
+(:mod:`fleche_remote.config.default`).
 
 Building caches from the tables is :mod:`fleche_remote.config`'s job; this
 module only reads, merges and checks ``[default]``, the one table that is
@@ -24,10 +24,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from . import config_forms
-from .config_default import builtin_tables, user_cache_dir
-from .config_trust import UntrustedConfigWarning, skip_message, untrusted_reason
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import forms as config_forms
+from .default import builtin_tables, user_cache_dir
+from .trust import UntrustedConfigWarning, skip_message, untrusted_reason
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +38,7 @@ CONFIG_NAME = "fleche.toml"
 DEFAULT_TABLE = "default"
 #: Keys of ``[default]`` and their types; ``cache`` is a name, an inline
 #: table or an inline array (a stack); ``metadata`` is checked by
-#: :func:`~fleche_remote.config_forms.check_metadata`.
+#: :func:`~fleche_remote.config.forms.check_metadata`.
 DEFAULT_KEYS: Dict[str, Tuple[type, ...]] = {"cache": (str, dict, list), "root": (bool,), "metadata": (list,)}
 
 
@@ -66,7 +66,7 @@ class Config(Mapping[str, Any]):
         files: the files read, highest priority (closest) first.
         searched: every path looked at, found or not, for error messages.
         ignored: discovered files that were skipped as unsafe, each with
-            the reason (see :mod:`fleche_remote.config_trust`).
+            the reason (see :mod:`fleche_remote.config.trust`).
         builtin: True when no file was found and the tables are the
             built-in default (see :func:`builtin_config`).
     """
@@ -231,7 +231,7 @@ def load_config(
         cwd: start the walk here instead of the current directory.
 
     Discovered files that others could have written are skipped with an
-    :class:`~fleche_remote.config_trust.UntrustedConfigWarning` (and listed
+    :class:`~fleche_remote.config.trust.UntrustedConfigWarning` (and listed
     in ``config.ignored``); a file named by ``path`` is read as it is.
 
     Returns:
@@ -276,6 +276,6 @@ def load_config(
 def builtin_config(searched: Sequence[Path] = (), ignored: Sequence[Tuple[Path, str]] = ()) -> Config:
     """The configuration in effect when no fleche.toml was found: one
     cache, ``local``, in the user cache directory (see
-    :mod:`fleche_remote.config_default`), which is ``[default] cache``."""
+    :mod:`fleche_remote.config.default`), which is ``[default] cache``."""
     tables = builtin_tables(user_cache_dir(_home()))
     return Config(tables, {}, (), searched, ignored, builtin=True)

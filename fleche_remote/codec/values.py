@@ -49,9 +49,9 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
+from ..errors import CorruptEntryError
 from . import digest as _digest
 from .digest import DIGEST_SCHEME_NAME, BodyHasher, Digest, bulk_hasher, c_order_blocks
-from .errors import CorruptEntryError
 
 #: Chunk size for streaming value bodies (files, wire, hashing). 1 MiB keeps
 #: per-chunk overhead negligible (<0.1% at ssh speeds) while the memory any

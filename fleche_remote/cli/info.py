@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from .caches.base import BaseCache
-from .cli_common import add_cache_options, layers_of, open_cache, table
-from .progress import human_bytes
+from ..caches.base import BaseCache
+from ..progress import human_bytes
+from .common import add_cache_options, layers_of, open_cache, table
 
 #: Round trips timed for the latency check.
 PINGS = 20
@@ -94,8 +94,8 @@ def _flatten(data: Any, prefix: str = "") -> List[Tuple[str, str]]:
 
 
 def _layer_info(layer: BaseCache) -> Dict[str, Any]:
-    from .config import cache_to_config, redact
-    from .remote.client import SshCache
+    from ..config import cache_to_config, redact
+    from ..remote.client import SshCache
 
     if isinstance(layer, SshCache):
         info = dict(layer.info())
@@ -155,14 +155,14 @@ class Report:
 
 
 def _ssh_argv(layer: Any, remote: str) -> List[str]:
-    from .remote.ssh_options import fast_cipher_options
+    from ..remote.ssh_options import fast_cipher_options
 
     extra = fast_cipher_options(layer.ssh, layer.ssh_options, layer.host) if layer.fast_cipher else ()
     return [layer.ssh, "-T", *extra, *layer.ssh_options, layer.host, remote]
 
 
 def _shell_prefix(layer: Any) -> str:
-    from .remote.client import _sh_path
+    from ..remote.client import _sh_path
 
     steps = [f"cd {_sh_path(layer.workdir)}"] if layer.workdir else []
     steps += list(layer.setup_commands)
@@ -174,7 +174,7 @@ def _probe(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
     key ran a forced command (the server) instead of the probe."""
     import shlex
 
-    from .remote.client import _sh_path
+    from ..remote.client import _sh_path
 
     remote = _shell_prefix(layer) + f"{_sh_path(layer.python)} -c {shlex.quote(_PROBE)}"
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def _probe(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
 def _check_package(
     layer: Any, probe: Optional[Dict[str, Any]], info: Optional[Dict[str, Any]], report: Report
 ) -> None:
-    from . import __version__
+    from .. import __version__
 
     # the server's own word on how it runs, when it gives one; else the layer's setting
     boot = (info or {}).get("bootstrap") or getattr(layer, "bootstrap", None)
@@ -330,7 +330,7 @@ def _describe_cache(cache: Any) -> str:
 
 def _connect(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
     """Step 2: the handshake and what the server says."""
-    from .errors import FlecheRemoteError
+    from ..errors import FlecheRemoteError
 
     started = time.perf_counter()
     try:
@@ -382,7 +382,7 @@ def _check_latency(layer: Any, report: Report) -> None:
 
 
 def _stream(layer: Any, remote: str, send: int, receive: int) -> Optional[float]:
-    from .remote.protocol import MAGIC
+    from ..remote.protocol import MAGIC
 
     """Seconds to move ``send`` bytes up or ``receive`` bytes down through the
     layer's ssh, timed from the remote's ready mark; None when the remote
@@ -463,7 +463,7 @@ def _doctor_layer(layer: Any, args: argparse.Namespace, report: Report) -> None:
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     """Check every ssh layer of a cache (or a host); exit 1 if a check fails."""
-    from .remote.client import SshCache
+    from ..remote.client import SshCache
 
     report = Report(out, quiet=args.json)
     opened = open_cache(args.target, args, any_host=True)

@@ -14,7 +14,7 @@ What is translated (see also README, "fleche.toml written for fleche"):
   lock): dropped with a :class:`ConfigDeprecationWarning`.
 * ``remaining_depth`` on a value store (fleche's destructuring depth) has
   no effect: results are stored whole. Dropped with a
-  :class:`~fleche_remote.config_trust.ConfigWarning`.
+  :class:`~fleche_remote.config.trust.ConfigWarning`.
 * an SQL ``url`` that is a bare path (``url = "db/calls.db"``) means that
   SQLite file, relative to the declaring file like every relative path.
 * ``values``/``calls`` ``type = "void"`` (both halves) is a
@@ -35,8 +35,8 @@ import sys
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Protocol
 
-from .config_trust import ConfigWarning
-from .errors import ConfigError
+from ..errors import ConfigError
+from .trust import ConfigWarning
 
 
 class ConfigDeprecationWarning(DeprecationWarning):

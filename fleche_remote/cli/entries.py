@@ -2,7 +2,7 @@
 tidying the entries of a cache.
 
 ``ls`` and ``show`` only read: a stack is read layer by layer, nothing is
-back-filled, and arguments are shown through :mod:`fleche_remote.peek`,
+back-filled, and arguments are shown through :mod:`fleche_remote.codec.peek`,
 which imports and runs nothing. ``show`` decodes the result itself (that
 is what it is asked for), unless it is larger than ``--max-result-bytes``.
 """
@@ -15,7 +15,10 @@ import json
 import time
 from typing import Any, Dict, List, TextIO
 
-from .cli_common import (
+from ..codec.peek import abridged, abridged_arguments, peek_arguments
+from ..errors import ConfigError
+from ..progress import human_bytes
+from .common import (
     Filters,
     add_cache_options,
     add_filter_options,
@@ -28,9 +31,6 @@ from .cli_common import (
     table,
     timestamp,
 )
-from .errors import ConfigError
-from .peek import abridged, abridged_arguments, peek_arguments
-from .progress import human_bytes
 
 #: ``evict`` by filters asks (or wants ``--yes``) past this many entries.
 CONFIRM_ABOVE = 5

@@ -8,7 +8,7 @@ mostly just works. In short:
   table, or an array of names and tables, which is a stack),
   ``root = true`` (stop the discovery walk here) and ``metadata``
   (fleche's; only its default ``["Runtime"]`` is accepted, see
-  :mod:`fleche_remote.config_forms`).
+  :mod:`fleche_remote.config.forms`).
 * A cache table is either explicit (``values = {type = ...}`` and
   ``calls = {type = ...}``), a ``template`` with a ``root``, or
   ``type = "ssh"`` (or another registered cache type). ``read_only = true``
@@ -19,14 +19,14 @@ mostly just works. In short:
 * Files are found by walking up from the working directory to ``$HOME``
   (inclusive) or ``/``, then ``$XDG_CONFIG_HOME/fleche/cache.toml``; they
   merge shallowly at the top level, the closer file winning a whole table
-  (:mod:`fleche_remote.config_discovery`). A discovered file that someone
+  (:mod:`fleche_remote.config.discovery`). A discovered file that someone
   else could have written is skipped with a warning
-  (:mod:`fleche_remote.config_trust`). With no file at all, the built-in
+  (:mod:`fleche_remote.config.trust`). With no file at all, the built-in
   cache in the user cache directory is used
-  (:mod:`fleche_remote.config_default`).
+  (:mod:`fleche_remote.config.default`).
 * fleche's own forms (``lock_timeout``, bare-path SQL urls, ``void``,
   ``dill``, pools, ...) are translated or refused in
-  :mod:`fleche_remote.config_forms`.
+  :mod:`fleche_remote.config.forms`.
 * A relative ``root`` or SQLite ``url`` is relative to the file that
   declared it, so a checked-in file means the same cache from any
   subdirectory.
@@ -47,10 +47,16 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import config_forms
-from .caches import BaseCache, Cache, CacheStack
-from .caches.void import VoidCache
-from .config_discovery import (  # discovery lives there; its names stay importable from here
+from ..caches import BaseCache, Cache, CacheStack
+from ..caches.void import VoidCache
+from ..errors import ConfigError
+from ..redaction import is_secret_key, redact, redact_text
+from ..signing import config_signer
+from ..storage.base import build_store
+from ..storage.fs import FS_KEYS
+from ..storage.options import resolve_path
+from . import forms as config_forms
+from .discovery import (  # discovery lives there; its names stay importable from here
     CONFIG_NAME,  # noqa: F401
     DEFAULT_KEYS,  # noqa: F401
     DEFAULT_TABLE,
@@ -60,12 +66,6 @@ from .config_discovery import (  # discovery lives there; its names stay importa
     load_config,
     read_toml,
 )
-from .errors import ConfigError
-from .redaction import is_secret_key, redact, redact_text
-from .signing import config_signer
-from .storage._config import resolve_path
-from .storage._fs import FS_KEYS
-from .storage.base import build_store
 
 #: The table name errors and the cache memo use for an inline ``[default] cache``.
 INLINE_DEFAULT = "default.cache"

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, TextIO
 
-from .errors import FlecheRemoteError
+from ..errors import FlecheRemoteError
 
 #: The example computation, a script each process runs; its function is
 #: filed as ``__main__.simulate``, as every function of the script you run
@@ -102,7 +102,7 @@ def _run(argv: List[str], cwd: Path, env: Dict[str, str], out: TextIO) -> float:
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the laptop + cluster demo through a private sshd."""
-    from .testing import private_sshd
+    from ..testing import private_sshd
 
     ns = [int(n) for n in args.n]
     started = time.perf_counter()

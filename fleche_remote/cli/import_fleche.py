@@ -15,7 +15,7 @@ Each fleche call becomes a :class:`~fleche_remote.call.Call` with:
 * the arguments and result as fleche loads them; keys are computed anew
   under fleche-remote's scheme;
 * ``version`` as a string (fleche's ``2`` becomes ``"2"``, see
-  :func:`~fleche_remote.digest.normalize_version`);
+  :func:`~fleche_remote.codec.digest.normalize_version`);
 * fleche's metadata (``{"Runtime": {...}, ...}``), where it is plain
   data; entries that are not are dropped, and said so.
 
@@ -36,10 +36,10 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from .call import Call
-from .digest import normalize_version
-from .errors import ConfigError
-from .plain import check_plain
+from ..call import Call
+from ..codec.digest import normalize_version
+from ..codec.plain import check_plain
+from ..errors import ConfigError
 
 #: Calls saved per ``save_many``: one round trip each to a remote destination.
 BATCH = 200
@@ -158,7 +158,7 @@ def _plain_copy(value: Any) -> Any:
 
 def cmd_import_fleche(args: argparse.Namespace, out: TextIO) -> int:
     """Copy every call of fleche cache NAME into a fleche-remote cache."""
-    from .cli_common import no_progress_bars, open_cache
+    from .common import no_progress_bars, open_cache
 
     source = _fleche_cache(args.name)
     dst = open_cache(args.into, args)
@@ -250,7 +250,7 @@ def _save(cache: Any, batch: List[Call], problems: List[str]) -> Tuple[int, int]
 
 def register(sub: Any) -> None:
     """Add ``import-fleche`` to the ``fleche-remote`` command line."""
-    from .cli_common import add_cache_options
+    from .common import add_cache_options
 
     p = sub.add_parser(
         "import-fleche",

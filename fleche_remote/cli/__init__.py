@@ -10,16 +10,16 @@ Subcommands:
     table came from. The output is valid TOML.
 ``info HOST|CACHE``, ``doctor HOST|CACHE``
     What a cache is and what its server reports; a check of a remote
-    set-up with a fix for each failure (:mod:`.cli_info`).
+    set-up with a fix for each failure (:mod:`.info`).
 ``ls``, ``show KEY``, ``evict``, ``gc``
     List, inspect and remove stored calls; delete unreferenced values
-    (:mod:`.cli_entries`).
+    (:mod:`.entries`).
 ``pull SRC DST``, ``push SRC DST``
     Copy selected entries between two caches, skipping what is there
-    (:mod:`.cli_copy`).
+    (:mod:`.copy`).
 ``demo``
     A laptop and a cluster on this machine, through a private sshd
-    (:mod:`.cli_demo`).
+    (:mod:`.demo`).
 
 Every command has ``--help``; those whose output is data have ``--json``.
 
@@ -42,7 +42,7 @@ import re
 import sys
 from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
-from .errors import ConfigError, FlecheRemoteError
+from ..errors import ConfigError, FlecheRemoteError
 
 PROG = "fleche-remote"
 
@@ -51,12 +51,12 @@ PROG = "fleche-remote"
 # them; imported only when the command line is built, so that
 # ``import fleche_remote`` stays cheap.
 COMMAND_MODULES: Sequence[str] = (
-    "fleche_remote.cli_info",
-    "fleche_remote.cli_entries",
-    "fleche_remote.cli_copy",
-    "fleche_remote.cli_demo",
-    "fleche_remote.migrate",
-    "fleche_remote.remote.install",
+    "fleche_remote.cli.info",
+    "fleche_remote.cli.entries",
+    "fleche_remote.cli.copy",
+    "fleche_remote.cli.demo",
+    "fleche_remote.cli.import_fleche",
+    "fleche_remote.cli.install",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_HELP = "read this file instead of discovering fleche.toml files"
@@ -127,14 +127,14 @@ def dump_config(tables: Mapping[str, Any], source: Callable[[str], Any] = lambda
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(args.config) if args.config else load_config()
 
 
 def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
     """Print the merged, redacted configuration and where it came from."""
-    from .config import builtin_config, redact
+    from ..config import builtin_config, redact
 
     config = _load(args)
     # files skipped as unsafe are listed first: they explain a missing table
@@ -153,7 +153,7 @@ def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``serve`` is listed for help; its arguments are
     parsed by the server itself)."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Persistent function-result caches, local or over ssh."
@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
-        from .remote import server
+        from ..remote import server
 
         return server.main(args_list[1:])
     try:

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .caches.base import BaseCache
-from .call import CallRecord
-from .errors import ConfigError
+from ..caches.base import BaseCache
+from ..call import CallRecord
+from ..errors import ConfigError
 
 CONFIG_HELP = "read this file instead of discovering fleche.toml files"
 
@@ -64,7 +64,7 @@ def load_cli_config(args: argparse.Namespace) -> Any:
     """The configuration a command works on: ``--config``, else the
     discovered files, else (none found) the built-in default cache, as
     ``@cached`` would use it."""
-    from .config import builtin_config, load_config
+    from ..config import builtin_config, load_config
 
     path = getattr(args, "config", None)
     if path:
@@ -89,7 +89,7 @@ class Opened:
 
 
 def _host_cache(host: str, args: argparse.Namespace) -> BaseCache:
-    from .remote.client import SshCache
+    from ..remote.client import SshCache
 
     if host.startswith("ssh://"):
         host = host[len("ssh://") :]
@@ -117,8 +117,8 @@ def open_cache(spec: Optional[str], args: argparse.Namespace, *, any_host: bool 
     Raises:
         ConfigError: no such cache, layer or fleche.toml.
     """
-    from .caches.stack import CacheStack
-    from .config import load_cache
+    from ..caches.stack import CacheStack
+    from ..config import load_cache
 
     if spec is not None and spec.startswith("ssh://"):
         cache = _host_cache(spec, args)
@@ -155,14 +155,14 @@ def open_cache(spec: Optional[str], args: argparse.Namespace, *, any_host: bool 
 
 def layers_of(cache: BaseCache) -> List[BaseCache]:
     """The layers of a stack, or the cache itself."""
-    from .caches.stack import CacheStack
+    from ..caches.stack import CacheStack
 
     return list(cache.layers) if isinstance(cache, CacheStack) else [cache]
 
 
 def no_progress_bars(cache: BaseCache) -> None:
     """Silence the per-value bars of ssh layers (a command draws its own)."""
-    from .remote.client import SshCache
+    from ..remote.client import SshCache
 
     for layer in layers_of(cache):
         if isinstance(layer, SshCache):
@@ -218,7 +218,7 @@ class Filters:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Filters:
-        from .digest import digest_of
+        from ..codec.digest import digest_of
 
         digests: Dict[str, str] = {}
         for item in getattr(args, "where", []) or []:
