@@ -17,7 +17,8 @@ from .cached import cached
 from .caches import BaseCache, Cache, CacheStack
 from .caches.writebehind import WriteBehind
 from .call import Call, CallRecord, LazyCall
-from .codec.digest import BulkHashUnavailable, Digest, UnstableDigestWarning, digest_of
+from .codec.bodyhash import BulkHashUnavailable
+from .codec.digest import Digest, UnstableDigestWarning, digest_of
 from .errors import (
     AmbiguousDigestError,
     ConfigError,

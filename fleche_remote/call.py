@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
+from .codec.bodyhash import DIGEST_SCHEME_NAME
 from .codec.digest import (
-    DIGEST_SCHEME_NAME,
     Digest,
     call_digest,
     call_digest_from_arg_digests,

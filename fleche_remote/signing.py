@@ -73,8 +73,9 @@ from typing import (
 )
 
 from .call import SIGNATURE_KEY, CallRecord
+from .codec.bodyhash import DIGEST_SCHEME_NAME, BodyHasher
 from .codec.canonical import _parts, _rereadable, canonical
-from .codec.digest import DIGEST_SCHEME_NAME, BodyHasher, Digest
+from .codec.digest import Digest
 from .codec.values import (
     CHUNK_SIZE,
     Blob,

@@ -34,10 +34,10 @@ import xxhash
 
 from fleche_remote import Digest, UnstableDigestWarning, digest_of
 from fleche_remote.call import LEGACY_DIGEST_SCHEME, Call, CallRecord, make_record
+from fleche_remote.codec import bodyhash as bodyhash_module
 from fleche_remote.codec import digest as digest_module
+from fleche_remote.codec.bodyhash import DIGEST_SCHEME_NAME, BulkHashUnavailable
 from fleche_remote.codec.digest import (
-    DIGEST_SCHEME_NAME,
-    BulkHashUnavailable,
     c_order_blocks,
     call_digest,
     call_digest_from_arg_digests,
@@ -451,13 +451,13 @@ def test_known_types_do_not_warn() -> None:
 
 def test_bulk_threshold_is_part_of_the_scheme() -> None:
     # changing it changes keys: it must move only with DIGEST_SCHEME_NAME
-    assert digest_module.BULK_THRESHOLD == REF_THRESHOLD == 1 << 20
+    assert bodyhash_module.BULK_THRESHOLD == REF_THRESHOLD == 1 << 20
     assert DIGEST_SCHEME_NAME == "fleche-remote/2"
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200])
 def test_threshold_boundary_matches_the_reference(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
+    monkeypatch.setattr(bodyhash_module, "BULK_THRESHOLD", 64)
     data = bytes((i * 7) % 251 for i in range(n))
     for value in (data, data.decode("latin-1"), np.frombuffer(data, dtype=np.uint8), {"k": data}):
         assert digest_of(value) == _reference_digest(value, threshold=64), (n, type(value))
@@ -469,7 +469,7 @@ def test_threshold_boundary_matches_the_reference(monkeypatch: pytest.MonkeyPatc
 
 
 def test_below_and_at_the_threshold_use_different_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
+    monkeypatch.setattr(bodyhash_module, "BULK_THRESHOLD", 64)
     for n in (63, 64):
         data = b"x" * n
         raw_form = hashlib.sha256(REF_KEY_PREFIX + b"b" + n.to_bytes(8, "big") + data).hexdigest()
@@ -480,7 +480,7 @@ def test_below_and_at_the_threshold_use_different_forms(monkeypatch: pytest.Monk
 
 
 def test_large_array_in_any_layout_hashes_as_its_c_order_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 1000)
+    monkeypatch.setattr(bodyhash_module, "BULK_THRESHOLD", 1000)
     monkeypatch.setattr(digest_module, "BLOCK_BYTES", 4096)  # many slabs, one row at a time too
     a = np.arange(40 * 30 * 7, dtype="<f8").reshape(40, 30, 7)
     for view in (np.asfortranarray(a), a[:, ::2], a[::-1], a.transpose(1, 0, 2)):
@@ -490,8 +490,8 @@ def test_large_array_in_any_layout_hashes_as_its_c_order_bytes(monkeypatch: pyte
 
 
 def test_missing_xxhash_is_a_clear_error_only_for_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(digest_module, "BULK_THRESHOLD", 64)
-    monkeypatch.setattr(digest_module, "_xxh3_128", None)
+    monkeypatch.setattr(bodyhash_module, "BULK_THRESHOLD", 64)
+    monkeypatch.setattr(bodyhash_module, "_xxh3_128", None)
     monkeypatch.setitem(sys.modules, "xxhash", None)  # import xxhash now fails
     digest_of(b"x" * 63)  # small bodies need only the standard library
     with pytest.raises(BulkHashUnavailable, match="pip install 'xxhash>=3'"):
@@ -517,10 +517,10 @@ def test_a_wrong_xxhash_build_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
         def xxh3_128(data: bytes = b"") -> Any:
             return hashlib.md5(data)
 
-    monkeypatch.setattr(digest_module, "_xxh3_128", None)
+    monkeypatch.setattr(bodyhash_module, "_xxh3_128", None)
     monkeypatch.setitem(sys.modules, "xxhash", Wrong)
     with pytest.raises(BulkHashUnavailable, match="expected 99aa06d3"):
-        digest_module.bulk_hasher()
+        bodyhash_module.bulk_hasher()
 
 
 # -- keys from per-argument digests, and the record's scheme -----------------

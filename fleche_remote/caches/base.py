@@ -123,6 +123,19 @@ class BaseCache(abc.ABC):
     def close(self) -> None:
         """Release files, connections and subprocesses (reopened on use)."""
 
+    def to_config(self) -> Any:
+        """The fleche.toml table (a list of tables for a stack) that builds
+        this cache again; what :func:`fleche_remote.config.cache_to_config`
+        returns, and what write-behind names its journal after.
+
+        Each cache knows its own form, so nothing below the config layer
+        has to import it.
+
+        Raises:
+            TypeError: this cache has no config form.
+        """
+        raise TypeError(f"a {type(self).__name__} has no config form (it has no to_config() method)")
+
     def __enter__(self) -> BaseCache:
         return self
 

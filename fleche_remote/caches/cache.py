@@ -91,6 +91,16 @@ class Cache(BaseCache):
     def read_only(self) -> bool:
         return self._read_only
 
+    def to_config(self) -> Dict[str, Any]:
+        """The ``values`` / ``calls`` table that builds this cache again;
+        a secret key from ``FLECHE_SECRET_KEY`` stays out of it."""
+        cfg: Dict[str, Any] = {"values": self.values.to_config(), "calls": self.calls.to_config()}
+        if self._read_only:
+            cfg["read_only"] = True
+        if self.signer is not None and self.signer.in_config:
+            cfg["secret_key"] = self.signer.to_config()
+        return cfg
+
     def __repr__(self) -> str:
         ro = ", read_only=True" if self._read_only else ""
         signed = f", secret_key={REDACTED!r}" if self.signer is not None else ""

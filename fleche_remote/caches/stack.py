@@ -43,7 +43,7 @@ from ..codec.digest import Digest
 from ..codec.values import Blob, decode_value
 from ..errors import AmbiguousDigestError, Rejected
 from .base import BaseCache
-from .writebehind import WriteBehind
+from .writebehind import WRITE_BEHIND_KEY, WriteBehind
 
 log = logging.getLogger("fleche_remote.stack")
 
@@ -101,6 +101,19 @@ class CacheStack(BaseCache):
 
     def __repr__(self) -> str:
         return f"CacheStack({self.layers!r})"
+
+    def to_config(self) -> List[Any]:
+        """One table per layer, write-behind layers marked with
+        ``write_behind = true``; ``backfill=False`` and a write-behind
+        layer's queue and journal settings have no config form."""
+        behind = [writer.layer for writer in self.write_behind]
+        tables: List[Any] = []
+        for layer in self.layers:
+            table = layer.to_config()
+            if any(layer is b for b in behind) and isinstance(table, dict):
+                table = {**table, WRITE_BEHIND_KEY: True}
+            tables.append(table)
+        return tables
 
     @property
     def read_only(self) -> bool:

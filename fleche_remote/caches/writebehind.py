@@ -58,6 +58,10 @@ except ImportError:  # pragma: no cover - Windows: one process per journal
 
 log = logging.getLogger("fleche_remote.writebehind")
 
+#: On an ssh layer of a stack in fleche.toml: push saves to it in the
+#: background.
+WRITE_BEHIND_KEY = "write_behind"
+
 #: Keys that may wait before a save blocks. Keys are small; the bound is
 #: about how far the remote may lag behind the compute loop.
 DEFAULT_QUEUE_SIZE = 4096
@@ -220,10 +224,8 @@ class Journal:
 
 
 def _identity(cache: BaseCache) -> Any:
-    from ..config import cache_to_config  # config imports the caches package
-
     try:
-        return cache_to_config(cache)
+        return cache.to_config()
     except TypeError:
         return repr(cache)
 

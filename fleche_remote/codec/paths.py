@@ -5,7 +5,7 @@ the file changed, so a concrete :class:`pathlib.Path` argument enters a call
 key as its final name plus the digest of the bytes it names:
 
 * a **file**: its content, hashed under the same body rule as every other
-  byte string (SHA-256 below :data:`~fleche_remote.codec.digest.BULK_THRESHOLD`,
+  byte string (SHA-256 below :data:`~fleche_remote.codec.bodyhash.BULK_THRESHOLD`,
   XXH3-128 from there on), read in 1 MiB chunks;
 * a **directory**: its whole tree, every entry's path relative to it, its
   kind, and each file's content, in sorted order (hidden entries included;
@@ -47,7 +47,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from .digest import DIGEST_SCHEME, BodyHasher
+from .bodyhash import DIGEST_SCHEME, BodyHasher
 
 log = logging.getLogger("fleche_remote.paths")
 

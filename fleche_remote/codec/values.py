@@ -50,8 +50,9 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from ..errors import CorruptEntryError
-from . import digest as _digest
-from .digest import DIGEST_SCHEME_NAME, BodyHasher, Digest, bulk_hasher, c_order_blocks
+from . import bodyhash
+from .bodyhash import DIGEST_SCHEME_NAME, BodyHasher, bulk_hasher
+from .digest import Digest, c_order_blocks
 
 #: Chunk size for streaming value bodies (files, wire, hashing). 1 MiB keeps
 #: per-chunk overhead negligible (<0.1% at ssh speeds) while the memory any
@@ -398,7 +399,7 @@ class VerifyingBlob(Blob):
     renames a body that arrived corrupted or under a forged digest.
 
     Hashing happens on the chunks as they stream to the store: no pass of
-    its own. A body of :data:`~.digest.BULK_THRESHOLD` bytes or more needs
+    its own. A body of :data:`~.bodyhash.BULK_THRESHOLD` bytes or more needs
     the ``xxhash`` package; without it, reading raises
     :class:`~.digest.BulkHashUnavailable` before the first chunk, so
     nothing is half-written.
@@ -417,7 +418,7 @@ class VerifyingBlob(Blob):
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[BytesLike]:
         h = blob_hasher(self.kind, self.meta, self.scheme)
-        if self.size >= _digest.BULK_THRESHOLD:  # read at use: tests may lower it
+        if self.size >= bodyhash.BULK_THRESHOLD:  # read at use: tests may lower it
             bulk_hasher()  # fail now, with the package to install, not after the body
         for chunk in self.inner.chunks(chunk_size):
             h.update(chunk)

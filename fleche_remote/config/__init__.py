@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..caches import BaseCache, Cache, CacheStack
 from ..caches.void import VoidCache
+from ..caches.writebehind import WRITE_BEHIND_KEY
 from ..errors import ConfigError
 from ..redaction import is_secret_key, redact, redact_text
 from ..signing import config_signer
@@ -132,9 +133,6 @@ TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
 SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
 _EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key")
-#: On an ssh layer of a stack: push saves to it in the background
-#: (see :mod:`fleche_remote.caches.writebehind`).
-WRITE_BEHIND_KEY = "write_behind"
 
 
 class _Where:
@@ -427,31 +425,10 @@ def cache_to_config(cache: BaseCache) -> CacheConfig:
     Raises:
         TypeError: ``cache`` has no config form.
     """
-    # a cache's own to_config() wins, so subclasses and registered types
-    # keep the form their factory reads back
-    to_config = getattr(cache, "to_config", None)
-    if callable(to_config):
-        result = to_config()
-        if not isinstance(result, (dict, list)):
-            raise TypeError(f"{type(cache).__name__}.to_config() returned {_describe(result)}, not a table")
-        return result
-    if isinstance(cache, CacheStack):
-        behind = [writer.layer for writer in cache.write_behind]
-        tables = []
-        for layer in cache.layers:
-            table = cache_to_config(layer)
-            if any(layer is b for b in behind) and isinstance(table, dict):
-                table = {**table, WRITE_BEHIND_KEY: True}
-            tables.append(table)
-        return tables
-    if isinstance(cache, Cache):
-        cfg: Dict[str, Any] = {"values": cache.values.to_config(), "calls": cache.calls.to_config()}
-        if cache.read_only:
-            cfg["read_only"] = True
-        if cache.signer is not None and cache.signer.in_config:  # not a FLECHE_SECRET_KEY one
-            cfg["secret_key"] = cache.signer.to_config()
-        return cfg
-    raise TypeError(f"a {type(cache).__name__} has no config form (it has no to_config() method)")
+    result = cache.to_config()
+    if not isinstance(result, (dict, list)):
+        raise TypeError(f"{type(cache).__name__}.to_config() returned {_describe(result)}, not a table")
+    return result
 
 
 # -- loading a named cache --------------------------------------------------------

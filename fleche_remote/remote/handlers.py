@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .. import __version__
 from ..caches.base import BaseCache
 from ..call import CallRecord
-from ..codec.digest import DIGEST_SCHEME_NAME
+from ..codec.bodyhash import DIGEST_SCHEME_NAME
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
