@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
-from .exchange import _Exchange, _frame_size, _Pending
+from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     DATA,
@@ -167,7 +167,7 @@ class Connection:
         self._turns = WriteTurns()  # small requests overtake a value's chunks
         self._upload_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self._pending: Dict[int, _Pending] = {}
+        self._pending: Dict[int, Pending] = {}
         self._queued_total = 0
         self._leading = False
         self._leader = 0  # thread ident of the leader, to spot a flag left by Ctrl-C
@@ -183,7 +183,7 @@ class Connection:
 
     # -- failure handling ---------------------------------------------------
 
-    def _fail(self, message: str, exc: Optional[BaseException] = None) -> RemoteConnectionError:
+    def fail(self, message: str, exc: Optional[BaseException] = None) -> RemoteConnectionError:
         """Kill the transport, remember why, wake every waiter; the error to raise."""
         with self._cond:
             if self._error is not None:
@@ -217,7 +217,7 @@ class Connection:
     def hello(self) -> Hello:
         """The server's ``Hello`` (waits for it if it has not arrived yet)."""
         if self._hello is None:
-            self._wait(None)
+            self.next_frame(None)
         assert self._hello is not None
         return self._hello
 
@@ -236,7 +236,7 @@ class Connection:
         try:
             found = self._scanner.feed(data)
         except ProtocolError as exc:
-            raise self._fail(str(exc)) from None
+            raise self.fail(str(exc)) from None
         if found is None:
             return b""
         self.noise, version, rest = found
@@ -253,7 +253,7 @@ class Connection:
         try:
             check_version(version)
         except RemoteConnectionError as exc:
-            raise self._fail(str(exc), exc) from None
+            raise self.fail(str(exc), exc) from None
         return rest
 
     def _startup_failure(self, why_eof: bool) -> RemoteConnectionError:
@@ -267,9 +267,9 @@ class Connection:
             )
             if noise:
                 why += f"; it printed {describe_noise(noise)}"
-            return self._fail(why)
+            return self.fail(why)
         seen = f"; received only {describe_noise(noise)}" if noise else "; received nothing"
-        return self._fail(
+        return self.fail(
             f"no fleche-remote banner from {self.target} within {self.connect_timeout:g} s{seen}"
         )
 
@@ -291,7 +291,7 @@ class Connection:
         except TransportTimeout:
             if self._hello is None:
                 raise self._startup_failure(False) from None
-            raise self._fail(
+            raise self.fail(
                 f"no reply from {self.target} within {wait:g} s (server hung or stopped?); "
                 f"the connection was closed"
             ) from None
@@ -306,7 +306,7 @@ class Connection:
                 if not data:
                     if self._hello is None:
                         raise self._startup_failure(True)
-                    raise self._fail(f"the server at {self.target} closed the connection")
+                    raise self.fail(f"the server at {self.target} closed the connection")
                 if self._scanner is not None:
                     data = self._take_banner(data)
                     if not data:
@@ -316,9 +316,9 @@ class Connection:
         except RemoteConnectionError:
             raise
         except OSError as exc:
-            raise self._fail(f"reading from {self.target} failed: {exc}") from None
+            raise self.fail(f"reading from {self.target} failed: {exc}") from None
         except BaseException:
-            self._fail("a reply was interrupted while it was being read")
+            self.fail("a reply was interrupted while it was being read")
             raise
 
     def _fill(self, buf: bytearray, have: int, wait: float) -> None:
@@ -330,13 +330,13 @@ class Connection:
                 try:
                     self.transport.wait_readable(wait)
                 except TransportTimeout:
-                    raise self._fail(
+                    raise self.fail(
                         f"no reply from {self.target} within {wait:g} s (server hung or stopped?); "
                         f"the connection was closed"
                     ) from None
                 continue
             if n == 0:
-                raise self._fail(f"the server at {self.target} closed the connection")
+                raise self.fail(f"the server at {self.target} closed the connection")
             have += n
         self._decoder.feed_claimed(buf)
 
@@ -345,13 +345,13 @@ class Connection:
             try:
                 frame = self._decoder.next_frame()
             except ProtocolError as exc:
-                raise self._fail(f"garbage from {self.target}: {exc}") from None
+                raise self.fail(f"garbage from {self.target}: {exc}") from None
             if frame is NEED_DATA:
                 return
             assert isinstance(frame, Frame)
             if self._hello is None:
                 if frame.type != MSG or not isinstance(frame.message, Hello):
-                    raise self._fail(
+                    raise self.fail(
                         f"expected the server's Hello after its banner, got frame type {frame.type}"
                     )
                 self._hello = frame.message
@@ -364,13 +364,13 @@ class Connection:
                 pending = self._pending.get(frame.id)
                 if pending is None:
                     continue  # the tail of an abandoned request
-                size = _frame_size(frame)
+                size = frame_size(frame)
                 pending.frames.append(frame)
                 pending.queued += size
                 self._queued_total += size
                 self._cond.notify_all()
 
-    def _wait(self, pending: Optional[_Pending]) -> Optional[Frame]:
+    def next_frame(self, pending: Optional[Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
         while True:
             abandoned = False
@@ -378,7 +378,7 @@ class Connection:
                 while True:
                     if pending is not None and pending.frames:
                         frame = pending.frames.popleft()
-                        size = _frame_size(frame)
+                        size = frame_size(frame)
                         pending.queued -= size
                         self._queued_total -= size
                         self._last_taken = time.monotonic()
@@ -399,7 +399,7 @@ class Connection:
                         break
                     self._cond.wait(_FOLLOW_SLICE)
             if abandoned:  # outside the lock: _fail takes it
-                raise self._fail(
+                raise self.fail(
                     f"replies from {self.target} filled the queue and nobody took them for "
                     f"{self.timeout:g} s (a request abandoned mid-answer?); the connection was closed"
                 )
@@ -420,7 +420,7 @@ class Connection:
             and time.monotonic() - self._last_taken > self.timeout
         )
 
-    def _lead(self, pending: Optional[_Pending]) -> None:
+    def _lead(self, pending: Optional[Pending]) -> None:
         """Read until ``pending`` has a frame (or the Hello is in)."""
         while True:
             if pending is not None and pending.frames:
@@ -462,7 +462,7 @@ class Connection:
 
     def exchange(
         self, op: str, args: Optional[Dict[str, Any]] = None, blobs: Sequence[Tuple[BlobHeader, Blob]] = ()
-    ) -> _Exchange:
+    ) -> Exchange:
         """Send a request; the returned context manager reads its answer."""
         self._check_usable()
         deadline = time.monotonic() + max(self.timeout, self.connect_timeout)
@@ -477,7 +477,7 @@ class Connection:
                 rid = self._next_id
                 self._next_id = (self._next_id % 0xFFFFFFFF) + 1
                 self.requests_sent += 1
-                pending = _Pending(rid)
+                pending = Pending(rid)
                 self._pending[rid] = pending
             try:
                 self._send(Request(rid, op, dict(args or {}), [h for h, _ in blobs]), blobs)
@@ -487,7 +487,7 @@ class Connection:
         except BaseException:
             self._slots.release()
             raise
-        return _Exchange(self, pending)
+        return Exchange(self, pending)
 
     def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
         """A request the server acts on without answering (credit, cancel)."""
@@ -499,7 +499,13 @@ class Connection:
             self.requests_sent += 1
         self._send(Request(rid, op, args, []), ())
 
-    def _forget(self, pending: _Pending) -> None:
+    def release(self, pending: Pending) -> None:
+        """Forget ``pending`` (its remaining frames are skipped) and free
+        its slot among the requests in flight."""
+        self._forget(pending)
+        self._slots.release()
+
+    def _forget(self, pending: Pending) -> None:
         with self._cond:
             if self._pending.pop(pending.rid, None) is not None:
                 self._queued_total -= pending.queued
@@ -544,7 +550,7 @@ class Connection:
             except BaseException:
                 if started and not complete:
                     # half a request is on the wire: the stream can't be trusted
-                    self._fail("a request was interrupted while it was being sent")
+                    self.fail("a request was interrupted while it was being sent")
                 raise
 
     def _write_whole(self, data: bytes) -> None:
@@ -558,10 +564,10 @@ class Connection:
         if self._hello is None and self._error is None:
             # the peer died before its banner: say why rather than "broken pipe"
             try:
-                self._wait(None)
+                self.next_frame(None)
             except RemoteConnectionError as startup:
                 return startup
-        return self._fail(f"sending to {self.target} failed: {exc.args[0]}", exc)
+        return self.fail(f"sending to {self.target} failed: {exc.args[0]}", exc)
 
     def close(self) -> None:
         with self._cond:

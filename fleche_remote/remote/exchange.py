@@ -5,10 +5,10 @@ writes requests, and whichever thread leads reads frames and files each
 under the request it belongs to. What is filed, and how a caller reads it
 back, is here:
 
-* :class:`_Pending` is one request in flight: the frames received for it
+* :class:`Pending` is one request in flight: the frames received for it
   that its thread has not taken yet (their size counts against the
   connection's ``MAX_QUEUED_BYTES``);
-* :class:`_Exchange` is the caller's side of that request: its messages,
+* :class:`Exchange` is the caller's side of that request: its messages,
   its value streams checked against their headers, and, when the caller
   leaves early, the request forgotten and its stream cancelled;
 * :func:`rebuild_exception` turns an error answer back into the
@@ -22,14 +22,32 @@ from __future__ import annotations
 
 import builtins
 import collections
-from typing import TYPE_CHECKING, Deque, Dict, Iterator, Type
+from typing import Any, Deque, Dict, Iterator, Optional, Protocol, Type
 
 from .. import errors as _errors
 from ..errors import RemoteError
 from .protocol import ABORT, DATA, END, MSG, BlobHeader, ErrorResponse, Frame, Response
 
-if TYPE_CHECKING:
-    from .connection import Connection
+
+class Channel(Protocol):
+    """What an exchange needs of its connection (a
+    :class:`~fleche_remote.remote.connection.Connection`), and no more."""
+
+    target: str
+    #: why the connection failed, or None while it works
+    broken: Optional[str]
+
+    def next_frame(self, pending: Pending) -> Optional[Frame]:
+        """The next frame filed for ``pending``, reading the wire if need be."""
+
+    def fail(self, message: str, exc: Optional[BaseException] = None) -> BaseException:
+        """Break the connection; the error to raise."""
+
+    def release(self, pending: Pending) -> None:
+        """Forget ``pending`` and free its slot."""
+
+    def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
+        """Send a request that gets no answer."""
 
 _REBUILDABLE: Dict[str, Type[BaseException]] = {
     name: getattr(builtins, name)
@@ -81,7 +99,7 @@ def rebuild_exception(err: ErrorResponse) -> BaseException:
     return exc
 
 
-class _Pending:
+class Pending:
     """One request in flight: the frames received for it, not yet taken."""
 
     __slots__ = ("frames", "queued", "rid")
@@ -92,11 +110,11 @@ class _Pending:
         self.queued = 0
 
 
-def _frame_size(frame: Frame) -> int:
+def frame_size(frame: Frame) -> int:
     return len(frame.payload) + 64
 
 
-class _Exchange:
+class Exchange:
     """The answer side of one request: its messages and value streams.
 
     Used as a context manager; leaving it early (an exception, Ctrl-C, a
@@ -104,20 +122,19 @@ class _Exchange:
     frames are skipped, and asks the server to stop a stream in progress.
     """
 
-    def __init__(self, conn: Connection, pending: _Pending) -> None:
+    def __init__(self, conn: Channel, pending: Pending) -> None:
         self.conn = conn
         self.pending = pending
         self.finished = False
         self._streams_left = 0
         self._more = False
 
-    def __enter__(self) -> _Exchange:
+    def __enter__(self) -> Exchange:
         return self
 
     def __exit__(self, *exc: object) -> None:
         conn = self.conn
-        conn._forget(self.pending)
-        conn._slots.release()
+        conn.release(self.pending)
         if not self.finished and conn.broken is None:
             try:
                 conn.send_one_way("cancel", {"id": self.pending.rid})
@@ -125,7 +142,7 @@ class _Exchange:
                 pass
 
     def _next(self) -> Frame:
-        frame = self.conn._wait(self.pending)
+        frame = self.conn.next_frame(self.pending)
         assert frame is not None
         return frame
 
@@ -141,12 +158,12 @@ class _Exchange:
         frame = self._next()
         message = frame.message
         if frame.type != MSG:
-            raise self.conn._fail(f"expected a reply from {self.conn.target}, got frame type {frame.type}")
+            raise self.conn.fail(f"expected a reply from {self.conn.target}, got frame type {frame.type}")
         if isinstance(message, ErrorResponse):
             self.finished = True
             raise rebuild_exception(message)
         if not isinstance(message, Response):
-            raise self.conn._fail(f"expected a reply from {self.conn.target}, got {type(message).__name__}")
+            raise self.conn.fail(f"expected a reply from {self.conn.target}, got {type(message).__name__}")
         self._streams_left = len(message.blobs)
         self._more = message.more
         self._settle()
@@ -162,7 +179,7 @@ class _Exchange:
                 yield frame.payload
             elif frame.type == END:
                 if received != header.size:
-                    raise self.conn._fail(
+                    raise self.conn.fail(
                         f"value from {self.conn.target} ended after {received} of {header.size} bytes"
                     )
                 self._streams_left -= 1
@@ -174,4 +191,4 @@ class _Exchange:
                 reason = bytes(frame.payload).decode("utf-8", "replace")
                 raise _errors.CorruptEntryError(f"the server could not send the value: {reason}")
             else:
-                raise self.conn._fail(f"expected value data from {self.conn.target}, got a message")
+                raise self.conn.fail(f"expected value data from {self.conn.target}, got a message")

@@ -166,7 +166,7 @@ class _Server:
                     f"more than {MAX_PENDING_UPLOADS} requests with values are waiting for their data; "
                     f"a client has at most 64 requests in flight"
                 )
-            upload = _Upload(self, request)
+            upload = _Upload(self.stopping, request)
             self.uploads[request.id] = upload
             self.upload_jobs.put((request, upload.blobs))
             return

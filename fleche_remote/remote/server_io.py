@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from ..codec.values import CHUNK_SIZE
 from ..errors import ProtocolError
 from .handlers import IncomingBlob
 from .protocol import ABORT, DATA, END, NEED_DATA, BlobHeader, Frame, FrameDecoder, Request
 from .turns import WriteTurns
-
-if TYPE_CHECKING:
-    from .server import _Server
 
 #: Read size: one chunk frame plus its header in a single call.
 _READ_SIZE = CHUNK_SIZE + 64
@@ -118,8 +115,9 @@ class _Input:
 class _Upload:
     """The value streams of one request, fed by the reader, read by a handler."""
 
-    def __init__(self, server: _Server, request: Request) -> None:
-        self.server = server
+    def __init__(self, stopping: threading.Event, request: Request) -> None:
+        #: set when the server stops: a handler waiting for data gives up
+        self.stopping = stopping
         self.headers = list(request.blobs)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=UPLOAD_QUEUE_FRAMES)
         self.index = 0  # the blob now arriving
@@ -153,7 +151,7 @@ class _Upload:
                 self.queue.put(item, timeout=_POLL)
                 return
             except queue.Full:
-                if self.server.stopping.is_set():
+                if self.stopping.is_set():
                     return
 
     def close_input(self) -> None:
@@ -168,7 +166,7 @@ class _Upload:
             try:
                 frame = self.queue.get(timeout=_POLL)
             except queue.Empty:
-                if self.server.stopping.is_set():
+                if self.stopping.is_set():
                     raise ProtocolError("the server is stopping") from None
                 continue
             if frame is _EOF:
