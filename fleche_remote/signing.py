@@ -74,7 +74,7 @@ from typing import (
 
 from .call import SIGNATURE_KEY, CallRecord
 from .codec.bodyhash import DIGEST_SCHEME_NAME, BodyHasher
-from .codec.canonical import _parts, _rereadable, canonical
+from .codec.canonical import blob_parts, canonical, rereadable
 from .codec.digest import Digest
 from .codec.values import (
     CHUNK_SIZE,
@@ -343,11 +343,11 @@ class Signer:
         One pass over the body computes both. A one-shot stream is spooled
         first (it must be read again to be stored).
         """
-        blob = _rereadable(blob)
+        blob = rereadable(blob)
         key = self._keys[0]
         mac = self._value_mac(key, blob)
         body = BodyHasher()
-        for part in _parts(blob):
+        for part in blob_parts(blob):
             mac.update(part)
             body.update(part)
         if body.size != blob.size:

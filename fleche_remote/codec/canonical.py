@@ -3,7 +3,7 @@
 A MAC is only as good as the bytes it is computed over. Those bytes must be
 the same whichever store an entry went through and whichever process reads
 it back: :func:`canonical` turns the plain data of records and metadata
-into one unambiguous form, and :func:`_parts` / :func:`_rereadable` hand a
+into one unambiguous form, and :func:`blob_parts` / :func:`rereadable` hand a
 value's body over in its largest pieces, spooled first when it is a
 one-shot stream that will have to be read again.
 
@@ -112,7 +112,7 @@ def _canon_other(obj: Any, out: bytearray) -> None:
 # -- blobs ------------------------------------------------------------------------------
 
 
-def _parts(blob: Blob) -> Iterator[BytesLike]:
+def blob_parts(blob: Blob) -> Iterator[BytesLike]:
     """The body in the largest pieces at hand (no per-chunk overhead for
     bodies already in memory)."""
     if isinstance(blob, BytesBlob):
@@ -123,7 +123,7 @@ def _parts(blob: Blob) -> Iterator[BytesLike]:
         yield from blob.chunks()
 
 
-def _rereadable(blob: Blob) -> Blob:
+def rereadable(blob: Blob) -> Blob:
     """``blob`` itself, or for a one-shot stream a spooled copy of it."""
     inner = getattr(blob, "inner", blob)  # a VerifyingBlob around a stream
     if not isinstance(inner, StreamBlob):

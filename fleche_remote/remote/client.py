@@ -38,10 +38,9 @@ from ..storage.options import check_keys, typed
 from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection
-from .handlers import WIRE_INLINE_BUDGET, WIRE_INLINE_MAX
-from .lifecycle import _Lifecycle
-from .protocol import BlobHeader, Inline
-from .receive import _decode_first, _spool, _unpack_blobs
+from .lifecycle import Lifecycle
+from .protocol import BlobHeader, Inline, inline_choices
+from .receive import decode_first, spool, unpack_blobs
 from .ssh_options import fast_cipher_options, timeout_options
 from .transport import PipeTransport, Transport
 
@@ -55,7 +54,7 @@ def _sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
-class SshCache(_Lifecycle, BaseCache):
+class SshCache(Lifecycle, BaseCache):
     """A :class:`BaseCache` whose storage is a cache on another host.
 
     Args:
@@ -382,14 +381,12 @@ class SshCache(_Lifecycle, BaseCache):
             return
         if self.signer is not None:  # here, so that the key never leaves this process
             items = self.signer.sign_entries(items)
-        budget = WIRE_INLINE_BUDGET
         inline: List[Optional[Inline]] = []
         blobs: List[Tuple[BlobHeader, Blob]] = []
-        for record, blob in items:
-            if blob.size <= WIRE_INLINE_MAX and blob.size <= budget:
-                body = blob.read_all()
-                budget -= len(body)
-                inline.append(Inline(blob.kind, dict(blob.meta), body))
+        small = inline_choices([blob.size for _, blob in items])
+        for (record, blob), is_small in zip(items, small):
+            if is_small:
+                inline.append(Inline(blob.kind, dict(blob.meta), blob.read_all()))
             else:
                 inline.append(None)
                 blobs.append((BlobHeader(blob.kind, blob.meta, blob.size, record.value), blob))
@@ -409,7 +406,7 @@ class SshCache(_Lifecycle, BaseCache):
         return records if self.signer is None else self.signer.open_records(records, self._where, keys)
 
     def load_blob(self, value_digest: str) -> Blob:
-        consume = progress.downloads(_spool, self.progress, self.host)
+        consume = progress.downloads(spool, self.progress, self.host)
         blob: Blob = self._request(
             "load_blob", {"digest": str(value_digest)}, consume=consume, offline=_absent(value_digest)
         )
@@ -421,7 +418,7 @@ class SshCache(_Lifecycle, BaseCache):
         if not value_digests:
             return []
         args = {"digests": [str(d) for d in value_digests]}
-        consume = progress.downloads(_unpack_blobs, self.progress, self.host)
+        consume = progress.downloads(unpack_blobs, self.progress, self.host)
         blobs: List[Optional[Blob]] = self._request(
             "load_blobs", args, consume=consume, offline=lambda: [None] * len(value_digests)
         )
@@ -433,7 +430,7 @@ class SshCache(_Lifecycle, BaseCache):
             return []
 
         def consume(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
-            blobs = _unpack_blobs([None if e is None else e[1] for e in result], streams)
+            blobs = unpack_blobs([None if e is None else e[1] for e in result], streams)
             return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
 
         with_bar = progress.downloads(consume, self.progress, self.host)
@@ -517,12 +514,12 @@ class SshCache(_Lifecycle, BaseCache):
     def load_value(self, key: str) -> Any:
         """The result under ``key`` (full or unique prefix), in one round
         trip; an array streams straight into its final buffer."""
-        decode = _decode_first if self.signer is None else self.signer.stream_decoder(self._where, key=key)
+        decode = decode_first if self.signer is None else self.signer.stream_decoder(self._where, key=key)
         consume = progress.downloads(decode, self.progress, self.host)
         return self._request("load_value", {"key": str(key)}, consume=consume, offline=_absent(key))
 
     def fetch_result(self, value_digest: str) -> Any:
-        decode: Callable[..., Any] = _decode_first
+        decode: Callable[..., Any] = decode_first
         if self.signer is not None:
             decode = self.signer.stream_decoder(self._where, digest=value_digest)
         consume = progress.downloads(decode, self.progress, self.host)

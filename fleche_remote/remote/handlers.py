@@ -30,15 +30,7 @@ from ..call import CallRecord
 from ..codec.bodyhash import DIGEST_SCHEME_NAME
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
-from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
-
-#: Values up to this size travel inside the reply or request message; larger
-#: ones stream as DATA frames. 64 KiB keeps a message of small results one
-#: frame while a big value never sits whole in a message.
-WIRE_INLINE_MAX = 64 << 10
-
-#: Inline bytes one message may carry in all; the rest of a batch streams.
-WIRE_INLINE_BUDGET = 8 << 20
+from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
 
 #: A query page holds at most this many records, or about this many bytes.
 PAGE_RECORDS = 500
@@ -138,16 +130,14 @@ def _optional_mapping(args: Dict[str, Any], name: str) -> Optional[Dict[str, Any
 def pack_blobs(blobs: Sequence[Tuple[str, Optional[Blob]]]) -> Tuple[List[Any], List[Tuple[str, Blob]]]:
     """Each blob as ``Inline`` (small, within the budget), ``True`` (streams
     after the message) or ``None`` (absent)."""
-    budget = WIRE_INLINE_BUDGET
     items: List[Any] = []
     streamed: List[Tuple[str, Blob]] = []
-    for digest, blob in blobs:
+    small = inline_choices([None if blob is None else blob.size for _, blob in blobs])
+    for (digest, blob), inline in zip(blobs, small):
         if blob is None:
             items.append(None)
-        elif blob.size <= WIRE_INLINE_MAX and blob.size <= budget:
-            body = blob.read_all()
-            budget -= len(body)
-            items.append(Inline(blob.kind, dict(blob.meta), body))
+        elif inline:
+            items.append(Inline(blob.kind, dict(blob.meta), blob.read_all()))
         else:
             items.append(True)
             streamed.append((digest, blob))

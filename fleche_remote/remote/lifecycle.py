@@ -6,7 +6,7 @@ on. It opens it lazily on first use (an ssh login, perhaps a 2FA prompt),
 reuses it for the process's life, closes it when it carried nothing for
 ``idle_timeout`` seconds, and reopens a broken one only when
 ``retry_after`` allows it and no prompt can appear. Every request goes
-through :meth:`_Lifecycle._request`, which reports a connection failure
+through :meth:`Lifecycle._request`, which reports a connection failure
 once per outage and, with ``on_error = "warn"``, answers from the
 operation's offline fallback instead of raising (the policy itself is
 :class:`~fleche_remote.remote.health.Outage`).
@@ -63,7 +63,7 @@ def _startup_message(
     return explain
 
 
-class _Lifecycle:
+class Lifecycle:
     """The connection half of :class:`~fleche_remote.remote.client.SshCache`
     (the attributes below are set by its constructor)."""
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..codec.plain import dumps_plain, loads_plain, register_plain
 from ..errors import ProtocolError
@@ -147,6 +147,32 @@ class Inline:
     body: bytes
 
 
+#: Values up to this size travel inside the reply or request message; larger
+#: ones stream as DATA frames. 64 KiB keeps a message of small results one
+#: frame while a big value never sits whole in a message.
+WIRE_INLINE_MAX = 64 << 10
+
+#: Inline bytes one message may carry in all; the rest of a batch streams.
+WIRE_INLINE_BUDGET = 8 << 20
+
+
+def inline_choices(sizes: Sequence[Optional[int]]) -> List[bool]:
+    """Which of a message's values (by size; ``None``: absent) travel inline.
+
+    One rule for both ends, so a request and a reply of the same values
+    are shaped alike: small ones inline, in order, while the message's
+    budget lasts; the rest stream after it.
+    """
+    budget = WIRE_INLINE_BUDGET
+    out: List[bool] = []
+    for size in sizes:
+        small = size is not None and size <= WIRE_INLINE_MAX and size <= budget
+        if small:
+            budget -= size  # type: ignore[operator]
+        out.append(small)
+    return out
+
+
 @register_plain
 @dataclass(frozen=True)
 class ErrorResponse:
@@ -158,9 +184,6 @@ class ErrorResponse:
     args: Tuple[Any, ...] = ()
     traceback: str = ""
 
-
-#: Requests the server acts on without answering (flow control).
-ONE_WAY_OPS = frozenset({"credit", "cancel"})
 
 Message = Union[Hello, Request, Response, ErrorResponse]
 _MESSAGE_TYPES = (Hello, Request, Response, ErrorResponse)

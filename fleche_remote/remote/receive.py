@@ -28,12 +28,12 @@ from .protocol import BlobHeader, Inline
 SPOOL_IN_MEMORY_BELOW = 64 << 20
 
 
-def _decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
+def decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
     header, chunks = streams[0]
     return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
 
 
-def _unpack_blobs(
+def unpack_blobs(
     items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]
 ) -> List[Optional[Blob]]:
     """Blobs from a reply's items: ``Inline`` ones as they are, ``True`` ones
@@ -63,6 +63,6 @@ def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> 
     return SpooledBlob(header.kind, header.meta, header.size, spool)
 
 
-def _spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
+def spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
     header, chunks = streams[0]
     return _spool_one(header, chunks, in_memory=header.size < SPOOL_IN_MEMORY_BELOW)

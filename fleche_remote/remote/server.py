@@ -81,7 +81,7 @@ from .protocol import (
     encode_message,
     frame_header,
 )
-from .server_io import _EOF, _POLL, _Input, _Output, _OutStream, _Upload
+from .server_io import EOF, POLL, Input, Output, OutStream, Upload
 from .turns import BULK_FRAME
 
 log = logging.getLogger("fleche_remote.server")
@@ -105,15 +105,15 @@ MAX_PENDING_UPLOADS = 256
 
 
 class _Server:
-    def __init__(self, ctx: Context, table: Dict[str, Handler], inp: _Input, out: _Output) -> None:
+    def __init__(self, ctx: Context, table: Dict[str, Handler], inp: Input, out: Output) -> None:
         self.ctx = ctx
         self.table = table
         self.inp = inp
         self.out = out
         self.stopping = threading.Event()
-        self.uploads: Dict[int, _Upload] = {}
+        self.uploads: Dict[int, Upload] = {}
         self.receiving: Optional[int] = None  # the upload whose values are arriving
-        self.streams: Dict[int, _OutStream] = {}
+        self.streams: Dict[int, OutStream] = {}
         self.streams_lock = threading.Lock()
         self.stream_threads: List[threading.Thread] = []
         self.upload_jobs: queue.Queue[Any] = queue.Queue()
@@ -166,7 +166,7 @@ class _Server:
                     f"more than {MAX_PENDING_UPLOADS} requests with values are waiting for their data; "
                     f"a client has at most 64 requests in flight"
                 )
-            upload = _Upload(self.stopping, request)
+            upload = Upload(self.stopping, request)
             self.uploads[request.id] = upload
             self.upload_jobs.put((request, upload.blobs))
             return
@@ -216,7 +216,7 @@ class _Server:
 
     # -- answers ------------------------------------------------------------
 
-    def _write_reply(self, rid: int, reply: Reply, stream: Optional[_OutStream], flush: bool) -> None:
+    def _write_reply(self, rid: int, reply: Reply, stream: Optional[OutStream], flush: bool) -> None:
         headers = [BlobHeader(b.kind, b.meta, b.size, digest) for digest, b in reply.blobs]
         if not self.out.send([encode_message(Response(rid, reply.result, headers))], flush=flush):
             return
@@ -224,7 +224,7 @@ class _Server:
             if not self._send_blob(rid, blob, stream, flush):
                 return
 
-    def _send_blob(self, rid: int, blob: Blob, stream: Optional[_OutStream], flush: bool) -> bool:
+    def _send_blob(self, rid: int, blob: Blob, stream: Optional[OutStream], flush: bool) -> bool:
         """Stream one value; False if the client went away or cancelled."""
         sent = 0
         try:
@@ -242,7 +242,7 @@ class _Server:
         return self.out.send([encode_end(rid)], flush=flush)
 
     def _spawn(self, rid: int, credits: int, target: Any, reply: Any) -> None:
-        stream = _OutStream(credits)
+        stream = OutStream(credits)
         with self.streams_lock:
             if len(self.streams) >= MAX_STREAMS:
                 self.out.send(
@@ -255,26 +255,26 @@ class _Server:
         self.stream_threads.append(thread)
         thread.start()
 
-    def _run_stream(self, rid: int, stream: _OutStream, target: Any, reply: Any) -> None:
+    def _run_stream(self, rid: int, stream: OutStream, target: Any, reply: Any) -> None:
         try:
             target(rid, stream, reply)
         finally:
             with self.streams_lock:
                 self.streams.pop(rid, None)
 
-    def _stream_reply(self, rid: int, stream: _OutStream, reply: Reply) -> None:
+    def _stream_reply(self, rid: int, stream: OutStream, reply: Reply) -> None:
         self._write_reply(rid, reply, stream, flush=True)
 
-    def _stream_pages(self, rid: int, stream: _OutStream, pages: Pages) -> None:
+    def _stream_pages(self, rid: int, stream: OutStream, pages: Pages) -> None:
         source = iter(pages.pages)
         try:
             page = next(source)
             while True:
-                nxt = next(source, _EOF)
-                last = nxt is _EOF
+                nxt = next(source, EOF)
+                last = nxt is EOF
                 with stream.cond:
                     while stream.credits <= 0 and not stream.cancelled and not self.stopping.is_set():
-                        stream.cond.wait(_POLL)
+                        stream.cond.wait(POLL)
                     if stream.cancelled or self.stopping.is_set():
                         return
                     stream.credits -= 1
@@ -412,9 +412,9 @@ def serve(
     ctx = Context(cache, cache_name, read_only, append_only)
     ctx.info = server_info(cache, cache_name, read_only, append_only)
     table = handler_table(read_only, os.environ.get(DEBUG_OPS_ENV) == "1", append_only)
-    out = _Output(output_stream)
+    out = Output(output_stream)
     out.send([BANNER + encode_message(Hello(PROTOCOL_VERSION, __version__, ctx.info))])
-    server = _Server(ctx, table, _Input(input_stream), out)
+    server = _Server(ctx, table, Input(input_stream), out)
     try:
         server.run()
     finally:

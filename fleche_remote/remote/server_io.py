@@ -5,14 +5,14 @@
 bytes for it, and holds the bounds that keep a hostile or slow client
 from growing the server's memory:
 
-* :class:`_Input` reads whole frames from the input stream (main thread),
+* :class:`Input` reads whole frames from the input stream (main thread),
   a big payload straight into its final buffer;
-* :class:`_Output` writes whole frames from any thread, small answers
+* :class:`Output` writes whole frames from any thread, small answers
   before the chunks of a value (see :mod:`~fleche_remote.remote.turns`);
-* :class:`_Upload` carries one request's incoming values from the reader
+* :class:`Upload` carries one request's incoming values from the reader
   to the upload thread through a bounded queue, checking each frame
   against what the request announced;
-* :class:`_OutStream` is the credit count of one answer streamed by a
+* :class:`OutStream` is the credit count of one answer streamed by a
   thread of its own.
 
 It is separate so that the request loop reads as the protocol's rules,
@@ -38,12 +38,12 @@ _READ_SIZE = CHUNK_SIZE + 64
 UPLOAD_QUEUE_FRAMES = 8
 
 #: How often blocked server threads look up to see if the server is stopping.
-_POLL = 0.5
+POLL = 0.5
 
-_EOF = object()
+EOF = object()
 
 
-class _Output:
+class Output:
     """Frames out, whole frames at a time, from any thread."""
 
     def __init__(self, stream: BinaryIO) -> None:
@@ -73,7 +73,7 @@ class _Output:
         self.send((), flush=True)
 
 
-class _Input:
+class Input:
     """Blocking frame reads from the server's input stream (main thread)."""
 
     def __init__(self, stream: BinaryIO) -> None:
@@ -112,7 +112,7 @@ class _Input:
         self.decoder.feed_claimed(buf)
 
 
-class _Upload:
+class Upload:
     """The value streams of one request, fed by the reader, read by a handler."""
 
     def __init__(self, stopping: threading.Event, request: Request) -> None:
@@ -148,7 +148,7 @@ class _Upload:
     def _put(self, item: Any) -> None:
         while True:
             try:
-                self.queue.put(item, timeout=_POLL)
+                self.queue.put(item, timeout=POLL)
                 return
             except queue.Full:
                 if self.stopping.is_set():
@@ -157,20 +157,20 @@ class _Upload:
     def close_input(self) -> None:
         """The input ended: whatever waits for more data gets an error."""
         try:
-            self.queue.put_nowait(_EOF)
+            self.queue.put_nowait(EOF)
         except queue.Full:
             pass
 
     def _source(self, header: BlobHeader) -> Iterator[Any]:
         while True:
             try:
-                frame = self.queue.get(timeout=_POLL)
+                frame = self.queue.get(timeout=POLL)
             except queue.Empty:
                 if self.stopping.is_set():
                     raise ProtocolError("the server is stopping") from None
                 continue
-            if frame is _EOF:
-                self._put(_EOF)  # the next blob's reader must see it too
+            if frame is EOF:
+                self._put(EOF)  # the next blob's reader must see it too
                 raise ProtocolError("input ended in the middle of a value")
             if frame.type == DATA:
                 yield frame.payload
@@ -181,7 +181,7 @@ class _Upload:
                 raise ValueError(f"the client aborted the value: {reason}")
 
 
-class _OutStream:
+class OutStream:
     """Flow control for one answer streamed by a thread of its own."""
 
     def __init__(self, credits: int) -> None:

@@ -255,11 +255,6 @@ class InlineValues(ABC):
         """Delete the inline blobs no record refers to; returns how many."""
 
 
-def holds_values(store: CallStore) -> bool:
-    """Whether ``store`` keeps small values inline (see :class:`InlineValues`)."""
-    return isinstance(store, InlineValues)
-
-
 def record_matches(
     record: CallRecord,
     name: Optional[str],

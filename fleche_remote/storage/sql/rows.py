@@ -72,18 +72,18 @@ def loads_json(data: str) -> Any:
 
 # -- rows ------------------------------------------------------------------------
 
-_CALL_COLUMNS = (
+CALL_COLUMNS = (
     "key", "name", "version", "arguments", "arg_digests", "metadata",
     "value", "value_kind", "value_size", "digest_scheme", "created",
 )  # fmt: skip
-_READ_CALL = ", ".join(f"c.{c}" for c in _CALL_COLUMNS[:-1])
-_BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
+READ_CALL = ", ".join(f"c.{c}" for c in CALL_COLUMNS[:-1])
+BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
 
 # PostgreSQL: a record, its argument rows and its inline value in one
 # statement (data-modifying CTEs run as one atomic statement)
-_PG_PUT_ONE = (
-    f"WITH c AS (INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_CALL_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING key), "
+PG_PUT_ONE = (
+    f"WITH c AS (INSERT INTO calls ({', '.join(CALL_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(CALL_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING key), "
     "a AS (INSERT INTO call_args (arg, digest, key) SELECT x.arg, x.digest, c.key "
     "FROM c CROSS JOIN unnest(%s::text[], %s::text[]) AS x(arg, digest) ON CONFLICT DO NOTHING), "
     "b AS (INSERT INTO blobs (digest, kind, meta, size, body) SELECT v.* FROM c CROSS JOIN "
@@ -93,14 +93,14 @@ _PG_PUT_ONE = (
 )
 
 
-def _call_row(r: CallRecord, now: float) -> Tuple[Any, ...]:
+def call_row(r: CallRecord, now: float) -> Tuple[Any, ...]:
     return (
         r.key, r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
         r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
     )  # fmt: skip
 
 
-def _insert(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
+def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
     """All ``rows`` in one driver call; a lone row skips executemany's set-up."""
     if len(rows) == 1:
         cur.execute(sql, rows[0])
@@ -108,7 +108,7 @@ def _insert(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
         cur.executemany(sql, rows)
 
 
-def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
+def blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
     body = blob.read_all()
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
@@ -116,7 +116,7 @@ def _blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
     return (digest, blob.kind, meta, blob.size, body)
 
 
-def _blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body: Any) -> BytesBlob:
+def row_blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body: Any) -> BytesBlob:
     where = f"value {digest[:16]} in {store!r}"
     try:
         meta = {} if meta_text == "{}" else json.loads(meta_text)

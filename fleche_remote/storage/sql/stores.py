@@ -44,15 +44,15 @@ from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ..options import check_keys, resolve_path, typed
 from .db import BATCH, BUSY_TIMEOUT_S, Database
 from .rows import (
-    _BLOB_COLUMNS,
-    _CALL_COLUMNS,
-    _PG_PUT_ONE,
-    _READ_CALL,
-    _blob,
-    _blob_row,
-    _call_row,
-    _insert,
+    BLOB_COLUMNS,
+    CALL_COLUMNS,
+    PG_PUT_ONE,
+    READ_CALL,
+    blob_row,
+    call_row,
+    insert_rows,
     loads_json,
+    row_blob,
 )
 
 __all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
@@ -186,7 +186,7 @@ class _SqlStore:
         self.fs = fs
         self._db = open_database(self.url, f"sql {self._kind} store", echo, fs)
         db = self._db
-        self._insert_blob = db.insert_ignore("blobs", _BLOB_COLUMNS)
+        self._insert_blob = db.insert_ignore("blobs", BLOB_COLUMNS)
         self._get_blob = db.sql("SELECT digest, kind, meta, size, body FROM blobs WHERE digest = ?")
         self._has_blob = db.sql("SELECT 1 FROM blobs WHERE digest = ?")
 
@@ -221,13 +221,13 @@ class _SqlStore:
     def _blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
         if len(digests) == 1:  # the common case, as one fixed statement
             row = self._db.first(self._get_blob, (digests[0],))
-            return [None if row is None else _blob(self, *row)]
+            return [None if row is None else row_blob(self, *row)]
         found: Dict[str, Blob] = {}
         for chunk in _chunks(sorted(set(digests))):
             cond, params = self._db.in_list("digest", chunk)
             sql = self._db.sql(f"SELECT digest, kind, meta, size, body FROM blobs WHERE {cond}")
             for row in self._db.rows(sql, params):
-                found[row[0]] = _blob(self, *row)
+                found[row[0]] = row_blob(self, *row)
         return [found.get(d) for d in digests]
 
 
@@ -265,7 +265,7 @@ class SqlValueStore(_SqlStore, ValueStore):
         # a plain read first: a duplicate costs no write lock, and its body is not read
         if self._db.first(self._has_blob, (digest,)) is not None:
             return
-        row = _blob_row(digest, blob)  # read before the write lock is taken
+        row = blob_row(digest, blob)  # read before the write lock is taken
         with self._db.transaction() as cur:
             cur.execute(self._insert_blob, row)
 
@@ -313,12 +313,12 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         super().__init__(url, echo, fs)
         db = self._db
-        self._insert_call = db.insert_ignore("calls", _CALL_COLUMNS)
+        self._insert_call = db.insert_ignore("calls", CALL_COLUMNS)
         self._insert_arg = db.insert_ignore("call_args", ("arg", "digest", "key"))
         self._has_call = db.sql("SELECT 1 FROM calls WHERE key = ?")
-        self._get_call = db.sql(f"SELECT {_READ_CALL} FROM calls c WHERE c.key = ?")
+        self._get_call = db.sql(f"SELECT {READ_CALL} FROM calls c WHERE c.key = ?")
         self._get_entry = db.sql(
-            f"SELECT {_READ_CALL}, b.kind, b.meta, b.size, b.body "
+            f"SELECT {READ_CALL}, b.kind, b.meta, b.size, b.body "
             "FROM calls c LEFT JOIN blobs b ON b.digest = c.value WHERE c.key = ?"
         )
 
@@ -344,7 +344,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         if not records:
             return
         now = time.time()
-        rows = [_call_row(r, now) for r in records]
+        rows = [call_row(r, now) for r in records]
         if len(records) == 1 and self._db.backend == "postgresql":
             self._put_one_postgres(records[0], rows[0], blobs)
             return
@@ -369,10 +369,10 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
                         fresh.append(row)
                 if not new:
                     return
-                _insert(cur, self._insert_call, fresh)
-            _insert(cur, self._insert_arg, [(a, d, r.key) for r in new for a, d in r.arg_digests.items()])
+                insert_rows(cur, self._insert_call, fresh)
+            insert_rows(cur, self._insert_arg, [(a, d, r.key) for r in new for a, d in r.arg_digests.items()])
             wanted = {r.value for r in new}
-            _insert(cur, self._insert_blob, [_blob_row(d, b) for d, b in blobs.items() if d in wanted])
+            insert_rows(cur, self._insert_blob, [blob_row(d, b) for d, b in blobs.items() if d in wanted])
 
     def _put_one_postgres(self, r: CallRecord, row: Tuple[Any, ...], blobs: Mapping[str, Blob]) -> None:
         """One save as one statement: each round trip to the server costs
@@ -380,9 +380,9 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         The argument rows and the value are inserted only if the record
         was (``FROM c``), as in the general path."""
         blob = blobs.get(r.value)
-        body: Tuple[Any, ...] = _blob_row(r.value, blob) if blob is not None else (None,) * 5
+        body: Tuple[Any, ...] = blob_row(r.value, blob) if blob is not None else (None,) * 5
         params = (*row, list(r.arg_digests), list(r.arg_digests.values()), *body, blob is not None)
-        self._db.write_one(_PG_PUT_ONE, params)  # type: ignore[attr-defined]
+        self._db.write_one(PG_PUT_ONE, params)  # type: ignore[attr-defined]
 
     def delete(self, key: str) -> None:
         sql = self._db.sql
@@ -447,7 +447,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         if len(keys) == 1:
             row = self._db.first(self._get_call, (keys[0],))
             return [None if row is None else self._record(row)]
-        found = {row[0]: self._record(row) for row in self._select(keys, _READ_CALL)}
+        found = {row[0]: self._record(row) for row in self._select(keys, READ_CALL)}
         return [found.get(k) for k in keys]
 
     def _present(self, keys: Sequence[str]) -> List[str]:
@@ -514,7 +514,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             )
             after += [arg, digest]
         sql = self._db.sql(
-            f"SELECT {_READ_CALL} FROM {tables} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+            f"SELECT {READ_CALL} FROM {tables} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         )
         last = ""
         while True:
@@ -538,7 +538,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             return [None if row is None else self._entry(row)]
         found = {
             row[0]: self._entry(row)
-            for row in self._select(keys, _READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True)
+            for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True)
         }
         return [found.get(k) for k in keys]
 
@@ -546,7 +546,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         record = self._record(row)
         if row[10] is None:  # no inline blob for this value
             return record, None
-        return record, _blob(self, record.value, *row[10:14])
+        return record, row_blob(self, record.value, *row[10:14])
 
     def blob_digests(self) -> Iterator[str]:
         return self._page("blobs", "digest")
