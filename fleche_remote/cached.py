@@ -109,23 +109,16 @@ def _holds_local_path(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _is_remote(cache: BaseCache) -> bool:
-    # no SshCache can exist before its module is imported: importing it
-    # here just to answer "no" would cost every local user the import
-    client = sys.modules.get("fleche_remote.remote.client")
-    return client is not None and isinstance(cache, client.SshCache)
-
-
 def _local_target(cache: BaseCache) -> Optional[BaseCache]:
     """Where a result holding a local ``Path`` may be saved: ``cache`` when
     no remote layer would receive it; a stack's first layer, directly, when
     the stack would also push the save to a remote (write-behind); None when
     the save would go to a remote."""
-    if _is_remote(cache):
+    if cache.is_remote:
         return None
     if isinstance(cache, CacheStack):
         first = _local_target(cache.layers[0])
-        if first is None or any(_is_remote(w.layer) for w in cache.write_behind):
+        if first is None or any(w.layer.is_remote for w in cache.write_behind):
             return first
         return cache
     return cache

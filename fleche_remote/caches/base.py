@@ -123,6 +123,12 @@ class BaseCache(abc.ABC):
     def close(self) -> None:
         """Release files, connections and subprocesses (reopened on use)."""
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether this cache lives on another machine: a local ``Path``
+        in a result means nothing there (see :mod:`fleche_remote.cached`)."""
+        return False
+
     def to_config(self) -> Any:
         """The fleche.toml table (a list of tables for a stack) that builds
         this cache again; what :func:`fleche_remote.config.cache_to_config`

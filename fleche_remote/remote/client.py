@@ -333,6 +333,10 @@ class SshCache(Lifecycle, BaseCache):
         return info
 
     @property
+    def is_remote(self) -> bool:
+        return True
+
+    @property
     def read_only(self) -> bool:
         """Whether writes are refused; known from the handshake, no round trip.
         With ``on_error = "warn"``, an unreachable remote counts as writable

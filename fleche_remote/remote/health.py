@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, Callable, Hashable, Optional, Set
+from typing import Any, Callable, Hashable, Optional, Protocol, Set
 
 from .protocol import describe_noise
 
@@ -170,8 +170,20 @@ class Outage:
         return self._can_reopen()
 
 
-def watch_idle(owner: Any, conn: Any, stop: threading.Event) -> threading.Thread:
-    """Start a thread that calls ``owner._close_if_idle(conn)`` once ``conn``
+class IdleOwner(Protocol):
+    """What the idle watch needs of the cache that owns a connection."""
+
+    idle_timeout: Optional[float]
+
+    def idle_seconds_left(self) -> float:
+        """Seconds until the connection counts as idle (<= 0: it does)."""
+
+    def close_if_idle(self, conn: Any) -> bool:
+        """Close ``conn`` if it is idle and still the owner's; whether the watch is over."""
+
+
+def watch_idle(owner: IdleOwner, conn: Any, stop: threading.Event) -> threading.Thread:
+    """Start a thread that calls ``owner.close_if_idle(conn)`` once ``conn``
     has carried nothing for ``owner.idle_timeout`` seconds; it ends when
     ``stop`` is set or the owner is collected (it holds only a weak ref)."""
     ref = weakref.ref(owner)
@@ -181,10 +193,10 @@ def watch_idle(owner: Any, conn: Any, stop: threading.Event) -> threading.Thread
             cache = ref()
             if cache is None:
                 return
-            idle = cache.idle_timeout
-            wait = cache._last_used + idle - time.monotonic()
+            idle = cache.idle_timeout or 1.0
+            wait = cache.idle_seconds_left()
             if wait <= 0:
-                if cache._close_if_idle(conn):
+                if cache.close_if_idle(conn):
                     return
                 wait = min(idle, 1.0)  # busy (a transfer in flight): look again soon
             del cache  # don't keep the cache alive while sleeping

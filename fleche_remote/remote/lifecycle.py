@@ -178,7 +178,11 @@ class Lifecycle:
             self._finalizer = None
         self._conn = None
 
-    def _close_if_idle(self, conn: Connection) -> bool:
+    def idle_seconds_left(self) -> float:
+        """Seconds until the connection counts as idle (<= 0: it does)."""
+        return self._last_used + (self.idle_timeout or 0.0) - time.monotonic()
+
+    def close_if_idle(self, conn: Connection) -> bool:
         """Close ``conn`` if it is still ours and carried nothing for
         ``idle_timeout`` seconds; whether the watch is over."""
         with self._conn_lock:
