@@ -25,7 +25,20 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from .. import progress
 from ..caches.base import BaseCache
@@ -158,6 +171,8 @@ class SshCache(Lifecycle, BaseCache):
         self._transport_factory = _transport_factory
         #: signs and checks entries on this side; None for an unsigned cache
         self.signer: Optional[Signer] = Signer.of(secret_key)
+        #: signs what leaves and checks what arrives (passes entries through when unsigned)
+        self._seal: Union[Signer, _Unsigned] = self.signer or _Unsigned()
         self._conn: Optional[Connection] = None
         self._conn_lock = threading.Lock()
         self._finalizer: Optional[weakref.finalize] = None
@@ -378,13 +393,16 @@ class SshCache(Lifecycle, BaseCache):
 
     # -- primitives ----------------------------------------------------------
 
+    def _downloading(self, consume: Callable[..., Any]) -> Callable[..., Any]:
+        """``consume`` for a reply, with a progress bar for big values when asked."""
+        return progress.downloads(consume, self.progress, self.host)
+
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
         if self._local_read_only or self._known_read_only():
             raise Rejected(f"cannot save: {self!r} is read-only")
         if not items:
             return
-        if self.signer is not None:  # here, so that the key never leaves this process
-            items = self.signer.sign_entries(items)
+        items = self._seal.sign_entries(items)  # here, so that the key never leaves this process
         inline: List[Optional[Inline]] = []
         blobs: List[Tuple[BlobHeader, Blob]] = []
         small = inline_choices([blob.size for _, blob in items])
@@ -407,14 +425,16 @@ class SshCache(Lifecycle, BaseCache):
             return []
         args = {"keys": [str(k) for k in keys]}
         records = list(self._request("load_records", args, offline=lambda: [None] * len(keys)))
-        return records if self.signer is None else self.signer.open_records(records, self._where, keys)
+        return self._seal.open_records(records, self._where, keys)
 
     def load_blob(self, value_digest: str) -> Blob:
-        consume = progress.downloads(spool, self.progress, self.host)
         blob: Blob = self._request(
-            "load_blob", {"digest": str(value_digest)}, consume=consume, offline=_absent(value_digest)
+            "load_blob",
+            {"digest": str(value_digest)},
+            consume=self._downloading(spool),
+            offline=_absent(value_digest),
         )
-        return blob if self.signer is None else self.signer.open_blob(blob, value_digest, self._where)
+        return self._seal.open_blob(blob, value_digest, self._where)
 
     def load_blobs(self, value_digests: Sequence[str]) -> List[Optional[Blob]]:
         """Blobs for ``value_digests`` in one round trip (small ones travel
@@ -422,11 +442,13 @@ class SshCache(Lifecycle, BaseCache):
         if not value_digests:
             return []
         args = {"digests": [str(d) for d in value_digests]}
-        consume = progress.downloads(unpack_blobs, self.progress, self.host)
         blobs: List[Optional[Blob]] = self._request(
-            "load_blobs", args, consume=consume, offline=lambda: [None] * len(value_digests)
+            "load_blobs",
+            args,
+            consume=self._downloading(unpack_blobs),
+            offline=lambda: [None] * len(value_digests),
         )
-        return blobs if self.signer is None else self.signer.open_blobs(blobs, value_digests, self._where)
+        return self._seal.open_blobs(blobs, value_digests, self._where)
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         """Records and their result blobs in one round trip."""
@@ -437,14 +459,13 @@ class SshCache(Lifecycle, BaseCache):
             blobs = unpack_blobs([None if e is None else e[1] for e in result], streams)
             return [None if e is None else (e[0], b) for e, b in zip(result, blobs)]
 
-        with_bar = progress.downloads(consume, self.progress, self.host)
         entries = self._request(
             "load_entries",
             {"keys": [str(k) for k in keys]},
-            consume=with_bar,
+            consume=self._downloading(consume),
             offline=lambda: [None] * len(keys),
         )
-        return entries if self.signer is None else self.signer.open_entries(entries, self._where, keys)  # type: ignore[no-any-return]
+        return self._seal.open_entries(entries, self._where, keys)
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
@@ -492,10 +513,7 @@ class SshCache(Lifecycle, BaseCache):
                 self._used()
                 if message.more:
                     conn.send_one_way("credit", {"id": exchange.pending.rid, "n": 1})
-                if self.signer is None:
-                    yield from message.result
-                else:
-                    yield from self.signer.iter_records(message.result, self._where)
+                yield from self._seal.iter_records(message.result, self._where)
                 if not message.more:
                     return
 
@@ -518,17 +536,43 @@ class SshCache(Lifecycle, BaseCache):
     def load_value(self, key: str) -> Any:
         """The result under ``key`` (full or unique prefix), in one round
         trip; an array streams straight into its final buffer."""
-        decode = decode_first if self.signer is None else self.signer.stream_decoder(self._where, key=key)
-        consume = progress.downloads(decode, self.progress, self.host)
+        consume = self._downloading(self._seal.stream_decoder(self._where, key=key))
         return self._request("load_value", {"key": str(key)}, consume=consume, offline=_absent(key))
 
     def fetch_result(self, value_digest: str) -> Any:
-        decode: Callable[..., Any] = decode_first
-        if self.signer is not None:
-            decode = self.signer.stream_decoder(self._where, digest=value_digest)
-        consume = progress.downloads(decode, self.progress, self.host)
+        consume = self._downloading(self._seal.stream_decoder(self._where, digest=value_digest))
         args = {"digest": str(value_digest)}
         return self._request("load_blob", args, consume=consume, offline=_absent(value_digest))
+
+
+class _Unsigned:
+    """What an unsigned cache seals and opens entries with: they pass as
+    they are, so each operation is written once for both kinds."""
+
+    def sign_entries(self, items: Sequence[Tuple[CallRecord, Blob]]) -> Sequence[Tuple[CallRecord, Blob]]:
+        return items
+
+    def open_records(
+        self, records: List[Optional[CallRecord]], where: Any, keys: Any
+    ) -> List[Optional[CallRecord]]:
+        return records
+
+    def open_blob(self, blob: Blob, digest: str, where: Any) -> Blob:
+        return blob
+
+    def open_blobs(self, blobs: List[Optional[Blob]], digests: Any, where: Any) -> List[Optional[Blob]]:
+        return blobs
+
+    def open_entries(self, entries: Any, where: Any, keys: Any) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        return list(entries)
+
+    def iter_records(self, records: Iterable[CallRecord], where: Any) -> Iterable[CallRecord]:
+        return records
+
+    def stream_decoder(
+        self, where: Any, *, key: Optional[str] = None, digest: Optional[str] = None
+    ) -> Callable[..., Any]:
+        return decode_first
 
 
 def _absent(key: str) -> Callable[[], Any]:
