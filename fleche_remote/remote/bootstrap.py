@@ -16,14 +16,26 @@ base64 line (any login shell, even csh, runs it unchanged), which:
    the client sends one zip of its pure-Python modules (and a TOML parser,
    which Python 3.9 and 3.10 lack), the stub checks the hash of what is in
    it, unpacks it into a temp directory next to the cache entry and
-   renames it into place
-   (atomic; files and directories get the modes the umask gives). If the
-   cache cannot be written (a read-only home on a compute node), the code
-   runs from a temp directory removed at exit;
+   renames it into place (atomic). If the cache cannot be written (a
+   read-only home on a compute node), the code runs from a temp directory
+   removed at exit;
 4. runs the server from there with the remote's own ``python``. Anything
    else the cache needs (SQLAlchemy, h5py, NumPy, xxhash) comes from that
    Python's site-packages; when it is missing the client's error names the
    package to install.
+
+Trusting the cached copy. Whoever can write the cached code runs code as
+the user at the next start, so the stub writes it, whatever the umask,
+into directories (``fleche-remote/``, ``code/``, ``<sha256>/`` and every
+package, ``__pycache__`` included) of mode 0700 and files of mode 0600.
+Before it runs a cached copy it checks that every directory and file from
+``fleche-remote/`` down is a plain directory or file, owned by the user and
+writable by nobody else (so no one else can have written a ``.pyc``), and
+that the sources hash to the name (~2 ms for ~700 KB): a copy planted
+under the hash before the first start, or edited since, is moved aside
+and sent again. A ``fleche-remote/`` or ``code/`` that fails the check is
+not used at all (the code runs from a temp directory). Each refusal is a
+warning on stderr naming the path and the reason, which the client logs.
 
 Why an unpacked directory rather than running the zip through zipimport:
 zipimport compiles every module at every start (it cannot write ``.pyc``
@@ -258,7 +270,11 @@ def say(state):
 if sys.version_info < (3, 9):
     fail("the remote Python %s is %s; fleche-remote needs 3.9 or newer "
          "(set python = a newer interpreter)" % (sys.executable, sys.version.split()[0]))
-import hashlib, re, shutil, socket, tempfile, zipfile, io, atexit
+import hashlib, re, shutil, stat, tempfile, zipfile, io, atexit
+def warn(msg):
+    # not STUB_ERROR_PREFIX: the client reads that as why the start failed
+    sys.stderr.write("fleche-remote bootstrap warning: " + msg + "\n")
+    sys.stderr.flush()
 def installed():
     try:
         import importlib.util
@@ -272,8 +288,51 @@ def installed():
         return found is not None and found.group(1) == VERSION
     except Exception:
         return False
-def complete(path):
-    return os.path.isfile(os.path.join(path, "fleche_remote", "__init__.py"))
+def unsafe(path, isdir):
+    # why someone other than this user could change what runs from path
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return "cannot be read (%s)" % exc.strerror
+    if not (stat.S_ISDIR if isdir else stat.S_ISREG)(st.st_mode):
+        return "is not a %s (a symlink?)" % ("directory" if isdir else "regular file")
+    if st.st_uid != os.getuid():
+        return "is owned by uid %d, not by this user (uid %d)" % (st.st_uid, os.getuid())
+    if st.st_mode & 0o022:
+        return "is writable by group or others (mode %03o)" % stat.S_IMODE(st.st_mode)
+    return None
+def trusted(final):
+    # (path, reason) if the code under final is not exactly ours, else None:
+    # every dir and file ours and writable only by us (so no one else can
+    # plant a .pyc either), and the sources hash to HASH
+    try:
+        return check(final)
+    except OSError as exc:
+        return getattr(exc, "filename", None) or final, "cannot be read (%s)" % exc.strerror
+def walk_error(exc):
+    raise exc
+def check(final):
+    found = []
+    for top, dirs, files in os.walk(final, onerror=walk_error):
+        for name, isdir in [(top, True)] + [(os.path.join(top, n), True) for n in dirs] + \
+                [(os.path.join(top, n), False) for n in files]:
+            why = unsafe(name, isdir)
+            if why:
+                return name, why
+        if "__pycache__" not in os.path.relpath(top, final).split(os.sep):
+            found += [os.path.relpath(os.path.join(top, n), final).replace(os.sep, "/") for n in files]
+    if "fleche_remote/__init__.py" not in found:
+        return final, "is incomplete"
+    h = hashlib.sha256()
+    for name in sorted(found):
+        with open(os.path.join(final, name), "rb") as fh:
+            body = fh.read()
+        raw = name.encode()
+        h.update(len(raw).to_bytes(8, "big") + len(body).to_bytes(8, "big") + raw)
+        h.update(body)
+    if h.hexdigest() != HASH:
+        return final, "does not hash to %s (edited, or planted there)" % HASH
+    return None
 def readn(n, what):
     parts = []
     while n > 0:
@@ -314,30 +373,60 @@ def receive():
         fail("the server code arrived but does not hash to %s" % HASH, 5)
     return zf
 def unpack(zf, parent):
-    tmp = os.path.join(parent, ".tmp-%s-%s-%d" % (HASH[:12], socket.gethostname(), os.getpid()))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
+    tmp = tempfile.mkdtemp(prefix=".tmp-%s-" % HASH[:12], dir=parent)  # 0700, a fresh name
     zf.extractall(tmp)
+    # Python makes __pycache__ with the umask the server runs under: made
+    # here, under ours, no one else can plant a .pyc in it
+    for top, dirs, files in os.walk(tmp):
+        if any(n.endswith(".py") for n in files):
+            os.mkdir(os.path.join(top, "__pycache__"))
     return tmp
+def prepare(dirs):
+    # why the cache cannot hold our code (None if it can), creating what is missing
+    for d in dirs:
+        try:
+            os.mkdir(d, 0o700)
+        except OSError:
+            pass
+        why = unsafe(d, True)
+        if why:
+            return "%s %s" % (d, why)
+    return None
 def store():
     base = os.environ.get("XDG_CACHE_HOME") or ""
     if not os.path.isabs(base):
         base = os.path.join(os.path.expanduser("~"), ".cache")
-    final = os.path.join(base, "fleche-remote", "code", HASH)
-    if complete(final):
-        say("cached")
-        return final
+    top = os.path.join(base, "fleche-remote")
+    root = os.path.join(top, "code")
+    final = os.path.join(root, HASH)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        pass
+    refused = prepare([top, root])
+    if refused is None and os.path.lexists(final):
+        bad = trusted(final)
+        if bad is None:
+            say("cached")
+            return final
+        warn("not running the cached server code: %s %s; sending it again" % bad)
+        aside = tempfile.mkdtemp(prefix=".stale-%s-" % HASH[:12], dir=root)
+        try:
+            os.rename(final, os.path.join(aside, "code"))
+        except OSError as exc:
+            refused = "%s cannot be moved aside (%s)" % (final, exc.strerror)
+        shutil.rmtree(aside, ignore_errors=True)
     say("need")
     data = receive()
     try:
-        parent = os.path.dirname(final)
-        os.makedirs(parent, exist_ok=True)
-        tmp = unpack(data, parent)
+        if refused:
+            raise OSError(refused)
+        tmp = unpack(data, root)
         try:
             os.rename(tmp, final)
-        except OSError:  # another start won the race: use its copy
+        except OSError:  # another start won the race: use its copy, if it is ours
             shutil.rmtree(tmp, ignore_errors=True)
-            if not complete(final):
+            if trusted(final) is not None:
                 raise
         return final
     except OSError as exc:
@@ -349,7 +438,14 @@ def store():
 if MODE == "auto" and installed():
     say("installed")
 else:
-    sys.path.insert(0, store())
+    # what we create is writable by us alone, whatever the umask; the
+    # server's own files get the user's umask again
+    umask = os.umask(0o077)
+    try:
+        path = store()
+    finally:
+        os.umask(umask)
+    sys.path.insert(0, path)
 from fleche_remote.remote.server import main
 sys.argv[0] = "fleche-remote serve"
 sys.exit(main(sys.argv[1:]))

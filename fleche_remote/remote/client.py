@@ -42,7 +42,7 @@ from .handlers import WIRE_INLINE_BUDGET, WIRE_INLINE_MAX
 from .lifecycle import _Lifecycle
 from .protocol import BlobHeader, Inline
 from .receive import _decode_first, _spool, _unpack_blobs
-from .ssh_options import fast_cipher_options, timeout_options
+from .ssh_options import check_host, fast_cipher_options, timeout_options
 from .transport import PipeTransport, Transport
 
 
@@ -142,7 +142,7 @@ class SshCache(_Lifecycle, BaseCache):
     ) -> None:
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
             raise TypeError("ssh_options and setup_commands are sequences of strings, not one string")
-        self.host = host
+        self.host = check_host(host)
         self.cache_name = cache_name
         self.python = python
         self.ssh_options = tuple(ssh_options)
@@ -310,7 +310,8 @@ class SshCache(_Lifecycle, BaseCache):
         extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
         # after the user's options: ssh keeps the first value, so theirs win
         timeouts = timeout_options(self.ssh, self.ssh_options, self.host)
-        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, self.host, self.remote_command()]
+        # "--": nothing after it is an option, whatever the host string holds
+        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, "--", self.host, self.remote_command()]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
