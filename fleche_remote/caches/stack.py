@@ -120,11 +120,23 @@ class CacheStack(BaseCache):
         return self.layers[0].read_only
 
     def save_records(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
-        self.layers[0].save_records(items)
-        if self.write_behind and items:
-            keys = [record.key for record, _ in items]
+        if not (self.write_behind and items):
+            self.layers[0].save_records(items)
+            return
+        keys = [record.key for record, _ in items]
+        # journaled before the local save: a kill between the two then
+        # leaves a pending key, never a local entry that is not pushed
+        for writer in self.write_behind:
+            writer.promise(keys)
+        try:
+            self.layers[0].save_records(items)
+        except Rejected:  # nothing saved. (After another error some may be:
+            # they stay pending, and a push drops those it finds missing)
             for writer in self.write_behind:
-                writer.enqueue(keys)
+                writer.journal.remove(keys)
+            raise
+        for writer in self.write_behind:
+            writer.enqueue(keys, promised=True)
 
     # -- write-behind --------------------------------------------------------
 

@@ -14,8 +14,9 @@ Design rules:
   retries what an earlier one could not push.
 * **Bounded, with back-pressure.** When ``queue_size`` keys wait, a save
   blocks until the pusher catches up, rather than letting memory grow.
-* **Nothing is lost.** A key is written to a journal before it is queued,
-  and struck out once it has arrived, so :meth:`WriteBehind.pending` is
+* **Nothing is lost.** A key is written to a journal before the first
+  layer saves it (a kill at any point leaves no local entry, or a journal
+  line for it), and struck out once it has arrived, so :meth:`WriteBehind.pending` is
   exactly what did not arrive, in this process or an earlier one. After a
   failure (logged once, as a warning) the pusher stops: the connection is
   broken and ``SshCache`` never reconnects on its own (that would repeat a
@@ -29,6 +30,13 @@ The journal is ``$XDG_STATE_HOME/fleche-remote/write-behind/<id>.journal``
 configs, so every process pairing the same local layer with the same
 remote shares it. A first layer in memory dies with the process, so its
 journal is kept in memory too.
+
+The journal decides what is pushed, so it must be ours alone: its
+directory is made 0700 whatever the umask, and it is opened without
+following a symlink and without blocking (a FIFO), then must be a regular
+file owned by the user and writable by nobody else. Anything else is a
+:class:`~fleche_remote.errors.ConfigError` when write-behind starts, before
+anything is saved.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import tempfile
 import threading
 import time
 import weakref
@@ -47,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..codec.digest import Digest
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .base import BaseCache
@@ -69,10 +80,19 @@ DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_BATCH_SIZE = 256
 #: Seconds ``close()`` and interpreter exit wait for the queue to drain.
 DEFAULT_CLOSE_TIMEOUT = 60.0
-#: Rewrite the journal with only its live keys after this many lines.
-COMPACT_AFTER = 10_000
+#: Rewrite the journal with only its live keys once it is this big (about
+#: 15,000 lines), checked by every process after it strikes keys out: a
+#: journal shared by many short jobs, none of which writes much, must still
+#: be compacted. Rewriting is reading and writing ~1 MiB, under the lock.
+COMPACT_BYTES = 1 << 20
 
 _KEY_CHARS = frozenset("0123456789abcdef")
+
+#: Opening the journal never follows a symlink (whose target compaction
+#: would replace) and never waits on a FIFO (with no writer it blocks).
+_OPEN_FLAGS = (
+    os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+)
 
 
 def default_journal_dir() -> Path:
@@ -82,18 +102,96 @@ def default_journal_dir() -> Path:
     return Path(base) / "fleche-remote" / "write-behind"
 
 
-def _replay(data: bytes) -> List[str]:
+def _replay(data: bytes, where: object = "journal") -> List[str]:
+    """The live keys of a journal's bytes. Lines edited by hand or on
+    another system (CRLF, upper-case hex) count; a line that still cannot
+    be read (one a crash tore, or garbage) is reported and skipped."""
     live: Dict[str, None] = {}
-    for raw in data.split(b"\n"):
-        line = raw.decode("ascii", "replace")
-        key = line[1:]
-        if len(key) != 64 or not set(key) <= _KEY_CHARS:
-            continue  # the header, or a line torn by a crash
-        if line[0] == "+":
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.rstrip(b"\r").decode("ascii", "replace").strip()
+        if not line or line.startswith("#"):
+            continue  # the header
+        sign, key = line[0], line[1:].lower()
+        if sign not in "+-" or len(key) != 64 or not set(key) <= _KEY_CHARS:
+            log.warning(
+                "write-behind journal %s, line %d: %r is not +KEY or -KEY (a crash can tear the line it "
+                "was writing); skipped",
+                where,
+                number,
+                line[:80],
+            )
+        elif sign == "+":
             live[key] = None
-        elif line[0] == "-":
+        else:
             live.pop(key, None)
     return list(live)
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, whatever the
+    umask (``mkdir(parents=True)`` gives parents the umask's modes)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(directory, 0o700)  # mkdir's mode went through the umask
+
+
+def _what(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_journal(path: Path) -> int:
+    """An fd on the journal at ``path``, created if missing; only a regular
+    file owned by this user and writable by nobody else.
+
+    Raises:
+        ConfigError: anything else is at ``path`` (what, and the fix).
+    """
+    _make_private_dirs(path.parent)
+    fix = "move it away (a new journal is then made), or give write_behind another journal path"
+    try:
+        fd = os.open(path, _OPEN_FLAGS | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        found = os.lstat(path).st_mode if os.path.lexists(path) else None
+        what = _what(found) if found is not None else exc.strerror
+        raise ConfigError(
+            f"the write-behind journal {path} must be a regular file, and it is {what}: {fix}", key="journal"
+        ) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = f"it is {_what(st.st_mode)}"
+    elif st.st_uid != os.geteuid():
+        problem = f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        problem = f"it is writable by group or others (mode {mode:03o}), who decide what is pushed"
+        fix = f"if all of it is yours, `chmod 600 {path}`; else {fix}"
+    if problem is not None:
+        os.close(fd)
+        raise ConfigError(
+            f"the write-behind journal {path} must be a regular file that only this user can write, "
+            f"and {problem}: {fix}",
+            key="journal",
+        )
+    return fd
 
 
 @contextlib.contextmanager
@@ -131,9 +229,11 @@ class Journal:
 
     Lines are ``+KEY`` (queued) and ``-KEY`` (arrived); the live keys are
     the replay. Every write holds an exclusive ``flock``, so processes
-    sharing a journal interleave whole lines, and compaction rewrites the
-    file in place under the same lock (a rename would leave other
-    processes appending to the old file).
+    sharing a journal interleave whole lines. Compaction, under the same
+    lock, writes the live keys to a temp file and renames it over the
+    journal (a kill mid-way leaves the old one whole, where rewriting in
+    place could leave it empty); so whoever takes the lock checks first
+    that its fd is still the file at the path, and reopens it if not.
 
     Args:
         path: the file (created on first write); None keeps it in memory.
@@ -146,17 +246,49 @@ class Journal:
         self._lock = threading.Lock()
         self._fd: Optional[int] = None
         self._memory: Dict[str, None] = {}
-        self._written = 0
 
     def __repr__(self) -> str:
         return f"Journal({str(self.path) if self.path else 'in memory'})"
 
+    def open(self) -> None:
+        """Open (and create) the file now, so that a journal that cannot
+        be trusted fails before anything is saved.
+
+        Raises:
+            ConfigError: the path holds something other than a regular
+                file that only this user can write.
+        """
+        with self._lock:
+            if self.path is not None:
+                self._open()
+
     def _open(self) -> int:
         if self._fd is None:
             assert self.path is not None
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = _open_journal(self.path)
         return self._fd
+
+    def _is_current(self, fd: int) -> bool:
+        assert self.path is not None
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[int]:
+        """The journal's fd, under its flock, once it is the file at the
+        path (another process's compaction may have replaced it)."""
+        while True:
+            fd = self._open()
+            with _flocked(fd, exclusive):
+                if self._is_current(fd):
+                    yield fd
+                    return
+            os.close(fd)
+            self._fd = None
 
     def add(self, keys: Sequence[str]) -> None:
         """Record ``keys`` as saved and not yet pushed."""
@@ -177,43 +309,51 @@ class Journal:
                     else:
                         self._memory.pop(str(key), None)
                 return
-            fd = self._open()
             data = "".join(f"{sign}{key}\n" for key in keys).encode("ascii")
-            with _flocked(fd, exclusive=True):
+            with self._locked(exclusive=True) as fd:
                 size = os.fstat(fd).st_size
                 if size == 0:
                     data = self._header + data
                 elif os.pread(fd, 1, size - 1) != b"\n":
                     data = b"\n" + data  # a crash tore the last line: start afresh
                 _write_all(fd, data)
-                self._written += len(keys)
-                if sign == "-" and self._written >= COMPACT_AFTER:
+                if sign == "-" and size + len(data) >= COMPACT_BYTES:
                     self._compact_locked(fd)
 
     def _compact_locked(self, fd: int) -> None:
-        live = _replay(_read_all(fd))
-        os.ftruncate(fd, 0)
-        _write_all(fd, self._header + "".join(f"+{key}\n" for key in live).encode("ascii"))
-        self._written = 0
+        assert self.path is not None
+        live = _replay(_read_all(fd), self.path)
+        # a temp file next to it, renamed over it: os.replace swaps the
+        # name and never writes through a symlink that appeared there
+        tmp_fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            _write_all(tmp_fd, self._header + "".join(f"+{key}\n" for key in live).encode("ascii"))
+            os.fsync(tmp_fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(tmp_fd)
+            os.unlink(tmp)
+            raise
+        os.close(tmp_fd)
+        # ours stays locked until the caller lets go; the next use of the
+        # journal sees that it is no longer the file at the path, and reopens
 
     def live(self) -> List[str]:
         """Keys added and not removed, oldest first."""
         with self._lock:
             if self.path is None:
                 return list(self._memory)
-            if self._fd is None and not self.path.exists():
+            if self._fd is None and not os.path.lexists(self.path):
                 return []
-            fd = self._open()
-            with _flocked(fd, exclusive=False):
-                return _replay(_read_all(fd))
+            with self._locked(exclusive=False) as fd:
+                return _replay(_read_all(fd), self.path)
 
     def compact(self) -> None:
         """Rewrite the file with only its live keys."""
         with self._lock:
-            if self.path is None or (self._fd is None and not self.path.exists()):
+            if self.path is None or (self._fd is None and not os.path.lexists(self.path)):
                 return
-            fd = self._open()
-            with _flocked(fd, exclusive=True):
+            with self._locked(exclusive=True) as fd:
                 self._compact_locked(fd)
 
     def close(self) -> None:
@@ -290,10 +430,14 @@ class WriteBehind:
 
         Raises:
             ValueError: already attached to another first layer.
+            ConfigError: the journal's path holds something other than a
+                regular file that only this user can write (checked now,
+                before anything is saved).
         """
         if self._source is not None and self._source is not source:
             raise ValueError(f"{self!r} already pushes from {self._source!r}")
         self._source = source
+        self.journal.open()
 
     @property
     def journal(self) -> Journal:
@@ -321,10 +465,21 @@ class WriteBehind:
 
     # -- the saving side -------------------------------------------------------
 
-    def enqueue(self, keys: Sequence[str]) -> None:
+    def promise(self, keys: Sequence[str]) -> None:
+        """Journal ``keys`` before the first layer saves them: a kill at any
+        point then leaves each one either not saved or pending (an entry
+        the first layer never got is dropped when its push finds none)."""
+        self.journal.add(keys)
+
+    def enqueue(self, keys: Sequence[str], *, promised: bool = False) -> None:
         """Queue ``keys`` (just saved into the first layer) for pushing;
-        blocks while the queue is full."""
-        self.journal.add(keys)  # first: a crash from here on leaves them pending
+        blocks while the queue is full.
+
+        Args:
+            promised: :meth:`promise` has journaled them already.
+        """
+        if not promised:
+            self.journal.add(keys)  # first: a crash from here on leaves them pending
         with self._cond:
             for key in keys:
                 while self._failure is None and len(self._queue) >= self.queue_size:

@@ -158,7 +158,7 @@ def _ssh_argv(layer: Any, remote: str) -> List[str]:
     from ..remote.ssh_options import fast_cipher_options
 
     extra = fast_cipher_options(layer.ssh, layer.ssh_options, layer.host) if layer.fast_cipher else ()
-    return [layer.ssh, "-T", *extra, *layer.ssh_options, layer.host, remote]
+    return [layer.ssh, "-T", *extra, *layer.ssh_options, "--", layer.host, remote]
 
 
 def _shell_prefix(layer: Any) -> str:

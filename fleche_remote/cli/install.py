@@ -126,8 +126,15 @@ def _parse_marker(stdout: str) -> Optional[List[str]]:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """Install on ``args.host`` and print the fleche.toml line; the exit status."""
     from .. import __version__
+    from ..errors import ConfigError
+    from ..remote.ssh_options import check_host
 
     err = sys.stderr
+    try:
+        check_host(args.host)
+    except ConfigError as exc:
+        err.write(f"fleche-remote install: {exc.message}\n")
+        return 2
     extras = [e.strip() for e in (args.extras or "").split(",") if e.strip()]
     unknown = [e for e in extras if e not in EXTRAS]
     if unknown:
@@ -144,7 +151,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.dry_run:
         out.write(script)
         return 0
-    argv = [args.ssh, "-T", *ssh_options, args.host, "/bin/sh -s"]
+    argv = [args.ssh, "-T", *ssh_options, "--", args.host, "/bin/sh -s"]
     try:
         done = subprocess.run(
             argv,

@@ -54,7 +54,7 @@ from .connection import Connection
 from .lifecycle import Lifecycle
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import decode_first, spool, unpack_blobs
-from .ssh_options import fast_cipher_options, timeout_options
+from .ssh_options import check_host, fast_cipher_options, timeout_options
 from .transport import PipeTransport, Transport
 
 
@@ -154,7 +154,7 @@ class SshCache(Lifecycle, BaseCache):
     ) -> None:
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
             raise TypeError("ssh_options and setup_commands are sequences of strings, not one string")
-        self.host = host
+        self.host = check_host(host)
         self.cache_name = cache_name
         self.python = python
         self.ssh_options = tuple(ssh_options)
@@ -324,7 +324,8 @@ class SshCache(Lifecycle, BaseCache):
         extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
         # after the user's options: ssh keeps the first value, so theirs win
         timeouts = timeout_options(self.ssh, self.ssh_options, self.host)
-        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, self.host, self.remote_command()]
+        # "--": nothing after it is an option, whatever the host string holds
+        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, "--", self.host, self.remote_command()]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""

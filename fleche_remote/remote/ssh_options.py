@@ -28,6 +28,11 @@ first value it is given: the user's own ``-o`` always wins.
 Whether a reconnection could prompt (a password, a 2FA code) is asked of
 ssh the same way: ``BatchMode yes`` in the effective configuration, or a
 live ``ControlMaster`` socket (``ssh -O check``), means it cannot.
+
+Every ssh command line we build puts ``--`` before the host, so a host
+string can never be read as an option (``-oProxyCommand=...`` would run a
+local command); and :func:`check_host` refuses such a host up front, with
+a message, rather than letting ssh fail on a host named ``-o...``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import subprocess
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from ..errors import ConfigError
+
 log = logging.getLogger("fleche_remote.ssh")
 
 FAST_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
@@ -45,6 +52,25 @@ FAST_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
 #: ``ssh -G`` reads config files only; it never connects. Two seconds is
 #: generous, and a slow answer just means we add no option.
 _PROBE_TIMEOUT = 2.0
+
+
+def check_host(host: str) -> str:
+    """``host`` if ssh can only read it as a host.
+
+    Raises:
+        ConfigError: it is not a non-empty string, or it starts with ``-``
+            (no host name does; ssh would have read it as an option, e.g.
+            ``-oProxyCommand=...``, which runs a local command).
+    """
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"the ssh host must be a non-empty string, got {host!r}", key="host")
+    if host.startswith("-"):
+        raise ConfigError(
+            f"the ssh host {host!r} starts with '-', which ssh would read as an option: "
+            "give a host name (user@host), and put ssh options in ssh_options",
+            key="host",
+        )
+    return host
 
 
 def cpu_has_aes() -> bool:
@@ -111,9 +137,9 @@ def _configs(
     files, and OpenSSH's own defaults (no files, no options). ``BatchMode
     yes`` changes a default (ServerAliveInterval becomes 300), so the
     defaults are taken with the same BatchMode."""
-    configured = _ssh_config([ssh, "-G", *options, host])
+    configured = _ssh_config([ssh, "-G", *options, "--", host])
     batch = ["-o", "BatchMode=yes"] if configured and configured.get("batchmode") == "yes" else []
-    return configured, _ssh_config([ssh, "-G", "-F", "none", *batch, host])
+    return configured, _ssh_config([ssh, "-G", "-F", "none", *batch, "--", host])
 
 
 @functools.lru_cache(maxsize=64)
@@ -167,7 +193,7 @@ def connection_needs_no_prompt(ssh: str, options: Sequence[str], host: str) -> b
         return False
     try:
         done = subprocess.run(
-            [ssh, *options, "-O", "check", host],
+            [ssh, *options, "-O", "check", "--", host],
             capture_output=True,
             timeout=_PROBE_TIMEOUT,
             stdin=subprocess.DEVNULL,

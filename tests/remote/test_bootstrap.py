@@ -64,9 +64,9 @@ def test_file_cache_on_a_bare_python_and_the_code_is_sent_once(sshd, tmp_path, b
     code = _code_dir(xdg)
     assert (code / "fleche_remote" / "remote" / "server.py").is_file()
     assert (code / "tomli" / "__init__.py").is_file()  # Python 3.9 has no tomllib
-    # written with the modes the remote's umask (027) gives
-    assert stat.S_IMODE(code.stat().st_mode) == 0o750
-    assert stat.S_IMODE((code / "fleche_remote" / "__init__.py").stat().st_mode) == 0o640
+    # writable by its owner alone, whatever the remote's umask (027 here)
+    assert stat.S_IMODE(code.stat().st_mode) == 0o700
+    assert stat.S_IMODE((code / "fleche_remote" / "__init__.py").stat().st_mode) == 0o600
     assert not [p for p in code.parent.iterdir() if p.name.startswith(".tmp-")]
 
     second = _bare_cache(sshd, workdir, xdg, bare39)
