@@ -155,18 +155,9 @@ class Report:
 
 
 def _ssh_argv(layer: Any, remote: str) -> List[str]:
-    from ..remote.ssh_options import fast_cipher_options
-
-    extra = fast_cipher_options(layer.ssh, layer.ssh_options, layer.host) if layer.fast_cipher else ()
-    return [layer.ssh, "-T", *extra, *layer.ssh_options, "--", layer.host, remote]
-
-
-def _shell_prefix(layer: Any) -> str:
-    from ..remote.client import _sh_path
-
-    steps = [f"cd {_sh_path(layer.workdir)}"] if layer.workdir else []
-    steps += list(layer.setup_commands)
-    return " && ".join([*steps, ""])
+    """``remote`` run by ``layer``'s own ssh command line, after its ``cd``
+    and setup commands: doctor tests what the cache itself would run."""
+    return list(layer.ssh_argv(" && ".join([*layer.setup_steps(), remote])))
 
 
 def _probe(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
@@ -174,9 +165,9 @@ def _probe(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
     key ran a forced command (the server) instead of the probe."""
     import shlex
 
-    from ..remote.client import _sh_path
+    from ..remote.ssh_options import sh_path
 
-    remote = _shell_prefix(layer) + f"{_sh_path(layer.python)} -c {shlex.quote(_PROBE)}"
+    remote = f"{sh_path(layer.python)} -c {shlex.quote(_PROBE)}"
     started = time.perf_counter()
     try:
         done = subprocess.run(
@@ -388,7 +379,7 @@ def _stream(layer: Any, remote: str, send: int, receive: int) -> Optional[float]
     layer's ssh, timed from the remote's ready mark; None when the remote
     never printed it (a forced command ran instead)."""
     proc = subprocess.Popen(
-        _ssh_argv(layer, _shell_prefix(layer) + remote),
+        _ssh_argv(layer, remote),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -36,6 +36,8 @@ import subprocess
 import sys
 from typing import Any, List, Optional, Sequence, TextIO
 
+from ..remote.ssh_options import sh_path
+
 #: The extras of fleche-remote a remote may want (see pyproject.toml).
 EXTRAS = ("numpy", "sql", "postgres", "hdf5")
 
@@ -50,15 +52,6 @@ MARKER = "FLECHE-REMOTE-INSTALLED"
 
 #: Exit status of the script for a problem it explains itself.
 _SCRIPT_ERROR = 97
-
-
-def _sh_path(path: str) -> str:
-    """Quote for sh, keeping a leading ``~`` live (expanded by the remote)."""
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 def requirement(version: str, extras: Sequence[str] = ()) -> str:
@@ -92,8 +85,8 @@ def install_script(python: str, venv: str, requirement: str, pip_args: Sequence[
     pip = " ".join(q(a) for a in pip_args)
     return f"""\
 unset PYTHONPATH PYTHONHOME
-py={_sh_path(python)}
-venv={_sh_path(venv)}
+py={sh_path(python)}
+venv={sh_path(venv)}
 say() {{ echo "fleche-remote install: $*" >&2; }}
 if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
     if ! command -v "$py" >/dev/null 2>&1; then

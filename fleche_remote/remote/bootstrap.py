@@ -424,13 +424,6 @@ class BootstrapTransport:
             except TransportTimeout:
                 continue
 
-    def read(self, timeout: float) -> bytes:
-        while True:
-            self.wait_readable(timeout)
-            data = self.read_ready()
-            if data is not None:
-                return data
-
     # -- writing -------------------------------------------------------------
 
     def write(self, data: BytesLike, timeout: float) -> None:

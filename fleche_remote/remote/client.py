@@ -54,17 +54,8 @@ from .connection import Connection
 from .lifecycle import Lifecycle
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import decode_first, spool, unpack_blobs
-from .ssh_options import check_host, fast_cipher_options, timeout_options
+from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
 from .transport import PipeTransport, Transport
-
-
-def _sh_path(path: str) -> str:
-    """Quote a path for the remote shell, keeping a leading ``~`` live."""
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 class SshCache(Lifecycle, BaseCache):
@@ -302,30 +293,39 @@ class SshCache(Lifecycle, BaseCache):
 
     def remote_command(self) -> str:
         """The shell command line ssh runs on the remote."""
-        serve = [_sh_path(self.python), "-m", "fleche_remote", "serve"]
+        serve = [sh_path(self.python), "-m", "fleche_remote", "serve"]
         if self.cache_name is not None:
             serve += ["--cache", shlex.quote(self.cache_name)]
         if self._local_read_only:
             serve.append("--read-only")
-        steps = []
-        if self.workdir:
-            steps.append(f"cd {_sh_path(self.workdir)}")
-        steps.extend(self.setup_commands)
+        steps = self.setup_steps()
         if self.bootstrap == "never":
             steps.append("exec " + " ".join(serve))
         else:  # a stub that runs an installed server, or ships this one
             steps.append("exec " + _bootstrap.stub_command(serve[0], serve[4:], self.bootstrap))
         return " && ".join(steps)
 
+    def setup_steps(self) -> List[str]:
+        """What the remote shell does before the server: ``cd workdir`` and
+        the setup commands (``doctor`` runs its probe after the same steps)."""
+        steps = [f"cd {sh_path(self.workdir)}"] if self.workdir else []
+        return steps + list(self.setup_commands)
+
     def argv(self) -> List[str]:
         """The full local command that starts the connection."""
         if self.command is not None:
             return list(self.command)
+        return self.ssh_argv(self.remote_command())
+
+    def ssh_argv(self, remote_command: str) -> List[str]:
+        """``ssh`` with this layer's options (cipher, the user's, time-outs)
+        running ``remote_command``: one place builds it, for the server and
+        for ``doctor``'s probes alike."""
         extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
         # after the user's options: ssh keeps the first value, so theirs win
         timeouts = timeout_options(self.ssh, self.ssh_options, self.host)
         # "--": nothing after it is an option, whatever the host string holds
-        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, "--", self.host, self.remote_command()]
+        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, "--", self.host, remote_command]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""

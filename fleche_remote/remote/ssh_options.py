@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import subprocess
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -201,3 +202,13 @@ def connection_needs_no_prompt(ssh: str, options: Sequence[str], host: str) -> b
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
+
+
+def sh_path(path: str) -> str:
+    """Quote a path for the remote shell, keeping a leading ``~`` live
+    (the remote expands it to its own home)."""
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)

@@ -64,10 +64,6 @@ class Transport(Protocol):
         """Write all of ``data``; :class:`TransportTimeout` if no progress for
         ``timeout`` seconds, :class:`RemoteConnectionError` if the peer is gone."""
 
-    def read(self, timeout: float) -> bytes:
-        """Some bytes (``b""`` at end of stream); :class:`TransportTimeout`
-        if none arrive within ``timeout`` seconds."""
-
     def wait_readable(self, timeout: float) -> None:
         """Wait until :meth:`read_ready` has something; :class:`TransportTimeout`
         after ``timeout`` seconds. Interrupting this wait loses nothing."""
@@ -120,13 +116,6 @@ class FdTransport:
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise RemoteConnectionError(f"the remote closed the connection ({exc.strerror})") from None
             view = view[n:]
-
-    def read(self, timeout: float) -> bytes:
-        while True:
-            self.wait_readable(timeout)
-            data = self.read_ready()
-            if data is not None:
-                return data
 
     def wait_readable(self, timeout: float) -> None:
         """Block until there is something to read (or end of stream);

@@ -312,7 +312,10 @@ class _ScriptedPipe:
 def _read_all(transport: Any) -> bytes:
     out = bytearray()
     while True:
-        data = transport.read(1.0)
+        transport.wait_readable(1.0)
+        data = transport.read_ready()
+        if data is None:
+            continue
         if not data:
             return bytes(out)
         out += data

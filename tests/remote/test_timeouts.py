@@ -125,3 +125,15 @@ def test_timeout_options_come_after_the_users_own():
 def test_a_command_gets_no_ssh_options():
     cache = SshCache("local", command=["python3", "-m", "fleche_remote", "serve"])
     assert cache.argv() == ["python3", "-m", "fleche_remote", "serve"]
+
+
+def test_doctor_probes_with_the_caches_own_ssh_command_line(tmp_path) -> None:
+    # doctor used to build its own argv and had lost the time-out options:
+    # a silent host then hung it for ssh's default of minutes
+    from fleche_remote.cli.info import _ssh_argv
+
+    layer = SshCache("somewhere.invalid", ssh_options=["-F", "/dev/null"], workdir="~/work dir")
+    probe = _ssh_argv(layer, "python3 -c pass")
+    assert probe[: probe.index("--")] == layer.argv()[: layer.argv().index("--")]
+    assert "ConnectTimeout=10" in probe and "ServerAliveInterval=5" in probe
+    assert probe[-1] == "cd ~/'work dir' && python3 -c pass"
