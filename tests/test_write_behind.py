@@ -21,7 +21,7 @@ import pytest
 from layers import Counting, Gate, memory_cache
 
 from fleche_remote import CacheStack, Call, ConfigError, Rejected, WriteBehind, cached
-from fleche_remote.caches.writebehind import Journal, default_journal_dir
+from fleche_remote.caches.journal import Journal, default_journal_dir
 from fleche_remote.config import cache_from_config, cache_to_config
 from fleche_remote.remote.client import SshCache
 

@@ -23,7 +23,7 @@ import pytest
 from layers import memory_cache
 
 from fleche_remote import CacheStack, Call, ConfigError, WriteBehind
-from fleche_remote.caches.writebehind import COMPACT_BYTES, Journal
+from fleche_remote.caches.journal import COMPACT_BYTES, Journal
 from fleche_remote.config import cache_from_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import pytest
 from layers import Gate
 
 from fleche_remote import CacheStack, Call, WriteBehind, cached
-from fleche_remote.caches.writebehind import Journal
+from fleche_remote.caches.journal import Journal
 from fleche_remote.config import cache_from_config
 
 from .helpers import remote_dir, ssh_cache
