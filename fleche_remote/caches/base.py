@@ -19,6 +19,7 @@ trip; local caches just loop.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..call import Call, CallRecord, LazyCall, make_record
@@ -196,7 +197,10 @@ class BaseCache(abc.ABC):
                 ``.result`` costs nothing more (a sweep's lookups).
         """
         if not results:
-            return [None if r is None else self._lazy(r) for r in self.load_records(list(keys))]
+            records = self.load_records(list(keys))
+            batch = _Batch(self, [r for r in records if r is not None])
+            lazies = iter(batch.lazy_calls())
+            return [None if r is None else next(lazies) for r in records]
         out: List[Optional[LazyCall]] = []
         for entry in self.load_entries(list(keys)):
             if entry is None:
@@ -259,9 +263,14 @@ class BaseCache(abc.ABC):
 
     def _run_query(self, plan: QueryPlan) -> Iterator[LazyCall]:
         records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
+        chunk: List[CallRecord] = []
         for record in records:
             if plan.accepts(record):
-                yield self._lazy(record)
+                chunk.append(record)
+            if len(chunk) >= QUERY_BATCH:
+                yield from _Batch(self, chunk).lazy_calls()
+                chunk = []
+        yield from _Batch(self, chunk).lazy_calls()
 
     def collect_garbage(self) -> int:
         """Remove stored values no call refers to; returns how many.
@@ -299,3 +308,72 @@ class BaseCache(abc.ABC):
     def describe(self) -> Dict[str, Any]:
         """A short plain-data description (for ``info`` and the CLI)."""
         return {"class": type(self).__name__, "read_only": self.read_only}
+
+
+#: A batch of lazy results (``load_many``, a page of ``query``) fetches the
+#: values not yet loaded together, when the first of them is read: at most
+#: this many bytes (by the records' ``value_size``) per round trip. The
+#: obvious loop ``[c.result for c in cache.load_many(keys)]`` then costs a
+#: few round trips instead of one per call (21.9 s for 1000 small values at
+#: 20 ms RTT, measured before this existed), while memory stays bounded.
+BATCH_FETCH_BYTES = 32 << 20
+
+#: A value larger than this is fetched alone when read, streamed straight
+#: into its final buffer (``fetch_result``), as a single ``load`` does.
+BATCH_FETCH_ALONE = 4 << 20
+
+#: Records of a query grouped into one batch.
+QUERY_BATCH = 500
+
+
+class _Batch:
+    """Lazy calls of one batch of records that fetch their values together.
+
+    Reading ``.result`` of one call fetches it and the following calls'
+    values (within :data:`BATCH_FETCH_BYTES`) in one ``load_blobs``; each
+    is decoded only when its own ``.result`` is read.
+    """
+
+    def __init__(self, cache: BaseCache, records: Sequence[CallRecord]) -> None:
+        self.cache = cache
+        self.records = list(records)
+        self.fetched: Dict[int, Blob] = {}
+        self.taken: List[bool] = [False] * len(self.records)
+
+    def lazy_calls(self) -> List[LazyCall]:
+        return [LazyCall(record, functools.partial(self.result, i)) for i, record in enumerate(self.records)]
+
+    def result(self, i: int) -> Any:
+        self.taken[i] = True
+        record = self.records[i]
+        blob = self.fetched.pop(i, None)
+        if blob is None:
+            if record.value_size > BATCH_FETCH_ALONE:
+                return self.cache.fetch_result(record.value)
+            blob = self._fetch_from(i)
+        return decode_value(blob)
+
+    def _fetch_from(self, i: int) -> Blob:
+        wanted: List[int] = []
+        seen = set()  # a blob is read once: equal results are fetched again when read
+        budget = BATCH_FETCH_BYTES
+        for j in range(i, len(self.records)):
+            size = self.records[j].value_size
+            digest = self.records[j].value
+            if j != i and (self.taken[j] or j in self.fetched or size > BATCH_FETCH_ALONE or digest in seen):
+                continue
+            if j != i and size > budget:
+                break
+            wanted.append(j)
+            seen.add(digest)
+            budget -= size
+        digests = [self.records[j].value for j in wanted]
+        blobs = dict(zip(digests, self.cache.load_blobs(digests)))
+        for j in wanted[1:]:
+            blob = blobs.get(self.records[j].value)
+            if blob is not None:
+                self.fetched[j] = blob
+        first = blobs.get(self.records[i].value)
+        if first is None:
+            raise KeyError(self.records[i].value)
+        return first
