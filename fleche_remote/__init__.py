@@ -29,6 +29,7 @@ from .errors import (
     RemoteConnectionError,
     RemoteError,
     StorageError,
+    UnpicklableArgumentError,
 )
 
 __version__ = "0.1.0"
@@ -83,6 +84,7 @@ __all__ = [
     "SignatureError",
     "SshCache",
     "StorageError",
+    "UnpicklableArgumentError",
     "UnstableDigestWarning",
     "WriteBehind",
     "__version__",

@@ -11,7 +11,26 @@ Messages say what was expected and what arrived.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional, Sequence
+
+#: This package's directory: frames under it are library code, which a
+#: warning should not point at.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this
+    function point at the first frame outside fleche-remote: the user's own
+    line, however deep in the library the warning arose.
+    """
+    level = 1
+    frame = sys._getframe(1)  # the function about to warn: level 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 class FlecheRemoteError(Exception):
@@ -71,6 +90,35 @@ class ConfigError(FlecheRemoteError, ValueError):
             where.append(f"key {key!r}")
         self.message = message
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+
+class UnpicklableArgumentError(FlecheRemoteError, TypeError):
+    """An argument of a ``@cached`` function cannot be pickled, so it cannot
+    be part of a key (a lock, a file open for writing, a database connection).
+
+    ``function`` is the function's ``module.qualname``, ``parameter`` the
+    parameter's name and ``type_name`` the argument's type. The fix, when
+    the argument does not affect the result, is ``@cached(ignore=[...])``.
+    """
+
+    def __init__(self, function: str, parameter: str, type_name: str, reason: str = "") -> None:
+        self.function = function
+        self.parameter = parameter
+        self.type_name = type_name
+        self.reason = reason
+        short = function.rsplit(".", 1)[-1]
+        message = (
+            f"{function}: argument {parameter!r} is a {type_name}, which cannot be pickled, so it "
+            f"cannot be part of a key; if it does not affect the result, write "
+            f"@cached(ignore=[{parameter!r}]) on {short}, else pass plain data instead"
+        )
+        if reason:
+            message += f"\n(pickling said: {reason})"
+        super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # rebuilt from its fields, so it can travel from a server or a worker
+        return (type(self), (self.function, self.parameter, self.type_name, self.reason))
 
 
 class StorageError(FlecheRemoteError, OSError):

@@ -84,6 +84,8 @@ import warnings
 from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Set
 
+from ..errors import user_stacklevel
+
 #: Names the whole scheme (key encoding, value digest, bulk hash and its
 #: threshold). Records carry it, so a later change needs no migration.
 DIGEST_SCHEME_NAME = "fleche-remote/2"
@@ -216,7 +218,7 @@ def _fallback(obj: Any, update: Callable[[bytes], None]) -> None:
             f"may differ between processes or library versions. Pass plain data, "
             f"a dataclass, or a NumPy array for a stable key.",
             UnstableDigestWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),  # the user's call, however deep the argument
         )
     data = cloudpickle.dumps(obj, protocol=4)
     _body(b"P", data, len(data), update)
