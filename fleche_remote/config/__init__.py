@@ -57,7 +57,6 @@ from ..storage.base import build_store
 from ..storage.fs import FS_KEYS
 from ..storage.options import resolve_path
 from . import forms as config_forms
-from .hints import close_match, did_you_mean
 from .discovery import (  # discovery lives there; its names stay importable from here
     CONFIG_NAME,  # noqa: F401
     DEFAULT_KEYS,  # noqa: F401
@@ -68,6 +67,7 @@ from .discovery import (  # discovery lives there; its names stay importable fro
     load_config,
     read_toml,
 )
+from .hints import close_match, did_you_mean
 
 #: The table name errors and the cache memo use for an inline ``[default] cache``.
 INLINE_DEFAULT = "default.cache"

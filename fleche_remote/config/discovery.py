@@ -211,7 +211,7 @@ def _syntax_message(path: Path, error: str) -> str:
     if bare is None:
         return message
     key, value = bare.groups()
-    return f"{message}; strings need quotes: write {key} = \"{value}\""
+    return f'{message}; strings need quotes: write {key} = "{value}"'
 
 
 def _check_default(table: Any, path: Path) -> None:

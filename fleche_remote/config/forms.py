@@ -28,9 +28,9 @@ What is translated (see also README, "fleche.toml written for fleche"):
   template's values are.
 * a ``pool`` table is a :class:`~fleche_remote.caches.pool.CachePool`.
 
-What is refused, with the nearest equivalent: ``max_size``, a store ``type`` in the wrong case, an SQL call store with no
-``url`` (fleche's in-memory default keeps nothing), and other metadata
-collectors.
+What is refused, with the nearest equivalent: ``max_size``, a store
+``type`` in the wrong case, an SQL call store with no ``url`` (fleche's
+in-memory default keeps nothing), and other metadata collectors.
 """
 
 from __future__ import annotations
