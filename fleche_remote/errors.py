@@ -153,7 +153,8 @@ class RemoteConnectionError(FlecheRemoteError, RuntimeError):
         full = message
         if returncode is not None:
             full += f" [exit code {returncode}]"
-        if self.stderr_tail:
+        # a tail the message already quotes in full (ssh's one line) is not repeated
+        if self.stderr_tail and not all(line in message for line in self.stderr_tail):
             full += "\n--- remote stderr (last lines) ---\n" + "\n".join(self.stderr_tail)
         super().__init__(full)
 
