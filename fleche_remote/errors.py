@@ -15,20 +15,31 @@ import os
 import sys
 from typing import Optional, Sequence
 
-#: This package's directory: frames under it are library code, which a
-#: warning should not point at.
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: Frames under these directories are library code (this package, and the
+#: standard library that calls back into it: contextlib, threading), which
+#: a warning should not point at.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(os.__file__)) + os.sep,
+)
+
+
+def _is_library(filename: str) -> bool:
+    if filename.startswith(_LIBRARY_DIRS[0]):
+        return True
+    return filename.startswith(_LIBRARY_DIRS[1]) and "site-packages" not in filename
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller of this
-    function point at the first frame outside fleche-remote: the user's own
-    line, however deep in the library the warning arose.
+    function point at the first frame outside fleche-remote (and the
+    standard library): the user's own line, however deep in the library
+    the warning arose.
     """
     level = 1
     frame = sys._getframe(1)  # the function about to warn: level 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back  # type: ignore[assignment]
+    while frame.f_back is not None and _is_library(frame.f_code.co_filename):
+        frame = frame.f_back
         level += 1
     return level
 
@@ -154,7 +165,8 @@ class RemoteConnectionError(FlecheRemoteError, RuntimeError):
         if returncode is not None:
             full += f" [exit code {returncode}]"
         # a tail the message already quotes in full (ssh's one line) is not repeated
-        if self.stderr_tail and not all(line in message for line in self.stderr_tail):
+        quoted = len(self.stderr_tail) == 1 and f": {self.stderr_tail[0]}" in message
+        if self.stderr_tail and not quoted:
             full += "\n--- remote stderr (last lines) ---\n" + "\n".join(self.stderr_tail)
         super().__init__(full)
 
