@@ -43,7 +43,7 @@ def _startup_message(
             # the fix first: the ssh line below says why, and doctor says more
             return (
                 f"ssh could not connect to {host}: {last}; check the set-up with "
-                f"`fleche-remote doctor {host}`, or write on_error = \"warn\" on this ssh layer so "
+                f'`fleche-remote doctor {host}`, or write on_error = "warn" on this ssh layer so '
                 f"that the other layers go on serving while it is unreachable"
             )
         if "No module named fleche_remote" in text or "No module named 'fleche_remote'" in text:
