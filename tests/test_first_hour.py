@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from test_migrate import FLECHE_SPEC, _run
+from test_migrate import fleche_python as fleche_python  # a fixture: fleche 0.22 in a venv
 
 from fleche_remote import (
     Cache,
@@ -280,3 +282,59 @@ def test_a_fleche_table_beside_ours_is_named_in_a_warning(tmp_path: Path) -> Non
     cache.close()
     assert caught[0].filename == __file__
     assert "calls" in _tables(path) and "fr_calls" in _tables(path)
+
+
+FLECHE_SIDE = """
+import sys
+from fleche import fleche
+import shared_subject as m
+
+double = fleche(m.double)
+assert double(21) == 42
+double(21)  # a hit, read back from the shared file
+print(len(list(__import__("fleche.config").config.load_cache_config().query())))
+"""
+
+
+@pytest.fixture(scope="session")
+def fleche_sql_python(fleche_python: str) -> str:
+    """That interpreter with fleche's SQL extra (SQLAlchemy), installed once."""
+    import subprocess
+
+    if subprocess.run([fleche_python, "-c", "import sqlalchemy"], capture_output=True).returncode:
+        argv = [
+            fleche_python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            FLECHE_SPEC.replace("fleche", "fleche[sqlalchemy]"),
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return fleche_python
+
+
+def test_one_sqlite_file_serves_fleche_and_fleche_remote(fleche_sql_python: str, tmp_path: Path) -> None:
+    """``calls.url`` of both libraries pointing at one file: each keeps its
+    own tables, and neither trips on the other's (``no such column``)."""
+    (tmp_path / "shared_subject.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "fleche.toml").write_text(
+        "[default]\ncache = 'theirs'\nroot = true\n"
+        "[theirs]\nvalues = { type = 'cloudpickle', root = 'fv' }\n"
+        "calls = { type = 'sql', url = 'sqlite:///shared.db' }\n"
+        "[ours]\nvalues = { type = 'cloudpickle', root = 'ov' }\n"
+        "calls = { type = 'sql', url = 'shared.db' }\n"
+    )
+    (tmp_path / "fleche_side.py").write_text(FLECHE_SIDE)
+    first = _run(fleche_sql_python, tmp_path, "fleche_side.py")
+    assert first.returncode == 0, first.stderr
+    with pytest.warns(ForeignTablesWarning, match="also holds a fleche cache"):
+        ours = load_cache("ours", config=load_config(tmp_path / "fleche.toml"))
+        key = ours.save(Call("m.g", {"x": 1}, "mine"))
+    assert ours.load_value(key) == "mine"
+    ours.close()
+    again = _run(fleche_sql_python, tmp_path, "fleche_side.py")  # fleche still reads its own
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[-1] == "1"
+    assert {"calls", "fr_calls"} <= set(_tables(tmp_path / "shared.db"))
