@@ -431,7 +431,7 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             value_type = config_forms.sql_template_values(cfg.get("values", "cloudpickle"))
             if value_type not in SQL_TEMPLATE_VALUES:
                 raise where.error(
-                    f"the sql template stores values in files; values must be one of "
+                    f"the sql template stores values in files or HDF5; values must be one of "
                     f"{', '.join(SQL_TEMPLATE_VALUES)}, got {_describe(value_type)}",
                     key="values",
                 )
