@@ -30,6 +30,7 @@ from .errors import (
     RemoteConnectionError,
     RemoteError,
     StorageError,
+    UnpicklableArgumentError,
 )
 
 __version__ = "0.1.0"
@@ -84,6 +85,7 @@ __all__ = [
     "SignatureError",
     "SshCache",
     "StorageError",
+    "UnpicklableArgumentError",
     "UnstableDigestWarning",
     "WriteBehind",
     "__version__",

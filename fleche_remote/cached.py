@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import pickle
 import sys
 import threading
 import time
@@ -60,8 +61,8 @@ from .caches import BaseCache, CacheStack
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
 from .call import Call, LazyCall
-from .codec.digest import Digest, call_digest, normalize_version
-from .errors import CorruptEntryError, Rejected
+from .codec.digest import Digest, call_digest, digest_of, normalize_version
+from .errors import CorruptEntryError, Rejected, UnpicklableArgumentError
 from .query import plan_query
 
 log = logging.getLogger("fleche_remote.cached")
@@ -246,9 +247,25 @@ class CachedFunction:
         bound.apply_defaults()
         return {k: v for k, v in bound.arguments.items() if k not in self.ignore}
 
+    def _key(self, arguments: Dict[str, Any]) -> Digest:
+        """The key of bound ``arguments``; an argument that cannot be pickled
+        (hence hashed) is named, with the fix, instead of a bare pickling
+        error from deep inside the hashing."""
+        try:
+            return call_digest(self.name, arguments, self.version)
+        except (TypeError, pickle.PicklingError, AttributeError) as exc:
+            culprit = _unpicklable(arguments)
+            if culprit is None:
+                raise
+            name, value = culprit
+            type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+            if type(value).__module__ in ("builtins", "_io", "io"):
+                type_name = type(value).__qualname__
+            raise UnpicklableArgumentError(self.name, name, type_name, str(exc)) from None
+
     def key(self, *args: Any, **kwargs: Any) -> Digest:
         """The key a call with these arguments is filed under."""
-        return call_digest(self.name, self.arguments(*args, **kwargs), self.version)
+        return self._key(self.arguments(*args, **kwargs))
 
     def contains(self, *args: Any, **kwargs: Any) -> bool:
         """Whether a result for these arguments is stored."""
@@ -370,7 +387,7 @@ class CachedFunction:
         todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]] = {}
         for args, kwargs in calls:
             arguments = self.arguments(*args, **kwargs)
-            key = call_digest(self.name, arguments, self.version)
+            key = self._key(arguments)
             keys.append(key)
             todo.setdefault(key, (args, kwargs, arguments))
         if not keys:
@@ -500,7 +517,7 @@ class CachedFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self.arguments(*args, **kwargs)
-        key = call_digest(self.name, arguments, self.version)
+        key = self._key(arguments)
         cache = self.cache
         try:
             return cache.load_value(key)
@@ -531,6 +548,17 @@ class CachedFunction:
             # result that cannot be pickled must not throw the result away
             log.warning("%s: could not save the result of key %s", self.name, key[:12], exc_info=True)
         return result
+
+
+def _unpicklable(arguments: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
+    """The first argument whose digest fails, with its value (None if each
+    hashes alone, so the failure was not one argument's)."""
+    for name, value in arguments.items():
+        try:
+            digest_of(value)
+        except (TypeError, pickle.PicklingError, AttributeError):
+            return name, value
+    return None
 
 
 def _run_timed(function: CachedFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, float]:

@@ -11,7 +11,37 @@ Messages say what was expected and what arrived.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional, Sequence
+
+#: Frames under these directories are library code (this package, and the
+#: standard library that calls back into it: contextlib, threading), which
+#: a warning should not point at.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(os.__file__)) + os.sep,
+)
+
+
+def _is_library(filename: str) -> bool:
+    if filename.startswith(_LIBRARY_DIRS[0]):
+        return True
+    return filename.startswith(_LIBRARY_DIRS[1]) and "site-packages" not in filename
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this
+    function point at the first frame outside fleche-remote (and the
+    standard library): the user's own line, however deep in the library
+    the warning arose.
+    """
+    level = 1
+    frame = sys._getframe(1)  # the function about to warn: level 1
+    while frame.f_back is not None and _is_library(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class FlecheRemoteError(Exception):
@@ -73,6 +103,35 @@ class ConfigError(FlecheRemoteError, ValueError):
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
 
 
+class UnpicklableArgumentError(FlecheRemoteError, TypeError):
+    """An argument of a ``@cached`` function cannot be pickled, so it cannot
+    be part of a key (a lock, a file open for writing, a database connection).
+
+    ``function`` is the function's ``module.qualname``, ``parameter`` the
+    parameter's name and ``type_name`` the argument's type. The fix, when
+    the argument does not affect the result, is ``@cached(ignore=[...])``.
+    """
+
+    def __init__(self, function: str, parameter: str, type_name: str, reason: str = "") -> None:
+        self.function = function
+        self.parameter = parameter
+        self.type_name = type_name
+        self.reason = reason
+        short = function.rsplit(".", 1)[-1]
+        message = (
+            f"{function}: argument {parameter!r} is a {type_name}, which cannot be pickled, so it "
+            f"cannot be part of a key; if it does not affect the result, write "
+            f"@cached(ignore=[{parameter!r}]) on {short}, else pass plain data instead"
+        )
+        if reason:
+            message += f"\n(pickling said: {reason})"
+        super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # rebuilt from its fields, so it can travel from a server or a worker
+        return (type(self), (self.function, self.parameter, self.type_name, self.reason))
+
+
 class StorageError(FlecheRemoteError, OSError):
     """A stored entry is unreadable or a store cannot be written."""
 
@@ -105,7 +164,9 @@ class RemoteConnectionError(FlecheRemoteError, RuntimeError):
         full = message
         if returncode is not None:
             full += f" [exit code {returncode}]"
-        if self.stderr_tail:
+        # a tail the message already quotes in full (ssh's one line) is not repeated
+        quoted = len(self.stderr_tail) == 1 and f": {self.stderr_tail[0]}" in message
+        if self.stderr_tail and not quoted:
             full += "\n--- remote stderr (last lines) ---\n" + "\n".join(self.stderr_tail)
         super().__init__(full)
 

@@ -20,6 +20,7 @@ import pytest
 
 from fleche_remote import Cache, CacheStack, Call, ConfigError, cached
 from fleche_remote.caches import BaseCache
+from fleche_remote.caches.pool import CachePool
 from fleche_remote.caches.void import VoidCache
 from fleche_remote.config import (
     Config,
@@ -131,8 +132,8 @@ HOME_SQL = calls_url(lambda folder, home: f"sqlite:///{home / '.fleche' / 'calls
 HOME_CACHE_SQL = calls_url(lambda folder, home: f"sqlite:///{home / '.cache' / 'fleche' / 'calls.db'}")
 LOCAL_THEN_SSH = Works(CacheStack, layers=(Cache, SshCache), roundtrip=False)
 MAX_SIZE = "cache.evict(key)"
-POOL = "[[name]] tables, each with read_only = true"
-BOH = "type = 'hdf5'"
+POOL = Works(CachePool, layers=(Cache, Cache), read_only=True)
+HDF5_VALUES = value_type("hdf5")
 
 EXPECTED: Dict[str, Union[Fails, Dict[Optional[str], Outcome]]] = {
     "module_docstring_example.toml": {
@@ -143,7 +144,7 @@ EXPECTED: Dict[str, Union[Fails, Dict[Optional[str], Outcome]]] = {
         "limited": Fails("limited", "max_size", MAX_SIZE),
         "readonly": Works(Cache, read_only=True),
         "mystack": Works(CacheStack, layers=(Cache, Cache)),
-        "mypool": Fails("mypool", "pool", POOL),
+        "mypool": POOL,
         "shared": LOCAL_THEN_SSH,
     },
     "module_docstring_templates.toml": {
@@ -155,20 +156,27 @@ EXPECTED: Dict[str, Union[Fails, Dict[Optional[str], Outcome]]] = {
         DEFAULT: FILES,
         "persistent": FILES,
         "fast": MEMORY,
-        "hdf5_values": Fails("hdf5_values", "values.type", BOH),
+        "hdf5_values": Works(Cache, check=HDF5_VALUES),
         "limited": Fails("limited", "max_size", MAX_SIZE),
         "readonly": Works(Cache, read_only=True),
         "layered": Works(CacheStack, layers=(Cache, Cache)),
-        "shared": Fails("shared", "pool", POOL),
+        "shared": POOL,
     },
     "configuration_rst_sections.toml": {
         DEFAULT: MEMORY,
         "mycache": MEMORY,
         "terse": FILES,
         "sqlbacked": FILES,
-        "hdf5_multi": Fails("hdf5_multi", "values.type", BOH),
+        "hdf5_multi": Works(Cache, warns=(ConfigWarning, "prefix_length"), check=HDF5_VALUES),
         "destructured": Works(Cache, warns=(ConfigWarning, "remaining_depth")),
         "ssh_stack": Works(CacheStack, layers=(Cache, SshCache), roundtrip=False, check=None),
+    },
+    "builtin_memory.toml": {DEFAULT: MEMORY},
+    "builtin_names_in_a_stack.toml": {DEFAULT: Works(CacheStack, layers=(Cache, VoidCache))},
+    "builtin_void.toml": {DEFAULT: Works(VoidCache), "with_void": MEMORY},
+    "default_names_no_table.toml": {
+        DEFAULT: Fails("default", "cache", "did you mean 'persistent'?"),
+        "persistent": MEMORY,
     },
     "default_cache_inline_template.toml": {DEFAULT: MEMORY},
     "default_cache_inline_table.toml": {DEFAULT: MEMORY},
@@ -216,13 +224,13 @@ EXPECTED: Dict[str, Union[Fails, Dict[Optional[str], Outcome]]] = {
         "memory": MEMORY,
         "pickle": Works(Cache, check=value_type("pickle")),
         "cloudpickle": Works(Cache, check=values_root(lambda f, h: f / "t" / "cloudpickle" / "values")),
-        "dill": Fails("dill", "template", "template = 'cloudpickle'"),
-        "bagofholding": Fails("bagofholding", "template", "template = 'hdf5'"),
+        "dill": Works(Cache, check=value_type("cloudpickle")),
+        "bagofholding": Works(Cache, check=HDF5_VALUES),
         "sql": Works(Cache, check=calls_url(lambda f, h: f"sqlite:///{f / 't' / 'sql' / 'calls.db'}")),
         "sql_pickle_values_url": Works(
             Cache, check=calls_url(lambda f, h: f"sqlite:///{f / 't' / 'sql2' / 'other.db'}")
         ),
-        "sql_dill_values": Fails("sql_dill_values", "values", "values = 'cloudpickle'"),
+        "sql_dill_values": Works(Cache, check=value_type("cloudpickle")),
         "sql_bare_url": Works(
             Cache, check=calls_url(lambda f, h: f"sqlite:///{f / 't' / 'sql4' / 'calls.db'}")
         ),
@@ -233,8 +241,8 @@ EXPECTED: Dict[str, Union[Fails, Dict[Optional[str], Outcome]]] = {
         "lock_timeout": Works(Cache, warns=(ConfigDeprecationWarning, "lock_timeout is deprecated")),
         "echo": MEMORY,
         "no_url": Fails("no_url", "calls.url", "calls = { type = 'memory' }"),
-        "dill": Fails("dill", "values.type", "type = 'cloudpickle'"),
-        "bagofholding": Fails("bagofholding", "values.type", BOH),
+        "dill": Works(Cache, check=value_type("cloudpickle")),
+        "bagofholding": Works(Cache, warns=(ConfigWarning, "version_validator"), check=HDF5_VALUES),
     },
     "usage_minimal.toml": {
         DEFAULT: FILES,
@@ -421,7 +429,8 @@ def test_cached_over_a_void_cache_computes_every_time() -> None:
             "calls.lock_timeout",
             "unknown key",
         ),
-        ({"pool": [{"template": "memory"}]}, "pool", "read_only = true"),
+        ({"pool": [{"template": "memory"}], "read_only": True}, "read_only", "holds only its members"),
+        ({"pool": []}, "pool", "array of cache tables"),
         ({"template": "void"}, "template", "calls = { type = 'void' }"),
     ],
 )

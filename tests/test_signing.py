@@ -90,7 +90,7 @@ def replace_value(kind: str, values: Any, calls: Any, digest: str, blob: BytesBl
         url = calls.to_config()["url"]
         with sqlite3.connect(url[len("sqlite:///") :]) as db:
             changed = db.execute(
-                "UPDATE blobs SET kind = ?, size = ?, body = ? WHERE digest = ?",
+                "UPDATE fr_blobs SET kind = ?, size = ?, body = ? WHERE digest = ?",
                 (blob.kind, blob.size, blob.read_all(), digest),
             ).rowcount
         assert changed == 1

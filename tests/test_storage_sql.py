@@ -148,10 +148,10 @@ def test_value_garbage_row_is_a_corrupt_entry(values: SqlValueStore) -> None:
     blob = encode_value(b"x")
     digest = blob_digest(blob)
     values.put(digest, blob)
-    tamper(values, "UPDATE blobs SET meta = ?", "{not json")
+    tamper(values, "UPDATE fr_blobs SET meta = ?", "{not json")
     with pytest.raises(CorruptEntryError, match="meta is not JSON"):
         values.get(digest)
-    tamper(values, "UPDATE blobs SET meta = ?, size = 99", "{}")
+    tamper(values, "UPDATE fr_blobs SET meta = ?, size = 99", "{}")
     with pytest.raises(CorruptEntryError, match="1 body bytes, expected 99"):
         values.get(digest)
 
@@ -211,10 +211,10 @@ def test_call_delete_removes_record_and_index_rows(calls: SqlCallStore) -> None:
 def test_call_garbage_row_is_a_corrupt_entry(calls: SqlCallStore) -> None:
     rec = record("ab" * 32)
     calls.put(rec)
-    tamper(calls, "UPDATE calls SET metadata = ?", "[1, 2")
+    tamper(calls, "UPDATE fr_calls SET metadata = ?", "[1, 2")
     with pytest.raises(CorruptEntryError, match="metadata is not JSON"):
         calls.get(rec.key)
-    tamper(calls, "UPDATE calls SET metadata = ?", "[1, 2]")
+    tamper(calls, "UPDATE fr_calls SET metadata = ?", "[1, 2]")
     with pytest.raises(CorruptEntryError, match="expected a JSON object"):
         calls.get(rec.key)
 
@@ -247,7 +247,7 @@ def test_sqlite_prefix_expansion_is_an_index_search(tmp_path: Path, monkeypatch:
     assert store.keys_with_prefix("aba") == ["ab" * 32]
     (statement, params) = seen[-1]
     plan = " ".join(str(r[-1]) for r in real("EXPLAIN QUERY PLAN " + statement, params))
-    assert "SEARCH calls USING" in plan and "SCAN" not in plan, plan
+    assert "SEARCH fr_calls USING" in plan and "SCAN" not in plan, plan
     store.close()
 
 
@@ -399,7 +399,7 @@ def test_a_record_without_a_digest_scheme_reads_as_legacy(calls: SqlCallStore) -
     rec = record("ab" * 32)
     calls.put(rec)
     assert calls.get(rec.key) == rec
-    tamper(calls, "UPDATE calls SET digest_scheme = NULL")  # as written before the field existed
+    tamper(calls, "UPDATE fr_calls SET digest_scheme = NULL")  # as written before the field existed
     assert calls.get(rec.key).digest_scheme == callmod.LEGACY_DIGEST_SCHEME  # type: ignore[attr-defined]
 
 

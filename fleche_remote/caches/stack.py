@@ -102,7 +102,7 @@ class CacheStack(BaseCache):
     def __repr__(self) -> str:
         return f"CacheStack({self.layers!r})"
 
-    def to_config(self) -> List[Any]:
+    def to_config(self) -> Any:
         """One table per layer, write-behind layers marked with
         ``write_behind = true``; ``backfill=False`` and a write-behind
         layer's queue and journal settings have no config form."""

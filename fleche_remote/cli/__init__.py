@@ -147,7 +147,29 @@ def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     header = ["# merged from (highest priority first):"] + [f"#   {f}" for f in config.files]
     out.write(ignored + "\n".join(header) + "\n\n" + dump_config(redact(dict(config)), config.source))
-    return 0
+    problems = _unbuildable(config)
+    for problem in problems:
+        _error(problem)
+    return 2 if problems else 0
+
+
+def _unbuildable(config: Any) -> List[str]:
+    """Why each table that cannot be built cannot (``[default] cache``
+    too). Building opens nothing: file stores create their directories,
+    databases their files, and ssh layers connect on first use only."""
+    from ..config import load_cache
+
+    names: List[Optional[str]] = [*config.cache_names()]
+    if config.default_spec() is not None:
+        names.insert(0, None)
+    problems = []
+    for name in names:
+        try:
+            load_cache(name, config=config).close()
+        except ConfigError as exc:
+            if str(exc) not in problems:  # [default] cache names a broken table: said once
+                problems.append(str(exc))
+    return problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    # one line, so that it reads well after a shell prompt or in a job log
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    # the first line says what and the fix, so it reads well after a shell
+    # prompt or in a job log; further lines (a remote's stderr) stay lines,
+    # indented, rather than folded into it
+    first, *rest = str(message).strip().splitlines() or [""]
+    lines = [f"{PROG}: error: {' '.join(first.split())}"] + [f"  {line}" for line in rest if line.strip()]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,10 +38,8 @@ import warnings
 from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Set
 
-from .bodyhash import (  # part of this module's interface since the scheme was defined
-    DIGEST_SCHEME,
-    BodyHasher,
-)
+from ..errors import user_stacklevel
+from .bodyhash import DIGEST_SCHEME, BodyHasher
 from .bodyhash import body as _body
 
 _U64 = struct.Struct(">Q")
@@ -78,7 +76,7 @@ def _fallback(obj: Any, update: Callable[[bytes], None]) -> None:
             f"may differ between processes or library versions. Pass plain data, "
             f"a dataclass, or a NumPy array for a stable key.",
             UnstableDigestWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),  # the user's call, however deep the argument
         )
     data = cloudpickle.dumps(obj, protocol=4)
     _body(b"P", data, len(data), update)

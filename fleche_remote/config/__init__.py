@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..caches import BaseCache, Cache, CacheStack
-from ..caches.void import VoidCache
+from ..caches.pool import CachePool
+from ..caches.void import VOID_CONFIG, VoidCache
 from ..caches.writebehind import WRITE_BEHIND_KEY
 from ..errors import ConfigError
 from ..redaction import is_secret_key, redact, redact_text
@@ -67,6 +68,7 @@ from .discovery import (  # discovery lives there; its names stay importable fro
     load_config,
     read_toml,
 )
+from .hints import close_match, did_you_mean
 
 #: The table name errors and the cache memo use for an inline ``[default] cache``.
 INLINE_DEFAULT = "default.cache"
@@ -131,7 +133,7 @@ def _cache_factory(name: str) -> CacheFactory:
 
 TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
-SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
+SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle", "hdf5")
 _EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key")
 
 
@@ -213,6 +215,8 @@ def _build(cfg: Any, where: _Where) -> BaseCache:
     if not isinstance(cfg, dict):
         raise where.error(f"a cache must be a table or an array of tables, got {_describe(cfg)}")
     config_forms.check_cache_table(cfg, where)
+    if "pool" in cfg:
+        return _build_pool(cfg, where)
     if WRITE_BEHIND_KEY in cfg:
         raise where.error(
             f"{WRITE_BEHIND_KEY} = true goes on an ssh layer of a stack ([[name]] tables), "
@@ -224,6 +228,27 @@ def _build(cfg: Any, where: _Where) -> BaseCache:
     if "template" in cfg:
         return _build_template(cfg, where)
     return _build_explicit(cfg, where)
+
+
+def _build_pool(cfg: Dict[str, Any], where: _Where) -> BaseCache:
+    """fleche's ``[[name.pool]]``: a read-only union of member caches."""
+    extra = sorted(k for k in cfg if k != "pool")
+    if extra:
+        raise where.error(
+            f"a pool table holds only its members ([[{where.table}.pool]] tables); remove "
+            f"{', '.join(extra)} (a pool is read-only anyway)",
+            key=extra[0],
+        )
+    members = cfg["pool"]
+    if not isinstance(members, list) or not members:
+        raise where.error(
+            f"pool must be an array of cache tables ([[{where.table}.pool]]), got {_describe(members)}",
+            key="pool",
+        )
+    prefix = where.table if where.table is not None else ""
+    return CachePool(
+        [_build(item, _Where(where.source, f"{prefix}.pool[{i}]")) for i, item in enumerate(members)]
+    )
 
 
 def _build_stack(items: Sequence[Tuple[Any, _Where]]) -> BaseCache:
@@ -283,7 +308,8 @@ def _build_typed(cfg: Dict[str, Any], where: _Where) -> BaseCache:
         )
     if type_name not in _CACHE_TYPES:
         raise where.error(
-            f"unknown cache type {type_name!r}; known cache types: {', '.join(cache_types())} "
+            f"unknown cache type {type_name!r}{did_you_mean(type_name, cache_types())}; "
+            f"known cache types: {', '.join(cache_types())} "
             f"(or leave out 'type' and give values/calls tables or a template)",
             key="type",
         )
@@ -312,13 +338,7 @@ def _build_store(kind: str, table: Any, where: _Where) -> Any:
 
 
 def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
-    for key in cfg:
-        if key not in _EXPLICIT_KEYS:
-            raise where.error(
-                f"unknown key {key!r} in a cache table; expected {', '.join(_EXPLICIT_KEYS)}, "
-                f"or a template, or a type",
-                key=key,
-            )
+    _check_explicit_keys(cfg, where)
     for kind in ("values", "calls"):
         if kind not in cfg:
             raise where.error(
@@ -335,6 +355,30 @@ def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     return Cache(values, calls, read_only=read_only, secret_key=signer)
 
 
+#: Every key a cache table may hold in one of its forms, for suggestions.
+_CACHE_KEYS = (*_EXPLICIT_KEYS, "template", "root", "type", "url", "pool", *FS_KEYS)
+
+
+def _check_explicit_keys(cfg: Dict[str, Any], where: _Where) -> None:
+    """Refuse keys an explicit (values/calls) table does not take, a
+    misspelt one first, with the key it most likely meant."""
+    unknown = [key for key in cfg if key not in _EXPLICIT_KEYS]
+    if not unknown:
+        return
+    misspelt = [key for key in unknown if close_match(key, _CACHE_KEYS) not in (None, key)]
+    key = (misspelt or unknown)[0]
+    expected = "expected values and calls tables, read_only, secret_key; or template with root; or type"
+    if misspelt:
+        raise where.error(f"unknown key {key!r}{did_you_mean(key, _CACHE_KEYS)} ({expected})", key=key)
+    if key in ("root", "url"):
+        raise where.error(
+            f"{key} goes with a template, and this table has none: add template = 'cloudpickle' "
+            f"(or 'pickle', 'sql', 'hdf5'), or give values and calls tables",
+            key=key,
+        )
+    raise where.error(f"unknown key {key!r} in a cache table; {expected}", key=key)
+
+
 def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
     if "root" not in cfg:
         raise where.error(f"template {cfg['template']!r} needs a 'root' directory", key="root")
@@ -345,11 +389,12 @@ def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
 
 
 def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
-    template = cfg["template"]
-    config_forms.check_template(template, where)
+    template = config_forms.check_template(cfg["template"], where)
     if not isinstance(template, str) or template not in TEMPLATES:
         raise where.error(
-            f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}", key="template"
+            f"unknown template {template!r}{did_you_mean(str(template), TEMPLATES)}; "
+            f"known templates: {', '.join(TEMPLATES)}",
+            key="template",
         )
     allowed = {"template", "read_only", "secret_key"}
     if template != "memory":
@@ -364,7 +409,7 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     for key in cfg:
         if key not in allowed:
             raise where.error(
-                f"unknown key {key!r} for template {template!r}; "
+                f"unknown key {key!r} for template {template!r}{did_you_mean(key, allowed)}; "
                 f"expected one of {', '.join(sorted(allowed))}",
                 key=key,
             )
@@ -381,11 +426,10 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             values = {"type": "hdf5", "path": str(root / "values.h5")}
             calls = {"type": "hdf5", "path": str(root / "calls.h5")}
         else:  # sql
-            value_type = cfg.get("values", "cloudpickle")
-            config_forms.check_sql_template_values(value_type, where)
+            value_type = config_forms.sql_template_values(cfg.get("values", "cloudpickle"))
             if value_type not in SQL_TEMPLATE_VALUES:
                 raise where.error(
-                    f"the sql template stores values in files; values must be one of "
+                    f"the sql template stores values in files or HDF5; values must be one of "
                     f"{', '.join(SQL_TEMPLATE_VALUES)}, got {_describe(value_type)}",
                     key="values",
                 )
@@ -393,7 +437,10 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             if not isinstance(url, str):
                 raise where.error(f"url must be a SQLAlchemy URL string, got {_describe(url)}", key="url")
             url = config_forms.sqlite_url(url)
-            values = {"type": value_type, "root": str(root / "values")}
+            if value_type == "hdf5":
+                values = {"type": "hdf5", "path": str(root / "values.h5")}
+            else:
+                values = {"type": value_type, "root": str(root / "values")}
             calls = {"type": "sql", "url": url}
     for table in (values, calls):  # shared / allow_network_fs reach both stores
         table.update((k, cfg[k]) for k in FS_KEYS if k in cfg)
@@ -514,12 +561,51 @@ def load_cache(name: Optional[str] = None, *, config: Optional[Mapping[str, Any]
             )
         if not isinstance(spec, str):
             return _remembered(INLINE_DEFAULT, cfg, remember, lambda: _build_inline_default(spec, cfg))
+        if spec not in cfg and spec not in BUILTIN_NAMES:
+            raise _default_names_nothing(cfg, spec, None)
         name = spec
-    if name not in cfg or name == DEFAULT_TABLE:
+    elif name == DEFAULT_TABLE:  # fleche's alias for "the default cache"
+        return load_cache(None, config=None if remember else cfg)
+    if name not in cfg and name in BUILTIN_NAMES:
+        return _remembered(name, cfg, remember, lambda: _builtin_cache(name))
+    if name not in cfg:
         available = ", ".join(cfg.cache_names()) or "none"
-        raise ConfigError(f"no cache named {name!r}; available: {available} ({read})", table=name)
+        hint = did_you_mean(name, [*cfg.cache_names(), *BUILTIN_NAMES])
+        raise ConfigError(
+            f"no cache named {name!r}{hint}; available: {available}, and the built-ins "
+            f"{', '.join(BUILTIN_NAMES)} ({read})",
+            table=name,
+        )
     table, source = cfg[name], cfg.source(name)
     return _remembered(name, cfg, remember, lambda: cache_from_config(table, name=name, source=source))
+
+
+#: Names that need no table, as in fleche: ``memory`` (an in-memory cache,
+#: one per process) and ``void`` (stores nothing); ``default`` is the cache
+#: ``[default] cache`` names. A table of the same name wins.
+BUILTIN_NAMES = ("memory", "void")
+
+
+def _builtin_cache(name: str) -> BaseCache:
+    if name == "void":
+        return VoidCache()
+    return _build({"template": "memory"}, _Where(None, name))
+
+
+def _default_names_nothing(cfg: Config, name: str, index: Optional[int]) -> ConfigError:
+    """``[default] cache`` (or one entry of its array) names no table."""
+    source = cfg.source(DEFAULT_TABLE)
+    tables = cfg.cache_names()
+    entry = "cache" if index is None else f"cache[{index}]"
+    hint = did_you_mean(name, [*tables, *BUILTIN_NAMES])
+    choices = ", ".join([*tables, *BUILTIN_NAMES])
+    return ConfigError(
+        f"[default] {entry} names {name!r}, which is not a table here{hint}; add a [{name}] table "
+        f"or write {entry} = one of: {choices}",
+        file=str(source) if source is not None else None,
+        table=DEFAULT_TABLE,
+        key="cache",
+    )
 
 
 def _remembered(name: str, cfg: Config, remember: bool, build: Callable[[], BaseCache]) -> BaseCache:
@@ -545,14 +631,11 @@ def _build_inline_default(spec: Any, cfg: Config) -> BaseCache:
         if not isinstance(item, str):
             items.append((item, _Where(source, f"{INLINE_DEFAULT}[{i}]")))
             continue
+        if item not in cfg and item in BUILTIN_NAMES:
+            items.append(({"template": "memory"} if item == "memory" else VOID_CONFIG, _Where(None, item)))
+            continue
         if item not in cfg or item == DEFAULT_TABLE:
-            available = ", ".join(cfg.cache_names()) or "none"
-            raise ConfigError(
-                f"[default] cache[{i}] names {item!r}, which is not a table here; available: {available}",
-                file=str(source) if source is not None else None,
-                table=DEFAULT_TABLE,
-                key="cache",
-            )
+            raise _default_names_nothing(cfg, item, i)
         items.append((cfg[item], _Where(cfg.source(item), item)))
     return _build_stack(items)
 

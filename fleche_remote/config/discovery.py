@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from ..errors import ConfigError
 from . import forms as config_forms
 from .default import builtin_tables, user_cache_dir
+from .hints import did_you_mean
 from .trust import UntrustedConfigWarning, skip_message, untrusted_reason
 
 if sys.version_info >= (3, 11):
@@ -186,11 +187,31 @@ def _read_toml(path: Path, trusted_only: bool) -> Tuple[Optional[Dict[str, Any]]
                     return None, reason
             return tomllib.load(fh), None
     except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"line (\d+)", str(exc))
-        where = f" at line {found.group(1)}" if found else ""
-        raise ConfigError(f"TOML syntax error{where}: {exc}", file=str(path)) from None
+        raise ConfigError(_syntax_message(path, str(exc)), file=str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=str(path)) from None
+
+
+#: A value TOML cannot parse that looks like a word: a string left unquoted.
+_BARE_VALUE = re.compile(r"^\s*([A-Za-z0-9_.\-\"']+)\s*=\s*([A-Za-z_~./][^\s#,\]}]*)\s*(?:#.*)?$")
+
+
+def _syntax_message(path: Path, error: str) -> str:
+    """The parser's message (which gives the line and column once), and,
+    for a string left unquoted (``template = sql``), the line to write."""
+    message = f"TOML syntax error: {error}"
+    found = re.search(r"line (\d+)", error)
+    if not found or not error.startswith("Invalid value"):
+        return message
+    try:
+        line = path.read_text(errors="replace").splitlines()[int(found.group(1)) - 1]
+    except (OSError, IndexError):
+        return message
+    bare = _BARE_VALUE.match(line)
+    if bare is None:
+        return message
+    key, value = bare.groups()
+    return f'{message}; strings need quotes: write {key} = "{value}"'
 
 
 def _check_default(table: Any, path: Path) -> None:
@@ -201,7 +222,8 @@ def _check_default(table: Any, path: Path) -> None:
         expected = DEFAULT_KEYS.get(key)
         if expected is None:
             known = ", ".join(sorted(DEFAULT_KEYS))
-            raise where.error(f"unknown key {key!r} in [default]; expected one of {known}", key)
+            hint = did_you_mean(key, DEFAULT_KEYS)
+            raise where.error(f"unknown key {key!r} in [default]{hint}; expected one of {known}", key)
         if not isinstance(value, expected):
             names = ", ".join(t.__name__ for t in expected)
             got = f"{type(value).__name__} {value!r}"

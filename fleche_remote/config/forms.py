@@ -22,11 +22,15 @@ What is translated (see also README, "fleche.toml written for fleche"):
 * ``[default] metadata = ["Runtime"]`` (fleche's default) is accepted:
   every call fleche-remote stores carries ``wall_time`` and ``timestamp``.
 
-What is refused, with the nearest equivalent: the ``dill`` and
-``bagofholding_hdf`` store types and templates, ``pool`` tables,
-``max_size``, a store ``type`` in the wrong case, an SQL call store with no
-``url`` (fleche's in-memory default keeps nothing), and other metadata
-collectors.
+* the ``dill`` store type and template are our cloudpickle files, and
+  ``bagofholding_hdf`` is our ``hdf5`` (``root/values.h5`` and
+  ``root/calls.h5``): equivalent caches, not fleche's bytes, as the ``sql``
+  template's values are.
+* a ``pool`` table is a :class:`~fleche_remote.caches.pool.CachePool`.
+
+What is refused, with the nearest equivalent: ``max_size``, a store
+``type`` in the wrong case, an SQL call store with no ``url`` (fleche's
+in-memory default keeps nothing), and other metadata collectors.
 """
 
 from __future__ import annotations
@@ -60,33 +64,25 @@ class Where(Protocol):
     def label(self, key: Optional[str] = None) -> str: ...
 
 
-#: fleche store types we do not have, and what to write instead.
-UNSUPPORTED_STORE_TYPES = {
-    "dill": (
-        "fleche's 'dill' storage is not supported; use type = 'cloudpickle', which also stores "
-        "lambdas, closures and interactively defined classes"
-    ),
-    "bagofholding_hdf": (
-        "fleche's 'bagofholding_hdf' storage (its HDF5 format) is not supported; use "
-        "type = 'hdf5' with path = 'FILE.h5' (h5py; NumPy arrays are stored as native datasets)"
-    ),
-}
+#: fleche store types read as ours: ``dill`` files are our file store (results
+#: pickled with cloudpickle, which also stores lambdas, closures and classes
+#: defined interactively: what dill is chosen for), ``bagofholding_hdf`` is
+#: our ``hdf5`` (one HDF5 file per half under ``root``, NumPy arrays as
+#: native datasets). Like the ``sql`` template's values, they are
+#: equivalent caches, not fleche's bytes: a directory fleche wrote is not
+#: read (``fleche-remote import-fleche`` copies one over).
+SUBSTITUTED_STORE_TYPES = ("dill", "bagofholding_hdf")
+#: bagofholding's options that have no counterpart in our HDF5 store
+BAGOFHOLDING_ONLY = ("version_validator", "prefix_length")
+#: fleche templates read as ours (see SUBSTITUTED_STORE_TYPES)
+SUBSTITUTED_TEMPLATES = {"dill": "cloudpickle", "bagofholding_hdf": "hdf5"}
 #: fleche templates we do not have, and what to write instead.
 UNSUPPORTED_TEMPLATES = {
-    "dill": "fleche's 'dill' template is not supported; use template = 'cloudpickle' (same layout)",
-    "bagofholding_hdf": (
-        "fleche's 'bagofholding_hdf' template is not supported; use template = 'hdf5' "
-        "(values in root/values.h5, calls in root/calls.h5)"
-    ),
     "void": (
         "there is no 'void' template (in fleche either); write values = { type = 'void' } and "
         "calls = { type = 'void' } to store nothing"
     ),
 }
-POOL_MESSAGE = (
-    "fleche's cache pools ([[name.pool]]) are not supported; the nearest is a stack of read-only "
-    "layers: [[name]] tables, each with read_only = true (loads try them in order; nothing is written)"
-)
 MAX_SIZE_MESSAGE = (
     "max_size (fleche's size-limited cache, evicting at random) is not supported; remove it, and "
     "remove entries with cache.evict(key) and cache.collect_garbage() instead"
@@ -100,22 +96,26 @@ RECORDED_METADATA = "wall_time, timestamp, hostname, python_version and fleche_r
 
 def check_cache_table(cfg: Mapping[str, Any], where: Where) -> None:
     """Refuse the cache-level keys of fleche that we have no counterpart for."""
-    if "pool" in cfg:
-        raise where.error(POOL_MESSAGE, key="pool")
     if "max_size" in cfg:
         raise where.error(MAX_SIZE_MESSAGE, key="max_size")
 
 
-def check_template(template: Any, where: Where) -> None:
-    """Refuse a fleche-only template with the one to use instead."""
+def check_template(template: Any, where: Where) -> Any:
+    """The template to build for fleche's ``template``: a substituted one
+    becomes ours; a fleche-only one is refused with what to write instead."""
     if isinstance(template, str) and template in UNSUPPORTED_TEMPLATES:
         raise where.error(UNSUPPORTED_TEMPLATES[template], key="template")
+    if isinstance(template, str):
+        return SUBSTITUTED_TEMPLATES.get(template, template)
+    return template
 
 
-def check_sql_template_values(value: Any, where: Where) -> None:
-    """Refuse a fleche-only value store named by the sql template's ``values``."""
-    if isinstance(value, str) and value in UNSUPPORTED_STORE_TYPES:
-        raise where.error(UNSUPPORTED_STORE_TYPES[value].replace("type = ", "values = "), key="values")
+def sql_template_values(value: Any) -> Any:
+    """The sql template's ``values`` (fleche's default is bagofholding_hdf):
+    ``dill`` files are our cloudpickle files, ``bagofholding_hdf`` our hdf5."""
+    if isinstance(value, str):
+        return SUBSTITUTED_TEMPLATES.get(value, value)
+    return value
 
 
 def sqlite_url(url: str) -> str:
@@ -148,8 +148,11 @@ def normalise_store(kind: str, table: Mapping[str, Any], where: Where) -> Dict[s
     type_name = out.get("type")
     if not isinstance(type_name, str):
         return out
-    if type_name in UNSUPPORTED_STORE_TYPES:
-        raise where.error(UNSUPPORTED_STORE_TYPES[type_name], key=f"{kind}.type")
+    if type_name == "dill":
+        out["type"] = type_name = "cloudpickle"
+    elif type_name == "bagofholding_hdf":
+        out = _bagofholding_as_hdf5(kind, out, where)
+        type_name = "hdf5"
     if type_name != type_name.lower():
         raise where.error(
             f"store types are lowercase, as in fleche: write type = {type_name.lower()!r}, not {type_name!r}",
@@ -181,6 +184,28 @@ def normalise_store(kind: str, table: Mapping[str, Any], where: Where) -> Dict[s
             )
         if isinstance(out["url"], str):
             out["url"] = sqlite_url(out["url"])
+    return out
+
+
+def _bagofholding_as_hdf5(kind: str, table: Dict[str, Any], where: Where) -> Dict[str, Any]:
+    """fleche's ``{type = "bagofholding_hdf", root = DIR}`` as our
+    ``{type = "hdf5", path = DIR/values.h5}`` (``calls.h5`` for calls)."""
+    out = {k: v for k, v in table.items() if k not in ("type", "root", *BAGOFHOLDING_ONLY)}
+    out["type"] = "hdf5"
+    dropped = [k for k in BAGOFHOLDING_ONLY if k in table]
+    if dropped:
+        warnings.warn(
+            f"{where.label(f'{kind}.{dropped[0]}')}: {', '.join(dropped)} (bagofholding's) has no effect "
+            f"on the hdf5 store that reads this table; remove it",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    root = table.get("root")
+    if not isinstance(root, str):
+        raise where.error(
+            f"a bagofholding_hdf store needs root = 'DIR' (its directory), got {root!r}", key=f"{kind}.root"
+        )
+    out["path"] = f"{root.rstrip('/')}/{kind}.h5"
     return out
 
 

@@ -40,7 +40,12 @@ def _startup_message(
         text = "\n".join(tail)
         if code == 255:
             last = tail[-1] if tail else "no message"
-            return f"ssh could not connect to {host}: {last}"
+            # the fix first: the ssh line below says why, and doctor says more
+            return (
+                f"ssh could not connect to {host}: {last}; check the set-up with "
+                f'`fleche-remote doctor {host}`, or write on_error = "warn" on this ssh layer so '
+                f"that the other layers go on serving while it is unreachable"
+            )
         if "No module named fleche_remote" in text or "No module named 'fleche_remote'" in text:
             return (
                 f"fleche_remote is not installed for {python!r} on {host}: install it there "

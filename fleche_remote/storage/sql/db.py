@@ -15,6 +15,7 @@ another paramstyle rewrites them (:meth:`Database.sql`), once per text.
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ContextManager, List, Optional, Sequence, Tuple
 
@@ -47,20 +48,68 @@ BUSY_TIMEOUT_S = 60.0
 #: On SQLite all three tables are WITHOUT ROWID (one B-tree each, searched
 #: once); ``blobs`` rows beyond ~1 KB spill to overflow pages either way.
 SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS calls ("
+    "CREATE TABLE IF NOT EXISTS fr_calls ("
     " key {key} PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
     " arg_digests TEXT NOT NULL, metadata TEXT NOT NULL, value {key} NOT NULL,"
     " value_kind TEXT NOT NULL, value_size {int} NOT NULL, digest_scheme TEXT,"
     " created {real} NOT NULL){without_rowid}",
-    "CREATE INDEX IF NOT EXISTS ix_calls_name ON calls (name)",
-    "CREATE TABLE IF NOT EXISTS call_args ("
+    "CREATE INDEX IF NOT EXISTS fr_ix_calls_name ON fr_calls (name)",
+    "CREATE TABLE IF NOT EXISTS fr_call_args ("
     " arg TEXT NOT NULL, digest {key} NOT NULL, key {key} NOT NULL,"
     " PRIMARY KEY (arg, digest, key)){without_rowid}",
-    "CREATE TABLE IF NOT EXISTS blobs ("
+    "CREATE TABLE IF NOT EXISTS fr_blobs ("
     " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
     " body {blob} NOT NULL){without_rowid}",
 )
-TABLES = ("calls", "call_args", "blobs")
+TABLES = ("fr_calls", "fr_call_args", "fr_blobs")
+
+#: The names our tables had before they took the ``fr_`` prefix. fleche
+#: names its own table ``calls`` too, with other columns, so one SQLite
+#: file used by both libraries broke each on the other's table. A
+#: database with the old names is renamed when first opened (see
+#: :func:`migration`).
+LEGACY_TABLES = {"calls": "fr_calls", "call_args": "fr_call_args", "blobs": "fr_blobs"}
+#: fleche's tables (``fleche.storage.sql``): found beside ours, they are
+#: named in a :class:`ForeignTablesWarning`.
+FLECHE_TABLES = ("calls", "arguments", "metadata")
+
+
+class ForeignTablesWarning(UserWarning):
+    """The database also holds the tables of a fleche (not fleche-remote) cache."""
+
+
+def migration(have: Sequence[str]) -> List[str]:
+    """Statements that rename a database's tables of the old names to ours.
+
+    ``have`` is every table name in the database, read inside the write
+    transaction (or under the lock) the statements will run in, so two
+    processes opening an old database at once rename it once: the second
+    finds the new names and gets no statements. The old tables are ours
+    when all three are there (fleche has no ``call_args``); anything less
+    is left alone.
+    """
+    present = set(have)
+    if not set(LEGACY_TABLES) <= present or set(TABLES) & present:
+        return []
+    return ["DROP INDEX IF EXISTS ix_calls_name"] + [
+        f"ALTER TABLE {old} RENAME TO {new}" for old, new in LEGACY_TABLES.items()
+    ]
+
+
+def warn_foreign(have: Sequence[str], shown: str) -> None:
+    """Warn when a fleche cache's tables share this database (once ours are
+    in place, so the old names are not mistaken for fleche's)."""
+    if "calls" not in have or "call_args" in have:
+        return
+    from ...errors import user_stacklevel
+
+    warnings.warn(
+        f"the database at {shown} also holds a fleche cache (its table 'calls'); fleche-remote keeps "
+        f"its own tables (fr_calls, ...) beside it and does not read it. To bring fleche's entries "
+        f"over, run: fleche-remote import-fleche",
+        ForeignTablesWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 class Database(ABC):

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import SCHEMA, Database
+from .db import SCHEMA, Database, migration, warn_foreign
 
 #: Arbitrary constant naming the advisory lock that serializes CREATE TABLE.
 _DDL_LOCK_ID = 0x666C6563686531
@@ -173,10 +173,17 @@ class PostgresDatabase(Database):
                     assert conn is not None
                     with conn.transaction(), conn.cursor() as cur:
                         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_ID,))
-                        for statement in _DDL:
+                        # read under the lock: a concurrent opener's rename is seen
+                        cur.execute(
+                            "SELECT table_name FROM information_schema.tables "
+                            "WHERE table_schema = current_schema()"
+                        )
+                        have = sorted(r[0] for r in cur.fetchall())
+                        for statement in migration(have) + _DDL:
                             cur.execute(statement)
                 finally:
                     fairy.close()
+                warn_foreign(have, self.shown)
                 return
             except self._errors as exc:
                 # a server that still reports the CREATE race: the next try sees the tables

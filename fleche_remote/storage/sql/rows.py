@@ -82,11 +82,11 @@ BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
 # PostgreSQL: a record, its argument rows and its inline value in one
 # statement (data-modifying CTEs run as one atomic statement)
 PG_PUT_ONE = (
-    f"WITH c AS (INSERT INTO calls ({', '.join(CALL_COLUMNS)}) "
+    f"WITH c AS (INSERT INTO fr_calls ({', '.join(CALL_COLUMNS)}) "
     f"VALUES ({', '.join(['%s'] * len(CALL_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING key), "
-    "a AS (INSERT INTO call_args (arg, digest, key) SELECT x.arg, x.digest, c.key "
+    "a AS (INSERT INTO fr_call_args (arg, digest, key) SELECT x.arg, x.digest, c.key "
     "FROM c CROSS JOIN unnest(%s::text[], %s::text[]) AS x(arg, digest) ON CONFLICT DO NOTHING), "
-    "b AS (INSERT INTO blobs (digest, kind, meta, size, body) SELECT v.* FROM c CROSS JOIN "
+    "b AS (INSERT INTO fr_blobs (digest, kind, meta, size, body) SELECT v.* FROM c CROSS JOIN "
     "(VALUES (%s::text, %s::text, %s::text, %s::bigint, %s::bytea)) AS v(digest, kind, meta, size, body) "
     "WHERE %s ON CONFLICT DO NOTHING) "
     "SELECT count(*) FROM c"

@@ -54,12 +54,12 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 from urllib.parse import quote, unquote
 
 from ...errors import StorageError
 from ..fs import DEFAULT_FS, FsPolicy, permission_error
-from .db import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database
+from .db import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database, migration, warn_foreign
 
 _T = TypeVar("_T")
 
@@ -90,6 +90,11 @@ _DDL = [
     s.format(key="TEXT", blob="BLOB", int="INTEGER", real="REAL", without_rowid=_WITHOUT_ROWID)
     for s in SCHEMA
 ]
+
+
+def _table_names(conn: sqlite3.Connection) -> Set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
 
 #: Connections a fork child inherited: kept referenced, so that the child
 #: never closes (and finalises) what the parent still uses.
@@ -273,15 +278,19 @@ class SqliteDatabase(Database):
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         try:
-            have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            have = _table_names(conn)
             if set(TABLES) <= have:
+                warn_foreign(sorted(have), self.shown)
                 return  # no write lock needed (and none possible on a read-only share)
-            # under the write lock, so two processes never race to create
+            # under the write lock, so two processes never race to create,
+            # nor to rename an old database's tables
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _DDL:
+                have = _table_names(conn)
+                for statement in migration(sorted(have)) + _DDL:
                     conn.execute(statement)
                 conn.execute("COMMIT")
+                warn_foreign(sorted(have), self.shown)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")

@@ -186,9 +186,9 @@ class _SqlStore:
         self.fs = fs
         self._db = open_database(self.url, f"sql {self._kind} store", echo, fs)
         db = self._db
-        self._insert_blob = db.insert_ignore("blobs", BLOB_COLUMNS)
-        self._get_blob = db.sql("SELECT digest, kind, meta, size, body FROM blobs WHERE digest = ?")
-        self._has_blob = db.sql("SELECT 1 FROM blobs WHERE digest = ?")
+        self._insert_blob = db.insert_ignore("fr_blobs", BLOB_COLUMNS)
+        self._get_blob = db.sql("SELECT digest, kind, meta, size, body FROM fr_blobs WHERE digest = ?")
+        self._has_blob = db.sql("SELECT 1 FROM fr_blobs WHERE digest = ?")
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> Any:
@@ -225,7 +225,7 @@ class _SqlStore:
         found: Dict[str, Blob] = {}
         for chunk in _chunks(sorted(set(digests))):
             cond, params = self._db.in_list("digest", chunk)
-            sql = self._db.sql(f"SELECT digest, kind, meta, size, body FROM blobs WHERE {cond}")
+            sql = self._db.sql(f"SELECT digest, kind, meta, size, body FROM fr_blobs WHERE {cond}")
             for row in self._db.rows(sql, params):
                 found[row[0]] = row_blob(self, *row)
         return [found.get(d) for d in digests]
@@ -280,10 +280,10 @@ class SqlValueStore(_SqlStore, ValueStore):
 
     def delete(self, digest: str) -> None:
         with self._db.transaction() as cur:
-            cur.execute(self._db.sql("DELETE FROM blobs WHERE digest = ?"), (digest,))
+            cur.execute(self._db.sql("DELETE FROM fr_blobs WHERE digest = ?"), (digest,))
 
     def digests(self) -> Iterator[str]:
-        return self._page("blobs", "digest")
+        return self._page("fr_blobs", "digest")
 
 
 # -- call store -----------------------------------------------------------------
@@ -313,13 +313,13 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         super().__init__(url, echo, fs)
         db = self._db
-        self._insert_call = db.insert_ignore("calls", CALL_COLUMNS)
-        self._insert_arg = db.insert_ignore("call_args", ("arg", "digest", "key"))
-        self._has_call = db.sql("SELECT 1 FROM calls WHERE key = ?")
-        self._get_call = db.sql(f"SELECT {READ_CALL} FROM calls c WHERE c.key = ?")
+        self._insert_call = db.insert_ignore("fr_calls", CALL_COLUMNS)
+        self._insert_arg = db.insert_ignore("fr_call_args", ("arg", "digest", "key"))
+        self._has_call = db.sql("SELECT 1 FROM fr_calls WHERE key = ?")
+        self._get_call = db.sql(f"SELECT {READ_CALL} FROM fr_calls c WHERE c.key = ?")
         self._get_entry = db.sql(
             f"SELECT {READ_CALL}, b.kind, b.meta, b.size, b.body "
-            "FROM calls c LEFT JOIN blobs b ON b.digest = c.value WHERE c.key = ?"
+            "FROM fr_calls c LEFT JOIN fr_blobs b ON b.digest = c.value WHERE c.key = ?"
         )
 
     # -- writing ------------------------------------------------------------------
@@ -358,9 +358,8 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
                 seen: set[str] = set()
                 for chunk in _chunks(sorted({r.key for r in records})):
                     cond, params = self._db.in_list("key", chunk)
-                    seen.update(
-                        k for (k,) in cur.execute(self._db.sql(f"SELECT key FROM calls WHERE {cond}"), params)
-                    )
+                    found = cur.execute(self._db.sql(f"SELECT key FROM fr_calls WHERE {cond}"), params)
+                    seen.update(k for (k,) in found)
                 fresh: List[Tuple[Any, ...]] = []
                 for r, row in zip(records, rows):
                     if r.key not in seen:
@@ -387,7 +386,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     def delete(self, key: str) -> None:
         sql = self._db.sql
         with self._db.transaction() as cur:
-            row = cur.execute(sql("SELECT arg_digests FROM calls WHERE key = ?"), (key,)).fetchone()
+            row = cur.execute(sql("SELECT arg_digests FROM fr_calls WHERE key = ?"), (key,)).fetchone()
             if row is None:
                 return
             try:
@@ -396,10 +395,10 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
                 digests = {}
             if isinstance(digests, dict) and digests:
                 cur.executemany(
-                    sql("DELETE FROM call_args WHERE arg = ? AND digest = ? AND key = ?"),
+                    sql("DELETE FROM fr_call_args WHERE arg = ? AND digest = ? AND key = ?"),
                     [(a, d, key) for a, d in digests.items()],
                 )
-            cur.execute(sql("DELETE FROM calls WHERE key = ?"), (key,))
+            cur.execute(sql("DELETE FROM fr_calls WHERE key = ?"), (key,))
 
     # -- reading --------------------------------------------------------------------
 
@@ -435,11 +434,11 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
 
     def _select(self, keys: Sequence[str], columns: str, joined: bool = False) -> Iterator[Any]:
         """Rows for ``keys`` (deduplicated, in batches of :data:`BATCH`)."""
-        join = " LEFT JOIN blobs b ON b.digest = c.value" if joined else ""
+        join = " LEFT JOIN fr_blobs b ON b.digest = c.value" if joined else ""
         for chunk in _chunks(sorted(set(keys))):
             cond, params = self._db.in_list("c.key", chunk)
             yield from self._db.rows(
-                self._db.sql(f"SELECT {columns} FROM calls c{join} WHERE {cond}"), params
+                self._db.sql(f"SELECT {columns} FROM fr_calls c{join} WHERE {cond}"), params
             )
 
     def get_many(self, keys: Iterable[str]) -> List[Optional[CallRecord]]:
@@ -464,21 +463,21 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         return [k in present for k in keys]
 
     def keys(self) -> Iterator[str]:
-        return self._page("calls", "key")
+        return self._page("fr_calls", "key")
 
     def keys_with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
         if not prefix or not set(prefix) <= _HEX:
             return []
         # keys are lowercase hex, and "g" sorts after every hex digit in every
         # collation, so this is an index range scan, never a full scan
-        sql = self._db.sql("SELECT key FROM calls WHERE key >= ? AND key < ? ORDER BY key LIMIT ?")
+        sql = self._db.sql("SELECT key FROM fr_calls WHERE key >= ? AND key < ? ORDER BY key LIMIT ?")
         return [r[0] for r in self._db.rows(sql, (prefix, prefix + "g", limit))]
 
     def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
         # one paged scan: there is no index on calls.value (see db.SCHEMA)
         wanted = set(value_digests)
         found: set[str] = set()
-        sql = self._db.sql("SELECT key, value FROM calls WHERE key > ? ORDER BY key LIMIT ?")
+        sql = self._db.sql("SELECT key, value FROM fr_calls WHERE key > ? ORDER BY key LIMIT ?")
         last = ""
         while wanted - found:
             page = self._db.rows(sql, (last, PAGE))
@@ -499,18 +498,18 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             # drive the search from the (arg, digest, key) index, in key
             # order; CROSS JOIN keeps SQLite's planner from starting at calls
             (arg, digest), args = args[0], args[1:]
-            tables, order = "call_args a CROSS JOIN calls c", "a.key"
+            tables, order = "fr_call_args a CROSS JOIN fr_calls c", "a.key"
             where = ["a.arg = ?", "a.digest = ?", "a.key > ?", "c.key = a.key"]
             before: List[Any] = [arg, digest]
         else:
-            tables, order, where, before = "calls c", "c.key", ["c.key > ?"], []
+            tables, order, where, before = "fr_calls c", "c.key", ["c.key > ?"], []
         after: List[Any] = []
         if name is not None:
             where.append("c.name = ?")
             after.append(name)
         for arg, digest in args:
             where.append(
-                "EXISTS (SELECT 1 FROM call_args x WHERE x.arg = ? AND x.digest = ? AND x.key = c.key)"
+                "EXISTS (SELECT 1 FROM fr_call_args x WHERE x.arg = ? AND x.digest = ? AND x.key = c.key)"
             )
             after += [arg, digest]
         sql = self._db.sql(
@@ -549,7 +548,7 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         return record, row_blob(self, record.value, *row[10:14])
 
     def blob_digests(self) -> Iterator[str]:
-        return self._page("blobs", "digest")
+        return self._page("fr_blobs", "digest")
 
     def collect_blobs(self) -> int:
         # one statement in one transaction: a value and its record are
@@ -557,8 +556,11 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         # SQLite builds a temporary index of the subquery once for NOT IN;
         # PostgreSQL plans NOT EXISTS as one hashed anti-join.
         if self._db.backend == "sqlite":
-            sql = "DELETE FROM blobs WHERE digest NOT IN (SELECT value FROM calls)"
+            sql = "DELETE FROM fr_blobs WHERE digest NOT IN (SELECT value FROM fr_calls)"
         else:
-            sql = "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM calls WHERE calls.value = blobs.digest)"
+            sql = (
+                "DELETE FROM fr_blobs WHERE NOT EXISTS "
+                "(SELECT 1 FROM fr_calls WHERE fr_calls.value = fr_blobs.digest)"
+            )
         with self._db.transaction() as cur:
             return int(cur.execute(sql).rowcount)
