@@ -245,3 +245,31 @@ def test_query_through_a_stack_backfills_while_the_remote_streams_pages(sshd: An
         assert requests(remote) == after  # local now
     finally:
         stack.close()
+
+
+def test_the_obvious_loop_over_load_many_and_query_is_a_few_round_trips(sshd: Any, tmp_path: Path) -> None:
+    # [c.result for c in cache.load_many(keys)] used to cost one round trip
+    # per result (1,098 for 1000 keys); the lazy calls of one batch now
+    # fetch their values together when the first is read
+    workdir = remote_dir(tmp_path)
+    file_cache(workdir / "store").save_many([Call("loop.f", {"i": i}, [float(i)] * 10) for i in range(1000)])
+    big = Call("loop.f", {"i": "big"}, b"x" * (6 << 20))  # over the batch's per-value bound: fetched alone
+    file_cache(workdir / "store").save(big)
+    remote = ssh_cache(sshd, workdir)
+    try:
+        keys = [Call("loop.f", {"i": i}).key() for i in range(1000)] + [big.key()]
+        remote.ping()
+        before = requests(remote)
+        calls = remote.load_many(keys)
+        assert [c.result for c in calls[:-1]] == [[float(i)] * 10 for i in range(1000)]
+        assert calls[-1].result == big.result
+        after = requests(remote)
+        assert before is not None and after is not None and after - before <= 4, (before, after)
+
+        before = requests(remote)
+        results = sorted(c.result[0] for c in remote.query("loop.f") if isinstance(c.result, list))
+        assert results == [float(i) for i in range(1000)]
+        after = requests(remote)
+        assert before is not None and after is not None and after - before <= 10, (before, after)
+    finally:
+        remote.close()
