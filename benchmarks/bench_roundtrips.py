@@ -179,6 +179,24 @@ def small_saves(link: Link, workdir: Path, n: int, tag: str) -> Dict[str, Any]:
         remote.close()
 
 
+def obvious_loop(link: Link, workdir: Path, n: int, tag: str) -> Dict[str, Any]:
+    """``[c.result for c in cache.load_many(keys)]`` over what small_saves stored:
+    the loop a user writes, with no flag asking for results up front."""
+    remote = ours(link, workdir)
+    try:
+        remote.ping()
+        keys = [Call("bench.small_many", {"i": i, "tag": tag}).key() for i in range(n)]
+        before = requests(remote)
+        t0 = time.perf_counter()
+        got = [c.result for c in remote.load_many(keys) if c is not None]
+        took = time.perf_counter() - t0
+        after = requests(remote)
+        assert len(got) == n, f"found {len(got)} of {n}"
+        return {"time": took, "reqs": after - before if after is not None and before is not None else None}
+    finally:
+        remote.close()
+
+
 def first_result(link: Link, workdir: Path, starts: int) -> Tuple[float, float]:
     """Median time to the first result of a fresh cache, and of ``ssh true``."""
     warm = ours(link, workdir)
@@ -269,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             calls = decorated_calls(link, ours_dir, args.calls)
             threads = threaded_contains(link, ours_dir, args.threads, args.per_thread)
             saves = small_saves(link, ours_dir, args.saves, tag)
+            loop = obvious_loop(link, ours_dir, args.saves, tag)
             first, bare = first_result(link, ours_dir, args.starts)
             theirs = run_fleche(
                 flpy,
@@ -321,6 +340,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{args.saves} small save_many",
                     cell(saves["time"], rtt, saves["reqs"]),
                     fleche_cell(theirs, "small", "save", rtt, "save_rpcs") + " (a loop of save)",
+                    f"<= 10 RTT ({fmt_time(10 * rtt)})",
+                ],
+                [
+                    f"[c.result for c in load_many({args.saves} keys)]",
+                    cell(loop["time"], rtt, loop["reqs"]),
+                    "",
                     f"<= 10 RTT ({fmt_time(10 * rtt)})",
                 ],
                 [
