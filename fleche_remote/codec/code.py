@@ -228,6 +228,7 @@ def _string(text: str) -> Token:
 def _references(tokens: Sequence[Token]) -> List[Tuple[str, ...]]:
     """Dotted names the code uses (``a``, ``a.b.c``), in order of first use."""
     seen: Dict[Tuple[str, ...], None] = {}
+    state = _declared_global(tokens)
     i = 0
     while i < len(tokens):
         kind, text = tokens[i]
@@ -239,9 +240,23 @@ def _references(tokens: Sequence[Token]) -> List[Tuple[str, ...]]:
             while i + 2 < len(tokens) and tokens[i + 1] == ("O", ".") and tokens[i + 2][0] == "N":
                 dotted.append(tokens[i + 2][1])
                 i += 2
-            seen.setdefault(tuple(dotted))
+            if text not in state:
+                seen.setdefault(tuple(dotted))
         i += 1
     return list(seen)
+
+
+def _declared_global(tokens: Sequence[Token]) -> Set[str]:
+    # a name the code rebinds (``global n``) is state, not a constant
+    names: Set[str] = set()
+    for i, tok in enumerate(tokens):
+        if tok == ("N", "global"):
+            for kind, text in tokens[i + 1 :]:
+                if kind == "N":
+                    names.add(text)
+                elif kind != "O":
+                    break
+    return names
 
 
 def _fstring_references(text: str) -> List[Tuple[str, ...]]:
@@ -324,21 +339,27 @@ def _package_version(top: str) -> str:
 # -- the walk -----------------------------------------------------------------
 
 
-def _is_constant(value: Any, budget: List[int]) -> bool:
+def _is_constant(value: Any, budget: List[int], mutable: bool) -> bool:
+    """Whether ``value`` is plain data to hash as a constant; containers that
+    can change (lists, dicts, sets, arrays) only when ``mutable``, i.e.
+    named in UPPER_CASE: a lowercase list is more often a log or a memo,
+    which would give every call a new key."""
     budget[0] -= 1
     if budget[0] < 0:
         return False
     t = type(value)
     if value is None or t in (bool, int, float, complex, str, bytes):
         return True
-    if t in (tuple, list, set, frozenset):
-        return all(_is_constant(v, budget) for v in value)
-    if t is dict:
-        return all(_is_constant(k, budget) and _is_constant(v, budget) for k, v in value.items())
+    if t in (tuple, frozenset) or (mutable and t in (list, set)):
+        return all(_is_constant(v, budget, mutable) for v in value)
+    if t is dict and mutable:
+        return all(_is_constant(k, budget, True) and _is_constant(v, budget, True) for k, v in value.items())
     import enum
 
     if isinstance(value, enum.Enum):
         return True
+    if not mutable:
+        return False
     mod = t.__module__
     numpy = mod == "numpy" or mod.startswith("numpy.")
     return numpy and getattr(getattr(value, "dtype", None), "kind", "O") != "O"
@@ -438,7 +459,7 @@ class _Walk:
             else:
                 self.code(qualname, obj, lambda: _function_names(obj), depth)
             return
-        if _is_constant(obj, [MAX_CONSTANT_ITEMS]):
+        if _is_constant(obj, [MAX_CONSTANT_ITEMS], label.rsplit(".", 1)[-1].isupper()):
             self.add(label, digest_of(("value", obj)))
             return
         t = type(obj)
