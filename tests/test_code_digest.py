@@ -321,3 +321,31 @@ def test_cycles_end() -> None:
 
     parts = code_digest(ping).parts
     assert {f"{__name__}.{ping.__qualname__}", f"{__name__}.{pong.__qualname__}"} <= set(parts)
+
+
+def test_ls_and_show_print_the_code_that_computed_a_call(project: Project) -> None:
+    project.write("m", BASE)
+    made = project.call("m")
+    (project.root / "fleche.toml").write_text(
+        f'[results]\ntemplate = "cloudpickle"\nroot = "{project.cache}"\n'
+    )
+    env = dict(os.environ, HOME=str(project.root), PYTHONPATH=str(REPO))
+    env.pop("XDG_CONFIG_HOME", None)
+
+    def cli(*argv: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fleche_remote", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=project.root,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    short = made["version"][len("code:") :][:12]
+    listing = cli("ls", "results", "--code")
+    assert "CODE" in listing.splitlines()[0] and short in listing
+    shown = cli("show", made["key"][:12], "results")
+    assert short in shown and "m.helper" in shown and "m.SCALE" in shown
