@@ -227,7 +227,8 @@ def test_the_same_key_on_every_supported_python(
         import math
         from fleche_remote import cached
 
-        TABLE = {"a": (1, 2.5), "b": None}
+        TABLE = (("a", (1, 2.5)), ("b", None), frozenset({3, 4}))
+        runs = {"count": 0}  # state, not a constant: not in the key
 
         class Model:
             """A model."""
@@ -241,7 +242,8 @@ def test_the_same_key_on_every_supported_python(
         @cached
         def f(x):
             # café
-            return [label(x), TABLE["a"], b"raw", r"\\d+", 0x1F, 1_000]
+            runs["count"] += 1
+            return [label(x), TABLE[0], b"raw", r"\\d+", 0x1F, 1_000]
         '''
     )
     project.write("m", source)

@@ -18,7 +18,7 @@ Design rules:
 * **User code only.** Names the source uses (``NAME`` tokens, resolved in
   the function's globals and closure cells; ``mod.attr`` through a user
   module) are followed into helper functions and classes, and module-level
-  constants of plain data are hashed by value, but only in the user's own
+  constants (immutable plain data) are hashed by value, but only in the user's own
   modules: a module is the user's unless its file lies under the standard
   library or an installed-packages directory (``__main__`` and notebook
   cells are always the user's). Installed packages enter only by version,
@@ -58,8 +58,8 @@ MAX_DEPTH = 8
 #: Parts (functions, classes, constants) hashed per function at most.
 MAX_PARTS = 200
 
-#: Items a module-level container may hold to be hashed as a constant: a
-#: lookup table is a constant, a data set loaded at import is not.
+#: Items a module-level tuple may hold to be hashed as a constant: a lookup
+#: table is a constant, a data set loaded at import is not.
 MAX_CONSTANT_ITEMS = 10_000
 
 #: Hex characters of each part's digest kept in metadata (48 bits: enough to
@@ -339,30 +339,24 @@ def _package_version(top: str) -> str:
 # -- the walk -----------------------------------------------------------------
 
 
-def _is_constant(value: Any, budget: List[int], mutable: bool) -> bool:
-    """Whether ``value`` is plain data to hash as a constant; containers that
-    can change (lists, dicts, sets, arrays) only when ``mutable``, i.e.
-    named in UPPER_CASE: a lowercase list is more often a log or a memo,
-    which would give every call a new key."""
+def _is_constant(value: Any, budget: List[int]) -> bool:
+    """Whether ``value`` is immutable plain data, hashed as a constant.
+
+    Lists, dicts, sets and arrays are left out: the program can change
+    them, and a counter or a memo in the key would give every run new
+    keys (found the hard way: ``CALLS = {"count": 0}``). A table meant as
+    a constant can be a tuple or a frozenset."""
     budget[0] -= 1
     if budget[0] < 0:
         return False
     t = type(value)
     if value is None or t in (bool, int, float, complex, str, bytes):
         return True
-    if t in (tuple, frozenset) or (mutable and t in (list, set)):
-        return all(_is_constant(v, budget, mutable) for v in value)
-    if t is dict and mutable:
-        return all(_is_constant(k, budget, True) and _is_constant(v, budget, True) for k, v in value.items())
+    if t in (tuple, frozenset):
+        return all(_is_constant(v, budget) for v in value)
     import enum
 
-    if isinstance(value, enum.Enum):
-        return True
-    if not mutable:
-        return False
-    mod = t.__module__
-    numpy = mod == "numpy" or mod.startswith("numpy.")
-    return numpy and getattr(getattr(value, "dtype", None), "kind", "O") != "O"
+    return isinstance(value, enum.Enum)
 
 
 def _source_of(obj: Any) -> Optional[str]:
@@ -459,7 +453,7 @@ class _Walk:
             else:
                 self.code(qualname, obj, lambda: _function_names(obj), depth)
             return
-        if _is_constant(obj, [MAX_CONSTANT_ITEMS], label.rsplit(".", 1)[-1].isupper()):
+        if _is_constant(obj, [MAX_CONSTANT_ITEMS]):
             self.add(label, digest_of(("value", obj)))
             return
         t = type(obj)
