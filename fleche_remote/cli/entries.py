@@ -42,6 +42,14 @@ def _iso(stamp: Any) -> Any:
     return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")
 
 
+def _code(record: Any) -> str:
+    """The short code digest a call was computed by ("" if none was kept):
+    what ``@cached`` stored in ``metadata["code"]``, read defensively."""
+    code = record.metadata.get("code") if isinstance(record.metadata, dict) else None
+    digest = code.get("digest") if isinstance(code, dict) else None
+    return digest[:12] if isinstance(digest, str) else ""
+
+
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     """One line per stored call: key, name, arguments, size, age, layer."""
     filters = Filters.from_args(args)
@@ -67,12 +75,14 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     "timestamp": stamp,
                     "saved": _iso(stamp),
                     "layers": depths,
+                    "code": _code(record) or None,
                 }
             )
         json.dump(rows, out, indent=1)
         out.write("\n")
         return 0
     header = ["KEY", "NAME", "ARGUMENTS", "SIZE", "AGE"] + (["LAYER"] if stacked else [])
+    header += ["CODE"] if args.code else []
     lines = [header] if not args.no_header else []
     for record, depths in entries:
         stamp = timestamp(record)
@@ -85,6 +95,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         ]
         if stacked:
             line.append(",".join(map(str, depths)))
+        if args.code:
+            line.append(_code(record) or "-")
         lines.append(line)
     table(lines, out)
     return 0
@@ -205,6 +217,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--width", type=int, default=48, help="characters for the arguments column")
     p.add_argument("--no-header", action="store_true", help="leave out the header line")
+    p.add_argument("--code", action="store_true", help="add the digest of the code that computed each call")
     add_cache_options(p)
     p.set_defaults(run=cmd_ls)
 
