@@ -303,9 +303,19 @@ class Signer:
         return out
 
     def iter_records(self, records: Iterable[CallRecord], where: Where) -> Iterator[CallRecord]:
-        """:meth:`open_record` over a stream (a query's answer)."""
+        """:meth:`open_record` over a stream (a query's answer); a record
+        that could not be read, or whose signature fails, comes as an
+        :class:`~fleche_remote.call.UnreadableRecord` and the stream goes on."""
+        from .call import UnreadableRecord
+
         for record in records:
-            yield self.open_record(record, where)
+            if isinstance(record, UnreadableRecord):
+                yield record
+                continue
+            try:
+                yield self.open_record(record, where)
+            except SignatureError as exc:
+                yield UnreadableRecord(record.key, str(exc))  # type: ignore[misc]
 
     def _parse(self, signature: Any, what: str, ident: str, place: Callable[[], str]) -> Tuple[_Key, str]:
         if signature is None:

@@ -241,6 +241,8 @@ class BaseCache(abc.ABC):
     def _run_query(self, plan: QueryPlan) -> Iterator[LazyCall]:
         records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
         for record in records:
+            if not isinstance(record, CallRecord):  # an UnreadableRecord: no call to give
+                continue
             if plan.accepts(record):
                 yield self._lazy(record)
 
