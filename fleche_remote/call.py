@@ -265,4 +265,12 @@ class LazyCall:
         return f"<LazyCall {self.name} key={self.record.key[:12]} result {state}>"
 
 
-__all__ = ["Call", "CallRecord", "LazyCall", "UnreadableRecord", "check_record", "make_record", "record_problem"]
+__all__ = [
+    "Call",
+    "CallRecord",
+    "LazyCall",
+    "UnreadableRecord",
+    "check_record",
+    "make_record",
+    "record_problem",
+]

@@ -46,7 +46,11 @@ DEEP = b")" + b"\x85" * 100_000
 FAR_MEMO = b"Nr" + struct.pack("<I", 2**27 - 1)
 #: a 9,600-digit integer
 _BIG = 10**9600
-BIG_INT = b"\x8b" + struct.pack("<i", (_BIG.bit_length() + 8) // 8) + _BIG.to_bytes((_BIG.bit_length() + 8) // 8, "little", signed=True)
+BIG_INT = (
+    b"\x8b"
+    + struct.pack("<i", (_BIG.bit_length() + 8) // 8)
+    + _BIG.to_bytes((_BIG.bit_length() + 8) // 8, "little", signed=True)
+)
 #: bytearray(2**30), which the restricted decoder's allow-list names
 HUGE_BYTEARRAY = b"\x8c\x08builtins\x8c\tbytearray\x93J\x00\x00\x00\x40\x85R"
 
@@ -136,7 +140,7 @@ def within(deadline: float, work: Callable[[], Any]) -> Any:
     def run() -> None:
         try:
             box["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -231,7 +235,9 @@ def test_a_value_header_that_claims_more_than_the_file_holds_is_refused(tmp_path
     digest = "ef" * 32
     header = json.dumps({"kind": "bytes", "meta": {}, "size": 3 << 30, "gzip": False}).encode()
     (tmp_path / "values" / digest[:2]).mkdir(parents=True)
-    (tmp_path / "values" / digest[:2] / digest).write_bytes(b"FRV1\n" + struct.pack(">I", len(header)) + header + b"x")
+    (tmp_path / "values" / digest[:2] / digest).write_bytes(
+        b"FRV1\n" + struct.pack(">I", len(header)) + header + b"x"
+    )
     with pytest.raises(CorruptEntryError, match="claims a 3221225472-byte body, the file holds 1"):
         store.get(digest)
     (tmp_path / "values" / digest[:2] / digest).write_bytes(b"FRV1\n" + struct.pack(">I", 1 << 31) + b"{}")
@@ -243,7 +249,9 @@ def test_a_value_header_that_claims_more_than_the_file_holds_is_refused(tmp_path
 
 
 def _file_world(tmp_path: Path) -> Cache:
-    (tmp_path / "fleche.toml").write_text('[default]\ncache = "main"\nroot = true\n\n[main]\ntemplate = "cloudpickle"\nroot = "store"\n')
+    (tmp_path / "fleche.toml").write_text(
+        '[default]\ncache = "main"\nroot = true\n\n[main]\ntemplate = "cloudpickle"\nroot = "store"\n'
+    )
     return Cache(FileValueStore(tmp_path / "store" / "values"), FileCallStore(tmp_path / "store" / "calls"))
 
 
@@ -327,8 +335,12 @@ def test_a_server_refuses_hostile_records_at_the_door_and_lists_on(sshd: Any, tm
 
     remote = tmp_path / "remote"
     remote.mkdir()
-    (remote / "fleche.toml").write_text('[default]\ncache = "main"\nroot = true\n\n[main]\ntemplate = "cloudpickle"\nroot = "store"\n')
-    options = sshd.add_key(forced_command=f"cd {remote} && exec {sys.executable} -m fleche_remote serve --append-only")
+    (remote / "fleche.toml").write_text(
+        '[default]\ncache = "main"\nroot = true\n\n[main]\ntemplate = "cloudpickle"\nroot = "store"\n'
+    )
+    options = sshd.add_key(
+        forced_command=f"cd {remote} && exec {sys.executable} -m fleche_remote serve --append-only"
+    )
     client = SshCache(sshd.host, ssh_options=options, timeout=60, connect_timeout=60)
     try:
         client.save(Call("work.good", {"n": 1}, result=1))
@@ -346,7 +358,7 @@ def test_a_server_refuses_hostile_records_at_the_door_and_lists_on(sshd: Any, tm
         ):
             rec = dataclasses.replace(rec, key=keyed(100 + i), value=value, value_size=blob.size)
             with pytest.raises(Exception, match="refusing to store call"):
-                within(DEADLINE, lambda: client.save_records([(rec, blob)]))
+                within(DEADLINE, lambda rec=rec: client.save_records([(rec, blob)]))
         listed = within(DEADLINE, lambda: list(client.query_records()))
         assert [r.name for r in listed] == ["work.good"]
         # nested past the wire's budget, the request itself is refused: that
@@ -374,6 +386,6 @@ def test_unreadable_records_do_not_reach_query(tmp_path: Path) -> None:
     plant_file(tmp_path / "store" / "calls", keyed(1), hostile_pickles()["metadata hash bomb"])
     records = within(DEADLINE, lambda: list(cache.query_records()))
     assert sorted(type(r).__name__ for r in records) == ["CallRecord", "UnreadableRecord"]
-    bad = [r for r in records if isinstance(r, UnreadableRecord)][0]
+    bad = next(r for r in records if isinstance(r, UnreadableRecord))
     assert bad.key == keyed(1) and "refusing" in bad.reason
     assert [c.name for c in within(DEADLINE, lambda: list(cache.query()))] == ["work.good"]

@@ -20,8 +20,8 @@ from ..call import CallRecord, UnreadableRecord
 from ..codec.peek import abridged, abridged_arguments, peek
 from ..codec.values import BytesBlob, decode_value
 from ..errors import ConfigError
-from . import PROG
 from ..progress import human_bytes
+from . import PROG
 from .common import (
     Filters,
     add_cache_options,

@@ -185,4 +185,12 @@ def abridged_arguments(data: bytes, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-__all__ = ["PEEK_BUDGET", "PEEK_MAX_BYTES", "Opaque", "abridged", "abridged_arguments", "peek", "peek_arguments"]
+__all__ = [
+    "PEEK_BUDGET",
+    "PEEK_MAX_BYTES",
+    "Opaque",
+    "abridged",
+    "abridged_arguments",
+    "peek",
+    "peek_arguments",
+]

@@ -40,6 +40,7 @@ def _bytearray(source: Any = b"", *args: Any) -> bytearray:
         raise ProtocolError(f"refusing bytearray({type(source).__name__}): only bytes rebuild a bytearray")
     return bytearray(source, *args)
 
+
 _registry: Dict[Tuple[str, str], type] = {}
 
 
@@ -117,7 +118,9 @@ def check_plain(obj: Any, what: str = "value", _depth: int = 0, _seen: Optional[
     seen = [0] if _seen is None else _seen
     seen[0] += 1
     if seen[0] > PLAIN_MAX_NODES:
-        raise TypeError(f"{what} is too large: more than {PLAIN_MAX_NODES:,} items (shared ones counted each time)")
+        raise TypeError(
+            f"{what} is too large: more than {PLAIN_MAX_NODES:,} items (shared ones counted each time)"
+        )
     if _depth > 64:
         raise TypeError(f"{what} is nested too deeply (more than 64 levels)")
     if isinstance(obj, _PLAIN_SCALARS):

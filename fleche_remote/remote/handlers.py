@@ -28,8 +28,8 @@ from .. import __version__
 from ..caches.base import BaseCache
 from ..call import CallRecord, record_problem
 from ..codec.budget import check_pickle
-from ..codec.peek import PEEK_BUDGET
 from ..codec.digest import DIGEST_SCHEME_NAME
+from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline

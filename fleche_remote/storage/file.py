@@ -274,7 +274,8 @@ class FileValueStore(_FileRoot, ValueStore):
             # buffer is allocated for them
             if hlen > min(MAX_HEADER_BYTES, file_size - len(head)):
                 raise CorruptEntryError(
-                    f"{path}: its header claims {hlen} bytes, the file has {file_size - len(head)} after the magic"
+                    f"{path}: its header claims {hlen} bytes, "
+                    f"the file has {file_size - len(head)} after the magic"
                 )
             try:
                 header = json.loads(fh.read(hlen))
@@ -289,7 +290,9 @@ class FileValueStore(_FileRoot, ValueStore):
             and type(header.get("size")) is int
             and header["size"] >= 0
         ):
-            raise CorruptEntryError(f"{path}: expected a header with kind (str), meta (dict) and size (int >= 0)")
+            raise CorruptEntryError(
+                f"{path}: expected a header with kind (str), meta (dict) and size (int >= 0)"
+            )
         size: int = header["size"]
         if header.get("gzip"):
             if not self.compress:
@@ -298,7 +301,9 @@ class FileValueStore(_FileRoot, ValueStore):
                     f"set compress = true if the cache was written that way"
                 )
             if size > stored * _GZIP_MAX_RATIO + 1024:
-                raise CorruptEntryError(f"{path}: {stored} compressed bytes cannot hold the {size} its header claims")
+                raise CorruptEntryError(
+                    f"{path}: {stored} compressed bytes cannot hold the {size} its header claims"
+                )
 
             def opener() -> Any:
                 raw = open(path, "rb")

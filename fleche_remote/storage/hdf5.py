@@ -534,7 +534,9 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
         if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
             raise CorruptEntryError(f"{where}: expected a 1-D uint8 dataset, got {ds!r}")
         if ds.shape[0] > MAX_RECORD_BYTES:
-            raise CorruptEntryError(f"{where}: {ds.shape[0]} bytes, more than a record may hold ({MAX_RECORD_BYTES})")
+            raise CorruptEntryError(
+                f"{where}: {ds.shape[0]} bytes, more than a record may hold ({MAX_RECORD_BYTES})"
+            )
         try:
             record = loads_plain(ds[()].tobytes())
         except ProtocolError as exc:
@@ -604,7 +606,7 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
         # the file is not held open while the caller works on them
         with self._file.open(write=False) as f:
             grp = _group(f, "calls")
-            matches = []
+            matches: List[Any] = []
             for key in _names(grp):
                 try:
                     record = self._read(grp, key)

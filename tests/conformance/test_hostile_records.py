@@ -60,7 +60,9 @@ def _sqlite_planter(path: Path) -> Callable[[str, Dict[str, Any]], None]:
         row.update(columns)
         with sqlite3.connect(path) as db:
             names = ", ".join(row)
-            db.execute(f"INSERT INTO calls ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            db.execute(
+                f"INSERT INTO calls ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+            )
 
     return plant
 
@@ -97,7 +99,9 @@ def _where(name: str, tmp_path: Path) -> Tuple[str, Path]:
 
 
 @pytest.fixture(params=PLANTED)
-def planted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tuple[CacheUnderTest, Dict[str, str]]]:
+def planted(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Tuple[CacheUnderTest, Dict[str, str]]]:
     """A cache with one good call and every hostile record planted; the
     planted keys map to what each one is."""
     subject = FACTORIES[request.param].make(tmp_path, request)
@@ -144,12 +148,14 @@ def test_query_records_lists_around_planted_records(planted: Tuple[CacheUnderTes
     records = within(DEADLINE, lambda: list(subject.cache.query_records()))
     by_key = {r.key: r for r in records}
     assert set(by_key) == set(labels), "every entry is listed once, readable or not"
-    good = [k for k, label in labels.items() if label == "good"][0]
+    good = next(k for k, label in labels.items() if label == "good")
     assert isinstance(by_key[good], CallRecord) and by_key[good].name == "work.good"
     unreadable = {k for k, r in by_key.items() if isinstance(r, UnreadableRecord)}
     # records whose fields are wrong or over budget come as unreadable, with a reason
     for key, label in labels.items():
-        if label.startswith(("metadata", "far memo", "9,600", "huge", "arguments an", "name an", "a refused")):
+        if label.startswith(
+            ("metadata", "far memo", "9,600", "huge", "arguments an", "name an", "a refused")
+        ):
             assert key in unreadable, label
         if label in ("not a pickle", "size as text"):
             assert key in unreadable, label
@@ -157,18 +163,20 @@ def test_query_records_lists_around_planted_records(planted: Tuple[CacheUnderTes
 
 
 def test_query_skips_what_it_cannot_read(planted: Tuple[CacheUnderTest, Dict[str, str]]) -> None:
-    subject, labels = planted
+    subject, _labels = planted
     calls = within(DEADLINE, lambda: list(subject.cache.query("work.good")))
     assert [c.arguments for c in calls] == [{"n": 3}]
 
 
-def test_show_and_ls_around_planted_records(planted: Tuple[CacheUnderTest, Dict[str, str]], tmp_path: Path) -> None:
+def test_show_and_ls_around_planted_records(
+    planted: Tuple[CacheUnderTest, Dict[str, str]], tmp_path: Path
+) -> None:
     """What ``ls`` runs for each entry (peek, timestamps, escaping) runs to
     the end on every planted one, and runs none of their code."""
     from fleche_remote.cli.common import printable, timestamp
     from fleche_remote.codec.peek import abridged_arguments, peek
 
-    subject, labels = planted
+    subject, _labels = planted
     canary = tmp_path / "canary"
 
     def look() -> int:
@@ -188,7 +196,7 @@ def test_show_and_ls_around_planted_records(planted: Tuple[CacheUnderTest, Dict[
 
 
 def test_a_planted_record_does_not_stop_a_later_save(planted: Tuple[CacheUnderTest, Dict[str, str]]) -> None:
-    subject, labels = planted
+    subject, _labels = planted
     key = subject.writer.save(Call("work.later", {"n": 4}, result=2))
     assert within(DEADLINE, lambda: subject.cache.load(key).result) == 2
     assert record(key=key).key == key  # the helper's records use the same key form

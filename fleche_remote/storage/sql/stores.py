@@ -52,7 +52,6 @@ from .rows import (
     _blob_row,
     _call_row,
     _insert,
-    loads_json,
     record_from_row,
 )
 
@@ -511,7 +510,9 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         while True:
             page = [self._record_or_unreadable(r) for r in self._db.rows(sql, [*before, last, *after, PAGE])]
             for record in page:
-                if isinstance(record, UnreadableRecord) or record_matches(record, name, arg_digests, metadata):
+                if isinstance(record, UnreadableRecord) or record_matches(
+                    record, name, arg_digests, metadata
+                ):
                     yield record
             if len(page) < PAGE:
                 return
