@@ -127,7 +127,7 @@ def record_problem(record: Any) -> Optional[str]:
     on read and by a server on save, before any reader trips on it.
     """
     if not isinstance(record, CallRecord):
-        return f"holds a {type(record).__name__}, not a call record"
+        return f"holds a {type(record).__name__}, expected a CallRecord"
     fields = getattr(record, "__dict__", {})
     for name in _TEXT_FIELDS:
         value = fields.get(name)
@@ -170,7 +170,7 @@ def check_record(record: Any, where: str) -> CallRecord:
     """
     problem = record_problem(record)
     if problem is not None:
-        raise CorruptEntryError(f"{where} {problem}")
+        raise CorruptEntryError(f"{where}: {problem}")
     return record  # type: ignore[no-any-return]
 
 

@@ -303,19 +303,15 @@ class Signer:
         return out
 
     def iter_records(self, records: Iterable[CallRecord], where: Where) -> Iterator[CallRecord]:
-        """:meth:`open_record` over a stream (a query's answer); a record
-        that could not be read, or whose signature fails, comes as an
-        :class:`~fleche_remote.call.UnreadableRecord` and the stream goes on."""
-        from .call import UnreadableRecord
-
+        """:meth:`open_record` over a stream (a query's answer). A record
+        its store could not read passes on as the
+        :class:`~fleche_remote.call.UnreadableRecord` it is: it holds
+        nothing to verify, and nothing that will be unpickled."""
         for record in records:
-            if isinstance(record, UnreadableRecord):
+            if not isinstance(record, CallRecord):
                 yield record
                 continue
-            try:
-                yield self.open_record(record, where)
-            except SignatureError as exc:
-                yield UnreadableRecord(record.key, str(exc))  # type: ignore[misc]
+            yield self.open_record(record, where)
 
     def _parse(self, signature: Any, what: str, ident: str, place: Callable[[], str]) -> Tuple[_Key, str]:
         if signature is None:

@@ -418,10 +418,7 @@ class FileCallStore(_FileRoot, CallStore):
             record = loads_plain(body)
         except Exception as exc:
             raise CorruptEntryError(f"{path} does not decode: {exc}") from None
-        check_record(record, str(path))
-        if record.key != key:
-            raise CorruptEntryError(f"{path} holds the record of key {record.key[:16]}, expected {key[:16]}")
-        return record
+        return check_record(record, str(path))
 
     def query(
         self,

@@ -147,8 +147,15 @@ def record_from_row(where: str, row: Sequence[Any], scheme: Optional[str], with_
         digests = json.loads(arg_digests)
     except (TypeError, ValueError, RecursionError) as exc:
         raise CorruptEntryError(f"{where}: metadata is not JSON ({type(exc).__name__}: {exc})") from None
-    if not isinstance(arguments, (bytes, bytearray, memoryview)):
-        raise CorruptEntryError(f"{where}: expected binary arguments, got {type(arguments).__name__}")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(digests, dict)
+        or not isinstance(arguments, (bytes, bytearray, memoryview))
+    ):
+        raise CorruptEntryError(
+            f"{where}: expected a JSON object and binary arguments, "
+            f"got {type(meta).__name__} and {type(arguments).__name__}"
+        )
     if type(size) is not int:
         raise CorruptEntryError(f"{where}: expected an integer value_size, got {type(size).__name__}")
     fields = (key, name, version, bytes(arguments), digests, meta, value, kind, size)
