@@ -265,6 +265,8 @@ class BaseCache(abc.ABC):
         records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
         chunk: List[CallRecord] = []
         for record in records:
+            if not isinstance(record, CallRecord):  # an UnreadableRecord: no call to give
+                continue
             if plan.accepts(record):
                 chunk.append(record)
             if len(chunk) >= QUERY_BATCH:

@@ -324,7 +324,8 @@ class CacheStack(BaseCache):
                 if record.key in seen:
                     continue
                 seen.add(record.key)
-                if not depth or not self._backfilling():
+                if not depth or not self._backfilling() or not isinstance(record, CallRecord):
+                    # an UnreadableRecord is passed on as it is, never back-filled
                     yield record
                     continue
                 page.append(record)

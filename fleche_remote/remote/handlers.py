@@ -26,8 +26,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .. import __version__
 from ..caches.base import BaseCache
-from ..call import CallRecord
+from ..call import CallRecord, record_problem
 from ..codec.bodyhash import DIGEST_SCHEME_NAME
+from ..codec.budget import check_pickle
+from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
@@ -201,7 +203,7 @@ def _paginate(records: Iterator[CallRecord], size: int) -> Iterator[List[CallRec
     nbytes = 0
     for record in records:
         page.append(record)
-        nbytes += len(record.arguments) + 512
+        nbytes += len(getattr(record, "arguments", b"")) + 512
         if len(page) >= size or nbytes >= PAGE_BYTES:
             yield page
             page, nbytes = [], 0
@@ -221,11 +223,29 @@ def _h_load_value(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob])
     return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
 
 
-def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
-    records = args.get("records")
-    inline = args.get("inline")
+def _check_records(records: Any) -> List[CallRecord]:
+    """Refuse, at the door, records that no reader could list: fields of
+    the wrong type, metadata that is not small plain data (see
+    :func:`~fleche_remote.call.record_problem`), arguments that are not a
+    pickle within the peek budget (checked, never unpickled)."""
     if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
         raise ProtocolError("save_records needs a list of CallRecords")
+    for record in records:
+        problem = record_problem(record)
+        if problem is None:
+            try:
+                check_pickle(record.arguments, PEEK_BUDGET)
+            except ProtocolError as exc:
+                problem = f"its arguments: {exc}"
+        if problem is not None:
+            key = getattr(record, "key", "?")
+            raise ProtocolError(f"refusing to store call {str(key)[:16]}: {problem}")
+    return records
+
+
+def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    records = _check_records(args.get("records"))
+    inline = args.get("inline")
     if inline is None:
         inline = [None] * len(records)
     if not isinstance(inline, list) or len(inline) != len(records):
@@ -267,9 +287,7 @@ def _h_save_records_append_only(ctx: Context, args: Dict[str, Any], blobs: List[
     keep the first record of a key, so this check is what turns a silent
     no-op into an error the client sees.
     """
-    records = args.get("records")
-    if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
-        raise ProtocolError("save_records needs a list of CallRecords")
+    records = _check_records(args.get("records"))
     stored = ctx.cache.load_records([r.key for r in records])
     for record, old in zip(records, stored):
         if old is not None and old.value != record.value:
