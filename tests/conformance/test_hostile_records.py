@@ -61,7 +61,7 @@ def _sqlite_planter(path: Path) -> Callable[[str, Dict[str, Any]], None]:
         with sqlite3.connect(path) as db:
             names = ", ".join(row)
             db.execute(
-                f"INSERT INTO calls ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+                f"INSERT INTO fr_calls ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values())
             )
 
     return plant
