@@ -425,7 +425,16 @@ class CachedFunction:
             self._compute_batch(cache, {Digest(k): todo[Digest(k)] for k in keys}, executor, results)
 
         keeper = cache.claim_keeper() if self.claims else None
-        claiming.compute_batch(keeper, list(todo), self.name, self.lease, self.claim_timeout, lookup, compute)
+        claiming.compute_batch(
+            keeper,
+            list(todo),
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            lookup,
+            compute,
+        )
 
     def _compute_batch(
         self,
@@ -471,7 +480,8 @@ class CachedFunction:
     ) -> None:
         if executor is None:
             for key, (args, kwargs, _) in todo.items():
-                computed[key] = _run_timed(self, args, kwargs)
+                with claiming.computing(self.name, [key]):
+                    computed[key] = _run_timed(self, args, kwargs)
             return
         from concurrent.futures import CancelledError
 
@@ -585,6 +595,7 @@ class CachedFunction:
             self.name,
             self.lease,
             self.claim_timeout,
+            cache.contains_many,
             load,
             lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
         )

@@ -46,7 +46,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import ClaimWaitTimeout, RecursiveCallError
-from .storage.claims import DEFAULT_LEASE, Claims, Holder
+from .storage.claims import DEFAULT_LEASE, STORED, Claims, Holder
 
 log = logging.getLogger("fleche_remote.claims")
 
@@ -95,7 +95,7 @@ class computing:
     """Marks ``keys`` as being computed by this thread, for the duration;
     raises :class:`RecursiveCallError` for one that already is."""
 
-    def __init__(self, name: str, keys: Sequence[str]) -> None:
+    def __init__(self, name: str, keys: Sequence[str], push: bool = True) -> None:
         for key in keys:
             if key in _computing.keys:
                 raise RecursiveCallError(
@@ -103,7 +103,7 @@ class computing:
                     f"them: it would wait for its own result forever. Give the inner call other "
                     f"arguments, or call {name}.func to run the function uncached"
                 )
-        self.keys = list(keys)
+        self.keys = list(keys) if push else []
 
     def __enter__(self) -> None:
         _computing.keys.extend(self.keys)
@@ -250,7 +250,8 @@ class _Local:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.events: Dict[Tuple[int, str], threading.Event] = {}
+        #: (keeper, key) -> (set when released, claimed by a sweep)
+        self.events: Dict[Tuple[int, str], Tuple[threading.Event, bool]] = {}
 
 
 _local = _Local()
@@ -268,6 +269,8 @@ class Claimed:
         self.keeper = keeper
         self.keys = keys
         self.lease = lease
+        #: keys found stored already (and not kept claimed): read, don't compute
+        self.stored: List[str] = []
 
     def release(self) -> None:
         """Drop the claims (and wake this process's waiting threads)."""
@@ -291,14 +294,26 @@ class Claimed:
             for key in self.keys:
                 event = _local.events.pop((id(self.keeper), key), None)
                 if event is not None:
-                    event.set()
+                    event[0].set()
 
 
 def claim(
-    keeper: Optional[Claims], keys: Sequence[str], lease: float = DEFAULT_LEASE
+    keeper: Optional[Claims],
+    keys: Sequence[str],
+    lease: float = DEFAULT_LEASE,
+    batch: bool = False,
+    stored: Optional[Callable[[List[str]], List[bool]]] = None,
 ) -> Tuple[Claimed, Dict[str, Holder]]:
     """Claim ``keys`` in one batch: those now ours (to compute, then
-    :meth:`Claimed.release`), and the holder of each of the others."""
+    :meth:`Claimed.release`), and the holder of each of the others. A key
+    that a sweep of this process holds is neither: its points may call
+    each other (``fib.map``), so it is computed without a claim rather
+    than waited for by the sweep that holds it.
+
+    A key claimed is then looked for (``stored``, unless the keeper's own
+    answer says, as an ssh server's does): the last holder may have saved
+    it and released just after this process missed it. Those found are
+    released and listed in :attr:`Claimed.stored`."""
     keys = list(dict.fromkeys(keys))
     if keeper is None:
         return Claimed(None, keys, lease), {}
@@ -306,11 +321,12 @@ def claim(
     asked: List[str] = []
     with _local.lock:
         for key in keys:
-            if (id(keeper), key) in _local.events:
-                busy[key] = me()  # another thread of ours computes it
-            else:
-                _local.events[(id(keeper), key)] = threading.Event()
+            held = _local.events.get((id(keeper), key))
+            if held is None:
+                _local.events[(id(keeper), key)] = (threading.Event(), batch)
                 asked.append(key)
+            elif not held[1]:
+                busy[key] = me()  # another thread of ours computes it
     try:
         answers = keeper.claim(asked, me(), lease) if asked else []
     except BaseException as exc:
@@ -322,15 +338,26 @@ def claim(
         log.warning("could not claim %d calls in %r; computing without claims: %s", len(asked), keeper, exc)
         return Claimed(None, keys, lease), {}
     mine: List[str] = []
+    found: List[str] = []
     for key, holder in zip(asked, answers):
-        if holder is None:
+        if holder is STORED or holder == STORED:
+            found.append(key)
+        elif holder is None:
             mine.append(key)
         else:
             busy[key] = holder
-    Claimed(keeper, [k for k in asked if k in busy], lease).release_local()
+    if mine and stored is not None and not getattr(keeper, "reports_stored", False):
+        hits = {k for k, hit in zip(mine, stored(mine)) if hit}
+        if hits:
+            Claimed(keeper, [k for k in mine if k in hits], lease).release()
+            found += [k for k in mine if k in hits]
+            mine = [k for k in mine if k not in hits]
+    Claimed(keeper, [k for k in asked if k in busy or k in found], lease).release_local()
     if mine:
         _renewer.add(keeper, mine, lease)
-    return Claimed(keeper, mine, lease), busy
+    result = Claimed(keeper, mine, lease)
+    result.stored = found
+    return result, busy
 
 
 def wait(
@@ -339,6 +366,8 @@ def wait(
     lease: float,
     timeout: Optional[float],
     name: str,
+    batch: bool = False,
+    stored: Optional[Callable[[List[str]], List[bool]]] = None,
 ) -> Tuple[Claimed, Dict[str, Holder]]:
     """Wait until some keys of ``busy`` are released or expired, polling
     in batches (one round trip per poll): returns those, claimed by this
@@ -365,14 +394,14 @@ def wait(
             )
         ours = [k for k, h in waiting.items() if h.owner == me().owner]
         with _local.lock:
-            events = [e for e in (_local.events.get((id(keeper), k)) for k in ours) if e is not None]
+            events = [e[0] for e in (_local.events.get((id(keeper), k)) for k in ours) if e is not None]
         if events and len(ours) == len(waiting):
             events[0].wait(delay)  # only threads of this process: woken when one is done
             delay = min(delay * 2, POLL_MAX)
         else:
             delay = _sleep(delay)
-        claimed, waiting = claim(keeper, list(waiting), lease)
-        if claimed.keys or not waiting or claimed.keeper is None:
+        claimed, waiting = claim(keeper, list(waiting), lease, batch, stored)
+        if claimed.keys or claimed.stored or not waiting or claimed.keeper is None:
             return claimed, waiting
 
 
@@ -382,18 +411,21 @@ def compute_once(
     name: str,
     lease: float,
     timeout: Optional[float],
+    stored: Callable[[List[str]], List[bool]],
     load: Callable[[], T],
     compute: Callable[[], T],
 ) -> T:
-    """A missed call: claim it, or wait for its holder and ``load()`` the
-    result it saved (``KeyError``: it failed or died); ``compute()`` (and
-    save) when it is still missing; release."""
+    """A missed call: claim it, or wait for its holder; ``load()`` the
+    result a holder saved (``KeyError``: it failed or died); ``compute()``
+    (and save) when it is still missing; release. ``stored`` is the
+    cache's ``contains_many``."""
     with computing(name, [key]):
-        mine, busy = claim(keeper, [key], lease)
+        mine, busy = claim(keeper, [key], lease, stored=stored)
         try:
             if busy:
                 assert keeper is not None
-                mine, _ = wait(keeper, busy, lease, timeout, name)
+                mine, _ = wait(keeper, busy, lease, timeout, name, stored=stored)
+            if mine.stored:
                 try:
                     return load()
                 except KeyError:
@@ -409,27 +441,27 @@ def compute_batch(
     name: str,
     lease: float,
     timeout: Optional[float],
+    stored: Callable[[List[str]], List[bool]],
     lookup: Callable[[List[str]], List[str]],
     compute: Callable[[List[str]], None],
 ) -> None:
     """A sweep's misses: claim them in one batch, ``compute`` ours (and
     save), then wait for the others' in batches, ``lookup`` what their
     holders saved (it returns the keys still missing) and compute those."""
-    with computing(name, keys):
-        mine, busy = claim(keeper, keys, lease)
-        try:
-            compute([k for k in keys if k not in busy])
-        finally:
-            mine.release()
-        while busy:
-            assert keeper is not None
-            got, busy = wait(keeper, busy, lease, timeout, name)
+    with computing(name, keys, push=False):  # each point marks itself as it runs
+        got, busy = claim(keeper, keys, lease, batch=True, stored=stored)
+        # ours, and those a sweep of this process holds (see claim)
+        free = [k for k in keys if k not in busy and k not in got.stored]
+        while True:
             try:
-                missing = lookup(got.keys)
-                if missing:
-                    compute(missing)
+                compute(free + (lookup(got.stored) if got.stored else []))
             finally:
                 got.release()
+            if not busy:
+                return
+            assert keeper is not None
+            got, busy = wait(keeper, busy, lease, timeout, name, batch=True, stored=stored)
+            free = list(got.keys)
 
 
 __all__ = [

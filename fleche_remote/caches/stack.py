@@ -436,6 +436,10 @@ class PushedFirst(Claims):
     def __repr__(self) -> str:
         return repr(self.inner)
 
+    @property
+    def reports_stored(self) -> bool:
+        return bool(getattr(self.inner, "reports_stored", False))
+
     def before_release(self) -> None:
         self.writer.flush(self.writer.close_timeout)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from ..claiming import ClaimsUnsupported
 from ..errors import ProtocolError, Rejected
-from ..storage.claims import Claims, Holder
+from ..storage.claims import STORED, Claims, Holder
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import SshCache
@@ -28,6 +28,8 @@ class RemoteClaims(Claims):
 
     #: a release is a round trip the caller need not wait for
     release_in_background = True
+    #: a claim answers STORED for a key stored already: no second look needed
+    reports_stored = True
 
     def __init__(self, cache: SshCache) -> None:
         self.cache = cache
@@ -57,7 +59,7 @@ class RemoteClaims(Claims):
         found = self._ask("claim", keys, holder, lease)
         if not isinstance(found, list) or len(found) != len(keys):
             raise ProtocolError(f"a claim reply has one entry per key ({len(keys)}), got {found!r:.200}")
-        return [None if h is None else Holder.from_wire(h) for h in found]
+        return [STORED if h == "stored" else None if h is None else Holder.from_wire(h) for h in found]
 
     def renew(self, keys: Sequence[str], holder: Holder, lease: float) -> List[bool]:
         if not keys:

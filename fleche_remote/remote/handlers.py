@@ -323,7 +323,15 @@ def _lease(args: Dict[str, Any]) -> float:
 def _h_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     keeper, keys, holder = _claims_args(ctx, args)
     found = keeper.claim(keys, holder, _lease(args))
-    return Reply([None if h is None else h.to_wire() for h in found])
+    # after the claim, not before: a holder saves, then releases, so a
+    # result saved by the last holder is seen here, and not computed again
+    ours = [k for k, h in zip(keys, found) if h is None]
+    stored = {k for k, hit in zip(ours, ctx.cache.contains_many(ours)) if hit}
+    if stored:
+        keeper.release(sorted(stored), holder)
+    return Reply(
+        ["stored" if k in stored else None if h is None else h.to_wire() for k, h in zip(keys, found)]
+    )
 
 
 def _h_renew_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:

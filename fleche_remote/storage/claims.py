@@ -88,6 +88,12 @@ class Holder:
         return cls(owner[:200], host[:200], pid, float(expires))
 
 
+#: What a claim answers for a key whose result is stored already (an ssh
+#: server checks, after taking the claim, so a result saved just before its
+#: holder released is never computed again): read it, compute nothing.
+STORED = Holder("", "", 0)
+
+
 class Claims(ABC):
     """A call store that can hold claims (a capability, like ``InlineValues``).
 
@@ -350,4 +356,4 @@ def _unlink(path: Path) -> None:
         pass
 
 
-__all__ = ["DEFAULT_LEASE", "Claims", "FileClaims", "Holder", "KeptClaims", "MemoryClaims"]
+__all__ = ["DEFAULT_LEASE", "STORED", "Claims", "FileClaims", "Holder", "KeptClaims", "MemoryClaims"]

@@ -396,4 +396,3 @@ class FileCallStore(_FileRoot, CallStore, KeptClaims):
     def _make_keeper(self) -> Claims:
         # "claims" is no two-letter shard, so listing the calls never sees it
         return FileClaims(self.root / "claims")
-

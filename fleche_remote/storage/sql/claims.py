@@ -13,9 +13,9 @@ write transactions of a WAL database; PostgreSQL locks the conflicting
 row), followed by one read of who holds each key now, in the same
 transaction. Needs SQLite 3.24 (2018) or PostgreSQL 9.5.
 
-The table is created on first use, not with the others, so a database
-written by an earlier version gains it when a claim is first taken, and a
-read-only share, which takes no claims, never needs it.
+The table is created with the others (:data:`.db.SCHEMA`); a SQLite
+database written by an earlier version gains it when a claim is first
+taken, and a read-only share, which takes no claims, never needs it.
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ class SqlClaims(Claims):
         self._ready = False
 
     def _table(self, cur: Any) -> None:
+        # PostgreSQL creates it with the others, under its DDL lock: two
+        # concurrent CREATE TABLE IF NOT EXISTS race there. SQLite writes
+        # one transaction at a time, so creating it here is safe
         if not self._ready:
-            cur.execute(CLAIMS_TABLE)
+            if self._db.backend == "sqlite":
+                cur.execute(CLAIMS_TABLE)
             self._ready = True
 
     def _holders(self, cur: Any, keys: Sequence[str]) -> Dict[str, Holder]:
