@@ -102,6 +102,10 @@ class World:
         wait_for(lambda: (self.tmp / f"{name}.ready").exists() or proc.poll() is not None, f"{name} ready")
         return proc
 
+    def waiting(self) -> bool:
+        """Whether some worker has logged that it waits for a holder."""
+        return any("waiting for" in self.stderr(p) for p in self.procs)
+
     def wait_for(self, condition: Callable[[], bool], what: str, seconds: float = 90.0) -> None:
         """``wait_for``, showing what each worker wrote to stderr on a time-out."""
         try:
