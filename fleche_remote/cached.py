@@ -22,9 +22,10 @@ Choices worth knowing:
   that is (or plainly holds) a ``Path`` names a file on this machine: it
   is saved to local layers only, never to a remote one (logged, not
   raised; a stack saves it into its first layer without pushing it on).
-* Two threads missing the same key both compute and both save; saves of
-  an existing key are no-ops, so both return correct results. No lock is
-  held while the function runs, so a slow call never blocks other keys.
+* A miss is claimed before it is computed (:mod:`.claiming`): threads,
+  processes and machines that miss the same key meanwhile wait for the
+  holder's result. Claims are per key, so a slow call never blocks
+  other keys.
 * Unless ``version=`` pins it, the key's version is ``code:<digest>`` of
   the function's code and the user code it reaches (see :mod:`.codec.code`),
   computed once per process at first use. Records carry it as their
@@ -61,6 +62,7 @@ from typing import (
     overload,
 )
 
+from . import claiming
 from .caches import BaseCache
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +74,7 @@ from .codekey import UNRESOLVED, CodeDigestWarning, HashCodeSpec, KeyVersion
 from .errors import CorruptEntryError, Rejected, UnpicklableArgumentError
 from .localpaths import holds_local_path, local_target, path_result_skipped
 from .query import plan_query
+from .storage.claims import DEFAULT_LEASE
 
 log = logging.getLogger("fleche_remote.cached")
 
@@ -119,6 +122,10 @@ class CachedFunction:
         version: VersionSpec,
         ignore: Iterable[str],
         hash_code: HashCodeSpec = None,
+        *,
+        claims: bool = True,
+        lease: float = DEFAULT_LEASE,
+        claim_timeout: Optional[float] = None,
     ):
         if not callable(func):
             raise TypeError(f"@cached needs a function, got {func!r}")
@@ -149,6 +156,16 @@ class CachedFunction:
         self._cache_spec = cache
         self._cache: Optional[BaseCache] = cache if isinstance(cache, BaseCache) else None
         self._cache_lock = threading.Lock()
+        if not lease > 0 or (claim_timeout is not None and not claim_timeout >= 0):
+            raise ValueError(
+                f"lease must be > 0 and claim_timeout None or >= 0, got {lease!r}, {claim_timeout!r}"
+            )
+        #: claim a miss before computing it (see :mod:`fleche_remote.claiming`)
+        self.claims = bool(claims)
+        #: seconds a claim lives unless renewed: what a dead holder costs waiters
+        self.lease = float(lease)
+        #: seconds a miss waits for another holder before ClaimWaitTimeout; None: as long as it lives
+        self.claim_timeout = claim_timeout
         functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
@@ -419,15 +436,55 @@ class CachedFunction:
                 del todo[key]
         if todo:
             self._keys.explain_miss(cache, next(iter(todo.values()))[2])
-            computed: Dict[Digest, Tuple[Any, float]] = {}
-            try:
-                self._compute(todo, executor, computed)
-            finally:
-                # saved even when a call failed or the sweep was interrupted:
-                # a rerun then starts where this one stopped
-                self._save_batch(cache, todo, computed)
-            results.update((key, result) for key, (result, _) in computed.items())
+            self._sweep_misses(cache, todo, executor, results)
         return [results[key] for key in keys]
+
+    def _sweep_misses(
+        self,
+        cache: BaseCache,
+        todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        executor: Optional[Executor],
+        results: Dict[Digest, Any],
+    ) -> None:
+        def lookup(keys: List[str]) -> List[str]:
+            ready = [Digest(k) for k in keys]
+            for key, lazy in zip(ready, self._lookup(cache, ready)):
+                if lazy is not None:
+                    results[key] = lazy.result
+            return [k for k in ready if k not in results]
+
+        def compute(keys: List[str]) -> None:
+            self._compute_batch(cache, {Digest(k): todo[Digest(k)] for k in keys}, executor, results)
+
+        keeper = cache.claim_keeper() if self.claims else None
+        claiming.compute_batch(
+            keeper,
+            list(todo),
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            lookup,
+            compute,
+        )
+
+    def _compute_batch(
+        self,
+        cache: BaseCache,
+        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        executor: Optional[Executor],
+        results: Dict[Digest, Any],
+    ) -> None:
+        if not todo:
+            return
+        computed: Dict[Digest, Tuple[Any, float]] = {}
+        try:
+            self._compute(todo, executor, computed)
+        finally:
+            # saved even when a call failed or the sweep was interrupted:
+            # a rerun then starts where this one stopped
+            self._save_batch(cache, todo, computed)
+        results.update((key, result) for key, (result, _) in computed.items())
 
     def _lookup(self, cache: BaseCache, keys: List[Digest]) -> List[Optional[LazyCall]]:
         try:
@@ -455,7 +512,8 @@ class CachedFunction:
     ) -> None:
         if executor is None:
             for key, (args, kwargs, _) in todo.items():
-                computed[key] = _run_timed(self, args, kwargs)
+                with claiming.computing(self.name, [key]):
+                    computed[key] = _run_timed(self, args, kwargs)
             return
         from concurrent.futures import CancelledError
 
@@ -545,6 +603,44 @@ class CachedFunction:
         except CorruptEntryError as exc:
             log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
         self._keys.explain_miss(cache, arguments)
+        return self._miss(cache, key, arguments, args, kwargs)
+
+    def _miss(
+        self,
+        cache: BaseCache,
+        key: Digest,
+        arguments: Dict[str, Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
+        def load() -> Any:
+            try:
+                return cache.load_value(key)  # a holder we waited for saved it
+            except CorruptEntryError as exc:
+                log.warning(
+                    "stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc
+                )
+                raise KeyError(key) from None
+
+        return claiming.compute_once(
+            cache.claim_keeper() if self.claims else None,
+            key,
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            load,
+            lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
+        )
+
+    def _compute_and_save(
+        self,
+        cache: BaseCache,
+        key: Digest,
+        arguments: Dict[str, Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
         start = time.perf_counter()
         result = self.func(*args, **kwargs)
         wall_time = time.perf_counter() - start
@@ -601,6 +697,9 @@ def cached(
     version: VersionSpec = None,
     ignore: Iterable[str] = (),
     hash_code: HashCodeSpec = None,
+    claims: bool = True,
+    lease: float = DEFAULT_LEASE,
+    claim_timeout: Optional[float] = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -611,6 +710,9 @@ def cached(
     version: VersionSpec = None,
     ignore: Iterable[str] = (),
     hash_code: HashCodeSpec = None,
+    claims: bool = True,
+    lease: float = DEFAULT_LEASE,
+    claim_timeout: Optional[float] = None,
 ) -> Any:
     """Memoize a function in a persistent cache.
 
@@ -637,6 +739,16 @@ def cached(
             alone, as ``fleche`` does by default).
         ignore: names of parameters that do not affect the result (a
             log level, a progress flag); they are left out of the key.
+        claims: claim a missed call before computing it, so that other
+            threads, processes and machines sharing the cache wait for
+            this result instead of computing it too (see
+            :mod:`fleche_remote.claiming`).
+        lease: seconds a claim lives unless its holder renews it (every
+            third of it): a holder that dies is taken over within
+            ``lease`` plus one poll (at most 2 s).
+        claim_timeout: seconds a miss waits for another holder before
+            raising :class:`~fleche_remote.ClaimWaitTimeout` (naming the
+            holder's host and pid); None waits as long as it lives.
 
     Returns:
         A :class:`CachedFunction` (or a decorator making one), which also
@@ -655,7 +767,16 @@ def cached(
     """
 
     def decorate(f: Callable[..., Any]) -> CachedFunction:
-        return CachedFunction(f, cache, version, ignore, hash_code)
+        return CachedFunction(
+            f,
+            cache,
+            version,
+            ignore,
+            hash_code,
+            claims=claims,
+            lease=lease,
+            claim_timeout=claim_timeout,
+        )
 
     if func is None:
         return decorate

@@ -193,3 +193,13 @@ class RemoteError(FlecheRemoteError):
         if self.remote_traceback:
             text += "\n--- remote traceback ---\n" + self.remote_traceback.rstrip()
         return text
+
+
+class ClaimWaitTimeout(FlecheRemoteError, TimeoutError):
+    """A ``@cached`` call waited longer than its ``claim_timeout`` for
+    another holder (named in the message) to finish computing it."""
+
+
+class RecursiveCallError(FlecheRemoteError, RuntimeError):
+    """A ``@cached`` function called itself with the same arguments: it
+    would wait for its own result forever."""

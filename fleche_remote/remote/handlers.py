@@ -32,6 +32,7 @@ from ..codec.budget import check_pickle
 from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
+from ..storage.claims import Claims, Holder
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
 
 #: A query page holds at most this many records, or about this many bytes.
@@ -312,6 +313,72 @@ def _h_collect_garbage(ctx: Context, args: Dict[str, Any], blobs: List[IncomingB
     return Reply(ctx.cache.collect_garbage())
 
 
+# -- claims (see fleche_remote.claiming): writes, allowed append-only too --------
+
+#: Leases a client may ask for, in seconds: a claim that outlived its
+#: holder by more than an hour would stall its waiters for that long.
+LEASE_RANGE = (0.1, 3600.0)
+
+
+def _claims_args(ctx: Context, args: Dict[str, Any]) -> Tuple[Claims, List[str], Holder]:
+    keeper = ctx.cache.claim_keeper()
+    if keeper is None:
+        raise Rejected("this server's cache keeps no claims (it is read-only, or its store cannot)")
+    try:
+        holder = Holder.from_wire(args.get("holder"))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    return keeper, _str_list(args, "keys"), holder
+
+
+def _lease(args: Dict[str, Any]) -> float:
+    value = args.get("lease")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError(f"argument 'lease' must be a number of seconds, got {type(value).__name__}")
+    return min(max(float(value), LEASE_RANGE[0]), LEASE_RANGE[1])
+
+
+def _h_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    found = keeper.claim(keys, holder, _lease(args))
+    # after the claim, not before: a holder saves, then releases, so a
+    # result saved by the last holder is seen here, and not computed again
+    ours = [k for k, h in zip(keys, found) if h is None]
+    stored = {k for k, hit in zip(ours, ctx.cache.contains_many(ours)) if hit}
+    if stored:
+        keeper.release(sorted(stored), holder)
+    return Reply(
+        ["stored" if k in stored else None if h is None else h.to_wire() for k, h in zip(keys, found)]
+    )
+
+
+def _h_renew_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    return Reply(keeper.renew(keys, holder, _lease(args)))
+
+
+def _h_release_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    keeper.release(keys, holder)
+    return Reply()
+
+
+def _h_claimed(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper = ctx.cache.claim_keeper()
+    keys = _str_list(args, "keys")
+    return Reply([False] * len(keys) if keeper is None else keeper.claimed(keys))
+
+
+#: Claims change no stored result, so an append-only server keeps them;
+#: a read-only one drops them (its clients compute without claims).
+CLAIM_HANDLERS: Dict[str, Handler] = {
+    "claim": _h_claim,
+    "renew_claims": _h_renew_claims,
+    "release_claims": _h_release_claims,
+    "claimed": _h_claimed,
+}
+
+
 _SAFE_EXCEPTIONS = {
     "KeyError": KeyError,
     "ValueError": ValueError,
@@ -355,6 +422,8 @@ def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = 
         table["save_records"] = _h_save_records_append_only
     elif not read_only:
         table.update(WRITE_HANDLERS)
+    if not read_only:
+        table.update(CLAIM_HANDLERS)
     if debug_ops:
         table["debug_raise"] = _h_debug_raise
     return table

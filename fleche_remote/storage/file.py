@@ -39,6 +39,7 @@ from ..codec.plain import dumps_plain, loads_plain
 from ..codec.values import Blob, FileBlob
 from ..errors import CorruptEntryError, StorageError
 from .base import CallStore, ValueStore, record_matches
+from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .options import check_keys, resolve_path, typed
 
@@ -368,7 +369,7 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
             yield key
 
 
-class FileCallStore(_FileRoot, CallStore):
+class FileCallStore(_FileRoot, CallStore, KeptClaims):
     """Call records as small files, decoded with the restricted decoder.
 
     Takes the arguments of :class:`FileValueStore` and raises as it does.
@@ -466,3 +467,9 @@ class FileCallStore(_FileRoot, CallStore):
             if len(found) >= limit:
                 break
         return found
+
+    # -- claims: files in <root>/claims (see storage/claims.py) ---------------
+
+    def _make_keeper(self) -> Claims:
+        # "claims" is no two-letter shard, so listing the calls never sees it
+        return FileClaims(self.root / "claims")

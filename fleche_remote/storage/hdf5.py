@@ -76,6 +76,7 @@ from ..codec.plain import dumps_plain, loads_plain
 from ..codec.values import Blob, BytesBlob
 from ..errors import ConfigError, CorruptEntryError, ProtocolError, StorageError
 from .base import CallStore, ValueStore, record_matches
+from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
 from .options import check_keys, resolve_path, typed
 
@@ -487,7 +488,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
         """Nothing to release: the file is open only during an operation."""
 
 
-class Hdf5CallStore(_Hdf5Store, CallStore):
+class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
     """Call records in an HDF5 file (the same file as the values, if you like).
 
     Batch reads, prefix expansion and queries open the file once for the
@@ -616,6 +617,12 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
                 if record is not None and record_matches(record, name, arg_digests, metadata):
                     matches.append(record)
         return iter(matches)
+
+    # -- claims: files beside the HDF5 file (see storage/claims.py) -----------
+
+    def _make_keeper(self) -> Claims:
+        # files, not datasets: a claim must not wait for the file's write lock
+        return FileClaims(self.path.with_name(self.path.name + ".claims"))
 
 
 def _valid(key: str) -> bool:

@@ -40,6 +40,7 @@ from ...call import CallRecord, UnreadableRecord
 from ...codec.values import Blob
 from ...errors import ConfigError, CorruptEntryError, StorageError
 from ..base import CallStore, InlineValues, ValueStore, record_matches
+from ..claims import Claims, KeptClaims
 from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ..options import check_keys, resolve_path, typed
 from .db import BATCH, BUSY_TIMEOUT_S, Database
@@ -289,7 +290,7 @@ class SqlValueStore(_SqlStore, ValueStore):
 # -- call store -----------------------------------------------------------------
 
 
-class SqlCallStore(_SqlStore, CallStore, InlineValues):
+class SqlCallStore(_SqlStore, CallStore, InlineValues, KeptClaims):
     """Call records as rows of ``calls``, indexed by name and argument
     digest, with small values inline in ``blobs``.
 
@@ -556,3 +557,10 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             )
         with self._db.transaction() as cur:
             return int(cur.execute(sql).rowcount)
+
+    # -- claims: a table of their own (see storage/sql/claims.py) --------------
+
+    def _make_keeper(self) -> Claims:
+        from .claims import SqlClaims
+
+        return SqlClaims(self._db)
