@@ -5,8 +5,10 @@ laptop's cache is a stack (a local layer, then the cluster over ssh). The
 story:
 
 1. A sweep of 200 points through ``simulate.map`` computes every point and
-   saves all of them in one batch: a handful of requests to the cluster,
-   not hundreds (each would be a round trip on a real link). The ssh layer
+   saves all of them in one batch: two requests to the cluster (one
+   lookup, one batch of claims so that another laptop waits for these
+   points instead of computing them), not hundreds (each would be a
+   round trip on a real link). The ssh layer
    is ``write_behind``: saves land locally and are pushed to the cluster
    by a background thread.
 2. The sweep is widened to 300 points: only the 100 new ones are computed.

@@ -21,7 +21,9 @@ STORY = {
     ],
     "sweep_with_map.py": [
         "200 points in",
-        "computed 200, requests to the cluster so far: 1",  # one lookup for the whole sweep
+        # one lookup for the whole sweep, and one batch of claims (so that another
+        # laptop sharing the cluster waits for these points instead of computing them)
+        "computed 200, requests to the cluster so far: 2",
         "computed 100,",  # widened: only the new points
         "pushed to the cluster in the background: True",
         "computed 0, requests to the cluster so far: 1",  # another process: all hits, one batch
