@@ -55,6 +55,7 @@ from ..redaction import is_secret_key, redact, redact_text
 from ..signing import config_signer
 from ..storage.base import build_store
 from ..storage.fs import FS_KEYS
+from ..storage.quota import LIMIT_KEYS, SSH_LIMITS_MESSAGE
 from ..storage.options import resolve_path
 from . import forms as config_forms
 from .discovery import (  # discovery lives there; its names stay importable from here
@@ -132,7 +133,7 @@ def _cache_factory(name: str) -> CacheFactory:
 TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
 SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle")
-_EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key")
+_EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key", *LIMIT_KEYS)
 
 
 class _Where:
@@ -287,6 +288,9 @@ def _build_typed(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             f"(or leave out 'type' and give values/calls tables or a template)",
             key="type",
         )
+    limited = [k for k in LIMIT_KEYS if k in cfg]
+    if limited and type_name == "ssh":
+        raise where.error(SSH_LIMITS_MESSAGE.format(key=limited[0]), key=limited[0])
     factory = _cache_factory(type_name)
     try:
         cache = factory(dict(cfg), where.base_dir)
@@ -330,9 +334,23 @@ def _build_explicit(cfg: Dict[str, Any], where: _Where) -> BaseCache:
     if config_forms.check_void(cfg["values"], cfg["calls"], cfg, where):
         return VoidCache()
     signer, values_table, calls_table = config_signer(cfg, where)  # also fleche's per-store keys
+    inline_max = 0  # the value store the user named gets the values, unless calls opt in
+    if isinstance(calls_table, dict) and "inline_max" in calls_table:
+        inline_max = calls_table["inline_max"]
+        calls_table = {k: v for k, v in calls_table.items() if k != "inline_max"}
     values = _build_store("values", values_table, where)
     calls = _build_store("calls", calls_table, where)
-    return Cache(values, calls, read_only=read_only, secret_key=signer)
+    return _cache(values, calls, cfg, where, read_only=read_only, secret_key=signer, inline_max=inline_max)
+
+
+def _cache(values: Any, calls: Any, cfg: Dict[str, Any], where: _Where, **kwargs: Any) -> Cache:
+    """A ``Cache`` with the limits of its table (max_bytes, max_calls,
+    max_age, fleche's max_size); errors name the file and table."""
+    limits = {k: cfg[k] for k in LIMIT_KEYS if k in cfg}
+    try:
+        return Cache(values, calls, **limits, **kwargs)
+    except ConfigError as exc:
+        raise where.rewrap(exc) from None
 
 
 def _template_root(cfg: Dict[str, Any], where: _Where) -> Path:
@@ -351,7 +369,7 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
         raise where.error(
             f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}", key="template"
         )
-    allowed = {"template", "read_only", "secret_key"}
+    allowed = {"template", "read_only", "secret_key", *LIMIT_KEYS}
     if template != "memory":
         allowed |= {"root", *FS_KEYS}
     if template == "sql":
@@ -397,9 +415,11 @@ def _build_template(cfg: Dict[str, Any], where: _Where) -> BaseCache:
             calls = {"type": "sql", "url": url}
     for table in (values, calls):  # shared / allow_network_fs reach both stores
         table.update((k, cfg[k]) for k in FS_KEYS if k in cfg)
-    return Cache(
+    return _cache(
         _build_store("values", values, where),
         _build_store("calls", calls, where),
+        cfg,
+        where,
         read_only=read_only,
         secret_key=config_signer(cfg, where)[0],
     )

@@ -102,8 +102,8 @@ def check_cache_table(cfg: Mapping[str, Any], where: Where) -> None:
     """Refuse the cache-level keys of fleche that we have no counterpart for."""
     if "pool" in cfg:
         raise where.error(POOL_MESSAGE, key="pool")
-    if "max_size" in cfg:
-        raise where.error(MAX_SIZE_MESSAGE, key="max_size")
+    # fleche's max_size is read as max_calls (storage/quota.py): we evict
+    # the least recently used where fleche evicted at random
 
 
 def check_template(template: Any, where: Where) -> None:

@@ -59,6 +59,9 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS blobs ("
     " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
     " body {blob} NOT NULL){without_rowid}",
+    # last-used times for quotas (see .quota); not in TABLES, so that a
+    # database made before it is opened as it was, and gets it on demand
+    "CREATE TABLE IF NOT EXISTS uses (key {key} PRIMARY KEY, used {real} NOT NULL){without_rowid}",
 )
 TABLES = ("calls", "call_args", "blobs")
 

@@ -43,6 +43,7 @@ from ..base import CallStore, InlineValues, ValueStore, record_matches
 from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ..options import check_keys, resolve_path, typed
 from .db import BATCH, BUSY_TIMEOUT_S, Database
+from .quota import SqlQuota
 from .rows import (
     BLOB_COLUMNS,
     CALL_COLUMNS,
@@ -289,7 +290,7 @@ class SqlValueStore(_SqlStore, ValueStore):
 # -- call store -----------------------------------------------------------------
 
 
-class SqlCallStore(_SqlStore, CallStore, InlineValues):
+class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues):
     """Call records as rows of ``calls``, indexed by name and argument
     digest, with small values inline in ``blobs``.
 
