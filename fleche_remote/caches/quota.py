@@ -14,7 +14,11 @@ The overshoot this allows, and that the tests hold it to: the entries of
 the save that crossed the limit, plus :data:`RECHECK` of ``max_bytes``
 (and of ``max_calls``) per other process saving at the same time, plus
 what was saved in the last :data:`~fleche_remote.storage.quota.FRESH_S`
-seconds (never evicted: its saver may not be done).
+seconds (never evicted: its saver may not be done). Over a value store
+that cannot move a value aside atomically (HDF5, SQL, memory), a value
+stored in the last :data:`~fleche_remote.storage.quota.VALUE_GRACE_S`
+outlives its evicted record until ``collect_garbage``: limits count the
+values of records.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Set
 
 from ..call import CallRecord
-from ..storage.quota import FRESH_S, Entry, Limits, Usage, UseRecorder, plan_eviction, record_bytes
+from ..storage.quota import Entry, Limits, Usage, UseRecorder, plan_eviction, record_bytes
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -100,7 +104,11 @@ class Quota:
             self._added_calls = self._added_bytes = 0
 
     def trim(
-        self, limits: Optional[Limits] = None, *, dry_run: bool = False, protect: Set[str] = frozenset()  # type: ignore[assignment]
+        self,
+        limits: Optional[Limits] = None,
+        *,
+        dry_run: bool = False,
+        protect: Set[str] = frozenset(),  # type: ignore[assignment]
     ) -> TrimReport:
         """Evict expired entries, then the least recently used, until the
         cache is under ``limits`` (default: its own); with ``dry_run``,
@@ -125,7 +133,7 @@ def trim(
     claimed = getattr(calls, "claimed", None)
     evict, remaining = plan_eviction(calls.entries(), limits, started, protect=protect, claimed=claimed)
     if evict and not dry_run:
-        cache.remove_entries([e.key for e in evict], since=started - FRESH_S)
+        cache.remove_entries([e.key for e in evict], since=started)
     if quota is not None and not dry_run:
         quota._reset(remaining)
     return TrimReport(evict, remaining, dry_run)

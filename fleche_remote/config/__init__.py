@@ -55,8 +55,8 @@ from ..redaction import is_secret_key, redact, redact_text
 from ..signing import config_signer
 from ..storage.base import build_store
 from ..storage.fs import FS_KEYS
-from ..storage.quota import LIMIT_KEYS, SSH_LIMITS_MESSAGE
 from ..storage.options import resolve_path
+from ..storage.quota import LIMIT_KEYS, SSH_LIMITS_MESSAGE
 from . import forms as config_forms
 from .discovery import (  # discovery lives there; its names stay importable from here
     CONFIG_NAME,  # noqa: F401

@@ -35,6 +35,7 @@ from ..codec.values import Blob
 from ..errors import ConfigError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage.options import check_keys, typed
+from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection
@@ -92,6 +93,10 @@ class SshCache(Lifecycle, BaseCache):
             prompt when a ControlMaster socket is live). None: kept open.
         error_callback: called with the exception once per outage (the
             first connection failure after the remote last worked).
+        max_bytes, max_calls, max_age, max_size: refused with a
+            ConfigError: the remote cache keeps the limits of its own
+            machine's fleche.toml, enforced by its server; a client's
+            limits never reach another's cache.
         read_only: refuse writes locally, and start the server
             ``--read-only`` as well.
         fast_cipher: when the ssh configuration names no cipher, ask for
@@ -137,8 +142,18 @@ class SshCache(Lifecycle, BaseCache):
         retry_after: Optional[float] = None,
         idle_timeout: Optional[float] = None,
         error_callback: Optional[Callable[[BaseException], Any]] = None,
+        max_bytes: Any = None,
+        max_calls: Any = None,
+        max_age: Any = None,
+        max_size: Any = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
     ) -> None:
+        given = {"max_bytes": max_bytes, "max_calls": max_calls, "max_age": max_age, "max_size": max_size}
+        limited = [k for k, v in given.items() if v is not None]
+        if limited:
+            # the cache over there is its owner's: its server keeps the
+            # limits of that machine's fleche.toml, never a client's
+            raise ConfigError(SSH_LIMITS_MESSAGE.format(key=limited[0]), key=limited[0])
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
             raise TypeError("ssh_options and setup_commands are sequences of strings, not one string")
         self.host = host

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from ..call import CallRecord
 from ..codec.values import Blob
 from ..errors import ConfigError
-from .quota import Entry, Usage, record_bytes
+from .quota import VALUE_GRACE_S, Entry, Usage, record_bytes
 
 #: Values whose body is at most this many bytes live *inline*, in the call
 #: store's database next to the records, when the call store can hold them
@@ -123,11 +123,14 @@ class ValueStore(ABC):
         ``referenced`` answers, for a batch, whether a record refers to
         each digest. A save writes its value before its record, and storing
         a value again refreshes its time, so a value a concurrent save is
-        about to refer to is either fresh (kept) or referenced (kept). A
-        store that can move a value aside atomically (the file store) does
-        so first and checks again, which closes the window between the
-        checks and the delete.
+        about to refer to is either fresh (kept) or referenced (kept); this
+        default keeps values stored up to
+        :data:`~fleche_remote.storage.quota.VALUE_GRACE_S` before ``since``,
+        for the window between its checks and its delete. A store that can
+        move a value aside atomically (the file store) does so first and
+        checks again, which closes the window instead.
         """
+        since -= VALUE_GRACE_S  # the window between the checks and the delete
         candidates = [d for d in digests if (self.stored_at(d) or 0.0) < since]
         if not candidates:
             return []

@@ -651,7 +651,8 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
                     continue
                 stored = _stored(grp, key) or 0.0
                 size = record.value_size + record_bytes(len(record.arguments))
-                found.append(Entry(key, record.name, record.value, size, stored, max(used.get(key, 0.0), stored)))
+                when = max(used.get(key, 0.0), stored)
+                found.append(Entry(key, record.name, record.value, size, stored, when))
         return iter(found)
 
     def forget_uses(self, keys: Sequence[str]) -> None:

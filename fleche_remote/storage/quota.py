@@ -17,7 +17,8 @@ used). This module holds what does not depend on a store:
 * :func:`plan_eviction`, which picks what goes: expired entries, then
   the least recently used, down to :data:`LOW_WATER` of each limit, never
   an entry claimed by a computation or stored or used in the last
-  :data:`FRESH_S` seconds.
+  :data:`FRESH_S` seconds, never a value stored in the last
+  :data:`VALUE_GRACE_S`.
 
 What a limit counts. Each entry costs its value's size plus its record
 (:func:`record_bytes`): a value shared by several records counts once per
@@ -45,9 +46,16 @@ FLUSH_S = 5.0
 #: few saves do not each trigger another trim (amortised eviction).
 LOW_WATER = 0.9
 
-#: An entry stored or used this recently is never evicted: its saver may
-#: still be writing its value and record, or its reader be loading it.
-FRESH_S = 1.0
+#: An entry stored or used this recently is never evicted: its saver or
+#: reader is likely still at work on it. Short, because whatever it keeps
+#: is overshoot.
+FRESH_S = 0.2
+
+#: A value stored (or stored again) this recently is never deleted when
+#: its record is evicted: a save of an equal result may be between writing
+#: the value and writing its record. It stays, unreferenced, until the
+#: next ``collect_garbage``.
+VALUE_GRACE_S = 1.0
 
 #: What a record costs beyond its argument bytes: key, name, digests and
 #: metadata, index rows. An estimate, the same for every store.

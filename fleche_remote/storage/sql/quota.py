@@ -15,7 +15,7 @@ so ``usage`` is one aggregate query, with no walk of anything.
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ...errors import StorageError
 from ..quota import RECORD_OVERHEAD, Entry, Usage
@@ -24,7 +24,8 @@ from .db import BATCH, Database
 #: The ``uses`` table, per backend (the rest of the schema is in :mod:`.db`).
 USES_DDL = {
     "sqlite": "CREATE TABLE IF NOT EXISTS uses (key TEXT PRIMARY KEY, used REAL NOT NULL) WITHOUT ROWID",
-    "postgresql": 'CREATE TABLE IF NOT EXISTS uses (key TEXT COLLATE "C" PRIMARY KEY, used DOUBLE PRECISION NOT NULL)',
+    "postgresql": 'CREATE TABLE IF NOT EXISTS uses (key TEXT COLLATE "C" PRIMARY KEY, '
+    "used DOUBLE PRECISION NOT NULL)",
 }
 _UPSERT = {
     "sqlite": "INSERT INTO uses (key, used) VALUES (?, ?) "
@@ -116,7 +117,8 @@ class SqlQuota:
                 ).fetchall()
                 if not rows:
                     continue
-                args = []  # by primary key (arg, digest, key): there is no index on key alone
+                # by primary key (arg, digest, key): there is no index on key alone
+                args: List[Tuple[str, str, str]] = []
                 for key, _, arg_digests in rows:
                     try:
                         digests = json.loads(arg_digests)
@@ -125,7 +127,9 @@ class SqlQuota:
                     if isinstance(digests, dict):
                         args.extend((a, d, key) for a, d in digests.items())
                 if args:
-                    cur.executemany(sql("DELETE FROM call_args WHERE arg = ? AND digest = ? AND key = ?"), args)
+                    cur.executemany(
+                        sql("DELETE FROM call_args WHERE arg = ? AND digest = ? AND key = ?"), args
+                    )
                 cur.execute(sql(f"DELETE FROM calls WHERE {cond}"), params)
                 if self._uses(create=False):
                     cur.execute(sql(f"DELETE FROM uses WHERE {cond}"), params)
@@ -133,7 +137,10 @@ class SqlQuota:
                 dcond, dparams = self._db.in_list("digest", digests)
                 vcond, vparams = self._db.in_list("value", digests)
                 cur.execute(
-                    sql(f"DELETE FROM blobs WHERE {dcond} AND digest NOT IN (SELECT value FROM calls WHERE {vcond})"),
+                    sql(
+                        f"DELETE FROM blobs WHERE {dcond} AND digest NOT IN "
+                        f"(SELECT value FROM calls WHERE {vcond})"
+                    ),
                     [*dparams, *vparams],
                 )
                 values.extend(row[1] for row in rows)
@@ -141,5 +148,3 @@ class SqlQuota:
 
     def forget_uses(self, keys: Sequence[str]) -> None:
         """Done by :meth:`delete_entries`, in its transaction."""
-
-
