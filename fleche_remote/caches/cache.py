@@ -392,8 +392,9 @@ class Cache(BaseCache):
 
     def trim(self, limits: Optional[Limits] = None, *, dry_run: bool = False) -> TrimReport:
         """Evict expired entries, then the least recently used, until the
-        cache is under ``limits`` (default: its own); ``dry_run`` only
-        reports what would go.
+        cache is within ``limits`` (default: its own); ``dry_run`` only
+        reports what would go. (Trims a cache makes as it saves go further,
+        to 90 % of each limit, so that the next saves need none.)
 
         Raises:
             Rejected: the cache is read-only (unless ``dry_run``).
@@ -402,8 +403,8 @@ class Cache(BaseCache):
             raise Rejected(f"cannot trim: {self!r} is read-only")
         limits = limits if limits is not None else self.limits
         if self.quota is not None:
-            return self.quota.trim(limits, dry_run=dry_run)
-        return trim(self, limits, dry_run=dry_run)
+            return self.quota.trim(limits, dry_run=dry_run, low_water=1.0)
+        return trim(self, limits, dry_run=dry_run, low_water=1.0)
 
 
 def _in_memory(digest: str, blob: Blob) -> Blob:

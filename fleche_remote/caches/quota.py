@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Set
 
 from ..call import CallRecord
-from ..storage.quota import Entry, Limits, Usage, UseRecorder, plan_eviction, record_bytes
+from ..storage.quota import LOW_WATER, Entry, Limits, Usage, UseRecorder, plan_eviction, record_bytes
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -123,6 +123,7 @@ def trim(
     dry_run: bool = False,
     protect: Set[str] = frozenset(),  # type: ignore[assignment]
     quota: Optional[Quota] = None,
+    low_water: float = LOW_WATER,
 ) -> TrimReport:
     """One trim of ``cache`` by ``limits`` (what ``fleche-remote gc
     --max-bytes`` runs, and what a cache with limits runs as it saves)."""
@@ -131,7 +132,9 @@ def trim(
     calls = cache.calls
     started = time.time()
     claimed = getattr(calls, "claimed", None)
-    evict, remaining = plan_eviction(calls.entries(), limits, started, protect=protect, claimed=claimed)
+    evict, remaining = plan_eviction(
+        calls.entries(), limits, started, protect=protect, claimed=claimed, low_water=low_water
+    )
     if evict and not dry_run:
         cache.remove_entries([e.key for e in evict], since=started)
     if quota is not None and not dry_run:

@@ -32,7 +32,7 @@ from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..codec.digest import Digest
 from ..codec.values import Blob
-from ..errors import ConfigError, Rejected, RemoteConnectionError
+from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage.options import check_keys, typed
 from ..storage.quota import SSH_LIMITS_MESSAGE
@@ -518,6 +518,27 @@ class SshCache(Lifecycle, BaseCache):
         if self._local_read_only or self._known_read_only():
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
         return int(self._request("collect_garbage"))
+
+    def usage_report(self) -> Optional[Dict[str, Any]]:
+        """What the remote cache holds and the limits of its own fleche.toml
+        (``calls``, ``bytes``, ``by_name``, ``limits``); None when its
+        server is too old to say, or its cache cannot."""
+        try:
+            return self._request("usage")  # type: ignore[no-any-return]
+        except ProtocolError as exc:  # an older server: "unknown operation 'usage'"
+            if "unknown operation" in str(exc):
+                return None
+            raise
+
+    def trim_remote(
+        self, max_bytes: Any = None, max_calls: Any = None, max_age: Any = None, dry_run: bool = False
+    ) -> Dict[str, Any]:
+        """One trim of the remote cache by these limits (its server does
+        the work); what went and what remains."""
+        if not dry_run and (self._local_read_only or self._known_read_only()):
+            raise Rejected(f"cannot trim: {self!r} is read-only")
+        args = {"max_bytes": max_bytes, "max_calls": max_calls, "max_age": max_age, "dry_run": dry_run}
+        return self._request("trim", {k: v for k, v in args.items() if v is not None})  # type: ignore[no-any-return]
 
     def _known_read_only(self) -> bool:
         """Read-only as the server said, if it has said yet: a first save
