@@ -109,11 +109,14 @@ class Quota:
         *,
         dry_run: bool = False,
         protect: Set[str] = frozenset(),  # type: ignore[assignment]
+        low_water: float = LOW_WATER,
     ) -> TrimReport:
         """Evict expired entries, then the least recently used, until the
-        cache is under ``limits`` (default: its own); with ``dry_run``,
-        only say what would go."""
-        return trim(self.cache, limits or self.limits, dry_run=dry_run, protect=protect, quota=self)
+        cache is under ``low_water`` of ``limits`` (default: its own); with
+        ``dry_run``, only say what would go."""
+        return trim(
+            self.cache, limits or self.limits, dry_run=dry_run, protect=protect, quota=self, low_water=low_water
+        )
 
 
 def trim(
