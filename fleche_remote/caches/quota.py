@@ -115,7 +115,12 @@ class Quota:
         cache is under ``low_water`` of ``limits`` (default: its own); with
         ``dry_run``, only say what would go."""
         return trim(
-            self.cache, limits or self.limits, dry_run=dry_run, protect=protect, quota=self, low_water=low_water
+            self.cache,
+            limits or self.limits,
+            dry_run=dry_run,
+            protect=protect,
+            quota=self,
+            low_water=low_water,
         )
 
 
