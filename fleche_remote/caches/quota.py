@@ -13,8 +13,8 @@ then evicts the least recently used down to
 The overshoot this allows, and that the tests hold it to: the entries of
 the save that crossed the limit, plus :data:`RECHECK` of ``max_bytes``
 (and of ``max_calls``) per other process saving at the same time, plus
-what was saved in the last :data:`~fleche_remote.storage.quota.FRESH_S`
-seconds (never evicted: its saver may not be done). Over a value store
+what was loaded in the last :data:`~fleche_remote.storage.quota.FRESH_S`
+seconds (never evicted: its reader may not be done). Over a value store
 that cannot move a value aside atomically (HDF5, SQL, memory), a value
 stored in the last :data:`~fleche_remote.storage.quota.VALUE_GRACE_S`
 outlives its evicted record until ``collect_garbage``: limits count the

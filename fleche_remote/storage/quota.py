@@ -16,8 +16,8 @@ used). This module holds what does not depend on a store:
   stores keep those times (SQL keeps them in a ``uses`` table);
 * :func:`plan_eviction`, which picks what goes: expired entries, then
   the least recently used, down to :data:`LOW_WATER` of each limit, never
-  an entry claimed by a computation or stored or used in the last
-  :data:`FRESH_S` seconds, never a value stored in the last
+  an entry claimed by a computation, one of the save being made, or
+  one loaded in the last :data:`FRESH_S` seconds, never a value stored in the last
   :data:`VALUE_GRACE_S`.
 
 What a limit counts. Each entry costs its value's size plus its record
@@ -46,9 +46,9 @@ FLUSH_S = 5.0
 #: few saves do not each trigger another trim (amortised eviction).
 LOW_WATER = 0.9
 
-#: An entry stored or used this recently is never evicted: its saver or
-#: reader is likely still at work on it. Short, because whatever it keeps
-#: is overshoot.
+#: An entry loaded this recently is never evicted: its reader may still be
+#: at work on it. (A just-saved entry needs no such rule: it is the newest,
+#: so it goes last.) Short, because whatever it keeps is overshoot.
 FRESH_S = 0.2
 
 #: A value stored (or stored again) this recently is never deleted when
@@ -271,13 +271,15 @@ def plan_eviction(
 
     Expired entries (stored more than ``max_age`` ago) go first; then, if
     the rest is over a count or size limit, the least recently used go
-    until it is under ``low_water`` of each. Entries in ``protect``, stored
-    or used in the last :data:`FRESH_S` seconds, or claimed (``claimed``
-    answers for a batch of keys) stay.
+    until it is under ``low_water`` of each. Entries in ``protect`` (the
+    save that triggered the trim), loaded in the last :data:`FRESH_S`
+    seconds, or claimed (``claimed`` answers for a batch of keys) stay.
     """
     everything = list(entries)
     fresh_after = now - FRESH_S
-    movable = [e for e in everything if e.key not in protect and max(e.stored, e.used) < fresh_after]
+    # a just-saved entry is the newest, so least-recently-used order takes it
+    # last; a just-loaded one may still be being read: it stays
+    movable = [e for e in everything if e.key not in protect and not (e.stored < e.used >= fresh_after)]
     if claimed is not None and movable:
         held = claimed([e.key for e in movable])
         movable = [e for e, h in zip(movable, held) if not h]
