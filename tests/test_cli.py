@@ -16,7 +16,7 @@ from fleche_remote import Cache, Call
 from fleche_remote.cli import build_parser, main
 from fleche_remote.testing import private_sshd
 
-COMMANDS = ["serve", "config", "info", "doctor", "ls", "show", "evict", "gc", "pull", "push", "demo"]
+COMMANDS = ["serve", "config", "info", "doctor", "ls", "show", "evict", "gc", "pull", "push", "demo", "du"]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,8 @@ def test_doctor_passes_a_good_setup_and_reports_noise_and_speed(world) -> None:
     assert str(world.cluster / "fleche.toml") in out
     assert "warn  login noise" in out and "fix:" in out
     assert "ok    upload" in out and "MiB/s" in out and "ok    download" in out
-    assert out.rstrip().endswith("0 failed, 1 warning(s), 11 checks")
+    assert "ok    size" in out and "call(s)" in out  # the remote cache's size, and its limits
+    assert out.rstrip().endswith("0 failed, 1 warning(s), 12 checks")
 
 
 def test_doctor_fails_with_a_fix_for_a_missing_python(world) -> None:

@@ -355,7 +355,12 @@ def test_no_config_found_lists_every_path_looked_at(home: Path, monkeypatch: pyt
     builtin = cache_to_config(load_cache())
     assert builtin == {
         "values": {"type": "cloudpickle", "root": str(home / ".cache" / "fleche-remote" / "values")},
-        "calls": {"type": "sql", "url": f"sqlite:///{home / '.cache' / 'fleche-remote' / 'calls.db'}"},
+        # explicit tables say inline_max: without it, the named value store gets every value
+        "calls": {
+            "type": "sql",
+            "url": f"sqlite:///{home / '.cache' / 'fleche-remote' / 'calls.db'}",
+            "inline_max": 32768,
+        },
     }
     with pytest.raises(ConfigError, match=r"no fleche\.toml found") as info:
         load_cache("results")

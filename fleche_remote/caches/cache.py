@@ -27,12 +27,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from ..call import CallRecord
 from ..codec.digest import Digest
 from ..codec.values import Blob, BytesBlob, StreamBlob, decode_value
-from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
+from ..errors import AmbiguousDigestError, ConfigError, CorruptEntryError, Rejected
 from ..redaction import REDACTED, redact
 from ..signing import SecretKeyArg, Signer
 from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
 from ..storage.claims import Claims
+from ..storage.quota import Limits, Usage
 from .base import BaseCache
+from .quota import Quota, TrimReport, trim
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -59,9 +61,23 @@ class Cache(BaseCache):
             either, or a :class:`~fleche_remote.signing.Signer`.
             ``FLECHE_SECRET_KEY`` applies to caches built from fleche.toml,
             not to this constructor.
+        inline_max: values of at most this many bytes go into a call store
+            that can hold them (SQL) instead of ``values``; 0 sends every
+            value to ``values``. Default
+            :data:`~fleche_remote.storage.base.INLINE_MAX`; fleche.toml's
+            explicit ``values`` / ``calls`` tables default to 0 (the value
+            store the user named gets the values) unless the calls table
+            says ``inline_max``.
+        max_bytes: evict the least recently used entries when values and
+            records exceed this ("20 GB", "500 MiB" or a number of bytes).
+        max_calls: likewise, when more calls than this are stored.
+        max_age: a result stored longer ago than this ("30d", "12h", "2s"
+            or seconds) is a miss, computed again.
+        max_size: fleche's name for ``max_calls``.
 
     Raises:
-        ConfigError: ``secret_key`` is not hex, or is empty.
+        ConfigError: ``secret_key`` is not hex, or is empty; a limit or
+            ``inline_max`` is malformed.
     """
 
     #: A value in the value store younger than this (seconds) is never
@@ -75,6 +91,11 @@ class Cache(BaseCache):
         *,
         read_only: bool = False,
         secret_key: SecretKeyArg = None,
+        inline_max: Optional[int] = None,
+        max_bytes: Any = None,
+        max_calls: Any = None,
+        max_age: Any = None,
+        max_size: Any = None,
     ) -> None:
         if not isinstance(values, ValueStore):
             raise TypeError(f"values must be a ValueStore, got {type(values).__name__}")
@@ -87,6 +108,20 @@ class Cache(BaseCache):
         self._inline: Optional[InlineValues] = calls if isinstance(calls, InlineValues) else None
         #: signs and checks entries; None for an unsigned cache
         self.signer: Optional[Signer] = Signer.of(secret_key)
+        if inline_max is None:
+            inline_max = INLINE_MAX
+        if isinstance(inline_max, bool) or not isinstance(inline_max, int) or not (
+            0 <= inline_max <= INLINE_MAX
+        ):
+            raise ConfigError(
+                f"inline_max must be a number of bytes from 0 to {INLINE_MAX}, got {inline_max!r}",
+                key="inline_max",
+            )
+        #: values of at most this many bytes go inline (when the call store can)
+        self.inline_max = inline_max
+        #: the limits this cache keeps within (see caches/quota.py); falsy: none
+        self.limits = Limits.of(max_bytes, max_calls, max_age, max_size)
+        self.quota: Optional[Quota] = Quota(self, self.limits) if self.limits and not read_only else None
 
     @property
     def read_only(self) -> bool:
@@ -96,6 +131,9 @@ class Cache(BaseCache):
         """The ``values`` / ``calls`` table that builds this cache again;
         a secret key from ``FLECHE_SECRET_KEY`` stays out of it."""
         cfg: Dict[str, Any] = {"values": self.values.to_config(), "calls": self.calls.to_config()}
+        if self._inline is not None and self.inline_max:
+            cfg["calls"]["inline_max"] = self.inline_max
+        cfg.update(self.limits.to_config())
         if self._read_only:
             cfg["read_only"] = True
         if self.signer is not None and self.signer.in_config:
@@ -128,26 +166,32 @@ class Cache(BaseCache):
             raise Rejected(f"cannot save: {self!r} is read-only")
         if self.signer is not None:
             items = self.signer.sign_entries(items)
-        inline = self._inline
+        inline = self._inline if self.inline_max else None
         if inline is None:
             for record, blob in items:
                 # value first: whoever sees the record must find its value
                 self.values.put(record.value, blob)
                 _drain(blob)
             self.calls.put_many([record for record, _ in items])
+            self._saved(items)
             return
         small: Dict[str, Blob] = {}
         for record, blob in items:
-            if blob.size > INLINE_MAX:
+            if blob.size > self.inline_max:
                 self.values.put(record.value, blob)  # big values first, streamed
             elif record.value not in small:
                 small[record.value] = _in_memory(record.value, blob)
             _drain(blob)
         # then every record and small value in one transaction
         inline.put_entries([record for record, _ in items], small)
+        self._saved(items)
+
+    def _saved(self, items: Sequence[Tuple[CallRecord, Blob]]) -> None:
+        if self.quota is not None:
+            self.quota.saved([record for record, _ in items])
 
     def load_records(self, keys: Sequence[str]) -> List[Optional[CallRecord]]:
-        records = self.calls.get_many(keys)
+        records = self._live(keys, self.calls.get_many(keys))
         if self.signer is None:
             return records
         return self.signer.open_records(records, self._where, keys)
@@ -181,12 +225,13 @@ class Cache(BaseCache):
         return out
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
-        entries = self._load_entries(keys)
+        entries = self._live(keys, self._load_entries(keys))
         if self.signer is None:
             return entries
         return self.signer.open_entries(entries, self._where, keys)
 
     def _load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        dangling: List[str] = []
         if self._inline is None:
             records = self.calls.get_many(keys)
             blobs = iter(self._load_blobs([r.value for r in records if r is not None]))
@@ -194,6 +239,9 @@ class Cache(BaseCache):
             for record in records:
                 blob = None if record is None else next(blobs)
                 found.append(None if record is None or blob is None else (record, blob))
+                if record is not None and blob is None:
+                    dangling.append(record.key)
+            self._repair(dangling)
             return found
         out: List[Optional[Tuple[CallRecord, Blob]]] = []
         for entry in self._inline.get_entries(keys):
@@ -204,7 +252,17 @@ class Cache(BaseCache):
             if blob is None:
                 blob = self._value_or_none(record.value)
             out.append(None if blob is None else (record, blob))
+            if blob is None:
+                dangling.append(record.key)
+        self._repair(dangling)
         return out
+
+    def _repair(self, keys: List[str]) -> None:
+        """Drop records whose value is gone (a scratch purge, a user's
+        ``rm``): the call is a miss, and its next save stores it whole
+        again. A read-only cache leaves them."""
+        if keys and not self._read_only:
+            self.calls.delete_entries(keys)
 
     def _value_or_none(self, value_digest: str) -> Optional[Blob]:
         try:
@@ -282,6 +340,8 @@ class Cache(BaseCache):
         return removed
 
     def close(self) -> None:
+        if self.quota is not None:
+            self.quota.recorder.flush()
         self.values.close()
         self.calls.close()
 
@@ -302,6 +362,57 @@ class Cache(BaseCache):
         if self._read_only or not isinstance(self.calls, Claims):
             return None
         return self.calls
+
+
+    # -- quotas (see caches/quota.py) ----------------------------------------------
+
+    def _live(self, keys: Sequence[str], found: List[Any]) -> List[Any]:
+        """``found`` (records or entries, by ``keys``) less what ``max_age``
+        expired, which is evicted so that its next save stores it anew;
+        what remains counts as used."""
+        if self.quota is None:
+            return found
+        present = [k for k, f in zip(keys, found) if f is not None]
+        max_age = self.limits.max_age
+        if max_age is not None and present:
+            oldest = time.time() - max_age
+            stored = dict(zip(present, self.calls.stored_times(present)))
+            expired = {k for k, t in stored.items() if t is not None and t < oldest}
+            if expired:
+                self.remove_entries(sorted(expired), since=oldest)
+                found = [None if k in expired else f for k, f in zip(keys, found)]
+                present = [k for k in present if k not in expired]
+        self.quota.used(present)
+        return found
+
+    def remove_entries(self, keys: Sequence[str], since: float) -> int:
+        """Evict ``keys``: records, and the values no other record refers
+        to, unless stored (again) at or after ``since`` (a save may be on
+        its way). Returns how many records went."""
+        values = self.calls.delete_entries(keys)
+        if values:
+            self.values.discard_many(sorted(set(values)), since, self.calls.refers_to)
+        return len(values)
+
+    def usage(self) -> Usage:
+        """Calls and bytes this cache holds, in total and per function name."""
+        return self.calls.usage()
+
+    def trim(self, limits: Optional[Limits] = None, *, dry_run: bool = False) -> TrimReport:
+        """Evict expired entries, then the least recently used, until the
+        cache is within ``limits`` (default: its own); ``dry_run`` only
+        reports what would go. (Trims a cache makes as it saves go further,
+        to 90 % of each limit, so that the next saves need none.)
+
+        Raises:
+            Rejected: the cache is read-only (unless ``dry_run``).
+        """
+        if self._read_only and not dry_run:
+            raise Rejected(f"cannot trim: {self!r} is read-only")
+        limits = limits if limits is not None else self.limits
+        if self.quota is not None:
+            return self.quota.trim(limits, dry_run=dry_run, low_water=1.0)
+        return trim(self, limits, dry_run=dry_run, low_water=1.0)
 
 
 def _in_memory(digest: str, blob: Blob) -> Blob:

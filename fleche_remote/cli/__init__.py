@@ -59,6 +59,7 @@ COMMAND_MODULES: Sequence[str] = (
     "fleche_remote.cli.demo",
     "fleche_remote.cli.import_fleche",
     "fleche_remote.cli.install",
+    "fleche_remote.cli.usage",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_HELP = "read this file instead of discovering fleche.toml files"

@@ -35,6 +35,7 @@ from .common import (
     table,
     timestamp,
 )
+from .usage import add_trim_options, trim_cache, trim_limits
 
 #: ``evict`` by filters asks (or wants ``--yes``) past this many entries.
 CONFIRM_ABOVE = 5
@@ -290,9 +291,17 @@ def cmd_evict(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
-    """Delete stored values that no call refers to."""
+    """Delete stored values that no call refers to; with --max-bytes,
+    --max-calls or --max-age, first trim once by those limits."""
+    limits = trim_limits(args)
     opened = open_cache(args.cache, args)
     try:
+        if limits is not None:
+            trim_cache(opened.cache, opened.label, limits, args.dry_run, out)
+            if args.dry_run:
+                return 0
+        elif args.dry_run:
+            raise ConfigError("--dry-run goes with --max-bytes, --max-calls or --max-age")
         started = time.perf_counter()
         removed = opened.cache.collect_garbage()
     finally:
@@ -366,5 +375,6 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("gc", help="delete values no stored call refers to", description=cmd_gc.__doc__)
     p.add_argument("cache", nargs="?", metavar="CACHE", help=spec_help)
+    add_trim_options(p)
     add_cache_options(p)
     p.set_defaults(run=cmd_gc)

@@ -338,6 +338,32 @@ def _connect(layer: Any, report: Report) -> Optional[Dict[str, Any]]:
     return info
 
 
+def _check_usage(layer: Any, report: Report) -> None:
+    """The remote cache's size against the limits of its own fleche.toml."""
+    from .usage import closeness
+
+    try:
+        usage = layer.usage_report()
+    except Exception as exc:  # a size we cannot read is worth a warning, not a failed doctor
+        report.add("warn", "size", f"could not measure: {' '.join(str(exc).split())[:200]}")
+        return
+    if usage is None:
+        report.add("ok", "size", "not reported (an older server)")
+        return
+    from ..storage.quota import format_size
+
+    status = "ok"
+    limits = usage.get("limits") or {}
+    if "max_bytes" in limits and usage["bytes"] > limits["max_bytes"]:
+        status = "warn"
+    report.add(
+        status,
+        "size",
+        f"{usage['calls']} call(s), {format_size(usage['bytes'])}; {closeness(usage)}",
+        "the server trims as it saves; `fleche-remote gc HOST --max-bytes SIZE` trims now",
+    )
+
+
 def _check_server(layer: Any, info: Dict[str, Any], report: Report) -> None:
     name = info.get("cache_name") or "[default]"
     report.add("ok", "cache", f"{name}: {_describe_cache(info.get('cache'))}")
@@ -345,6 +371,7 @@ def _check_server(layer: Any, info: Dict[str, Any], report: Report) -> None:
         report.add("ok", "read-only", "yes: reads only; saves, evictions and gc are refused")
     else:
         report.add("ok", "read-only", "no: saves are accepted")
+    _check_usage(layer, report)
     noise = layer.login_noise
     if noise:
         text = noise.decode("utf-8", "replace").strip().splitlines()

@@ -23,6 +23,7 @@ from ..signing import config_signer
 from ..storage.base import build_store
 from ..storage.fs import FS_KEYS
 from ..storage.options import resolve_path
+from ..storage.quota import LIMIT_KEYS, SSH_LIMITS_MESSAGE
 from . import forms as config_forms
 from .hints import close_match, did_you_mean
 
@@ -86,7 +87,7 @@ def _cache_factory(name: str) -> CacheFactory:
 TEMPLATES = ("memory", "pickle", "cloudpickle", "sql", "hdf5")
 #: value store types the ``sql`` template accepts as ``values = "..."``
 SQL_TEMPLATE_VALUES = ("cloudpickle", "pickle", "hdf5")
-_EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key")
+_EXPLICIT_KEYS = ("values", "calls", "read_only", "secret_key", *LIMIT_KEYS)
 
 
 class Where:
@@ -265,6 +266,9 @@ def _build_typed(cfg: Dict[str, Any], where: Where) -> BaseCache:
             f"(or leave out 'type' and give values/calls tables or a template)",
             key="type",
         )
+    limited = [k for k in LIMIT_KEYS if k in cfg]
+    if limited and type_name == "ssh":
+        raise where.error(SSH_LIMITS_MESSAGE.format(key=limited[0]), key=limited[0])
     factory = _cache_factory(type_name)
     try:
         cache = factory(dict(cfg), where.base_dir)
@@ -302,9 +306,23 @@ def _build_explicit(cfg: Dict[str, Any], where: Where) -> BaseCache:
     if config_forms.check_void(cfg["values"], cfg["calls"], cfg, where):
         return VoidCache()
     signer, values_table, calls_table = config_signer(cfg, where)  # also fleche's per-store keys
+    inline_max = 0  # the value store the user named gets the values, unless calls opt in
+    if isinstance(calls_table, dict) and "inline_max" in calls_table:
+        inline_max = calls_table["inline_max"]
+        calls_table = {k: v for k, v in calls_table.items() if k != "inline_max"}
     values = _build_store("values", values_table, where)
     calls = _build_store("calls", calls_table, where)
-    return Cache(values, calls, read_only=read_only, secret_key=signer)
+    return _cache(values, calls, cfg, where, read_only=read_only, secret_key=signer, inline_max=inline_max)
+
+
+def _cache(values: Any, calls: Any, cfg: Dict[str, Any], where: Where, **kwargs: Any) -> Cache:
+    """A ``Cache`` with the limits of its table (max_bytes, max_calls,
+    max_age, fleche's max_size); errors name the file and table."""
+    limits = {k: cfg[k] for k in LIMIT_KEYS if k in cfg}
+    try:
+        return Cache(values, calls, **limits, **kwargs)
+    except ConfigError as exc:
+        raise where.rewrap(exc) from None
 
 
 #: Every key a cache table may hold in one of its forms, for suggestions.
@@ -348,7 +366,7 @@ def _build_template(cfg: Dict[str, Any], where: Where) -> BaseCache:
             f"known templates: {', '.join(TEMPLATES)}",
             key="template",
         )
-    allowed = {"template", "read_only", "secret_key"}
+    allowed = {"template", "read_only", "secret_key", *LIMIT_KEYS}
     if template != "memory":
         allowed |= {"root", *FS_KEYS}
     if template == "sql":
@@ -396,9 +414,11 @@ def _build_template(cfg: Dict[str, Any], where: Where) -> BaseCache:
             calls = {"type": "sql", "url": url}
     for table in (values, calls):  # shared / allow_network_fs reach both stores
         table.update((k, cfg[k]) for k in FS_KEYS if k in cfg)
-    return Cache(
+    return _cache(
         _build_store("values", values, where),
         _build_store("calls", calls, where),
+        cfg,
+        where,
         read_only=read_only,
         secret_key=config_signer(cfg, where)[0],
     )

@@ -83,10 +83,6 @@ UNSUPPORTED_TEMPLATES = {
         "calls = { type = 'void' } to store nothing"
     ),
 }
-MAX_SIZE_MESSAGE = (
-    "max_size (fleche's size-limited cache, evicting at random) is not supported; remove it, and "
-    "remove entries with cache.evict(key) and cache.collect_garbage() instead"
-)
 #: store types for which fleche deprecated lock_timeout (it has no effect there)
 LOCKLESS_TYPES = ("pickle", "cloudpickle", "dill")
 #: fleche metadata names accepted in [default] metadata (what @cached records covers them)
@@ -96,8 +92,8 @@ RECORDED_METADATA = "wall_time, timestamp, hostname, python_version and fleche_r
 
 def check_cache_table(cfg: Mapping[str, Any], where: Where) -> None:
     """Refuse the cache-level keys of fleche that we have no counterpart for."""
-    if "max_size" in cfg:
-        raise where.error(MAX_SIZE_MESSAGE, key="max_size")
+    # fleche's max_size is read as max_calls (storage/quota.py): we evict
+    # the least recently used where fleche evicted at random
 
 
 def check_template(template: Any, where: Where) -> Any:

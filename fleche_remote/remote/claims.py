@@ -11,14 +11,12 @@ claims off for this cache (computing goes on without them).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, List, Optional, Sequence
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..claiming import ClaimsUnsupported
 from ..errors import ProtocolError, Rejected
 from ..storage.claims import STORED, Claims, Holder
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import SshCache
 
 log = logging.getLogger("fleche_remote.claims")
 
@@ -31,13 +29,16 @@ class RemoteClaims(Claims):
     #: a claim answers STORED for a key stored already: no second look needed
     reports_stored = True
 
-    def __init__(self, cache: SshCache) -> None:
-        self.cache = cache
+    def __init__(self, request: Callable[[str, Dict[str, Any]], Any], name: str) -> None:
+        # a weak method: the cache holds this keeper, and must stay free to
+        # be collected (and close its ssh) as soon as its user drops it
+        self._request = weakref.WeakMethod(request)  # type: ignore[arg-type]
+        self.name = name
         #: set when the server refused claims: then there are none
         self.unsupported = False
 
     def __repr__(self) -> str:
-        return f"the claims of {self.cache!r}"
+        return f"the claims of {self.name}"
 
     def _ask(self, op: str, keys: Sequence[str], holder: Optional[Holder], lease: Optional[float]) -> object:
         args: dict = {"keys": [str(k) for k in keys]}
@@ -45,12 +46,15 @@ class RemoteClaims(Claims):
             args["holder"] = holder.to_wire()
         if lease is not None:
             args["lease"] = float(lease)
+        request = self._request()
+        if request is None:
+            raise ClaimsUnsupported(f"{self.name} is closed")
         try:
-            return self.cache._request(op, args)
+            return request(op, args)
         except (ProtocolError, Rejected) as exc:
             # an earlier server ("unknown operation") or a read-only one
             self.unsupported = True
-            log.info("%r takes no claims (%s); computing without them", self.cache, exc)
+            log.info("%s takes no claims (%s); computing without them", self.name, exc)
             raise ClaimsUnsupported(str(exc)) from exc
 
     def claim(self, keys: Sequence[str], holder: Holder, lease: float) -> List[Optional[Holder]]:

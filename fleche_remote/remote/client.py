@@ -45,10 +45,11 @@ from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..codec.digest import Digest
 from ..codec.values import Blob
-from ..errors import ConfigError, Rejected, RemoteConnectionError
+from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage.claims import Claims
 from ..storage.options import check_keys, typed
+from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection
@@ -97,6 +98,10 @@ class SshCache(Lifecycle, BaseCache):
             prompt when a ControlMaster socket is live). None: kept open.
         error_callback: called with the exception once per outage (the
             first connection failure after the remote last worked).
+        max_bytes, max_calls, max_age, max_size: refused with a
+            ConfigError: the remote cache keeps the limits of its own
+            machine's fleche.toml, enforced by its server; a client's
+            limits never reach another's cache.
         read_only: refuse writes locally, and start the server
             ``--read-only`` as well.
         fast_cipher: when the ssh configuration names no cipher, ask for
@@ -142,8 +147,18 @@ class SshCache(Lifecycle, BaseCache):
         retry_after: Optional[float] = None,
         idle_timeout: Optional[float] = None,
         error_callback: Optional[Callable[[BaseException], Any]] = None,
+        max_bytes: Any = None,
+        max_calls: Any = None,
+        max_age: Any = None,
+        max_size: Any = None,
         _transport_factory: Optional[Callable[[], Transport]] = None,
     ) -> None:
+        given = {"max_bytes": max_bytes, "max_calls": max_calls, "max_age": max_age, "max_size": max_size}
+        limited = [k for k, v in given.items() if v is not None]
+        if limited:
+            # the cache over there is its owner's: its server keeps the
+            # limits of that machine's fleche.toml, never a client's
+            raise ConfigError(SSH_LIMITS_MESSAGE.format(key=limited[0]), key=limited[0])
         if isinstance(ssh_options, str) or isinstance(setup_commands, str):
             raise TypeError("ssh_options and setup_commands are sequences of strings, not one string")
         self.host = check_host(host)
@@ -524,6 +539,27 @@ class SshCache(Lifecycle, BaseCache):
             raise Rejected(f"cannot collect garbage: {self!r} is read-only")
         return int(self._request("collect_garbage"))
 
+    def usage_report(self) -> Optional[Dict[str, Any]]:
+        """What the remote cache holds and the limits of its own fleche.toml
+        (``calls``, ``bytes``, ``by_name``, ``limits``); None when its
+        server is too old to say, or its cache cannot."""
+        try:
+            return self._request("usage")  # type: ignore[no-any-return]
+        except ProtocolError as exc:  # an older server: "unknown operation 'usage'"
+            if "unknown operation" in str(exc):
+                return None
+            raise
+
+    def trim_remote(
+        self, max_bytes: Any = None, max_calls: Any = None, max_age: Any = None, dry_run: bool = False
+    ) -> Dict[str, Any]:
+        """One trim of the remote cache by these limits (its server does
+        the work); what went and what remains."""
+        if not dry_run and (self._local_read_only or self._known_read_only()):
+            raise Rejected(f"cannot trim: {self!r} is read-only")
+        args = {"max_bytes": max_bytes, "max_calls": max_calls, "max_age": max_age, "dry_run": dry_run}
+        return self._request("trim", {k: v for k, v in args.items() if v is not None})  # type: ignore[no-any-return]
+
     def _known_read_only(self) -> bool:
         """Read-only as the server said, if it has said yet: a first save
         does not wait for the handshake (the server refuses it anyway)."""
@@ -555,7 +591,7 @@ class SshCache(Lifecycle, BaseCache):
         if keeper is None:
             from .claims import RemoteClaims
 
-            keeper = self.__dict__["_claims"] = RemoteClaims(self)
+            keeper = self.__dict__["_claims"] = RemoteClaims(self._request, repr(self))
         return None if keeper.unsupported else keeper
 
 

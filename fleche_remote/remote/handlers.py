@@ -379,6 +379,45 @@ CLAIM_HANDLERS: Dict[str, Handler] = {
 }
 
 
+def _h_usage(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    """What the served cache holds and the limits its fleche.toml set (for
+    ``du`` and ``doctor``); a cache with no usage answers ``None``."""
+    usage = getattr(ctx.cache, "usage", None)
+    if usage is None:
+        return Reply(None)
+    return Reply(usage_report(usage(), getattr(ctx.cache, "limits", None)))
+
+
+def _h_trim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    """One trim by the limits given (``fleche-remote gc --max-bytes``): an
+    explicit command of a client that may write, not a standing limit."""
+    from ..storage.quota import Limits
+
+    trim = getattr(ctx.cache, "trim", None)
+    if trim is None:
+        raise ValueError(f"{type(ctx.cache).__name__} cannot be trimmed")
+    limits = Limits.of(args.get("max_bytes"), args.get("max_calls"), args.get("max_age"))
+    report = trim(limits or None, dry_run=bool(args.get("dry_run", False)))
+    return Reply(
+        {
+            "evicted": len(report.evicted),
+            "evicted_bytes": report.evicted_bytes,
+            "remaining": usage_report(report.remaining, None),
+            "dry_run": report.dry_run,
+        }
+    )
+
+
+def usage_report(usage: Any, limits: Any) -> Dict[str, Any]:
+    """A :class:`~fleche_remote.storage.quota.Usage` and limits as plain data."""
+    return {
+        "calls": usage.calls,
+        "bytes": usage.bytes,
+        "by_name": {name: list(cb) for name, cb in usage.by_name.items()},
+        "limits": limits.to_config() if limits else {},
+    }
+
+
 _SAFE_EXCEPTIONS = {
     "KeyError": KeyError,
     "ValueError": ValueError,
@@ -405,11 +444,13 @@ READ_HANDLERS: Dict[str, Handler] = {
     "query_records": _h_query_records,
     "load_blob": _h_load_blob,
     "load_value": _h_load_value,
+    "usage": _h_usage,
 }
 WRITE_HANDLERS: Dict[str, Handler] = {
     "save_records": _h_save_records,
     "evict": _h_evict,
     "collect_garbage": _h_collect_garbage,
+    "trim": _h_trim,
 }
 
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ..call import CallRecord, UnreadableRecord
 from ..codec.values import Blob
 from ..errors import ConfigError, CorruptEntryError
+from .quota import VALUE_GRACE_S, Entry, Usage, record_bytes
 
 #: Values whose body is at most this many bytes live *inline*, in the call
 #: store's database next to the records, when the call store can hold them
@@ -109,6 +110,34 @@ class ValueStore(ABC):
         record yet is not an orphan.
         """
         return None
+
+    # -- quotas: eviction of values (see storage/quota.py) -------------------
+
+    def discard_many(
+        self, digests: Sequence[str], since: float, referenced: Callable[[Sequence[str]], List[bool]]
+    ) -> List[str]:
+        """Delete the values of ``digests`` that no record refers to and
+        that were not stored (or stored again) at or after ``since``;
+        returns those deleted.
+
+        ``referenced`` answers, for a batch, whether a record refers to
+        each digest. A save writes its value before its record, and storing
+        a value again refreshes its time, so a value a concurrent save is
+        about to refer to is either fresh (kept) or referenced (kept); this
+        default keeps values stored up to
+        :data:`~fleche_remote.storage.quota.VALUE_GRACE_S` before ``since``,
+        for the window between its checks and its delete. A store that can
+        move a value aside atomically (the file store) does so first and
+        checks again, which closes the window instead.
+        """
+        since -= VALUE_GRACE_S  # the window between the checks and the delete
+        candidates = [d for d in digests if (self.stored_at(d) or 0.0) < since]
+        if not candidates:
+            return []
+        gone = [d for d, ref in zip(candidates, referenced(candidates)) if not ref]
+        for digest in gone:
+            self.delete(digest)
+        return gone
 
 
 class CallStore(ABC):
@@ -225,6 +254,54 @@ class CallStore(ABC):
         """Remove what killed writers left half-written; returns how many
         (see :meth:`ValueStore.collect_temporaries`)."""
         return 0
+
+    # -- quotas (see storage/quota.py); backends override where they can index --
+
+    def touch(self, uses: Mapping[str, float]) -> None:
+        """Record when keys were last used (``{key: unix time}``), in one
+        write; a store that keeps no use times ignores it, and eviction
+        then goes by the time of storing."""
+
+    def last_used(self) -> Dict[str, float]:
+        """The use times :meth:`touch` recorded, by key."""
+        return {}
+
+    def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
+        """When each record was stored (Unix time), ``None`` where unknown
+        or absent; what ``max_age`` counts from."""
+        return [None] * len(keys)
+
+    def entries(self) -> Iterator[Entry]:
+        """Every stored call as eviction sees it (size, stored, last used).
+        The default reads every record."""
+        used = self.last_used()
+        for key in self.keys():
+            try:
+                record = self.get(key)
+            except KeyError:  # evicted while we iterate
+                continue
+            stored = self.stored_times([key])[0] or 0.0
+            size = record.value_size + record_bytes(len(record.arguments))
+            yield Entry(key, record.name, record.value, size, stored, max(used.get(key, 0.0), stored))
+
+    def usage(self) -> Usage:
+        """Calls and bytes held, in total and per function name."""
+        return Usage.of(self.entries())
+
+    def delete_entries(self, keys: Sequence[str]) -> List[str]:
+        """Delete the records of ``keys`` (and their use times); returns
+        the value digests they referred to, for the caller to discard
+        those no other record refers to."""
+        values = []
+        for key, record in zip(keys, self.get_many(keys)):
+            if record is not None:
+                self.delete(key)
+                values.append(record.value)
+        self.forget_uses(keys)
+        return values
+
+    def forget_uses(self, keys: Sequence[str]) -> None:
+        """Drop the use times of deleted keys (a no-op where none are kept)."""
 
 
 class InlineValues(ABC):

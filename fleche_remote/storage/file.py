@@ -32,7 +32,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ..call import MAX_RECORD_BYTES, CallRecord, UnreadableRecord, check_record
 from ..codec.plain import dumps_plain, loads_plain
@@ -42,6 +42,11 @@ from .base import CallStore, ValueStore, record_matches
 from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .options import check_keys, resolve_path, typed
+from .quota import UsesLog
+
+#: The side log of last-used times, in the call store's root (a dot name:
+#: walks skip it).
+USES_FILE = ".uses"
 
 _VALUE_MAGIC = b"FRV1\n"
 _CALL_MAGIC = b"FRC1\n"
@@ -338,6 +343,45 @@ class FileValueStore(_FileRoot, ValueStore):
         except (OSError, KeyError):
             return None
 
+    def discard_many(
+        self, digests: Sequence[str], since: float, referenced: Callable[[Sequence[str]], List[bool]]
+    ) -> List[str]:
+        """As :meth:`ValueStore.discard_many`, without a window: each
+        candidate is first renamed aside (atomic), then checked again: a
+        save that stored it again meanwhile refreshed its time (the rename
+        keeps it), and a record written meanwhile is found; either puts it
+        back. A save that came after the rename found no file and wrote a
+        new one; putting ours back then replaces it with the same bytes."""
+        candidates = [d for d in digests if (self.stored_at(d) or 0.0) < since]
+        if not candidates:
+            return []
+        candidates = [d for d, ref in zip(candidates, referenced(candidates)) if not ref]
+        hidden: Dict[str, str] = {}
+        for digest in candidates:
+            path = str(self._path(digest))
+            aside = os.path.join(os.path.dirname(path), temp_name(digest))
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            hidden[digest] = aside
+        if not hidden:
+            return []
+        names = list(hidden)
+        gone = []
+        for digest, ref in zip(names, referenced(names)):
+            aside = hidden[digest]
+            try:
+                fresh = os.stat(aside).st_mtime >= since
+            except FileNotFoundError:
+                continue
+            if ref or fresh:
+                os.replace(aside, self._path(digest))
+            else:
+                os.unlink(aside)
+                gone.append(digest)
+        return gone
+
 
 def _shards(root: Path) -> List[Path]:
     try:
@@ -467,6 +511,34 @@ class FileCallStore(_FileRoot, CallStore, KeptClaims):
             if len(found) >= limit:
                 break
         return found
+
+    # -- quotas: a record's mtime is when it was stored; uses go to a side log --
+
+    @property
+    def _uses(self) -> UsesLog:
+        return UsesLog(self.root / USES_FILE)
+
+    def touch(self, uses: Mapping[str, float]) -> None:
+        self._uses.record(uses)
+
+    def last_used(self) -> Dict[str, float]:
+        return self._uses.read()
+
+    def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
+        out: List[Optional[float]] = []
+        for key in keys:
+            try:
+                out.append(os.stat(self._path(key)).st_mtime)
+            except (OSError, KeyError):
+                out.append(None)
+        return out
+
+    def forget_uses(self, keys: Sequence[str]) -> None:
+        log = self._uses
+        uses = log.read()
+        if uses:
+            dropped = set(keys)
+            log.compact({k: t for k, t in uses.items() if k not in dropped})
 
     # -- claims: files in <root>/claims (see storage/claims.py) ---------------
 

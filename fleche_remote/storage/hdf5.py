@@ -66,7 +66,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -79,6 +79,7 @@ from .base import CallStore, ValueStore, record_matches
 from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
 from .options import check_keys, resolve_path, typed
+from .quota import Entry, UsesLog, record_bytes
 
 #: Name an entry is written under before it is moved into place. Writers
 #: are exclusive, so one name suffices; a leftover from a crashed writer is
@@ -413,6 +414,9 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
             assert f is not None
             grp = f.require_group("values")
             if digest in grp:
+                # stored again: refresh its time, so that eviction or garbage
+                # collection running beside this save does not take it
+                grp[digest].attrs["stored"] = time.time()
                 return
             with _incoming(grp, digest) as tmp:
                 layout = "native"
@@ -423,6 +427,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
                 ds.attrs["kind"] = blob.kind
                 ds.attrs["meta"] = json.dumps(blob.meta, separators=(",", ":"))
                 ds.attrs["layout"] = layout
+                ds.attrs["stored"] = time.time()
 
     def get(self, digest: str) -> Blob:
         _check_key(digest)
@@ -484,6 +489,12 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
         with self._file.open(write=False) as f:
             return iter(_names(_group(f, "values")))
 
+    def stored_at(self, digest: str) -> Optional[float]:
+        if not _valid(digest):
+            return None
+        with self._file.open(write=False) as f:
+            return _stored(_group(f, "values"), digest)
+
     def close(self) -> None:
         """Nothing to release: the file is open only during an operation."""
 
@@ -525,7 +536,8 @@ class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
             if key in grp:
                 return
             with _incoming(grp, key) as tmp:
-                grp.create_dataset(tmp, data=np.frombuffer(data, dtype=np.uint8))
+                ds = grp.create_dataset(tmp, data=np.frombuffer(data, dtype=np.uint8))
+                ds.attrs["stored"] = time.time()
 
     def _read(self, grp: Optional[h5py.Group], key: str) -> Optional[CallRecord]:
         if grp is None or key not in grp:
@@ -623,6 +635,54 @@ class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
     def _make_keeper(self) -> Claims:
         # files, not datasets: a claim must not wait for the file's write lock
         return FileClaims(self.path.with_name(self.path.name + ".claims"))
+
+
+    # -- quotas: a record's "stored" attribute; uses go to a side log ---------
+
+    @property
+    def _uses(self) -> UsesLog:
+        return UsesLog(self.path.with_name(self.path.name + ".uses"))
+
+    def touch(self, uses: Mapping[str, float]) -> None:
+        self._uses.record(uses)
+
+    def last_used(self) -> Dict[str, float]:
+        return self._uses.read()
+
+    def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
+        with self._file.open(write=False) as f:
+            grp = _group(f, "calls")
+            return [_stored(grp, k) if _valid(k) else None for k in keys]
+
+    def entries(self) -> Iterator[Entry]:
+        used = self.last_used()
+        found = []
+        with self._file.open(write=False) as f:  # one open for the whole scan
+            grp = _group(f, "calls")
+            for key in _names(grp):
+                record = self._read(grp, key)
+                if record is None:
+                    continue
+                stored = _stored(grp, key) or 0.0
+                size = record.value_size + record_bytes(len(record.arguments))
+                when = max(used.get(key, 0.0), stored)
+                found.append(Entry(key, record.name, record.value, size, stored, when))
+        return iter(found)
+
+    def forget_uses(self, keys: Sequence[str]) -> None:
+        log = self._uses
+        uses = log.read()
+        if uses:
+            dropped = set(keys)
+            log.compact({k: t for k, t in uses.items() if k not in dropped})
+
+
+def _stored(grp: Optional[h5py.Group], name: str) -> Optional[float]:
+    """An entry's "stored" attribute; None for one written before it existed."""
+    if grp is None or name not in grp:
+        return None
+    value = grp[name].attrs.get("stored")
+    return None if value is None else float(value)
 
 
 def _valid(key: str) -> bool:

@@ -8,8 +8,9 @@ too).
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ..call import CallRecord
 from ..codec.values import Blob, BytesBlob
@@ -65,6 +66,8 @@ class MemoryCallStore(CallStore, KeptClaims):
     def __init__(self) -> None:
         self._data: Dict[str, CallRecord] = {}
         self._lock = threading.Lock()
+        self._stored: Dict[str, float] = {}
+        self._used: Dict[str, float] = {}
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> MemoryCallStore:
@@ -75,13 +78,15 @@ class MemoryCallStore(CallStore, KeptClaims):
         return {"type": "memory"}
 
     def put(self, record: CallRecord) -> None:
-        with self._lock:
-            self._data.setdefault(record.key, record)
+        self.put_many([record])
 
     def put_many(self, records: Sequence[CallRecord]) -> None:
+        now = time.time()
         with self._lock:
             for record in records:
-                self._data.setdefault(record.key, record)
+                if record.key not in self._data:
+                    self._data[record.key] = record
+                    self._stored[record.key] = now
 
     def get(self, key: str) -> CallRecord:
         return self._data[key]
@@ -92,10 +97,31 @@ class MemoryCallStore(CallStore, KeptClaims):
     def delete(self, key: str) -> None:
         with self._lock:
             self._data.pop(key, None)
+            self._stored.pop(key, None)
 
     def keys(self) -> Iterator[str]:
         with self._lock:
             return iter(list(self._data))
+
+    # -- quotas ---------------------------------------------------------------
+
+    def touch(self, uses: Mapping[str, float]) -> None:
+        with self._lock:
+            for key, when in uses.items():
+                if key in self._data and when > self._used.get(key, 0.0):
+                    self._used[key] = when
+
+    def last_used(self) -> Dict[str, float]:
+        with self._lock:
+            return dict(self._used)
+
+    def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
+        return [self._stored.get(k) for k in keys]
+
+    def forget_uses(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._used.pop(key, None)
 
     # -- claims: threads of this process (see storage/claims.py) ---------------
 

@@ -65,6 +65,9 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fr_claims ("
     " key {key} PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid {int} NOT NULL,"
     " expires {real} NOT NULL){without_rowid}",
+    # last-used times for quotas (see .quota); not in TABLES, so that a
+    # database made before it is opened as it was, and gets it on demand
+    "CREATE TABLE IF NOT EXISTS fr_uses (key {key} PRIMARY KEY, used {real} NOT NULL){without_rowid}",
 )
 TABLES = ("fr_calls", "fr_call_args", "fr_blobs")
 

@@ -44,6 +44,7 @@ from ..claims import Claims, KeptClaims
 from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ..options import check_keys, resolve_path, typed
 from .db import BATCH, BUSY_TIMEOUT_S, Database
+from .quota import SqlQuota
 from .rows import (
     BLOB_COLUMNS,
     CALL_COLUMNS,
@@ -290,7 +291,7 @@ class SqlValueStore(_SqlStore, ValueStore):
 # -- call store -----------------------------------------------------------------
 
 
-class SqlCallStore(_SqlStore, CallStore, InlineValues, KeptClaims):
+class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     """Call records as rows of ``calls``, indexed by name and argument
     digest, with small values inline in ``blobs``.
 
