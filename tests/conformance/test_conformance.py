@@ -33,7 +33,7 @@ from fleche_remote import (
 )
 from fleche_remote.storage.base import INLINE_MAX, InlineValues
 
-from .factories import FACTORIES, CacheUnderTest, params
+from .factories import FACTORIES, CacheUnderTest, params, params_with
 
 NAME = "conformance.f"
 OTHER = "conformance.g"
@@ -159,6 +159,37 @@ def make_calls(n: int, name: str = NAME, start: int = 0) -> List[Call]:
     return [Call(name, {"i": i}, result={"square": i * i}) for i in range(start, start + n)]
 
 
+#: The value round trips that also run over the real ssh: one of each way a
+#: value is encoded, carried and stored (plain and by-reference pickles,
+#: native arrays and their pickled fallbacks, a value streamed in chunks,
+#: each side of the inline threshold). The rest differ only in what the
+#: codec does on this side, which the in-process twins check for all.
+SSH_VALUE_CASES = [
+    "None",
+    "big-int",
+    "str",
+    "empty-bytes",
+    "set",
+    "nested",
+    "dataclass",
+    "custom-class",
+    "numpy-scalar",
+    "ndarray-float64-2d",
+    "ndarray-big-endian",
+    "ndarray-fortran-order",
+    "ndarray-0-d",
+    "ndarray-empty",
+    "ndarray-structured",
+    "ndarray-object-dtype",
+    "ndarray-10MB",
+    "bytes-inline-1",
+    "bytes-inline+0",
+    "bytes-inline+1",
+    "ndarray-uint8-inline+1",
+    "ndarray-float64-inline+8",
+]
+
+
 # -- round trips ------------------------------------------------------------------
 
 
@@ -167,7 +198,9 @@ def test_read_only_flag_is_as_expected(cache_under_test: CacheUnderTest) -> None
     assert cache_under_test.writer.read_only is False
 
 
-@pytest.mark.parametrize("case", list(VALUES))
+@pytest.mark.parametrize(
+    ("cache_under_test", "case"), params_with(list(VALUES), SSH_VALUE_CASES), indirect=["cache_under_test"]
+)
 def test_value_round_trip(cache_under_test: CacheUnderTest, case: str) -> None:
     value = VALUES[case]
     call = Call(NAME, {"case": case}, value)
@@ -596,6 +629,14 @@ def test_every_local_cache_type_is_in_the_suite() -> None:
     }
     assert expected <= set(FACTORIES)
     assert any(e.tags for e in FACTORIES.values())
+
+
+def test_every_remote_backend_runs_in_process_and_over_ssh() -> None:
+    remote = {name for name, e in FACTORIES.items() if "remote" in e.tags}
+    over_ssh = {name for name in remote if "ssh" in FACTORIES[name].tags}
+    assert {n.replace("inproc-", "ssh-", 1) for n in remote - over_ssh} == over_ssh
+    assert {"ssh-file", "ssh-sqlite", "ssh-postgres", "ssh-hdf5", "ssh-read-only"} <= over_ssh
+    assert set(SSH_VALUE_CASES) <= set(VALUES)
 
 
 def _age_values(cache: BaseCache, seconds: float = 2 * Cache.GC_GRACE_SECONDS) -> None:
