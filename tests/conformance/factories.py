@@ -160,7 +160,7 @@ def _file_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTe
 def _file_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     from fleche_remote.storage.sql.stores import SqlCallStore
 
-    calls = SqlCallStore(request.getfixturevalue("postgres_url"))
+    calls = SqlCallStore(_shared(request).emptied_database("file+postgres"))
     return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
 
 
@@ -278,7 +278,8 @@ def _over_ssh(remote: Path, sshd: Any, **kwargs: Any) -> Any:
 
 
 class SharedRemotes:
-    """The module's ssh connections, one per backend, opened on first use.
+    """The module's ssh connections, one per backend, opened on first use,
+    and its PostgreSQL databases (:meth:`emptied_database`).
 
     A test gets the connection emptied: every entry is evicted and the
     garbage collected (through the writer, which for a read-only remote is
@@ -293,6 +294,7 @@ class SharedRemotes:
         self._base = base
         self._request = request
         self._open: Dict[str, Any] = {}
+        self._databases: Dict[str, Any] = {}
 
     def get(self, name: str, open_remote: Callable[[Path], Any]) -> Any:
         """The connection named ``name``, emptied; ``open_remote(directory)``
@@ -313,6 +315,26 @@ class SharedRemotes:
         assert not left, f"{name}: entries of an earlier test are still there after evicting all: {left}"
         return cache, writer
 
+    def emptied_database(self, name: str) -> str:
+        """URL of the module's PostgreSQL database ``name``, every table in
+        it emptied (TRUNCATE): as empty as a new one, for a fraction of the
+        cost (a database is hundreds of files to create, and to delete)."""
+        import sqlalchemy
+
+        if name not in self._databases:
+            url = self.postgres_url()
+            self._databases[name] = (url, sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool))
+            return url
+        url, engine = self._databases[name]
+        with engine.begin() as conn:
+            # a connection a test left open in a transaction fails this, not hangs it
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")
+            tables = [row[0] for row in conn.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]  # fmt: skip
+            if tables:
+                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables))
+        return str(url)
+
     def sshd(self) -> Any:
         return self._request.getfixturevalue("sshd")
 
@@ -325,6 +347,9 @@ class SharedRemotes:
             if writer is not cache:
                 writer.close()
         self._open.clear()
+        for _, engine in self._databases.values():
+            engine.dispose()
+        self._databases.clear()
 
 
 def _shared(request: pytest.FixtureRequest) -> SharedRemotes:
@@ -354,7 +379,7 @@ def _ssh_backend(name: str, backend: str, **kwargs: Any) -> Callable[[Path, pyte
 
 def _in_process(backend: str, **kwargs: Any) -> Factory:
     def make(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-        url = request.getfixturevalue("postgres_url") if backend == "postgres" else ""
+        url = _shared(request).emptied_database("inproc-postgres") if backend == "postgres" else ""
         remote = remote_dir(tmp_path, backend, url)
         subject = _served_in_process(remote, **kwargs)
         if backend == "read-only":
