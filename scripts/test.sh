@@ -135,9 +135,11 @@ say "ruff check fleche_remote tests"
 say "mypy fleche_remote"
 .venv/bin/mypy fleche_remote || failed+=(mypy)
 
-say "pytest -q $*"
+# --durations: the slowest tests, so that a test that grew slow shows up in
+# every run rather than as a suite that is slower for no visible reason.
+say "pytest -q --durations=15 $*"
 set +e
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=15 "$@"
 rc=$?
 set -e
 if [ ${#failed[@]} -gt 0 ]; then

@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -48,6 +48,19 @@ def postgres_url(postgres_server: PostgresServer) -> str:  # noqa: F811
     """SQLAlchemy URL of a fresh, empty database for this test alone, on the
     session's private PostgreSQL."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(scope="module")
+def shared_remotes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The ssh connections a module's conformance factories share, one per
+    remote backend (see ``conformance.factories.SharedRemotes``)."""
+    from conformance.factories import SharedRemotes
+
+    shared = SharedRemotes(tmp_path_factory.mktemp("shared-remotes"), request)
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 def _probe(python: Path, version: str) -> Optional[str]:

@@ -24,6 +24,7 @@ from fleche_remote import CacheStack, Call, ConfigError, Rejected, WriteBehind, 
 from fleche_remote.caches.journal import Journal, default_journal_dir
 from fleche_remote.config import cache_from_config, cache_to_config
 from fleche_remote.remote.client import SshCache
+from fleche_remote.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "wb.f"
@@ -43,14 +44,6 @@ def file_cache(path: Path, **options: Any) -> Any:
 
 def calls(n: int, start: int = 0) -> List[Call]:
     return [Call(NAME, {"i": i}, result=i * i) for i in range(start, start + n)]
-
-
-def wait_for(condition: Any, what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_saves_land_locally_and_arrive_below_in_batches(tmp_path: Path) -> None:
@@ -82,7 +75,7 @@ def test_a_full_queue_blocks_the_saver_until_the_pusher_catches_up(tmp_path: Pat
 
     saver = threading.Thread(target=save_more, daemon=True)
     saver.start()
-    wait_for(lambda: len(writer._queue) == 2, "the queue to fill")
+    wait_until(lambda: len(writer._queue) == 2, "the queue to fill")
     assert not done.wait(0.3)  # still blocked: the queue is full
     assert len(writer._queue) == 2
     lower.open.set()

@@ -22,6 +22,8 @@ prove it without touching the machine's own servers, keys or config:
 * :func:`private_postgres` (module :mod:`.postgres`) runs ``initdb`` into
   a temp dir and starts a postmaster on a free loopback port with trust
   authentication.
+* :func:`wait_until` (module :mod:`.waiting`) polls a condition until it
+  holds, failing the test with a clear message after a generous deadline.
 
 Both servers come from context managers that stop them and delete their
 files on exit, and every wait in them is bounded. The pytest fixtures
@@ -40,13 +42,14 @@ from typing import Iterator
 
 from .postgres import PostgresServer, private_postgres
 from .sshd import SshServer, private_sshd
+from .waiting import wait_until
 
 try:
     import pytest
 except ImportError:  # the fixtures need pytest; the context managers don't
     pytest = None  # type: ignore[assignment]
 
-__all__ = ["PostgresServer", "SshServer", "private_postgres", "private_sshd"]
+__all__ = ["PostgresServer", "SshServer", "private_postgres", "private_sshd", "wait_until"]
 
 if pytest is not None:
 

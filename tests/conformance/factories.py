@@ -9,15 +9,16 @@ knowing about ssh at all.
 A new cache type is done when it passes the suite; adding it is one
 function here::
 
-    @register("ssh-file", marks=[pytest.mark.slow])
-    def _ssh_file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-        sshd = request.getfixturevalue("sshd")
-        cache = SshCache(sshd.host, ssh_options=sshd.ssh_options, ...)
-        return CacheUnderTest(cache)
+    @register("hdf5")
+    def _hdf5(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+        path = tmp_path / "cache.h5"
+        return CacheUnderTest(Cache(Hdf5ValueStore(path), Hdf5CallStore(path)))
 
 ``tags`` opt a factory into extra, type-specific tests: ``"stack"`` for a
 :class:`~fleche_remote.CacheStack` whose first two layers are writable
-(the back-fill tests write into ``layers[1]`` directly).
+(the back-fill tests write into ``layers[1]`` directly); ``"ssh"`` for one
+that goes through the real sshd, whose value round trips run over
+``SSH_VALUE_CASES`` (in test_conformance.py) only.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class CacheUnderTest:
         expect_read_only: what ``cache.read_only`` must say.
         cleanups: run (last first) by :meth:`close`, after both caches are
             closed; for servers or connections a factory started.
+        owned: whether :meth:`close` closes the caches; False for a
+            connection shared with other tests (see :class:`SharedRemotes`).
     """
 
     def __init__(
@@ -52,16 +55,19 @@ class CacheUnderTest:
         *,
         expect_read_only: bool = False,
         cleanups: Iterable[Callable[[], None]] = (),
+        owned: bool = True,
     ) -> None:
         self.cache = cache
         self.writer: BaseCache = writer if writer is not None else cache
         self.expect_read_only = expect_read_only
         self.cleanups: List[Callable[[], None]] = list(cleanups)
+        self.owned = owned
 
     def close(self) -> None:
-        self.cache.close()
-        if self.writer is not self.cache:
-            self.writer.close()
+        if self.owned:
+            self.cache.close()
+            if self.writer is not self.cache:
+                self.writer.close()
         for cleanup in reversed(self.cleanups):
             cleanup()
 
@@ -104,6 +110,17 @@ def params(tag: Optional[str] = None) -> List[Any]:
     ]
 
 
+def params_with(cases: Sequence[str], ssh_cases: Sequence[str]) -> List[Any]:
+    """``pytest.param`` s of (factory, case) for every factory: all ``cases``,
+    or ``ssh_cases`` only for a factory tagged ``"ssh"`` (its in-process
+    twin runs all of them)."""
+    return [
+        pytest.param(e.name, case, marks=list(e.marks), id=f"{e.name}-{case}")
+        for e in FACTORIES.values()
+        for case in (ssh_cases if "ssh" in e.tags else cases)
+    ]
+
+
 def file_cache(root: Path, *, compress: bool = False, read_only: bool = False) -> Cache:
     """A pickle-file cache: values and calls in sibling directories."""
     return Cache(
@@ -143,7 +160,7 @@ def _file_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTe
 def _file_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     from fleche_remote.storage.sql.stores import SqlCallStore
 
-    calls = SqlCallStore(request.getfixturevalue("postgres_url"))
+    calls = SqlCallStore(_shared(request).emptied_database("file+postgres"))
     return CacheUnderTest(Cache(FileValueStore(tmp_path / "values"), calls))
 
 
@@ -198,20 +215,57 @@ def _stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
     )
 
 
-# -- the same caches behind SshCache, through the real ssh and sshd -----------
+# -- the same caches behind SshCache ------------------------------------------
+#
+# Each remote backend is served two ways, from the same fleche.toml table:
+#
+# * ``inproc-*``: the server loop runs on a thread of this process, over OS
+#   pipes (``SshCache.in_process``), on a fresh store per test. Same client,
+#   protocol, server and storage code as over ssh, at a fraction of the cost,
+#   so every conformance case runs here.
+# * ``ssh-*``: the real ``ssh`` to the session's private sshd, running
+#   ``python -m fleche_remote serve`` in a directory of its own. Logging in
+#   costs about a second, so one connection per backend serves the whole
+#   module (see :class:`SharedRemotes`); it is emptied, and checked empty,
+#   before each test. Every test runs here too, the value round trips over
+#   a representative subset (``SSH_VALUE_CASES`` in test_conformance.py).
+
+#: The remote's ``[main]`` table for each backend ({url}: a PostgreSQL URL).
+REMOTE_TABLES: Dict[str, str] = {
+    "file": 'template = "cloudpickle"\nroot = "store"',
+    "sqlite": 'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "sqlite:///calls.db"}',
+    "postgres": 'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "{url}"}',
+    "hdf5": 'values = {type = "hdf5", path = "cache.h5"}\ncalls = {type = "hdf5", path = "cache.h5"}',
+    "read-only": 'template = "cloudpickle"\nroot = "store"\nread_only = true',
+}
 
 
-def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str, **kwargs: Any) -> Any:
-    """An SshCache whose server runs ``[main]`` = ``cache_table`` from its own
-    fleche.toml, in a directory of this test, through the session's sshd."""
+def remote_dir(root: Path, backend: str, postgres_url: str = "") -> Path:
+    """``root/remote`` with a fleche.toml whose ``[main]`` is ``backend``'s
+    table: the directory a remote server is started in."""
+    remote = root / "remote"
+    remote.mkdir(parents=True)
+    table = REMOTE_TABLES[backend].replace("{url}", postgres_url)
+    (remote / "fleche.toml").write_text(f'[default]\ncache = "main"\nroot = true\n\n[main]\n{table}\n')
+    return remote
+
+
+def _served_in_process(remote: Path, **kwargs: Any) -> CacheUnderTest:
+    """An SshCache talking to a server thread that serves ``remote``'s
+    fleche.toml, built as ``fleche-remote serve`` builds it there."""
+    from fleche_remote import SshCache
+    from fleche_remote.config import load_cache, load_config
+
+    served = load_cache(None, config=load_config(remote / "fleche.toml"))
+    return CacheUnderTest(SshCache.in_process(served, timeout=60, **kwargs), cleanups=[served.close])
+
+
+def _over_ssh(remote: Path, sshd: Any, **kwargs: Any) -> Any:
+    """An SshCache whose server runs in ``remote`` through the session's sshd."""
     import sys
 
     from fleche_remote import SshCache
 
-    sshd = request.getfixturevalue("sshd")
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    (remote / "fleche.toml").write_text(f'[default]\ncache = "main"\nroot = true\n\n[main]\n{cache_table}\n')
     return SshCache(
         sshd.host,
         python=sys.executable,
@@ -223,47 +277,158 @@ def _remote(tmp_path: Path, request: pytest.FixtureRequest, cache_table: str, **
     )
 
 
-@register("ssh-file")
-def _ssh_file(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    return CacheUnderTest(_remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"'))
+class SharedRemotes:
+    """The module's ssh connections, one per backend, opened on first use,
+    and its PostgreSQL databases (:meth:`emptied_database`).
+
+    A test gets the connection emptied: every entry is evicted and the
+    garbage collected (through the writer, which for a read-only remote is
+    its store opened on disk, whose values all go), and the remote is asked
+    to list what it holds, which must be nothing. So no test sees another's
+    entries, without a login per test. (Through ssh, values younger than
+    the collector's grace period stay, unreferenced, as after any eviction;
+    no test can reach them through the API.)
+    """
+
+    def __init__(self, base: Path, request: pytest.FixtureRequest) -> None:
+        self._base = base
+        self._request = request
+        self._open: Dict[str, Any] = {}
+        self._databases: Dict[str, Any] = {}
+
+    def get(self, name: str, open_remote: Callable[[Path], Any]) -> Any:
+        """The connection named ``name``, emptied; ``open_remote(directory)``
+        makes it (returning ``(cache, writer)``) the first time."""
+        if name not in self._open:
+            directory = self._base / name
+            directory.mkdir()
+            self._open[name] = open_remote(directory)
+        cache, writer = self._open[name]
+        for entry in list(writer.query()):
+            writer.evict(entry.key)
+        if isinstance(writer, Cache):  # the store itself, on disk: empty it altogether
+            writer.values.collect_temporaries()
+            for digest in list(writer.values.digests()):
+                writer.values.delete(digest)
+        writer.collect_garbage()  # what a test collects is then its own garbage
+        left = [e.key[:12] for e in cache.query()]
+        assert not left, f"{name}: entries of an earlier test are still there after evicting all: {left}"
+        return cache, writer
+
+    def emptied_database(self, name: str) -> str:
+        """URL of the module's PostgreSQL database ``name``, every table in
+        it emptied (TRUNCATE): as empty as a new one, for a fraction of the
+        cost (a database is hundreds of files to create, and to delete)."""
+        import sqlalchemy
+
+        if name not in self._databases:
+            url = self.postgres_url()
+            self._databases[name] = (url, sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool))
+            return url
+        url, engine = self._databases[name]
+        with engine.begin() as conn:
+            # a connection a test left open in a transaction fails this, not hangs it
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")
+            tables = [row[0] for row in conn.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]  # fmt: skip
+            if tables:
+                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables))
+        return str(url)
+
+    def sshd(self) -> Any:
+        return self._request.getfixturevalue("sshd")
+
+    def postgres_url(self) -> str:
+        return str(self._request.getfixturevalue("postgres_server").new_database())
+
+    def close(self) -> None:
+        for cache, writer in self._open.values():
+            cache.close()
+            if writer is not cache:
+                writer.close()
+        self._open.clear()
+        for _, engine in self._databases.values():
+            engine.dispose()
+        self._databases.clear()
 
 
-@register("ssh-sqlite")
-def _ssh_sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    table = (
-        'values = {type = "cloudpickle", root = "values"}\ncalls = {type = "sql", url = "sqlite:///calls.db"}'
-    )
-    return CacheUnderTest(_remote(tmp_path, request, table))
+def _shared(request: pytest.FixtureRequest) -> SharedRemotes:
+    shared = request.getfixturevalue("shared_remotes")
+    assert isinstance(shared, SharedRemotes)
+    return shared
 
 
-@register("ssh-postgres")
-def _ssh_postgres(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    url = request.getfixturevalue("postgres_url")
-    table = f'values = {{type = "cloudpickle", root = "values"}}\ncalls = {{type = "sql", url = "{url}"}}'
-    return CacheUnderTest(_remote(tmp_path, request, table))
+def _ssh_backend(name: str, backend: str, **kwargs: Any) -> Callable[[Path, pytest.FixtureRequest], Any]:
+    """A maker of the shared ``(SshCache, writer)`` of ``backend``."""
+
+    def make(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+        shared = _shared(request)
+
+        def open_remote(directory: Path) -> Any:
+            url = shared.postgres_url() if backend == "postgres" else ""
+            remote = remote_dir(directory, backend, url)
+            cache = _over_ssh(remote, shared.sshd(), **kwargs)
+            # the server's template puts values and calls under store/, as file_cache does
+            writer = file_cache(remote / "store") if backend == "read-only" else cache
+            return cache, writer
+
+        return shared.get(name, open_remote)
+
+    return make
 
 
-@register("ssh-hdf5")
-def _ssh_hdf5(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    table = 'values = {type = "hdf5", path = "cache.h5"}\ncalls = {type = "hdf5", path = "cache.h5"}'
-    return CacheUnderTest(_remote(tmp_path, request, table))
+def _in_process(backend: str, **kwargs: Any) -> Factory:
+    def make(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+        url = _shared(request).emptied_database("inproc-postgres") if backend == "postgres" else ""
+        remote = remote_dir(tmp_path, backend, url)
+        subject = _served_in_process(remote, **kwargs)
+        if backend == "read-only":
+            subject.writer = file_cache(remote / "store")
+            subject.expect_read_only = True
+        return subject
+
+    return make
 
 
-@register("ssh-signed")
-def _ssh_signed(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    # signed on the client; the server stores the signed bytes without the key
-    table = 'template = "cloudpickle"\nroot = "store"'
-    return CacheUnderTest(_remote(tmp_path, request, table, secret_key=SIGNING_KEY))
+def _ssh(name: str, backend: str, **kwargs: Any) -> Factory:
+    shared = _ssh_backend(name, backend, **kwargs)
+
+    def make(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+        cache, writer = shared(tmp_path, request)
+        return CacheUnderTest(cache, writer, expect_read_only=backend == "read-only", owned=False)
+
+    return make
 
 
-@register("ssh-read-only")
-def _ssh_read_only(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    cache = _remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"\nread_only = true')
-    # the server's template puts values and calls under store/, as file_cache does
-    return CacheUnderTest(cache, writer=file_cache(tmp_path / "remote" / "store"), expect_read_only=True)
+#: name -> (backend, SshCache keyword arguments); signed: on the client, the
+#: server stores the signed bytes without the key.
+_REMOTES: Dict[str, Any] = {
+    "file": ("file", {}),
+    "sqlite": ("sqlite", {}),
+    "postgres": ("postgres", {}),
+    "hdf5": ("hdf5", {}),
+    "signed": ("file", {"secret_key": SIGNING_KEY}),
+    "read-only": ("read-only", {}),
+}
+
+for _name, (_backend, _kwargs) in _REMOTES.items():
+    register(f"inproc-{_name}", tags=["remote"])(_in_process(_backend, **_kwargs))
+for _name, (_backend, _kwargs) in _REMOTES.items():
+    register(f"ssh-{_name}", tags=["remote", "ssh"])(_ssh(f"ssh-{_name}", _backend, **_kwargs))
 
 
-@register("ssh-stack", tags=["stack"])
+@register("inproc-stack", tags=["stack", "remote"])
+def _inproc_stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    remote = _served_in_process(remote_dir(tmp_path, "file"))
+    top = Cache(MemoryValueStore(), MemoryCallStore())
+    return CacheUnderTest(CacheStack([top, remote.cache]), cleanups=remote.cleanups)
+
+
+_ssh_stack_remote = _ssh_backend("ssh-stack", "file")
+
+
+@register("ssh-stack", tags=["stack", "remote", "ssh"])
 def _ssh_stack(tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
-    remote = _remote(tmp_path, request, 'template = "cloudpickle"\nroot = "store"')
-    return CacheUnderTest(CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), remote]))
+    # a fresh top layer per test, over the shared connection
+    remote, _ = _ssh_stack_remote(tmp_path, request)
+    return CacheUnderTest(CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), remote]), owned=False)

@@ -14,12 +14,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from fleche_remote.caches import Cache
 from fleche_remote.config import load_cache, load_config
+from fleche_remote.testing.waiting import DEFAULT_DEADLINE_S
 
 #: The remote's fleche.toml: one cache per backend under test.
 FAULT_TOML = """\
@@ -115,18 +115,7 @@ def reaped(pid: int) -> bool:
 
 
 #: Generous: the machine running the tests may be loaded.
-DEADLINE_S = 30.0
-
-
-def wait_until(condition: Any, what: str, deadline_s: float = DEADLINE_S) -> float:
-    """Poll ``condition()`` until true; the seconds it took. Fails the test
-    (AssertionError naming ``what``) at the deadline."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > deadline_s:
-            raise AssertionError(f"{what}: not within {deadline_s:g} s")
-        time.sleep(0.01)
-    return time.monotonic() - start
+DEADLINE_S = DEFAULT_DEADLINE_S
 
 
 def check_entries(cache: Cache, expected: Dict[str, Any], acknowledged: List[str]) -> Tuple[int, int]:

@@ -36,8 +36,9 @@ from fleche_remote.remote.protocol import (
     encode_message,
     frame_header,
 )
+from fleche_remote.testing import wait_until
 
-from .support import DEADLINE_S, open_store, remote_with_stores, wait_until
+from .support import DEADLINE_S, open_store, remote_with_stores
 
 
 class RawServer:

@@ -33,6 +33,7 @@ import pytest
 
 from fleche_remote import Call, RemoteConnectionError
 from fleche_remote.remote.client import SshCache
+from fleche_remote.testing import wait_until
 from fleche_remote.testing._util import pid_exists
 
 from .support import (
@@ -44,7 +45,6 @@ from .support import (
     remote_stderr_named,
     remote_with_stores,
     stray_files,
-    wait_until,
 )
 
 #: Runs of each kind, alternating between the two stores.

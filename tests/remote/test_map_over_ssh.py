@@ -25,6 +25,7 @@ from layers import Gate
 from fleche_remote import CacheStack, Call, WriteBehind, cached
 from fleche_remote.caches.journal import Journal
 from fleche_remote.config import cache_from_config
+from fleche_remote.testing import wait_until
 
 from .helpers import remote_dir, ssh_cache
 
@@ -49,14 +50,6 @@ def file_cache(path: Path) -> Any:
 def requests(cache: Any) -> Optional[int]:
     """Requests the SshCache has sent so far (None until it counts them)."""
     return getattr(cache, "request_count", None)
-
-
-def wait_for(condition: Any, what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_map_of_400_cluster_results_is_a_few_round_trips(sshd: Any, tmp_path: Path) -> None:
@@ -122,7 +115,7 @@ def test_write_behind_survives_the_remote_dying_with_a_full_queue(sshd: Any, tmp
         more: List[str] = []
         saver = threading.Thread(target=lambda: more.extend(stack.save_many(make(30, 3))), daemon=True)
         saver.start()  # blocks: the queue is full
-        wait_for(lambda: len(writer._queue) == 4, "a full queue")
+        wait_until(lambda: len(writer._queue) == 4, "a full queue", 60.0)
         assert saver.is_alive()
 
         os.killpg(remote._connection().transport.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]

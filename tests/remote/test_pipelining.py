@@ -31,6 +31,13 @@ def _big(tag: int) -> np.ndarray:
     return np.full(3 << 18, tag, dtype=np.float32)
 
 
+#: Operations per thread. Eight threads interleave their requests on the one
+#: connection from the first operation on; more of them repeat the same
+#: interleavings, while each query (one in ten) lists a store that keeps
+#: growing, so the cost grows with the square of this.
+OPERATIONS = 200
+
+
 def test_eight_threads_of_mixed_operations_get_their_own_answers(sshd, tmp_path):
     cache = ssh_cache(sshd, remote_dir(tmp_path), timeout=60)
     errors: List[BaseException] = []
@@ -39,10 +46,10 @@ def test_eight_threads_of_mixed_operations_get_their_own_answers(sshd, tmp_path)
     def work(t: int) -> None:
         rng = random.Random(t)
         try:
-            for i in range(500):
+            for i in range(OPERATIONS):
                 roll = rng.random()
                 if roll < 0.35 or not saved[t]:
-                    big = i % 50 == 7
+                    big = i % 20 == 7  # a few large values per thread, as with 500 operations
                     result = _big(t * 1000 + i) if big else {"t": t, "i": i}
                     key = cache.save(Call("mixed", {"t": t, "i": i}, result))
                     saved[t].append(key)

@@ -21,19 +21,10 @@ import pytest
 from fleche_remote import Call, Rejected, RemoteConnectionError, RemoteError
 from fleche_remote.config import load_cache
 from fleche_remote.remote.client import SshCache
-from fleche_remote.testing import private_sshd
+from fleche_remote.testing import private_sshd, wait_until
 from fleche_remote.testing._util import pid_exists
 
 from .helpers import remote_dir, ssh_cache
-
-
-def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not pid_exists(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_round_trip_and_info(sshd, tmp_path):
@@ -516,8 +507,8 @@ def test_subprocess_is_closed_when_the_cache_is_collected(sshd, tmp_path):
     ssh_pid = cache._conn.transport.proc.pid
     del cache
     gc.collect()
-    assert _wait_gone(pid)
-    assert _wait_gone(ssh_pid)
+    wait_until(lambda: not pid_exists(pid), f"the server {pid} to exit once its cache was collected")
+    wait_until(lambda: not pid_exists(ssh_pid), f"ssh {ssh_pid} to exit once its cache was collected")
 
 
 def test_client_313_against_server_39(sshd, tmp_path, other_pythons):
