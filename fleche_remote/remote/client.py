@@ -30,7 +30,6 @@ from typing import (
     Callable,
     ClassVar,
     Dict,
-    Iterable,
     Iterator,
     List,
     Mapping,
@@ -55,7 +54,7 @@ from . import health
 from .connection import Connection
 from .lifecycle import Lifecycle
 from .protocol import BlobHeader, Inline, inline_choices
-from .receive import decode_first, spool, unpack_blobs
+from .receive import Unsigned, spool, unpack_blobs
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
 from .transport import PipeTransport, Transport
 
@@ -179,7 +178,7 @@ class SshCache(Lifecycle, BaseCache):
         #: signs and checks entries on this side; None for an unsigned cache
         self.signer: Optional[Signer] = Signer.of(secret_key)
         #: signs what leaves and checks what arrives (passes entries through when unsigned)
-        self._seal: Union[Signer, _Unsigned] = self.signer or _Unsigned()
+        self._seal: Union[Signer, Unsigned] = self.signer or Unsigned()
         self._conn: Optional[Connection] = None
         self._conn_lock = threading.Lock()
         self._finalizer: Optional[weakref.finalize] = None
@@ -593,36 +592,6 @@ class SshCache(Lifecycle, BaseCache):
 
             keeper = self.__dict__["_claims"] = RemoteClaims(self._request, repr(self))
         return None if keeper.unsupported else keeper
-
-
-class _Unsigned:
-    """What an unsigned cache seals and opens entries with: they pass as
-    they are, so each operation is written once for both kinds."""
-
-    def sign_entries(self, items: Sequence[Tuple[CallRecord, Blob]]) -> Sequence[Tuple[CallRecord, Blob]]:
-        return items
-
-    def open_records(
-        self, records: List[Optional[CallRecord]], where: Any, keys: Any
-    ) -> List[Optional[CallRecord]]:
-        return records
-
-    def open_blob(self, blob: Blob, digest: str, where: Any) -> Blob:
-        return blob
-
-    def open_blobs(self, blobs: List[Optional[Blob]], digests: Any, where: Any) -> List[Optional[Blob]]:
-        return blobs
-
-    def open_entries(self, entries: Any, where: Any, keys: Any) -> List[Optional[Tuple[CallRecord, Blob]]]:
-        return list(entries)
-
-    def iter_records(self, records: Iterable[CallRecord], where: Any) -> Iterable[CallRecord]:
-        return records
-
-    def stream_decoder(
-        self, where: Any, *, key: Optional[str] = None, digest: Optional[str] = None
-    ) -> Callable[..., Any]:
-        return decode_first
 
 
 def _absent(key: str) -> Callable[[], Any]:

@@ -18,8 +18,9 @@ reply's streams to.
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from ..call import CallRecord
 from ..codec.values import Blob, BytesBlob, SpooledBlob, StreamBlob, decode_value
 from .protocol import BlobHeader, Inline
 
@@ -66,3 +67,33 @@ def _spool_one(header: BlobHeader, chunks: Iterator[bytes], in_memory: bool) -> 
 def spool(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Blob:
     header, chunks = streams[0]
     return _spool_one(header, chunks, in_memory=header.size < SPOOL_IN_MEMORY_BELOW)
+
+
+class Unsigned:
+    """What an unsigned cache seals and opens entries with: they pass as
+    they are, so each operation is written once for both kinds."""
+
+    def sign_entries(self, items: Sequence[Tuple[CallRecord, Blob]]) -> Sequence[Tuple[CallRecord, Blob]]:
+        return items
+
+    def open_records(
+        self, records: List[Optional[CallRecord]], where: Any, keys: Any
+    ) -> List[Optional[CallRecord]]:
+        return records
+
+    def open_blob(self, blob: Blob, digest: str, where: Any) -> Blob:
+        return blob
+
+    def open_blobs(self, blobs: List[Optional[Blob]], digests: Any, where: Any) -> List[Optional[Blob]]:
+        return blobs
+
+    def open_entries(self, entries: Any, where: Any, keys: Any) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        return list(entries)
+
+    def iter_records(self, records: Iterable[CallRecord], where: Any) -> Iterable[CallRecord]:
+        return records
+
+    def stream_decoder(
+        self, where: Any, *, key: Optional[str] = None, digest: Optional[str] = None
+    ) -> Callable[..., Any]:
+        return decode_first
