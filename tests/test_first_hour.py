@@ -229,6 +229,7 @@ def _legacy(path: Path) -> str:
         "DROP INDEX fr_ix_calls_name;"
         "ALTER TABLE fr_calls RENAME TO calls; ALTER TABLE fr_call_args RENAME TO call_args;"
         "ALTER TABLE fr_blobs RENAME TO blobs; CREATE INDEX ix_calls_name ON calls (name);"
+        "DROP TABLE IF EXISTS fr_claims; DROP TABLE IF EXISTS fr_uses;"  # younger than the prefix
     )
     conn.close()
     return str(key)
@@ -266,7 +267,8 @@ def test_an_old_database_is_renamed_on_open_once_by_concurrent_openers(tmp_path:
     for t in threads:
         t.join(timeout=120)
     assert found == [42, 42, 42, 42]
-    assert _tables(path) == ["fr_blobs", "fr_call_args", "fr_calls"]
+    # renamed once; the tables for claims and last uses are made beside them
+    assert _tables(path) == ["fr_blobs", "fr_call_args", "fr_calls", "fr_claims", "fr_uses"]
 
 
 def test_a_fleche_table_beside_ours_is_named_in_a_warning(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from test_hostile_records import (
 from fleche_remote import Call
 from fleche_remote.call import CallRecord, UnreadableRecord
 
-from .factories import FACTORIES, CacheUnderTest
+from .factories import FACTORIES, CacheUnderTest, _over_ssh, remote_dir
 
 #: Factory -> how a raw record reaches its store, and where that store lives.
 #: Memory stores hold objects, not bytes, so nothing can be planted there.
@@ -84,6 +84,17 @@ def _hdf5_planter(path: Path) -> Planter:
     return plant
 
 
+def _subject(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> CacheUnderTest:
+    """The cache under test. The ``ssh-*`` factories share one connection
+    and store per module, emptied between tests through the API; planted
+    records cannot be evicted that way, so here each test gets a server of
+    its own through the session's sshd, over a fresh ``tmp_path/remote``."""
+    if not name.startswith("ssh-"):
+        return FACTORIES[name].make(tmp_path, request)
+    backend = name[len("ssh-") :]
+    return CacheUnderTest(_over_ssh(remote_dir(tmp_path, backend), request.getfixturevalue("sshd")))
+
+
 def _where(name: str, tmp_path: Path) -> Tuple[str, Path]:
     """The kind of store ``name`` keeps its calls in, and where."""
     remote = tmp_path / "remote"
@@ -104,7 +115,7 @@ def planted(
 ) -> Iterator[Tuple[CacheUnderTest, Dict[str, str]]]:
     """A cache with one good call and every hostile record planted; the
     planted keys map to what each one is."""
-    subject = FACTORIES[request.param].make(tmp_path, request)
+    subject = _subject(request.param, tmp_path, request)
     try:
         good = subject.writer.save(Call("work.good", {"n": 3}, result=1, metadata={"timestamp": 1.7e9}))
         subject.cache.close()  # the planting happens with no one holding the store open
