@@ -30,7 +30,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from ._util import free_port, new_temp_dir, stop_process, tail, tool, user_name
 
@@ -179,10 +179,10 @@ class SlurmCluster:
         )
 
 
-def _wait(ready: "object", what: str, cluster: SlurmCluster) -> None:
+def _wait(ready: Callable[[], bool], what: str, cluster: SlurmCluster) -> None:
     deadline = time.monotonic() + SLURM_START_TIMEOUT
     while time.monotonic() < deadline:
-        if ready():  # type: ignore[operator]
+        if ready():
             return
         time.sleep(0.2)
     raise RuntimeError(f"private Slurm: waited {SLURM_START_TIMEOUT:.0f} s for {what}\n{cluster.logs()}")
