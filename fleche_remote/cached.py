@@ -22,9 +22,17 @@ Choices worth knowing:
   that is (or plainly holds) a ``Path`` names a file on this machine: it
   is saved to local layers only, never to a remote one (logged, not
   raised; a stack saves it into its first layer without pushing it on).
-* Two threads missing the same key both compute and both save; saves of
-  an existing key are no-ops, so both return correct results. No lock is
-  held while the function runs, so a slow call never blocks other keys.
+* A miss is claimed before it is computed (:mod:`.claiming`): threads,
+  processes and machines that miss the same key meanwhile wait for the
+  holder's result. Claims are per key, so a slow call never blocks
+  other keys.
+* Unless ``version=`` pins it, the key's version is ``code:<digest>`` of
+  the function's code and the user code it reaches (see :mod:`.codec.code`),
+  computed once per process at first use. Records carry it as their
+  version and the digest's parts in ``metadata["code"]``, so a miss whose
+  arguments were stored under other code says, once, which part changed.
+  That comparison asks the first layer only, if it is local: a miss never
+  costs a remote round trip for an explanation.
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ import sys
 import threading
 import time
 import types
-from pathlib import Path
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -49,21 +56,25 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
-    Set,
     Tuple,
     TypeVar,
     Union,
     overload,
 )
 
-from .caches import BaseCache, CacheStack
+from . import claiming
+from .caches import BaseCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
 from .call import Call, LazyCall
+from .codec.code import CodeDigest
 from .codec.digest import Digest, call_digest, digest_of, normalize_version
+from .codekey import UNRESOLVED, CodeDigestWarning, HashCodeSpec, KeyVersion
 from .errors import CorruptEntryError, Rejected, UnpicklableArgumentError
+from .localpaths import holds_local_path, local_target, path_result_skipped
 from .query import plan_query
+from .storage.claims import DEFAULT_LEASE
 
 log = logging.getLogger("fleche_remote.cached")
 
@@ -87,58 +98,6 @@ def _metadata(wall_time: float) -> Dict[str, Any]:
     }
 
 
-#: How far into tuples, lists and dicts a result is searched for a local
-#: ``Path``, and the largest container searched: enough for ``(frame,
-#: Path)`` or ``{"plot": Path}``, cheap for a list of a million floats.
-PATH_SEARCH_DEPTH = 3
-PATH_SEARCH_ITEMS = 1000
-
-_warned_path_results: Set[str] = set()
-
-
-def _holds_local_path(value: Any, depth: int = 0) -> bool:
-    """Whether a result is, or plainly holds, a ``pathlib.Path``: a name for
-    a file on this machine, which a remote layer could not read back."""
-    if isinstance(value, Path):
-        return True
-    if depth >= PATH_SEARCH_DEPTH:
-        return False
-    if type(value) in (tuple, list) and len(value) <= PATH_SEARCH_ITEMS:
-        return any(_holds_local_path(v, depth + 1) for v in value)
-    if type(value) is dict and len(value) <= PATH_SEARCH_ITEMS:
-        return any(_holds_local_path(v, depth + 1) for v in value.values())
-    return False
-
-
-def _local_target(cache: BaseCache) -> Optional[BaseCache]:
-    """Where a result holding a local ``Path`` may be saved: ``cache`` when
-    no remote layer would receive it; a stack's first layer, directly, when
-    the stack would also push the save to a remote (write-behind); None when
-    the save would go to a remote."""
-    if cache.is_remote:
-        return None
-    if isinstance(cache, CacheStack):
-        first = _local_target(cache.layers[0])
-        if first is None or any(w.layer.is_remote for w in cache.write_behind):
-            return first
-        return cache
-    return cache
-
-
-def _path_result_skipped(name: str, cache: BaseCache) -> None:
-    # logged, not raised: the caller still gets the result; once per function
-    # as a warning, since the function now runs on every call
-    level = logging.DEBUG if name in _warned_path_results else logging.WARNING
-    _warned_path_results.add(name)
-    log.log(
-        level,
-        "%s returned a local Path; not saving it to %r, whose remote layer could not read the file "
-        "it names (return the file's content to cache it remotely)",
-        name,
-        cache,
-    )
-
-
 class CachedFunction:
     """A function whose results are kept in a cache (what ``@cached`` returns).
 
@@ -148,13 +107,25 @@ class CachedFunction:
 
     Attributes:
         name: the name calls are filed under, ``module.qualname``.
-        version: bump it to stop finding results of earlier versions (held
-            as a str: ``@cached(version=2)`` gives ``"2"``).
+        version: the version keys and records carry: the pinned one (held
+            as a str: ``@cached(version=2)`` gives ``"2"``), else
+            ``code:<digest>`` of the code (see :attr:`code`), else None.
         ignore: parameters left out of the key (e.g. a verbosity flag).
+        hash_code: True (the code counts), ``"deps"`` (and the versions
+            of installed packages it uses) or False (only the name does).
     """
 
     def __init__(
-        self, func: Callable[..., Any], cache: CacheSpec, version: VersionSpec, ignore: Iterable[str]
+        self,
+        func: Callable[..., Any],
+        cache: CacheSpec,
+        version: VersionSpec,
+        ignore: Iterable[str],
+        hash_code: HashCodeSpec = None,
+        *,
+        claims: bool = True,
+        lease: float = DEFAULT_LEASE,
+        claim_timeout: Optional[float] = None,
     ):
         if not callable(func):
             raise TypeError(f"@cached needs a function, got {func!r}")
@@ -180,11 +151,21 @@ class CachedFunction:
             )
         self.func = func
         self.name = f"{module}.{qualname}"
-        self.version = version
+        self._keys = KeyVersion(func, self.name, version, hash_code)
         self.ignore: Tuple[str, ...] = ignored
         self._cache_spec = cache
         self._cache: Optional[BaseCache] = cache if isinstance(cache, BaseCache) else None
         self._cache_lock = threading.Lock()
+        if not lease > 0 or (claim_timeout is not None and not claim_timeout >= 0):
+            raise ValueError(
+                f"lease must be > 0 and claim_timeout None or >= 0, got {lease!r}, {claim_timeout!r}"
+            )
+        #: claim a miss before computing it (see :mod:`fleche_remote.claiming`)
+        self.claims = bool(claims)
+        #: seconds a claim lives unless renewed: what a dead holder costs waiters
+        self.lease = float(lease)
+        #: seconds a miss waits for another holder before ClaimWaitTimeout; None: as long as it lives
+        self.claim_timeout = claim_timeout
         functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
@@ -235,6 +216,60 @@ class CachedFunction:
                     spec = self._cache_spec
                     self._cache = load_cache(spec if isinstance(spec, str) else None)
         return self._cache
+
+    @property
+    def version(self) -> Optional[str]:
+        found = self._keys.value  # read on every call: one attribute test once resolved
+        return self._keys.resolve() if found is UNRESOLVED else found  # type: ignore[no-any-return]
+
+    @version.setter
+    def version(self, value: VersionSpec) -> None:
+        self._keys.pin(normalize_version(value))
+
+    @property
+    def hash_code(self) -> Union[bool, str]:
+        """True (the code counts), ``"deps"`` (and installed packages' versions) or False."""
+        return self._keys.hash_code
+
+    @property
+    def code(self) -> Optional[CodeDigest]:
+        """What the code puts into keys (digest and parts), computed on first
+        use; None when ``version=`` pins the key or ``hash_code`` is off."""
+        self._keys.resolve()
+        return self._keys.code
+
+    @property
+    def __fleche_code__(self) -> Any:
+        # how a function that calls this one counts it (see .codec.code)
+        return self._keys.stand_in()
+
+    def _metadata(self, wall_time: float) -> Dict[str, Any]:
+        return self._keys.with_code(_metadata(wall_time))
+
+    def rerun(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute again, whatever is stored, and replace the stored result.
+
+        The stored call is evicted (from every writable layer of a stack)
+        and the new one saved; a reader between the two finds nothing and
+        computes too. Saving follows the rules of a call (a read-only cache
+        or a failing save is logged, and the result still returned).
+
+        Returns:
+            The new result.
+        """
+        arguments = self.arguments(*args, **kwargs)
+        key = call_digest(self.name, arguments, self.version)
+        cache = self.cache
+        computed = {key: _run_timed(self, args, kwargs)}
+        if not cache.read_only:
+            try:
+                cache.evict(key)
+            except KeyError:
+                pass
+            except Rejected as exc:
+                log.debug("%s: old result of key %s kept by a read-only layer: %s", self.name, key[:12], exc)
+        self._save_batch(cache, {key: (args, kwargs, arguments)}, computed)
+        return computed[key][0]
 
     def arguments(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """The arguments as they enter the key: bound by name, defaults
@@ -443,20 +478,12 @@ class CachedFunction:
             if lazy is not None:
                 results[key] = lazy.result
                 del todo[key]
-        if todo and on is not None:
-            results.update(self._compute_on(on, todo, len(unique) - len(todo), progress, strict, keys))
-        elif todo:
-            computed: Dict[Digest, Tuple[Any, float]] = {}
-            runner = _with_bar(executor, progress, len(unique), len(todo), self.name)
-            try:
-                self._compute(todo, runner, computed)
-            finally:
-                if runner is not executor:
-                    runner.shutdown()
-                # saved even when a call failed or the sweep was interrupted:
-                # a rerun then starts where this one stopped
-                self._save_batch(cache, todo, computed)
-            results.update((key, result) for key, (result, _) in computed.items())
+        if todo:
+            self._keys.explain_miss(cache, next(iter(todo.values()))[2])
+            if on is not None:
+                results.update(self._compute_on(on, todo, len(unique) - len(todo), progress, strict, keys))
+            else:
+                self._sweep_misses(cache, todo, executor, results, progress)
         return [results[key] for key in keys]
 
     def _compute_on(
@@ -478,6 +505,59 @@ class CachedFunction:
             first = next(key for key in order if key in failures)
             raise failures[first]
         return results
+
+    def _sweep_misses(
+        self,
+        cache: BaseCache,
+        todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        executor: Optional[Executor],
+        results: Dict[Digest, Any],
+        progress: Optional[bool] = None,
+    ) -> None:
+        def lookup(keys: List[str]) -> List[str]:
+            ready = [Digest(k) for k in keys]
+            for key, lazy in zip(ready, self._lookup(cache, ready)):
+                if lazy is not None:
+                    results[key] = lazy.result
+            return [k for k in ready if k not in results]
+
+        def compute(keys: List[str]) -> None:
+            batch = {Digest(k): todo[Digest(k)] for k in keys}
+            self._compute_batch(cache, batch, executor, results, progress)
+
+        keeper = cache.claim_keeper() if self.claims else None
+        claiming.compute_batch(
+            keeper,
+            list(todo),
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            lookup,
+            compute,
+        )
+
+    def _compute_batch(
+        self,
+        cache: BaseCache,
+        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        executor: Optional[Executor],
+        results: Dict[Digest, Any],
+        progress: Optional[bool] = None,
+    ) -> None:
+        if not todo:
+            return
+        computed: Dict[Digest, Tuple[Any, float]] = {}
+        runner = _with_bar(executor, progress, len(results) + len(todo), len(todo), self.name)
+        try:
+            self._compute(todo, runner, computed)
+        finally:
+            if runner is not executor:
+                runner.shutdown()
+            # saved even when a call failed or the sweep was interrupted:
+            # a rerun then starts where this one stopped
+            self._save_batch(cache, todo, computed)
+        results.update((key, result) for key, (result, _) in computed.items())
 
     def _lookup(self, cache: BaseCache, keys: List[Digest]) -> List[Optional[LazyCall]]:
         try:
@@ -505,7 +585,8 @@ class CachedFunction:
     ) -> None:
         if executor is None:
             for key, (args, kwargs, _) in todo.items():
-                computed[key] = _run_timed(self, args, kwargs)
+                with claiming.computing(self.name, [key]):
+                    computed[key] = _run_timed(self, args, kwargs)
             return
         from concurrent.futures import CancelledError
 
@@ -543,15 +624,15 @@ class CachedFunction:
             log.debug("%s: cache %r is read-only; %d results not saved", self.name, cache, len(computed))
             return
         calls = [
-            Call(self.name, todo[key][2], result, _metadata(wall_time), self.version)
+            Call(self.name, todo[key][2], result, self._metadata(wall_time), self.version)
             for key, (result, wall_time) in computed.items()
         ]
-        with_paths = [c for c in calls if _holds_local_path(c.result)]
+        with_paths = [c for c in calls if holds_local_path(c.result)]
         if with_paths:
-            calls = [c for c in calls if not _holds_local_path(c.result)]
-            target = _local_target(cache)
+            calls = [c for c in calls if not holds_local_path(c.result)]
+            target = local_target(cache)
             if target is None:
-                _path_result_skipped(self.name, cache)
+                path_result_skipped(self.name, cache)
             else:
                 self._save_batch_into(target, with_paths)
         self._save_batch_into(cache, calls)
@@ -594,18 +675,57 @@ class CachedFunction:
             pass
         except CorruptEntryError as exc:
             log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
+        self._keys.explain_miss(cache, arguments)
+        return self._miss(cache, key, arguments, args, kwargs)
+
+    def _miss(
+        self,
+        cache: BaseCache,
+        key: Digest,
+        arguments: Dict[str, Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
+        def load() -> Any:
+            try:
+                return cache.load_value(key)  # a holder we waited for saved it
+            except CorruptEntryError as exc:
+                log.warning(
+                    "stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc
+                )
+                raise KeyError(key) from None
+
+        return claiming.compute_once(
+            cache.claim_keeper() if self.claims else None,
+            key,
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            load,
+            lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
+        )
+
+    def _compute_and_save(
+        self,
+        cache: BaseCache,
+        key: Digest,
+        arguments: Dict[str, Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
         start = time.perf_counter()
         result = self.func(*args, **kwargs)
         wall_time = time.perf_counter() - start
         if cache.read_only:
             log.debug("%s: cache %r is read-only; result of key %s not saved", self.name, cache, key[:12])
             return result
-        call = Call(self.name, arguments, result, _metadata(wall_time), self.version)
+        call = Call(self.name, arguments, result, self._metadata(wall_time), self.version)
         target = cache
-        if _holds_local_path(result):
-            local = _local_target(cache)
+        if holds_local_path(result):
+            local = local_target(cache)
             if local is None:
-                _path_result_skipped(self.name, cache)
+                path_result_skipped(self.name, cache)
                 return result
             target = local
         try:
@@ -657,7 +777,15 @@ def cached(func: F) -> F: ...
 
 @overload
 def cached(
-    func: None = None, *, cache: CacheSpec = None, version: VersionSpec = None, ignore: Iterable[str] = ()
+    func: None = None,
+    *,
+    cache: CacheSpec = None,
+    version: VersionSpec = None,
+    ignore: Iterable[str] = (),
+    hash_code: HashCodeSpec = None,
+    claims: bool = True,
+    lease: float = DEFAULT_LEASE,
+    claim_timeout: Optional[float] = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -667,40 +795,78 @@ def cached(
     cache: CacheSpec = None,
     version: VersionSpec = None,
     ignore: Iterable[str] = (),
+    hash_code: HashCodeSpec = None,
+    claims: bool = True,
+    lease: float = DEFAULT_LEASE,
+    claim_timeout: Optional[float] = None,
 ) -> Any:
     """Memoize a function in a persistent cache.
 
-    Use as ``@cached`` or ``@cached(cache=..., version=..., ignore=...)``.
+    Use as ``@cached`` or ``@cached(cache=..., version=..., ignore=..., hash_code=...)``.
+
+    A key is the function's name, its arguments, and its version: by
+    default a digest of its code and of the user code it reaches (helpers,
+    classes, module-level constants; not the standard library or installed
+    packages), so editing any of them computes anew, while comments,
+    docstrings and formatting do not count.
 
     Args:
         func: the function (when used without parentheses).
         cache: a :class:`~fleche_remote.caches.BaseCache`, the name of a
             cache in fleche.toml, or None for ``[default] cache``; names
             are resolved on the first call.
-        version: part of the key (a str or an int); change it when the
-            function's meaning changes, so old results are no longer
-            found. An int stands for its decimal string: ``version=2`` and
-            ``version="2"`` are the same version, with the same keys.
+        version: pins the key to this version (a str or an int) instead
+            of the code: edits no longer change keys; change it when the
+            function's meaning changes. An int stands for its decimal
+            string: ``version=2`` and ``version="2"`` are one version.
+        hash_code: True (the default unless ``version`` is given): the
+            code is in the key. ``"deps"``: so are the versions of the
+            installed packages the code uses. False: neither (the name
+            alone, as ``fleche`` does by default).
         ignore: names of parameters that do not affect the result (a
             log level, a progress flag); they are left out of the key.
+        claims: claim a missed call before computing it, so that other
+            threads, processes and machines sharing the cache wait for
+            this result instead of computing it too (see
+            :mod:`fleche_remote.claiming`).
+        lease: seconds a claim lives unless its holder renews it (every
+            third of it): a holder that dies is taken over within
+            ``lease`` plus one poll (at most 2 s).
+        claim_timeout: seconds a miss waits for another holder before
+            raising :class:`~fleche_remote.ClaimWaitTimeout` (naming the
+            holder's host and pid); None waits as long as it lives.
 
     Returns:
         A :class:`CachedFunction` (or a decorator making one), which also
         offers ``.key``, ``.contains``, ``.load``, ``.query``, ``.cache``,
+        ``.rerun`` (compute again and replace), ``.code`` (the digest),
         and the sweeps ``.map``, ``.starmap`` and ``.map_kwargs``.
 
     Raises:
         TypeError: at decoration, for a name in ``ignore`` that the
-            function does not take, or a ``cache``/``version`` of the wrong
-            type.
+            function does not take, a ``cache``/``version``/``hash_code``
+            of the wrong type, or both ``version`` and ``hash_code``.
+
+    Warns:
+        CodeDigestWarning: at first use, once, when the function's source
+            cannot be read (then its name stands for its code).
     """
 
     def decorate(f: Callable[..., Any]) -> CachedFunction:
-        return CachedFunction(f, cache, version, ignore)
+        return CachedFunction(
+            f,
+            cache,
+            version,
+            ignore,
+            hash_code,
+            claims=claims,
+            lease=lease,
+            claim_timeout=claim_timeout,
+        )
 
     if func is None:
         return decorate
     return decorate(func)
 
 
-__all__ = ["CachedFunction", "cached"]
+__all__ = ["CachedFunction", "CodeDigestWarning", "cached"]

@@ -10,6 +10,7 @@ points at it by its value digest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
@@ -22,6 +23,7 @@ from .codec.digest import (
     normalize_version,
 )
 from .codec.plain import check_plain, register_plain
+from .errors import CorruptEntryError
 
 if TYPE_CHECKING:
     from .codec.values import Blob
@@ -86,6 +88,90 @@ class CallRecord:
         if isinstance(state, dict) and "digest_scheme" not in state:
             state = {**state, "digest_scheme": LEGACY_DIGEST_SCHEME}
         self.__dict__.update(state)
+
+
+@register_plain
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """What a listing yields for a stored record that could not be read.
+
+    One bad record (planted in a shared directory, or saved through an
+    append-only key) must not hide the others: a store's ``query`` yields
+    this in its place, a server sends it on as plain data, and
+    ``fleche-remote ls`` shows it as ``<unreadable: reason>``. Code that
+    wants calls (:meth:`~fleche_remote.BaseCache.query`) skips it.
+    """
+
+    key: str
+    reason: str
+
+
+#: A call record's encoded size at most (its arguments ride inside it): a
+#: gzip bomb in a shared directory is refused past this, never inflated.
+MAX_RECORD_BYTES = 256 << 20
+
+#: Longest name, version, digest or kind a record may carry: room for any
+#: qualified name, and a bound on what a listing prints.
+MAX_FIELD_CHARS = 4096
+
+_HEX = re.compile(r"[0-9a-f]{1,128}")
+_TEXT_FIELDS = ("key", "name", "value", "value_kind", "digest_scheme")
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """What is wrong with a decoded record's fields, or None when nothing is.
+
+    A record holds plain fields of fixed types (see :class:`CallRecord`);
+    one that arrives with an ``int`` for its arguments, a list for its
+    metadata or a 200,000-deep structure is refused here, by every store
+    on read and by a server on save, before any reader trips on it.
+    """
+    if not isinstance(record, CallRecord):
+        return f"holds a {type(record).__name__}, expected a CallRecord"
+    fields = getattr(record, "__dict__", {})
+    for name in _TEXT_FIELDS:
+        value = fields.get(name)
+        if not isinstance(value, str):
+            return f"its {name} is a {type(value).__name__}, expected str"
+        if len(value) > MAX_FIELD_CHARS:
+            return f"its {name} is {len(value)} characters long (at most {MAX_FIELD_CHARS})"
+    for name in ("key", "value"):
+        if not _HEX.fullmatch(fields[name]):
+            return f"its {name} {fields[name][:80]!r} is not a hex digest"
+    version = fields.get("version")
+    if version is not None and (not isinstance(version, str) or len(version) > MAX_FIELD_CHARS):
+        return f"its version is a {type(version).__name__}, expected str or None"
+    if not isinstance(fields.get("arguments"), (bytes, bytearray)):
+        return f"its arguments are a {type(fields.get('arguments')).__name__}, expected pickled bytes"
+    size = fields.get("value_size")
+    if type(size) is not int or size < 0:
+        return f"its value_size is {size!r}, expected an int >= 0"
+    digests = fields.get("arg_digests")
+    if not isinstance(digests, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_FIELD_CHARS and len(v) <= MAX_FIELD_CHARS
+        for k, v in digests.items()
+    ):
+        return f"its arg_digests are {type(digests).__name__}, expected a dict of str to str"
+    metadata = fields.get("metadata")
+    if not isinstance(metadata, dict):
+        return f"its metadata is a {type(metadata).__name__}, expected a dict"
+    try:
+        check_plain(metadata, "its metadata")
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def check_record(record: Any, where: str) -> CallRecord:
+    """``record``, if its fields are plain data of the right types.
+
+    Raises:
+        CorruptEntryError: naming ``where`` and what is wrong.
+    """
+    problem = record_problem(record)
+    if problem is not None:
+        raise CorruptEntryError(f"{where}: {problem}")
+    return record  # type: ignore[no-any-return]
 
 
 def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
@@ -179,4 +265,12 @@ class LazyCall:
         return f"<LazyCall {self.name} key={self.record.key[:12]} result {state}>"
 
 
-__all__ = ["Call", "CallRecord", "LazyCall", "make_record"]
+__all__ = [
+    "Call",
+    "CallRecord",
+    "LazyCall",
+    "UnreadableRecord",
+    "check_record",
+    "make_record",
+    "record_problem",
+]

@@ -195,6 +195,16 @@ class RemoteError(FlecheRemoteError):
         return text
 
 
+class ClaimWaitTimeout(FlecheRemoteError, TimeoutError):
+    """A ``@cached`` call waited longer than its ``claim_timeout`` for
+    another holder (named in the message) to finish computing it."""
+
+
+class RecursiveCallError(FlecheRemoteError, RuntimeError):
+    """A ``@cached`` function called itself with the same arguments: it
+    would wait for its own result forever."""
+
+
 class ComputeError(FlecheRemoteError):
     """A point of ``f.map(..., on=...)`` that the host could not compute
     for a reason of its own, not the function's: Slurm ended its task

@@ -54,8 +54,8 @@ FIELDS = ("name", "arguments", "metadata", "module", "version", "code_digest", "
 
 #: Fields fleche has and fleche-remote cannot filter on, with what to do instead.
 UNSUPPORTED = {
-    "code_digest": "fleche-remote does not record code digests; bump @cached(version=...) "
-    "when a function's code changes, and filter with version=...",
+    "code_digest": "fleche-remote keeps a call's code digest as its version ('code:<digest>', "
+    "see f.version); filter with version=f.version",
     "result": "fleche-remote does not index results; query the calls and compare each LazyCall's .result",
 }
 

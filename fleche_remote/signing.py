@@ -304,8 +304,14 @@ class Signer:
         return out
 
     def iter_records(self, records: Iterable[CallRecord], where: Where) -> Iterator[CallRecord]:
-        """:meth:`open_record` over a stream (a query's answer)."""
+        """:meth:`open_record` over a stream (a query's answer). A record
+        its store could not read passes on as the
+        :class:`~fleche_remote.call.UnreadableRecord` it is: it holds
+        nothing to verify, and nothing that will be unpickled."""
         for record in records:
+            if not isinstance(record, CallRecord):
+                yield record
+                continue
             yield self.open_record(record, where)
 
     def _parse(self, signature: Any, what: str, ident: str, place: Callable[[], str]) -> Tuple[_Key, str]:

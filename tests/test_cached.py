@@ -108,7 +108,10 @@ def test_positional_keyword_and_default_spellings_share_a_key() -> None:
 def test_key_is_the_call_key_under_module_qualname() -> None:
     add, _ = counting(memory_cache())
     assert add.name == f"{__name__}.counting.<locals>.add"
-    assert add.key(2, y=3) == fleche_remote.Call(add.name, {"x": 2, "y": 3, "scale": 1}).key()
+    # an unpinned function's version is the digest of its code
+    assert add.version is not None and add.version.startswith("code:")
+    call = fleche_remote.Call(add.name, {"x": 2, "y": 3, "scale": 1}, version=add.version)
+    assert add.key(2, y=3) == call.key()
 
 
 def test_wrong_arguments_raise_like_the_function_would() -> None:
@@ -207,7 +210,9 @@ def test_metadata_is_plain_and_describes_the_run() -> None:
     add, _ = counting(memory_cache())
     add(1)
     meta = dict(add.load(1).metadata)
-    assert set(meta) == {"wall_time", "hostname", "python_version", "timestamp", "fleche_remote_version"}
+    described = {"wall_time", "hostname", "python_version", "timestamp", "fleche_remote_version", "code"}
+    assert set(meta) == described
+    assert meta["code"]["digest"] == add.version[len("code:") :]
     assert meta["wall_time"] >= 0 and meta["timestamp"] > 1.6e9
     assert meta["python_version"] == ".".join(map(str, sys.version_info[:3]))
     assert meta["fleche_remote_version"] == fleche_remote.__version__
@@ -349,7 +354,7 @@ def test_threads_computing_the_same_key_all_get_the_result(tmp_path: Path) -> No
     n = 6
     barrier = threading.Barrier(n, timeout=10)
 
-    @cached(cache=store)
+    @cached(cache=store, claims=False)  # with claims one computes, the others wait (test_claims.py)
     def together(x: int) -> List[int]:
         barrier.wait()  # every thread is inside the function at once: all of them missed
         return [x] * 3
@@ -456,6 +461,9 @@ def test_map_is_one_lookup_and_one_save_for_the_whole_batch() -> None:
     add.map([0, 1])
     layer.reset()
     assert add.map(range(50)) == [x + 10 for x in range(50)]
+    # besides: a local index query asking whether other code stored these
+    # arguments, to say why they compute (bounded per process)
+    assert layer.counts.pop("query_records") == 1
     assert layer.counts == {"load_entries": 1, "save_records": 1}
     assert layer.saved == [48]
     layer.reset()

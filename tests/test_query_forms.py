@@ -83,7 +83,7 @@ def test_fleche_query_forms_on_every_cache(cache_under_test: CacheUnderTest) -> 
     ("kwargs", "error", "fragment"),
     [
         ({"name": "f", "result": 1}, TypeError, "does not index results"),
-        ({"code_digest": "ab"}, TypeError, "code digests"),
+        ({"code_digest": "ab"}, TypeError, "code digest as its version"),
         ({"name": 3}, TypeError, "function name"),
         ({"name": ""}, ValueError, "empty"),
         ({"module": 1}, TypeError, "module must be a str"),

@@ -27,6 +27,7 @@ from ..codec.digest import Digest
 from ..codec.values import Blob, blob_digest, decode_value, encode_value
 from ..errors import Rejected
 from ..query import QueryPlan, check_keywords, plan_query
+from ..storage.claims import Claims
 
 #: Filter keys with this name match metadata instead of an argument (one of
 #: the reserved fields, :data:`fleche_remote.query.FIELDS`).
@@ -265,6 +266,8 @@ class BaseCache(abc.ABC):
         records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
         chunk: List[CallRecord] = []
         for record in records:
+            if not isinstance(record, CallRecord):  # an UnreadableRecord: no call to give
+                continue
             if plan.accepts(record):
                 chunk.append(record)
             if len(chunk) >= QUERY_BATCH:
@@ -309,6 +312,14 @@ class BaseCache(abc.ABC):
         """A short plain-data description (for ``info`` and the CLI)."""
         return {"class": type(self).__name__, "read_only": self.read_only}
 
+    # -- claims (see fleche_remote.claiming) -----------------------------------
+
+    def claim_keeper(self) -> Optional[Claims]:
+        """Where a ``@cached`` miss on this cache claims its key before
+        computing it: the place its saves are shared through. None: no
+        claims (a read-only cache, or storage that cannot hold them), and
+        a miss is computed as it comes."""
+        return None
 
 #: A batch of lazy results (``load_many``, a page of ``query``) fetches the
 #: values not yet loaded together, when the first of them is read: at most

@@ -31,6 +31,7 @@ from ..errors import AmbiguousDigestError, CorruptEntryError, Rejected
 from ..redaction import REDACTED, redact
 from ..signing import SecretKeyArg, Signer
 from ..storage.base import INLINE_MAX, CallStore, InlineValues, ValueStore
+from ..storage.claims import Claims
 from .base import BaseCache
 
 _HEX = frozenset("0123456789abcdef")
@@ -294,6 +295,13 @@ class Cache(BaseCache):
         if self.signer is not None:
             described["signed_with"] = self.signer.key_id
         return described
+
+    # -- claims: in the call store, when it can hold them -----------------------
+
+    def claim_keeper(self) -> Optional[Claims]:
+        if self._read_only or not isinstance(self.calls, Claims):
+            return None
+        return self.calls
 
 
 def _in_memory(digest: str, blob: Blob) -> Blob:

@@ -42,6 +42,7 @@ from ..call import CallRecord
 from ..codec.digest import Digest
 from ..codec.values import Blob, decode_value
 from ..errors import AmbiguousDigestError, Rejected
+from ..storage.claims import Claims, Holder
 from .base import BaseCache
 from .writebehind import WRITE_BEHIND_KEY, WriteBehind
 
@@ -324,7 +325,8 @@ class CacheStack(BaseCache):
                 if record.key in seen:
                     continue
                 seen.add(record.key)
-                if not depth or not self._backfilling():
+                if not depth or not self._backfilling() or not isinstance(record, CallRecord):
+                    # an UnreadableRecord is passed on as it is, never back-filled
                     yield record
                     continue
                 page.append(record)
@@ -372,6 +374,25 @@ class CacheStack(BaseCache):
             "read_only": self.read_only,
         }
 
+    # -- claims: in the last layer that saves reach ----------------------------
+
+    def claim_keeper(self) -> Optional[Claims]:
+        """The lowest write-behind layer that keeps claims, else the first
+        layer: the furthest place this stack's saves reach, so every stack
+        that shares it (two laptops and one cluster) computes a call once.
+        A claim there is released only once the result is pushed to it."""
+        if self.read_only:
+            return None
+        depth = {id(layer): i for i, layer in enumerate(self.layers)}
+        for writer in sorted(self.write_behind, key=lambda w: -depth[id(w.layer)]):
+            keeper = writer.layer.claim_keeper()
+            if keeper is not None:
+                kept = getattr(self, "_pushed_claims", None)
+                if kept is None or kept.inner is not keeper:
+                    kept = self._pushed_claims = PushedFirst(keeper, writer)
+                return kept
+        return self.layers[0].claim_keeper()
+
 
 _T = TypeVar("_T")
 
@@ -399,3 +420,38 @@ def first_found(
                 result[i] = item
         missing = still
     return result
+
+
+class PushedFirst(Claims):
+    """Claims in a write-behind layer, released only after the holder's
+    result has been pushed there: whoever takes the claim next, on another
+    machine, must find the result."""
+
+    #: the release waits for a push: the renewing thread sends it
+    release_in_background = True
+
+    def __init__(self, inner: Claims, writer: WriteBehind) -> None:
+        self.inner = inner
+        self.writer = writer
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    @property
+    def reports_stored(self) -> bool:
+        return bool(getattr(self.inner, "reports_stored", False))
+
+    def before_release(self) -> None:
+        self.writer.flush(self.writer.close_timeout)
+
+    def claim(self, keys: Sequence[str], holder: Holder, lease: float) -> List[Optional[Holder]]:
+        return self.inner.claim(keys, holder, lease)
+
+    def renew(self, keys: Sequence[str], holder: Holder, lease: float) -> List[bool]:
+        return self.inner.renew(keys, holder, lease)
+
+    def release(self, keys: Sequence[str], holder: Holder) -> None:
+        self.inner.release(keys, holder)
+
+    def claimed(self, keys: Sequence[str]) -> List[bool]:
+        return self.inner.claimed(keys)

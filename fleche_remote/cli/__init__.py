@@ -27,7 +27,9 @@ Exit status: 0 when all went well; 1 for a failure at run time (a remote
 that does not answer, unreadable storage, a ``doctor`` check that failed);
 2 for a usage or configuration error the user can fix (a malformed
 fleche.toml, an unknown cache name, a bad option), printed as one line on
-stderr without a traceback.
+stderr without a traceback; 3 when ``ls`` or ``show`` printed what they
+could but some entries were unreadable (each shown as
+``<unreadable: reason>``).
 """
 
 from __future__ import annotations

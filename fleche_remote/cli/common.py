@@ -250,19 +250,29 @@ def name_matches(stored: str, wanted: str) -> bool:
     return stored == wanted or stored.endswith("." + wanted)
 
 
-def select(cache: BaseCache, filters: Filters) -> Iterator[Tuple[CallRecord, List[int]]]:
+def select(
+    cache: BaseCache, filters: Filters, *, unreadable: bool = False
+) -> Iterator[Tuple[Any, List[int]]]:
     """Matching records of every layer, each once, with the layers that hold it.
 
     Each layer is queried on its own (nothing is back-filled). Names are
     matched here, not on the server, so that unqualified names work; the
     argument filters go to the server.
+
+    Args:
+        unreadable: also yield the records a store could not read, as
+            :class:`~fleche_remote.call.UnreadableRecord` (a listing shows
+            them; commands that act on entries leave them out).
     """
-    held: Dict[str, Tuple[CallRecord, List[int]]] = {}
+    held: Dict[str, Tuple[Any, List[int]]] = {}
     for depth, layer in enumerate(layers_of(cache)):
         records = layer.query_records(None, filters.arg_digests or None, None)
         try:
             for record in records:
-                if not filters.matches(record):
+                if not isinstance(record, CallRecord):
+                    if not unreadable:
+                        continue
+                elif not filters.matches(record):
                     continue
                 if record.key in held:
                     held[record.key][1].append(depth)
@@ -299,11 +309,32 @@ def find_record(cache: BaseCache, key: str) -> Tuple[CallRecord, List[int]]:
 # -- showing ------------------------------------------------------------------------
 
 
+#: Timestamps outside this range (Unix seconds) are shown as unknown: a
+#: stored ``10**400``, ``1e300`` or ``NaN`` is no moment ``datetime`` can print.
+_STAMP_RANGE = (0.0, 1e11)
+
+
 def timestamp(record: CallRecord) -> Optional[float]:
-    stamp = record.metadata.get("timestamp")
+    """The record's ``timestamp`` metadata, if it is a plausible Unix time."""
+    stamp = record.metadata.get("timestamp") if isinstance(record.metadata, dict) else None
     if isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
         return None
-    return float(stamp)
+    try:
+        value = float(stamp)
+    except OverflowError:
+        return None
+    if not (_STAMP_RANGE[0] <= value <= _STAMP_RANGE[1]):  # NaN fails both
+        return None
+    return value
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible character escaped
+    (``\x1b``, ``\n``, ``\u202e``): names and arguments in a listing are
+    whatever a writer stored, and must not clear the screen or fake a row."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def human_age(seconds: Optional[float]) -> str:
@@ -322,6 +353,7 @@ def table(rows: List[List[str]], out: Any) -> None:
     """Left-aligned columns, the last one unpadded."""
     if not rows:
         return
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]

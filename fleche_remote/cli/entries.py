@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
-from typing import Any, Dict, List, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from ..codec.peek import abridged, abridged_arguments, peek_arguments
+from ..call import CallRecord, UnreadableRecord
+from ..codec.peek import abridged, abridged_arguments, peek
+from ..codec.values import BytesBlob, decode_value
 from ..errors import ConfigError
 from ..progress import human_bytes
+from . import PROG
 from .common import (
     Filters,
     add_cache_options,
@@ -36,78 +40,183 @@ from .common import (
 CONFIRM_ABOVE = 5
 
 
+#: The exit status of ``ls`` and ``show`` when they listed what they could,
+#: but some entries were unreadable (a record that does not decode, has
+#: fields of the wrong type, or arguments past the peek budget).
+EXIT_UNREADABLE = 3
+
+#: Characters of an unreadable entry's reason in a table row.
+_REASON_WIDTH = 120
+
+
 def _iso(stamp: Any) -> Any:
     if stamp is None:
         return None
-    return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")
+    try:
+        return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # timestamp() keeps to a sane range; belt and braces
+        return None
+
+
+def _problem(record: Any) -> Optional[str]:
+    """Why an entry cannot be shown, or None."""
+    if isinstance(record, UnreadableRecord):
+        return record.reason
+    return peek(record.arguments)[1]
+
+
+def _code(record: Any) -> str:
+    """The short code digest a call was computed by ("" if none was kept):
+    what ``@cached`` stored in ``metadata["code"]``, read defensively."""
+    metadata = getattr(record, "metadata", None)  # an unreadable entry has none
+    code = metadata.get("code") if isinstance(metadata, dict) else None
+    digest = code.get("digest") if isinstance(code, dict) else None
+    return digest[:12] if isinstance(digest, str) else ""
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
-    """One line per stored call: key, name, arguments, size, age, layer."""
+    """One line per stored call: key, name, arguments, size, age, layer.
+
+    An entry that cannot be read is listed as ``<unreadable: reason>``
+    (with ``--json``, an ``error`` field) and the listing goes on; the exit
+    status is then :data:`EXIT_UNREADABLE`.
+    """
     filters = Filters.from_args(args)
     opened = open_cache(args.cache, args)
     try:
         stacked = len(layers_of(opened.cache)) > 1
-        entries = list(select(opened.cache, filters))
+        entries = list(select(opened.cache, filters, unreadable=True))
     finally:
         opened.close()
-    entries.sort(key=lambda e: (timestamp(e[0]) or 0.0, e[0].key))
+
+    def order(entry: Tuple[Any, List[int]]) -> Tuple[float, str]:
+        record = entry[0]
+        stamp = timestamp(record) if isinstance(record, CallRecord) else None
+        return (stamp or 0.0, str(record.key))
+
+    entries.sort(key=order)
     now = time.time()
+    unreadable = 0
     if args.json:
         rows: List[Dict[str, Any]] = []
         for record, depths in entries:
-            arguments, complete = peek_arguments(record.arguments)
+            if isinstance(record, UnreadableRecord):
+                unreadable += 1
+                rows.append({"key": record.key, "error": record.reason, "layers": depths})
+                continue
+            arguments, problem = peek(record.arguments)
             stamp = timestamp(record)
-            rows.append(
-                {
-                    "key": record.key,
-                    "name": record.name,
-                    "arguments": {k: abridged(v, 80) for k, v in arguments.items()} if complete else None,
-                    "size": record.value_size,
-                    "timestamp": stamp,
-                    "saved": _iso(stamp),
-                    "layers": depths,
-                }
-            )
+            row: Dict[str, Any] = {
+                "key": record.key,
+                "name": record.name,
+                "arguments": {k: abridged(v, 80) for k, v in arguments.items()} if problem is None else None,
+                "size": record.value_size,
+                "timestamp": stamp,
+                "saved": _iso(stamp),
+                "layers": depths,
+                "code": _code(record) or None,
+            }
+            if problem is not None:
+                unreadable += 1
+                row["error"] = f"arguments: {problem}"
+            rows.append(row)
         json.dump(rows, out, indent=1)
         out.write("\n")
-        return 0
+        return _status(unreadable)
     header = ["KEY", "NAME", "ARGUMENTS", "SIZE", "AGE"] + (["LAYER"] if stacked else [])
+    header += ["CODE"] if args.code else []
     lines = [header] if not args.no_header else []
     for record, depths in entries:
-        stamp = timestamp(record)
-        line = [
-            record.key[:12],
-            record.name,
-            abridged_arguments(record.arguments, args.width),
-            human_bytes(record.value_size),
-            human_age(None if stamp is None else now - stamp),
-        ]
+        problem = _problem(record)
+        if problem is not None:
+            unreadable += 1
+        if isinstance(record, UnreadableRecord):
+            line = [record.key[:12], "-", _unreadable(problem), "-", "-"]
+        else:
+            stamp = timestamp(record)
+            line = [
+                record.key[:12],
+                record.name,
+                abridged_arguments(record.arguments, args.width) if problem is None else _unreadable(problem),
+                human_bytes(record.value_size),
+                human_age(None if stamp is None else now - stamp),
+            ]
         if stacked:
             line.append(",".join(map(str, depths)))
+        if args.code:
+            line.append(_code(record) or "-")
         lines.append(line)
     table(lines, out)
+    return _status(unreadable)
+
+
+def _unreadable(problem: Optional[str]) -> str:
+    text = str(problem)
+    if len(text) > _REASON_WIDTH:
+        text = text[: _REASON_WIDTH - 3] + "..."
+    return f"<unreadable: {text}>"
+
+
+def _status(unreadable: int) -> int:
+    if unreadable:
+        sys.stderr.write(
+            f"{PROG}: {unreadable} entr{'y' if unreadable == 1 else 'ies'} could not be read "
+            f"(shown as <unreadable: ...>); exit status {EXIT_UNREADABLE}\n"
+        )
+        return EXIT_UNREADABLE
     return 0
 
 
+def _load_result(cache: Any, record: CallRecord, limit: int, width: int) -> Tuple[Any, str]:
+    """The result's abridged repr, or why it was not loaded.
+
+    The value's own bytes are counted as they arrive, never the size the
+    record claims: past ``limit`` the download stops and nothing is
+    unpickled.
+    """
+    if limit <= 0:
+        return None, "not loaded (--max-result-bytes 0)"
+    blob = cache.load_blob(record.value)
+    parts: List[bytes] = []
+    got = 0
+    for chunk in blob.chunks():
+        got += len(chunk)
+        if got > limit:
+            return None, (
+                f"not loaded: more than --max-result-bytes {limit} "
+                f"(the record says {human_bytes(record.value_size)}, the stored value is larger)"
+                if record.value_size <= limit
+                else f"not loaded: more than --max-result-bytes {limit}"
+            )
+        parts.append(bytes(chunk))
+    return abridged(decode_value(BytesBlob(blob.kind, blob.meta, b"".join(parts))), width), ""
+
+
 def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
-    """The whole record of one call, and its result's repr (abridged)."""
+    """The whole record of one call, and its result's repr (abridged).
+
+    Showing the result decodes it: its pickle runs, importing and calling
+    whatever it names, as loading the result in Python would. Use
+    ``--max-result-bytes 0`` to show the record only, on a cache whose
+    writers you do not trust.
+    """
     opened = open_cache(args.cache, args)
     try:
         record, depths = find_record(opened.cache, args.key)
-        arguments, complete = peek_arguments(record.arguments)
+        arguments, problem = peek(record.arguments)
         result: Any = None
         result_note = ""
-        if args.max_result_bytes >= record.value_size:
-            cache = layers_of(opened.cache)[depths[0]]
-            result = abridged(cache.load_value(record.key), args.width)
-        else:
+        if args.max_result_bytes > 0 and record.value_size > args.max_result_bytes:
             result_note = (
                 f"not loaded: {human_bytes(record.value_size)} is more than --max-result-bytes "
                 f"{args.max_result_bytes}"
             )
+        else:
+            cache = layers_of(opened.cache)[depths[0]]
+            result, result_note = _load_result(cache, record, args.max_result_bytes, args.width)
     finally:
         opened.close()
+    complete = problem is None
     shown_args: Any = {k: abridged(v, args.width) for k, v in arguments.items()} if complete else None
     stamp = timestamp(record)
     data = {
@@ -125,10 +234,12 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         "layers": depths,
         "result": result if not result_note else None,
     }
+    if not complete:
+        data["error"] = f"arguments: {problem}"
     if args.json:
         json.dump(data, out, indent=1, default=repr)
         out.write("\n")
-        return 0
+        return _status(0 if complete else 1)
     rows = [
         ["key", record.key],
         ["name", record.name],
@@ -141,11 +252,11 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     if complete:
         rows += [[f"argument {k}", abridged(v, args.width)] for k, v in arguments.items()]
     else:
-        rows.append(["arguments", f"<{len(record.arguments)} bytes, not shown>"])
+        rows.append(["arguments", f"<{len(record.arguments)} bytes, {_unreadable(problem)}>"])
     rows += [[f"metadata {k}", json.dumps(v, default=repr)] for k, v in record.metadata.items()]
     rows.append(["result", result_note or str(result)])
     table(rows, out)
-    return 0
+    return _status(0 if complete else 1)
 
 
 def cmd_evict(args: argparse.Namespace, out: TextIO) -> int:
@@ -198,17 +309,30 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "ls",
         help="list stored calls (key, name, arguments, size, age, layer)",
-        description="List stored calls. Arguments are shown abridged, read without running any code.",
+        description=(
+            "List stored calls. Arguments are shown abridged, read without running any code; "
+            "names and arguments are printed with control characters escaped. An entry that "
+            f"cannot be read is listed as <unreadable: reason> and the exit status is {EXIT_UNREADABLE}."
+        ),
     )
     p.add_argument("cache", nargs="?", metavar="CACHE", help=spec_help)
     add_filter_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--width", type=int, default=48, help="characters for the arguments column")
     p.add_argument("--no-header", action="store_true", help="leave out the header line")
+    p.add_argument("--code", action="store_true", help="add the digest of the code that computed each call")
     add_cache_options(p)
     p.set_defaults(run=cmd_ls)
 
-    p = sub.add_parser("show", help="show one stored call in full", description=cmd_show.__doc__)
+    p = sub.add_parser(
+        "show",
+        help="show one stored call in full",
+        description=(
+            "Show one stored call and its result's repr (abridged). Showing the result decodes "
+            "it: its pickle runs, importing and calling whatever it names. --max-result-bytes 0 "
+            f"shows the record only. Exit status {EXIT_UNREADABLE} when the arguments cannot be read."
+        ),
+    )
     p.add_argument("key", metavar="KEY", help="a key or a unique prefix of one")
     p.add_argument("cache", nargs="?", metavar="CACHE", help=spec_help)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -218,7 +342,11 @@ def register(sub: Any) -> None:
         type=int,
         default=64 << 20,
         metavar="N",
-        help="do not load results larger than this (default 64 MiB)",
+        help=(
+            "do not load results larger than this, counted as the value arrives (default 64 MiB). "
+            "Showing a result decodes it: its pickle runs, as loading it in Python would; "
+            "0 shows the record only"
+        ),
     )
     add_cache_options(p)
     p.set_defaults(run=cmd_show)

@@ -13,7 +13,10 @@ plain data), and the client reads them with :class:`_PeekUnpickler`:
 * "calling" a placeholder (REDUCE, NEWOBJ, BUILD) just records that a
   ``name(...)`` was built; plain data (numbers, strings, bytes, tuples,
   lists, dicts, sets) comes out as itself;
-* pickles larger than :data:`PEEK_MAX_BYTES` are not read at all.
+* pickles larger than :data:`PEEK_MAX_BYTES` are not read at all, and
+  the others are checked against :data:`PEEK_BUDGET` first (see
+  :mod:`~fleche_remote.codec.budget`): a 200-byte pickle cannot ask for a
+  2 GiB memo, a 2**64-step hash or a 100,000-deep repr.
 
 An argument that still cannot be read shows as ``<N bytes>``. The result
 is only for display: ``show`` prints the same view, and code that needs
@@ -25,10 +28,17 @@ from __future__ import annotations
 import io
 import pickle
 import reprlib
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+from .budget import Budget, check_pickle
 
 #: Argument pickles past this size are summarised by size, not read.
 PEEK_MAX_BYTES = 1 << 20
+
+#: What peeking at one argument pickle may cost: fewer nodes than a record
+#: (a listing peeks at every entry), nesting well inside the recursion limit
+#: of ``repr`` and ``hash``.
+PEEK_BUDGET = Budget(max_nodes=200_000, max_depth=100, max_memo=200_000)
 
 
 class Opaque:
@@ -117,22 +127,42 @@ class _PeekGlobal(_Global):
         return super().__new__(cls)
 
 
+def peek(data: Any) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The arguments pickled in ``data``, for display only, or why not.
+
+    Returns:
+        ``(arguments, problem)``: ``problem`` is None when the pickle was
+        read; otherwise it says why not (too large, over the budget, not a
+        dict of arguments), and ``arguments`` is empty.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        return {}, f"arguments are a {type(data).__name__}, not pickled bytes"
+    if len(data) > PEEK_MAX_BYTES:
+        return {}, f"{len(data)} bytes, more than {PEEK_MAX_BYTES} to peek at"
+    try:
+        check_pickle(data, PEEK_BUDGET)
+        value = _PeekUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # the budget's refusal, or garbage of any kind
+        return {}, f"{type(exc).__name__}: {exc}"
+    if not isinstance(value, dict):
+        return {}, f"a pickled {type(value).__name__}, expected a dict of arguments"
+    out: Dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            return {}, f"an argument named by a {type(k).__name__}, expected str"
+        out[k] = v
+    return out, None
+
+
 def peek_arguments(data: bytes) -> Tuple[Dict[str, Any], bool]:
     """The arguments pickled in ``data``, for display only.
 
     Returns:
         ``(arguments, complete)``: ``complete`` is False when the pickle
-        could not be read (then ``arguments`` is empty).
+        could not be read (then ``arguments`` is empty); :func:`peek` says why.
     """
-    if len(data) > PEEK_MAX_BYTES:
-        return {}, False
-    try:
-        value = _PeekUnpickler(io.BytesIO(data)).load()
-    except Exception:
-        return {}, False
-    if not isinstance(value, dict):
-        return {}, False
-    return {str(k): v for k, v in value.items()}, True
+    arguments, problem = peek(data)
+    return arguments, problem is None
 
 
 def abridged(value: Any, width: int = 40) -> str:
@@ -147,12 +177,20 @@ def abridged(value: Any, width: int = 40) -> str:
 
 def abridged_arguments(data: bytes, width: int = 48) -> str:
     """``n=200, steps=1000`` from pickled arguments, about ``width`` long."""
-    arguments, complete = peek_arguments(data)
-    if not complete:
-        return f"<{len(data)} bytes>"
+    arguments, problem = peek(data)
+    if problem is not None:
+        return f"<{len(data)} bytes>" if isinstance(data, (bytes, bytearray)) else "<unreadable>"
     each = max(12, width // max(1, len(arguments)))
     text = ", ".join(f"{k}={abridged(v, each)}" for k, v in arguments.items())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-__all__ = ["PEEK_MAX_BYTES", "Opaque", "abridged", "abridged_arguments", "peek_arguments"]
+__all__ = [
+    "PEEK_BUDGET",
+    "PEEK_MAX_BYTES",
+    "Opaque",
+    "abridged",
+    "abridged_arguments",
+    "peek",
+    "peek_arguments",
+]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, Dict, FrozenSet, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from ..errors import ProtocolError
+from .budget import RECORD_BUDGET, Budget, check_pickle
 
 #: Protocol 4 is understood by every Python we support (3.9+) and frames
 #: large bytes objects without copying them through the memo.
@@ -28,9 +29,17 @@ _BUILTIN_NAMES: FrozenSet[Tuple[str, str]] = frozenset(
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("builtins", "complex"),
-        ("builtins", "bytearray"),
     }
 )
+
+
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    # what pickle rebuilds a bytearray from is its bytes; bytearray(2**40)
+    # from a stored pickle would be a 1 TiB allocation, so an int is refused
+    if not isinstance(source, (bytes, bytearray, str)):
+        raise ProtocolError(f"refusing bytearray({type(source).__name__}): only bytes rebuild a bytearray")
+    return bytearray(source, *args)
+
 
 _registry: Dict[Tuple[str, str], type] = {}
 
@@ -52,6 +61,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return cls
         if (module, name) in _BUILTIN_NAMES:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "bytearray"):
+            return _bytearray
         raise ProtocolError(
             f"refusing to decode {module}.{name}: only plain data and "
             f"fleche-remote's own record types may appear here"
@@ -66,14 +77,19 @@ def dumps_plain(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=PLAIN_PROTOCOL)
 
 
-def loads_plain(data: bytes | bytearray | memoryview) -> Any:
+def loads_plain(data: bytes | bytearray | memoryview, budget: Budget = RECORD_BUDGET) -> Any:
     """Decode bytes from :func:`dumps_plain` without running foreign code.
 
+    The pickle is first checked against ``budget`` (see
+    :mod:`~fleche_remote.codec.budget`): memo, nesting, sizes and integer
+    digits are bounded before the unpickler allocates or hashes anything.
+
     Raises:
-        ProtocolError: the bytes name a class outside the allow-list, or
-            are not a pickle at all.
+        ProtocolError: the bytes name a class outside the allow-list, are
+            not a pickle at all, or would exceed the budget.
     """
     try:
+        check_pickle(data, budget)
         return _RestrictedUnpickler(io.BytesIO(data)).load()
     except ProtocolError:
         raise
@@ -84,25 +100,42 @@ def loads_plain(data: bytes | bytearray | memoryview) -> Any:
 _PLAIN_SCALARS = (str, int, float, bool, type(None), bytes)
 
 
-def check_plain(obj: Any, what: str = "value", _depth: int = 0) -> None:
+#: Nodes :func:`check_plain` visits at most (shared parts counted each time):
+#: metadata is a few fields, not a data set, and every reader of a listing
+#: walks it (JSON, repr, a SQL index).
+PLAIN_MAX_NODES = 100_000
+
+
+def check_plain(obj: Any, what: str = "value", _depth: int = 0, _seen: Optional[List[int]] = None) -> None:
     """Raise ``TypeError`` unless ``obj`` is JSON-like plain data.
 
     Metadata must be plain so that a server (and a SQL index) can read and
-    filter it without unpickling anything.
+    filter it without unpickling anything. It must also be small: nesting
+    past 64 levels, or a walk of more than :data:`PLAIN_MAX_NODES` nodes
+    (a list holding itself, or one shared list reached many times), is
+    refused too.
     """
+    seen = [0] if _seen is None else _seen
+    seen[0] += 1
+    if seen[0] > PLAIN_MAX_NODES:
+        raise TypeError(
+            f"{what} is too large: more than {PLAIN_MAX_NODES:,} items (shared ones counted each time)"
+        )
     if _depth > 64:
-        raise TypeError(f"{what} is nested too deeply")
+        raise TypeError(f"{what} is nested too deeply (more than 64 levels)")
     if isinstance(obj, _PLAIN_SCALARS):
+        if type(obj) is int and obj.bit_length() > 4096:
+            raise TypeError(f"{what} holds an integer of {obj.bit_length()} bits; at most 4096")
         return
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            check_plain(item, what, _depth + 1)
+            check_plain(item, what, _depth + 1, seen)
         return
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"{what} keys must be str, got {type(k).__name__}")
-            check_plain(v, what, _depth + 1)
+            check_plain(v, what, _depth + 1, seen)
         return
     raise TypeError(
         f"{what} must be plain data (str, int, float, bool, None, bytes, "

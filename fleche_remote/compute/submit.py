@@ -18,9 +18,13 @@ raised comes back as its own exception, with the remote traceback; the
 others are kept. Leaving early (Ctrl-C, a lost connection) leaves the
 host computing: a rerun attaches to the same points.
 
-Claims (a point computed once across every process that asks) plug in at
-:func:`claim_points`; until the stores offer them, the host's jobs
-directory already attaches a second sweep of a running key to its job.
+Each point is computed once: a sweep of a key already queued or running
+on that host (a rerun, another laptop) attaches to its job (the host's
+jobs directory, :mod:`.jobs`), and the workers claim their points in the
+host's store before running them (:mod:`fleche_remote.claiming`), so a
+point a cluster job is computing is waited for, not computed again. The
+claims are the workers', not the laptop's: a laptop that leaves cannot
+renew a lease, and its points must go on.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from ..call import CallRecord
 from ..codec.digest import Digest, digest_of
@@ -167,19 +171,6 @@ def pack_points(function: CachedFunction, todo: Todo) -> Tuple[List[CallRecord],
     return records, arguments
 
 
-# -- claims ---------------------------------------------------------------------------
-
-
-def claim_points(layer: SshCache, keys: Sequence[str]) -> None:
-    """Where store claims plug in: claim ``keys`` on the host's store before
-    they are submitted, so two laptops never compute one point twice.
-
-    Today the host's jobs directory does this for every sweep that reaches
-    the same host (a key already queued or running is attached to, not
-    submitted again; see :mod:`.jobs`), so there is nothing to do here."""
-    return None
-
-
 # -- the sweep ------------------------------------------------------------------------
 
 
@@ -224,7 +215,6 @@ def compute_on(
     }
     records, arguments = pack_points(function, todo)
     keys = [Digest(r.key) for r in records]
-    claim_points(layer, keys)
     answer = layer.compute_submit(pack_function(func), about, records, arguments)
     pending: Dict[Digest, List[Any]] = {}
     ready: List[Digest] = []

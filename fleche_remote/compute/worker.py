@@ -116,6 +116,40 @@ class Sweep:
         finally:
             release_key(Path(self.spec["root"]), key, self.spec["job"])
 
+    def run_many(self, indices: Sequence[int]) -> None:
+        """Run points under the host store's claims: a point that a process
+        on the cluster is already computing (a job calling ``f(x)``, another
+        sweep's worker) is waited for and taken from the cache, not run
+        twice; one whose holder died is taken over (see
+        :mod:`fleche_remote.claiming`)."""
+        from .. import claiming
+        from ..storage.claims import DEFAULT_LEASE
+
+        by_key = {self.spec["keys"][i]: i for i in indices}
+
+        def lookup(keys: List[str]) -> List[str]:
+            missing = []
+            for key, present in zip(keys, self.cache.contains_many(keys)):
+                if present:  # its holder saved it
+                    set_state(self.dir, by_key[key], DONE, by="another holder")
+                    release_key(Path(self.spec["root"]), key, self.spec["job"])
+                else:
+                    missing.append(key)
+            return missing
+
+        def compute(keys: List[str]) -> None:
+            for key in keys:
+                self.run(by_key[key])
+
+        try:
+            keeper = self.cache.claim_keeper()
+        except Exception:
+            keeper = None
+        name = self.spec["name"]
+        claiming.compute_batch(
+            keeper, list(by_key), name, DEFAULT_LEASE, None, self.cache.contains_many, lookup, compute
+        )
+
 
 class CodeDiffers(Exception):
     """The host's copy of the function is not the laptop's (strict sweeps)."""
@@ -158,9 +192,7 @@ def describe(exc: BaseException) -> Dict[str, Any]:
 def run_task(job_dir: Path, task: int) -> None:
     sweep = Sweep(job_dir)
     per = sweep.spec["per_task"]
-    for index in range(task * per, min((task + 1) * per, sweep.spec["count"])):
-        sweep.run(index)
-        sys.stdout.flush()
+    sweep.run_many(range(task * per, min((task + 1) * per, sweep.spec["count"])))
 
 
 _SWEEP: Optional[Sweep] = None
@@ -173,8 +205,7 @@ def _pool_init(job_dir: str) -> None:
 
 def _pool_run(indices: Sequence[int]) -> None:
     assert _SWEEP is not None
-    for index in indices:
-        _SWEEP.run(index)
+    _SWEEP.run_many(indices)
 
 
 def run_local(job_dir: Path) -> None:

@@ -47,6 +47,7 @@ from ..codec.digest import Digest
 from ..codec.values import Blob
 from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
+from ..storage.claims import Claims
 from ..storage.options import check_keys, typed
 from . import bootstrap as _bootstrap
 from . import health
@@ -544,6 +545,18 @@ class SshCache(Lifecycle, BaseCache):
         consume = self._downloading(self._seal.stream_decoder(self._where, digest=value_digest))
         args = {"digest": str(value_digest)}
         return self._request("load_blob", args, consume=consume, offline=_absent(value_digest))
+
+    def claim_keeper(self) -> Optional[Claims]:
+        """The server's claims (one round trip per batch), unless this
+        cache or its server is read-only, or the server refused them."""
+        if self._local_read_only or self._known_read_only():
+            return None
+        keeper = self.__dict__.get("_claims")
+        if keeper is None:
+            from .claims import RemoteClaims
+
+            keeper = self.__dict__["_claims"] = RemoteClaims(self)
+        return None if keeper.unsupported else keeper
 
     # -- computing on the host (f.map(..., on=this)) ---------------------------
 

@@ -26,10 +26,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .. import __version__
 from ..caches.base import BaseCache
-from ..call import CallRecord
+from ..call import CallRecord, record_problem
 from ..codec.bodyhash import DIGEST_SCHEME_NAME
+from ..codec.budget import check_pickle
+from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
+from ..storage.claims import Claims, Holder
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
 
 #: A query page holds at most this many records, or about this many bytes.
@@ -203,7 +206,7 @@ def _paginate(records: Iterator[CallRecord], size: int) -> Iterator[List[CallRec
     nbytes = 0
     for record in records:
         page.append(record)
-        nbytes += len(record.arguments) + 512
+        nbytes += len(getattr(record, "arguments", b"")) + 512
         if len(page) >= size or nbytes >= PAGE_BYTES:
             yield page
             page, nbytes = [], 0
@@ -223,11 +226,29 @@ def _h_load_value(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob])
     return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
 
 
-def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
-    records = args.get("records")
-    inline = args.get("inline")
+def _check_records(records: Any) -> List[CallRecord]:
+    """Refuse, at the door, records that no reader could list: fields of
+    the wrong type, metadata that is not small plain data (see
+    :func:`~fleche_remote.call.record_problem`), arguments that are not a
+    pickle within the peek budget (checked, never unpickled)."""
     if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
         raise ProtocolError("save_records needs a list of CallRecords")
+    for record in records:
+        problem = record_problem(record)
+        if problem is None:
+            try:
+                check_pickle(record.arguments, PEEK_BUDGET)
+            except ProtocolError as exc:
+                problem = f"its arguments: {exc}"
+        if problem is not None:
+            key = getattr(record, "key", "?")
+            raise ProtocolError(f"refusing to store call {str(key)[:16]}: {problem}")
+    return records
+
+
+def _h_save_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    records = _check_records(args.get("records"))
+    inline = args.get("inline")
     if inline is None:
         inline = [None] * len(records)
     if not isinstance(inline, list) or len(inline) != len(records):
@@ -269,9 +290,7 @@ def _h_save_records_append_only(ctx: Context, args: Dict[str, Any], blobs: List[
     keep the first record of a key, so this check is what turns a silent
     no-op into an error the client sees.
     """
-    records = args.get("records")
-    if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
-        raise ProtocolError("save_records needs a list of CallRecords")
+    records = _check_records(args.get("records"))
     stored = ctx.cache.load_records([r.key for r in records])
     for record, old in zip(records, stored):
         if old is not None and old.value != record.value:
@@ -294,6 +313,72 @@ def _h_evict(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> R
 
 def _h_collect_garbage(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     return Reply(ctx.cache.collect_garbage())
+
+
+# -- claims (see fleche_remote.claiming): writes, allowed append-only too --------
+
+#: Leases a client may ask for, in seconds: a claim that outlived its
+#: holder by more than an hour would stall its waiters for that long.
+LEASE_RANGE = (0.1, 3600.0)
+
+
+def _claims_args(ctx: Context, args: Dict[str, Any]) -> Tuple[Claims, List[str], Holder]:
+    keeper = ctx.cache.claim_keeper()
+    if keeper is None:
+        raise Rejected("this server's cache keeps no claims (it is read-only, or its store cannot)")
+    try:
+        holder = Holder.from_wire(args.get("holder"))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    return keeper, _str_list(args, "keys"), holder
+
+
+def _lease(args: Dict[str, Any]) -> float:
+    value = args.get("lease")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError(f"argument 'lease' must be a number of seconds, got {type(value).__name__}")
+    return min(max(float(value), LEASE_RANGE[0]), LEASE_RANGE[1])
+
+
+def _h_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    found = keeper.claim(keys, holder, _lease(args))
+    # after the claim, not before: a holder saves, then releases, so a
+    # result saved by the last holder is seen here, and not computed again
+    ours = [k for k, h in zip(keys, found) if h is None]
+    stored = {k for k, hit in zip(ours, ctx.cache.contains_many(ours)) if hit}
+    if stored:
+        keeper.release(sorted(stored), holder)
+    return Reply(
+        ["stored" if k in stored else None if h is None else h.to_wire() for k, h in zip(keys, found)]
+    )
+
+
+def _h_renew_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    return Reply(keeper.renew(keys, holder, _lease(args)))
+
+
+def _h_release_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper, keys, holder = _claims_args(ctx, args)
+    keeper.release(keys, holder)
+    return Reply()
+
+
+def _h_claimed(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    keeper = ctx.cache.claim_keeper()
+    keys = _str_list(args, "keys")
+    return Reply([False] * len(keys) if keeper is None else keeper.claimed(keys))
+
+
+#: Claims change no stored result, so an append-only server keeps them;
+#: a read-only one drops them (its clients compute without claims).
+CLAIM_HANDLERS: Dict[str, Handler] = {
+    "claim": _h_claim,
+    "renew_claims": _h_renew_claims,
+    "release_claims": _h_release_claims,
+    "claimed": _h_claimed,
+}
 
 
 _SAFE_EXCEPTIONS = {
@@ -339,6 +424,8 @@ def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = 
         table["save_records"] = _h_save_records_append_only
     elif not read_only:
         table.update(WRITE_HANDLERS)
+    if not read_only:
+        table.update(CLAIM_HANDLERS)
     if debug_ops:
         table["debug_raise"] = _h_debug_raise
     table.update(COMPUTE_HANDLERS)  # in every mode: they refuse by themselves, saying why

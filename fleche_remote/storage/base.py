@@ -26,9 +26,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
-from ..call import CallRecord
+from ..call import CallRecord, UnreadableRecord
 from ..codec.values import Blob
-from ..errors import ConfigError
+from ..errors import ConfigError, CorruptEntryError
 
 #: Values whose body is at most this many bytes live *inline*, in the call
 #: store's database next to the records, when the call store can hold them
@@ -201,11 +201,19 @@ class CallStore(ABC):
         arg_digests: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
     ) -> Iterator[CallRecord]:
-        """Records matching a name, argument digests and metadata values."""
+        """Records matching a name, argument digests and metadata values.
+
+        A record that does not decode comes as an
+        :class:`~fleche_remote.call.UnreadableRecord` (whatever the filters:
+        they cannot be checked), so that one bad entry never hides the rest.
+        """
         for key in self.keys():
             try:
                 record = self.get(key)
             except KeyError:  # evicted while we iterate
+                continue
+            except CorruptEntryError as exc:
+                yield UnreadableRecord(key, str(exc))  # type: ignore[misc]
                 continue
             if record_matches(record, name, arg_digests, metadata):
                 yield record

@@ -30,20 +30,42 @@ import os
 import re
 import struct
 import time
+import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional
 
-from ..call import CallRecord
+from ..call import MAX_RECORD_BYTES, CallRecord, UnreadableRecord, check_record
 from ..codec.plain import dumps_plain, loads_plain
 from ..codec.values import Blob, FileBlob
 from ..errors import CorruptEntryError, StorageError
-from .base import CallStore, ValueStore
+from .base import CallStore, ValueStore, record_matches
+from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .options import check_keys, resolve_path, typed
 
 _VALUE_MAGIC = b"FRV1\n"
 _CALL_MAGIC = b"FRC1\n"
 _LEN = struct.Struct(">I")
+
+#: A value file's JSON header at most (kind, meta, size: a few hundred bytes).
+MAX_HEADER_BYTES = 1 << 20
+#: zlib never expands by more than about 1032:1; a compressed value that
+#: claims more than this per stored byte is lying about its size.
+_GZIP_MAX_RATIO = 1100
+
+
+def _gunzip(body: bytes, limit: int, path: Path) -> bytes:
+    """``body`` decompressed, refused past ``limit`` bytes (never inflated beyond)."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise CorruptEntryError(f"{path} is not valid gzip: {exc}") from None
+    if len(out) > limit:
+        raise CorruptEntryError(f"{path} inflates to more than {limit} bytes; refused")
+    if not inflater.eof:
+        raise CorruptEntryError(f"{path} is a truncated gzip stream")
+    return out
 
 
 def _shard(root: Path, key: str) -> Path:
@@ -244,24 +266,55 @@ class FileValueStore(_FileRoot, ValueStore):
         except PermissionError:
             raise permission_error(path, "the value file") from None
         with fh:
+            file_size = os.fstat(fh.fileno()).st_size
             head = fh.read(len(_VALUE_MAGIC) + _LEN.size)
             if len(head) < len(_VALUE_MAGIC) + _LEN.size or not head.startswith(_VALUE_MAGIC):
                 raise CorruptEntryError(f"{path} is not a fleche-remote value file")
             (hlen,) = _LEN.unpack(head[len(_VALUE_MAGIC) :])
+            # sizes in the header are checked against the file before any
+            # buffer is allocated for them
+            if hlen > min(MAX_HEADER_BYTES, file_size - len(head)):
+                raise CorruptEntryError(
+                    f"{path}: its header claims {hlen} bytes, "
+                    f"the file has {file_size - len(head)} after the magic"
+                )
             try:
                 header = json.loads(fh.read(hlen))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise CorruptEntryError(f"{path}: unreadable header ({exc})") from None
         offset = len(head) + hlen
+        stored = file_size - offset
+        if not (
+            isinstance(header, dict)
+            and isinstance(header.get("kind"), str)
+            and isinstance(header.get("meta"), dict)
+            and type(header.get("size")) is int
+            and header["size"] >= 0
+        ):
+            raise CorruptEntryError(
+                f"{path}: expected a header with kind (str), meta (dict) and size (int >= 0)"
+            )
+        size: int = header["size"]
         if header.get("gzip"):
+            if not self.compress:
+                raise CorruptEntryError(
+                    f"{path} is gzip-compressed, but this store has compress = false; "
+                    f"set compress = true if the cache was written that way"
+                )
+            if size > stored * _GZIP_MAX_RATIO + 1024:
+                raise CorruptEntryError(
+                    f"{path}: {stored} compressed bytes cannot hold the {size} its header claims"
+                )
 
             def opener() -> Any:
                 raw = open(path, "rb")
                 raw.seek(offset)
                 return gzip.GzipFile(fileobj=raw, mode="rb")
 
-            return FileBlob(header["kind"], header["meta"], header["size"], path, offset, opener)
-        return FileBlob(header["kind"], header["meta"], header["size"], path, offset)
+            return FileBlob(header["kind"], header["meta"], size, path, offset, opener)
+        if size != stored:
+            raise CorruptEntryError(f"{path}: its header claims a {size}-byte body, the file holds {stored}")
+        return FileBlob(header["kind"], header["meta"], size, path, offset)
 
     def contains(self, digest: str) -> bool:
         try:
@@ -316,7 +369,7 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
             yield key
 
 
-class FileCallStore(_FileRoot, CallStore):
+class FileCallStore(_FileRoot, CallStore, KeptClaims):
     """Call records as small files, decoded with the restricted decoder.
 
     Takes the arguments of :class:`FileValueStore` and raises as it does.
@@ -353,15 +406,40 @@ class FileCallStore(_FileRoot, CallStore):
         if not data.startswith(_CALL_MAGIC):
             raise CorruptEntryError(f"{path} is not a fleche-remote call file")
         body = data[len(_CALL_MAGIC) :]
+        # decompressed only as this store writes: a gzip body in a store with
+        # compress = false was not written by it
+        if body[:2] == b"\x1f\x8b":
+            if not self.compress:
+                raise CorruptEntryError(
+                    f"{path} is gzip-compressed, but this store has compress = false; "
+                    f"set compress = true if the cache was written that way"
+                )
+            body = _gunzip(body, MAX_RECORD_BYTES, path)
         try:
-            if body[:2] == b"\x1f\x8b":
-                body = gzip.decompress(body)
             record = loads_plain(body)
         except Exception as exc:
             raise CorruptEntryError(f"{path} does not decode: {exc}") from None
-        if not isinstance(record, CallRecord):
-            raise CorruptEntryError(f"{path} holds a {type(record).__name__}, not a call record")
-        return record
+        return check_record(record, str(path))
+
+    def query(
+        self,
+        name: Optional[str] = None,
+        arg_digests: Optional[Mapping[str, str]] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> Iterator[Any]:
+        """As :meth:`CallStore.query`; a file that does not decode is
+        yielded as an :class:`~fleche_remote.call.UnreadableRecord`, and the
+        listing goes on."""
+        for key in self.keys():
+            try:
+                record = self.get(key)
+            except KeyError:  # evicted while we iterate
+                continue
+            except CorruptEntryError as exc:
+                yield UnreadableRecord(key, str(exc))
+                continue
+            if record_matches(record, name, arg_digests, metadata):
+                yield record
 
     def contains(self, key: str) -> bool:
         # the hot path of every lookup: plain strings, no Path objects
@@ -389,3 +467,9 @@ class FileCallStore(_FileRoot, CallStore):
             if len(found) >= limit:
                 break
         return found
+
+    # -- claims: files in <root>/claims (see storage/claims.py) ---------------
+
+    def _make_keeper(self) -> Claims:
+        # "claims" is no two-letter shard, so listing the calls never sees it
+        return FileClaims(self.root / "claims")

@@ -71,11 +71,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 import h5py
 import numpy as np
 
-from ..call import CallRecord
+from ..call import MAX_RECORD_BYTES, CallRecord, UnreadableRecord, check_record
 from ..codec.plain import dumps_plain, loads_plain
 from ..codec.values import Blob, BytesBlob
 from ..errors import ConfigError, CorruptEntryError, ProtocolError, StorageError
 from .base import CallStore, ValueStore, record_matches
+from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error
 from .options import check_keys, resolve_path, typed
 
@@ -487,7 +488,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
         """Nothing to release: the file is open only during an operation."""
 
 
-class Hdf5CallStore(_Hdf5Store, CallStore):
+class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
     """Call records in an HDF5 file (the same file as the values, if you like).
 
     Batch reads, prefix expansion and queries open the file once for the
@@ -533,12 +534,15 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
         ds = grp[key]
         if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
             raise CorruptEntryError(f"{where}: expected a 1-D uint8 dataset, got {ds!r}")
+        if ds.shape[0] > MAX_RECORD_BYTES:
+            raise CorruptEntryError(
+                f"{where}: {ds.shape[0]} bytes, more than a record may hold ({MAX_RECORD_BYTES})"
+            )
         try:
             record = loads_plain(ds[()].tobytes())
         except ProtocolError as exc:
             raise CorruptEntryError(f"{where} does not decode: {exc}") from None
-        if not isinstance(record, CallRecord):
-            raise CorruptEntryError(f"{where} holds a {type(record).__name__}, expected a CallRecord")
+        check_record(record, where)
         if record.key != key:
             raise CorruptEntryError(f"{where} holds the record of key {record.key[:16]}, expected {key[:16]}")
         return record
@@ -603,12 +607,22 @@ class Hdf5CallStore(_Hdf5Store, CallStore):
         # the file is not held open while the caller works on them
         with self._file.open(write=False) as f:
             grp = _group(f, "calls")
-            matches = []
+            matches: List[Any] = []
             for key in _names(grp):
-                record = self._read(grp, key)
+                try:
+                    record = self._read(grp, key)
+                except CorruptEntryError as exc:  # one bad entry: shown as such, the rest go on
+                    matches.append(UnreadableRecord(key, str(exc)))
+                    continue
                 if record is not None and record_matches(record, name, arg_digests, metadata):
                     matches.append(record)
         return iter(matches)
+
+    # -- claims: files beside the HDF5 file (see storage/claims.py) -----------
+
+    def _make_keeper(self) -> Claims:
+        # files, not datasets: a claim must not wait for the file's write lock
+        return FileClaims(self.path.with_name(self.path.name + ".claims"))
 
 
 def _valid(key: str) -> bool:

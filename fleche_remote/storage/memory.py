@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 from ..call import CallRecord
 from ..codec.values import Blob, BytesBlob
 from .base import CallStore, ValueStore
+from .claims import Claims, KeptClaims, MemoryClaims
 from .options import check_keys
 
 
@@ -56,7 +57,7 @@ class MemoryValueStore(ValueStore):
             return iter(list(self._data))
 
 
-class MemoryCallStore(CallStore):
+class MemoryCallStore(CallStore, KeptClaims):
     """Call records in a dict."""
 
     type_name = "memory"
@@ -95,3 +96,8 @@ class MemoryCallStore(CallStore):
     def keys(self) -> Iterator[str]:
         with self._lock:
             return iter(list(self._data))
+
+    # -- claims: threads of this process (see storage/claims.py) ---------------
+
+    def _make_keeper(self) -> Claims:
+        return MemoryClaims()

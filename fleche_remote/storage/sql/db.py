@@ -60,6 +60,11 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fr_blobs ("
     " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
     " body {blob} NOT NULL){without_rowid}",
+    # claims (see .claims): not in TABLES, so that a read-only share of a
+    # database from before them opens; SqlClaims creates it there on first use
+    "CREATE TABLE IF NOT EXISTS fr_claims ("
+    " key {key} PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid {int} NOT NULL,"
+    " expires {real} NOT NULL){without_rowid}",
 )
 TABLES = ("fr_calls", "fr_call_args", "fr_blobs")
 

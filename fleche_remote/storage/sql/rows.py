@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
-from ...call import CallRecord
+from ...call import CallRecord, check_record
 from ...codec.values import Blob, BytesBlob
 from ...errors import CorruptEntryError
 
@@ -130,3 +130,37 @@ def row_blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body
     if len(body) != size:
         raise CorruptEntryError(f"{where}: {len(body)} body bytes, expected {size}")
     return BytesBlob(kind, meta, body)
+
+
+def record_from_row(where: str, row: Sequence[Any], scheme: Optional[str], with_scheme: bool) -> CallRecord:
+    """The :class:`CallRecord` of a ``calls`` row (``READ_CALL``'s columns).
+
+    Every column is checked as a store written by someone else would need:
+    JSON that nests past the recursion limit or holds a 5,000-digit number,
+    metadata that is a list, a size that is text: each is a
+    :class:`~fleche_remote.errors.CorruptEntryError` naming the record,
+    never a stray ``RecursionError`` in the middle of a listing.
+    """
+    key, name, version, arguments, arg_digests, metadata, value, kind, size = row[:9]
+    try:
+        meta = loads_json(metadata)
+        digests = json.loads(arg_digests)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CorruptEntryError(f"{where}: metadata is not JSON ({type(exc).__name__}: {exc})") from None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(digests, dict)
+        or not isinstance(arguments, (bytes, bytearray, memoryview))
+    ):
+        raise CorruptEntryError(
+            f"{where}: expected a JSON object and binary arguments, "
+            f"got {type(meta).__name__} and {type(arguments).__name__}"
+        )
+    if type(size) is not int:
+        raise CorruptEntryError(f"{where}: expected an integer value_size, got {type(size).__name__}")
+    fields = (key, name, version, bytes(arguments), digests, meta, value, kind, size)
+    if with_scheme and scheme is not None:
+        record = CallRecord(*fields, scheme)  # type: ignore[call-arg]
+    else:
+        record = CallRecord(*fields)
+    return check_record(record, where)

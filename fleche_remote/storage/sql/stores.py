@@ -36,10 +36,11 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 from urllib.parse import parse_qsl
 
 from ... import call as _callmod
-from ...call import CallRecord
+from ...call import CallRecord, UnreadableRecord
 from ...codec.values import Blob
 from ...errors import ConfigError, CorruptEntryError, StorageError
 from ..base import CallStore, InlineValues, ValueStore, record_matches
+from ..claims import Claims, KeptClaims
 from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from ..options import check_keys, resolve_path, typed
 from .db import BATCH, BUSY_TIMEOUT_S, Database
@@ -51,7 +52,7 @@ from .rows import (
     blob_row,
     call_row,
     insert_rows,
-    loads_json,
+    record_from_row,
     row_blob,
 )
 
@@ -289,7 +290,7 @@ class SqlValueStore(_SqlStore, ValueStore):
 # -- call store -----------------------------------------------------------------
 
 
-class SqlCallStore(_SqlStore, CallStore, InlineValues):
+class SqlCallStore(_SqlStore, CallStore, InlineValues, KeptClaims):
     """Call records as rows of ``calls``, indexed by name and argument
     digest, with small values inline in ``blobs``.
 
@@ -403,28 +404,18 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
     # -- reading --------------------------------------------------------------------
 
     def _record(self, row: Sequence[Any]) -> CallRecord:
-        key, name, version, arguments, arg_digests, metadata, value, kind, size, scheme = row[:10]
-        try:
-            meta = loads_json(metadata)
-            digests = json.loads(arg_digests)
-        except (TypeError, ValueError) as exc:
-            raise CorruptEntryError(f"call {key[:16]} in {self!r}: metadata is not JSON ({exc})") from None
-        if (
-            not isinstance(meta, dict)
-            or not isinstance(digests, dict)
-            or not isinstance(arguments, (bytes, bytearray, memoryview))
-        ):
-            raise CorruptEntryError(
-                f"call {key[:16]} in {self!r}: expected a JSON object and binary arguments, "
-                f"got {type(meta).__name__} and {type(arguments).__name__}"
-            )
+        scheme = row[9]
         if scheme is None:
             scheme = _LEGACY_SCHEME
-        if _HAS_SCHEME and scheme is not None:
-            return CallRecord(  # type: ignore[call-arg]
-                key, name, version, bytes(arguments), digests, meta, value, kind, int(size), scheme
-            )
-        return CallRecord(key, name, version, bytes(arguments), digests, meta, value, kind, int(size))
+        where = f"call {str(row[0])[:16]} in {self!r}"
+        return record_from_row(where, row, scheme, _HAS_SCHEME)
+
+    def _record_or_unreadable(self, row: Sequence[Any]) -> Any:
+        # a listing shows a bad row as such and goes on to the next
+        try:
+            return self._record(row)
+        except CorruptEntryError as exc:
+            return UnreadableRecord(str(row[0]), str(exc))
 
     def get(self, key: str) -> CallRecord:
         row = self._db.first(self._get_call, (key,))
@@ -517,9 +508,11 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
         )
         last = ""
         while True:
-            page = [self._record(r) for r in self._db.rows(sql, [*before, last, *after, PAGE])]
+            page = [self._record_or_unreadable(r) for r in self._db.rows(sql, [*before, last, *after, PAGE])]
             for record in page:
-                if record_matches(record, name, arg_digests, metadata):
+                if isinstance(record, UnreadableRecord) or record_matches(
+                    record, name, arg_digests, metadata
+                ):
                     yield record
             if len(page) < PAGE:
                 return
@@ -564,3 +557,10 @@ class SqlCallStore(_SqlStore, CallStore, InlineValues):
             )
         with self._db.transaction() as cur:
             return int(cur.execute(sql).rowcount)
+
+    # -- claims: a table of their own (see storage/sql/claims.py) --------------
+
+    def _make_keeper(self) -> Claims:
+        from .claims import SqlClaims
+
+        return SqlClaims(self._db)
