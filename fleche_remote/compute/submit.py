@@ -41,7 +41,7 @@ from ..call import CallRecord
 from ..codec.digest import Digest, digest_of
 from ..codec.values import decode_value
 from ..errors import ComputeError, ConfigError, RemoteError
-from .code import function_digest, function_file
+from .code import function_file, function_parts, plain
 from .jobs import DONE, FAILED, QUEUED, RUNNING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,7 +163,7 @@ def pack_points(function: CachedFunction, todo: Todo) -> Tuple[List[CallRecord],
                 version=function.version,
                 arguments=cloudpickle.dumps(bound, protocol=4),
                 arg_digests={k: str(digest_of(v)) for k, v in bound.items()},
-                metadata={},
+                metadata=plain(function._keys.with_code({})),
                 value="",
             )
         )
@@ -205,11 +205,13 @@ def compute_on(
     """Compute ``todo`` on ``layer``'s host; return the results and the
     failures, by key (results already back-filled into the first layer)."""
     func = function.func
+    parts = function_parts(func)
     about = {
         "name": function.name,
         "module": func.__module__,
         "qualname": func.__qualname__,
-        "digest": function_digest(func),
+        "digest": parts[0] if parts else None,
+        "parts": parts[1] if parts else {},
         "strict": bool(strict),
         "file": function_file(func),
     }

@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .code import function_digest, function_file
+from .code import function_digest, function_file, function_parts
 from .jobs import DONE, FAILED, RUNNING, release_key, set_state
 from .local import FINISHED
 
@@ -63,6 +63,15 @@ class Sweep:
             return mine
         if about.get("strict"):
             where = function_file(mine) if mine is not None else f"module {about['module']} (not importable)"
+            ours = function_parts(mine) if mine is not None else None
+            theirs = about.get("parts") or {}
+            differ = sorted(
+                p
+                for p in set(theirs) | set(ours[1] if ours else {})
+                if theirs.get(p) != (ours[1] if ours else {}).get(p)
+            )
+            if differ:
+                where += f"; differing: {', '.join(differ[:8])}"
             raise CodeDiffers(
                 f"{about['module']}.{about['qualname']} differs between the laptop and this host "
                 f"({where} here, {about.get('file', '?')} on the laptop); the sweep is strict, so nothing "

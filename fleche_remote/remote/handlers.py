@@ -533,7 +533,8 @@ def _h_compute_submit(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBl
         raise ProtocolError("compute_submit needs one argument blob per record")
     if not all(isinstance(a, bytes) for a in arguments):
         raise ProtocolError("compute_submit needs each argument blob as bytes")
-    about = {k: about[k] for k in ("name", "module", "qualname", "digest", "strict", "file") if k in about}
+    known = ("name", "module", "qualname", "digest", "parts", "strict", "file")
+    about = {k: about[k] for k in known if k in about}
     stored = ctx.cache.contains_many([r.key for r in records])
     return Reply(
         jobs.submit(function, {"function": about, "name": about["name"]}, records, arguments, stored)
