@@ -19,3 +19,17 @@ def square(x: int) -> dict:
 def slow(x: int) -> int:
     time.sleep(x)
     return x
+
+
+from fleche_remote import cached  # noqa: E402
+from fleche_remote.caches import Cache  # noqa: E402
+from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore  # noqa: E402
+
+#: A module-level cached function pickles by name, as an executor's
+#: workers (dask) need.
+DASK_CACHE = Cache(MemoryValueStore(), MemoryCallStore())
+
+
+@cached(cache=DASK_CACHE)
+def cube(x: int) -> int:
+    return x**3
