@@ -24,14 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fleche_remote import cached  # noqa: E402
-from fleche_remote.caches import Cache, CacheStack  # noqa: E402
-from fleche_remote.remote.client import SshCache  # noqa: E402
-from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore  # noqa: E402
-from fleche_remote.testing import private_sshd  # noqa: E402
-from fleche_remote.testing.slurm import private_slurm  # noqa: E402
+from fleche_remote import cached
+from fleche_remote.caches import Cache, CacheStack
+from fleche_remote.remote.client import SshCache
+from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
+from fleche_remote.testing import private_sshd
+from fleche_remote.testing.slurm import private_slurm
 
 
 def one_ms(x: int) -> int:
@@ -74,8 +72,10 @@ def main() -> int:
         took = time.perf_counter() - start
         assert out == list(range(args.points))
         compute = args.points * 0.001 / 2
-        print(f"local pool, {args.points} x 1 ms points, {2 * args.delay_ms:.0f} ms RTT: "
-              f"{took:.2f} s in all, {compute:.2f} s of computation, overhead {took - compute:.2f} s")  # fmt: skip
+        print(
+            f"local pool, {args.points} x 1 ms points, {2 * args.delay_ms:.0f} ms RTT: {took:.2f} s in all, "
+            f"{compute:.2f} s of computation, overhead {took - compute:.2f} s"
+        )
         stack.close()
 
         with private_slurm() as slurm:
