@@ -33,3 +33,11 @@ DASK_CACHE = Cache(MemoryValueStore(), MemoryCallStore())
 @cached(cache=DASK_CACHE)
 def cube(x: int) -> int:
     return x**3
+
+
+def counted(x: int) -> int:
+    """Leaves a line per computation in the host's working directory."""
+    time.sleep(0.3)
+    with open("computed.log", "a") as fh:
+        fh.write(f"{x}\n")
+    return x
