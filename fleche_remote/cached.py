@@ -374,7 +374,15 @@ class CachedFunction:
 
     # -- sweeps: one lookup and one save for a whole batch of calls ---------
 
-    def map(self, items: Iterable[Any], *, executor: Optional[Executor] = None) -> List[Any]:
+    def map(
+        self,
+        items: Iterable[Any],
+        *,
+        executor: Optional[Executor] = None,
+        on: Any = None,
+        progress: Optional[bool] = None,
+        strict: bool = False,
+    ) -> List[Any]:
         """``[f(item) for item in items]``, with one cache lookup and one save
         for the whole batch (two round trips to a remote, not two per item).
 
@@ -390,7 +398,19 @@ class CachedFunction:
             items: the argument of each call.
             executor: a :class:`concurrent.futures.Executor` to compute the
                 misses in (threads or processes; for processes, the
-                function must be importable by name).
+                function must be importable by name): a
+                ``ProcessPoolExecutor``, a dask ``Client.get_executor()``.
+            on: compute the misses on the host of this ssh layer instead
+                (``"NAME:N"``, an ssh cache's name, or an ``SshCache``), as
+                its ``[compute]`` table says: a process pool there or one
+                Slurm job array. Results are saved in that host's cache and
+                back-filled into the first layer (see
+                :mod:`fleche_remote.compute`).
+            progress: a bar on stderr (found, queued, running, done,
+                failed); None shows one when stderr is a terminal.
+            strict: with ``on``, refuse to run unless the host's copy of
+                the function is the laptop's (otherwise the laptop's copy
+                travels by value).
 
         Returns:
             The results, in the order of ``items``.
@@ -399,25 +419,49 @@ class CachedFunction:
             TypeError: an item does not fit the function's signature
                 (before anything runs).
             Exception: the first failing call's exception (in input
-                order); the results computed before it are saved first.
+                order); the others' results are saved first. With ``on``,
+                it carries the remote traceback (``remote_traceback``).
+            Rejected: with ``on``, the host does not compute for this key
+                (read-only or forced command) or has no ``[compute]`` table.
         """
-        return self._sweep([((item,), {}) for item in items], executor)
+        return self._sweep([((item,), {}) for item in items], executor, on, progress, strict)
 
-    def starmap(self, items: Iterable[Iterable[Any]], *, executor: Optional[Executor] = None) -> List[Any]:
+    def starmap(
+        self,
+        items: Iterable[Iterable[Any]],
+        *,
+        executor: Optional[Executor] = None,
+        on: Any = None,
+        progress: Optional[bool] = None,
+        strict: bool = False,
+    ) -> List[Any]:
         """Like :meth:`map`, each item being the positional arguments:
         ``[f(*args) for args in items]``."""
-        return self._sweep([(tuple(args), {}) for args in items], executor)
+        return self._sweep([(tuple(args), {}) for args in items], executor, on, progress, strict)
 
     def map_kwargs(
-        self, items: Iterable[Mapping[str, Any]], *, executor: Optional[Executor] = None
+        self,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        executor: Optional[Executor] = None,
+        on: Any = None,
+        progress: Optional[bool] = None,
+        strict: bool = False,
     ) -> List[Any]:
         """Like :meth:`map`, each item being the keyword arguments:
         ``[f(**kwargs) for kwargs in items]`` (a parameter grid)."""
-        return self._sweep([((), dict(kwargs)) for kwargs in items], executor)
+        return self._sweep([((), dict(kwargs)) for kwargs in items], executor, on, progress, strict)
 
     def _sweep(
-        self, calls: Sequence[Tuple[Tuple[Any, ...], Dict[str, Any]]], executor: Optional[Executor]
+        self,
+        calls: Sequence[Tuple[Tuple[Any, ...], Dict[str, Any]]],
+        executor: Optional[Executor],
+        on: Any = None,
+        progress: Optional[bool] = None,
+        strict: bool = False,
     ) -> List[Any]:
+        if on is not None and executor is not None:
+            raise TypeError("give on= (compute on a host) or executor= (compute here), not both")
         keys: List[Digest] = []
         todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]] = {}
         for args, kwargs in calls:
@@ -436,8 +480,31 @@ class CachedFunction:
                 del todo[key]
         if todo:
             self._keys.explain_miss(cache, next(iter(todo.values()))[2])
-            self._sweep_misses(cache, todo, executor, results)
+            if on is not None:
+                results.update(self._compute_on(on, todo, len(unique) - len(todo), progress, strict, keys))
+            else:
+                self._sweep_misses(cache, todo, executor, results, progress)
         return [results[key] for key in keys]
+
+    def _compute_on(
+        self,
+        on: Any,
+        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
+        found: int,
+        progress: Optional[bool],
+        strict: bool,
+        order: Sequence[Digest],
+    ) -> Dict[Digest, Any]:
+        """The misses, computed on the host of ``on`` (see :mod:`.compute`);
+        the first failure in input order is raised once the rest are in."""
+        from .compute.submit import compute_on, resolve_layer
+
+        layer = resolve_layer(self, on)
+        results, failures = compute_on(self, layer, todo, found=found, progress=progress, strict=strict)
+        if failures:
+            first = next(key for key in order if key in failures)
+            raise failures[first]
+        return results
 
     def _sweep_misses(
         self,
@@ -445,6 +512,7 @@ class CachedFunction:
         todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
         executor: Optional[Executor],
         results: Dict[Digest, Any],
+        progress: Optional[bool] = None,
     ) -> None:
         def lookup(keys: List[str]) -> List[str]:
             ready = [Digest(k) for k in keys]
@@ -454,7 +522,8 @@ class CachedFunction:
             return [k for k in ready if k not in results]
 
         def compute(keys: List[str]) -> None:
-            self._compute_batch(cache, {Digest(k): todo[Digest(k)] for k in keys}, executor, results)
+            batch = {Digest(k): todo[Digest(k)] for k in keys}
+            self._compute_batch(cache, batch, executor, results, progress)
 
         keeper = cache.claim_keeper() if self.claims else None
         claiming.compute_batch(
@@ -474,13 +543,17 @@ class CachedFunction:
         todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
         executor: Optional[Executor],
         results: Dict[Digest, Any],
+        progress: Optional[bool] = None,
     ) -> None:
         if not todo:
             return
         computed: Dict[Digest, Tuple[Any, float]] = {}
+        runner = _with_bar(executor, progress, len(results) + len(todo), len(todo), self.name)
         try:
-            self._compute(todo, executor, computed)
+            self._compute(todo, runner, computed)
         finally:
+            if runner is not executor:
+                runner.shutdown()
             # saved even when a call failed or the sweep was interrupted:
             # a rerun then starts where this one stopped
             self._save_batch(cache, todo, computed)
@@ -675,6 +748,19 @@ def _unpicklable(arguments: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
         except (TypeError, pickle.PicklingError, AttributeError):
             return name, value
     return None
+
+
+def _with_bar(
+    executor: Optional[Executor], progress: Optional[bool], total: int, todo: int, name: str
+) -> Any:
+    """``executor``, counting finished calls on a bar when one is wanted."""
+    from . import progress as bars
+
+    if not bars.wanted(progress):
+        return executor
+    from .compute.bar import CountingExecutor
+
+    return CountingExecutor(executor, total, total - todo, name.rsplit(".", 1)[-1])
 
 
 def _run_timed(function: CachedFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, float]:

@@ -203,3 +203,22 @@ class ClaimWaitTimeout(FlecheRemoteError, TimeoutError):
 class RecursiveCallError(FlecheRemoteError, RuntimeError):
     """A ``@cached`` function called itself with the same arguments: it
     would wait for its own result forever."""
+
+
+class ComputeError(FlecheRemoteError):
+    """A point of ``f.map(..., on=...)`` that the host could not compute
+    for a reason of its own, not the function's: Slurm ended its task
+    (``slurm_state``: ``TIMEOUT``, ``OUT_OF_MEMORY``, ``CANCELLED``...), the
+    worker pool died, or the host's code differs and the sweep is strict.
+    ``log`` holds the last lines of the task's output."""
+
+    def __init__(self, message: str, slurm_state: str = "", log: str = "") -> None:
+        self.slurm_state = slurm_state
+        self.log = log
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        if self.log:
+            text += "\n--- last lines of the task's output ---\n" + self.log.rstrip()
+        return text

@@ -5,8 +5,9 @@
 # everything: ruff, mypy, and the whole pytest suite (arguments go to
 # pytest). Run again, it reuses what is already in place.
 #
-#   * OpenSSH and PostgreSQL: the tests start private sshd and postgres
-#     servers on 127.0.0.1 (fleche_remote/testing.py), never the system's.
+#   * OpenSSH, PostgreSQL, Slurm and munge: the tests start private sshd,
+#     postgres, munged/slurmctld/slurmd on 127.0.0.1 and private sockets
+#     (fleche_remote/testing/), never the system's.
 #   * .venv: the development virtualenv, with every extra (test, bench).
 #   * .test-state/py3.9, .test-state/py3.13: bare interpreters with only
 #     this checkout and numpy, standing for a cluster's Python, for the
@@ -50,6 +51,9 @@ need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 { command -v ssh && command -v ssh-keygen; } >/dev/null 2>&1 || need+=(openssh-client)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# a private single-node Slurm (fleche_remote/testing/slurm.py) for the compute tests
+[ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 || need+=(slurm-wlm)
+[ -x /usr/sbin/munged ] || need+=(munge)
 if [ -z "$BASE_PY" ]; then
     need+=(python3 python3-venv)
 elif ! "$BASE_PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -61,7 +65,8 @@ if [ ${#need[@]} -gt 0 ]; then
     policy_added=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         # Keep the packages from starting a system-wide sshd (on every
-        # interface) and postgres: the tests run their own, on loopback.
+        # interface), postgres, munged and Slurm: the tests run their own,
+        # on loopback and private sockets.
         printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
         as_root chmod 755 /usr/sbin/policy-rc.d
         policy_added=1

@@ -143,3 +143,22 @@ def other_pythons() -> Dict[str, str]:
             pytest.fail(f"{source}: {problem}", pytrace=False)
         found[version] = str(python)
     return found
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A private single-node Slurm (munged, slurmctld, slurmd) for the whole
+    session; ``SLURM_CONF`` is exported so that ``sbatch`` (ours and the
+    compute servers' behind the test sshd) reaches it and nothing else."""
+    from fleche_remote.testing.slurm import private_slurm
+
+    with private_slurm() as cluster:
+        old = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        try:
+            yield cluster
+        finally:
+            if old is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = old

@@ -66,6 +66,8 @@ DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_BATCH_SIZE = 256
 #: Seconds ``close()`` and interpreter exit wait for the queue to drain.
 DEFAULT_CLOSE_TIMEOUT = 60.0
+
+
 def _identity(cache: BaseCache) -> Any:
     try:
         return cache.to_config()

@@ -48,6 +48,7 @@ _U64 = struct.Struct(">Q")
 #: streaming it in C order; bounds the memory beyond the array itself.
 BLOCK_BYTES = 16 << 20
 
+
 class Digest(str):
     """A hex SHA-256 digest; a ``str``, so it prints, compares and indexes as one."""
 

@@ -105,9 +105,12 @@ class Config(Mapping[str, Any]):
         return self._sources.get(name)
 
     def cache_names(self) -> List[str]:
-        """Names of the tables that can be caches (everything but ``[default]``)."""
+        """Names of the tables that can be caches (everything but ``[default]``
+        and ``[compute]``, the host's settings for ``f.map(..., on=...)``)."""
         return sorted(
-            k for k, v in self._tables.items() if k != DEFAULT_TABLE and isinstance(v, (dict, list))
+            k
+            for k, v in self._tables.items()
+            if k not in (DEFAULT_TABLE, "compute") and isinstance(v, (dict, list))
         )
 
     def default_cache(self) -> Optional[str]:

@@ -593,6 +593,46 @@ class SshCache(Lifecycle, BaseCache):
             keeper = self.__dict__["_claims"] = RemoteClaims(self._request, repr(self))
         return None if keeper.unsupported else keeper
 
+    # -- computing on the host (f.map(..., on=this)) ---------------------------
+
+    def compute_submit(
+        self,
+        function: bytes,
+        about: Dict[str, Any],
+        records: Sequence[CallRecord],
+        arguments: Sequence[bytes],
+    ) -> List[Optional[List[Any]]]:
+        """Have the host compute the points not stored there, in one round
+        trip; per point, ``[job, index]`` to poll, or None when the host has
+        it already. The function and the arguments are opaque bytes to the
+        server (its workers unpickle them). See :mod:`fleche_remote.compute`.
+
+        Raises:
+            Rejected: the host refuses (no ``[compute]`` table, a read-only
+                or forced-command key, sbatch failed), saying why.
+        """
+        args = {"function": function, "about": about, "records": list(records), "arguments": list(arguments)}
+        return list(self._compute_request("compute_submit", args))
+
+    def compute_status(self, points: Sequence[Sequence[Any]]) -> List[Dict[str, Any]]:
+        """The state of each ``[job, index]`` (one round trip)."""
+        if not points:
+            return []
+        return list(
+            self._compute_request("compute_status", {"points": [[str(j), int(i)] for j, i in points]})
+        )
+
+    def _compute_request(self, op: str, args: Dict[str, Any]) -> Any:
+        try:
+            return self._request(op, args)
+        except ProtocolError as exc:
+            if "unknown operation" not in str(exc):
+                raise
+            raise Rejected(
+                f"{self!r} runs a fleche-remote server without computing (no {op!r}); "
+                f"update fleche-remote on the host to use f.map(..., on=...)"
+            ) from None
+
 
 def _absent(key: str) -> Callable[[], Any]:
     """The offline answer of a lookup that raises on a miss."""

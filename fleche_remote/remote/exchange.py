@@ -49,6 +49,7 @@ class Channel(Protocol):
     def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
         """Send a request that gets no answer."""
 
+
 _REBUILDABLE: Dict[str, Type[BaseException]] = {
     name: getattr(builtins, name)
     for name in (

@@ -55,6 +55,8 @@ class Context:
         self.read_only = read_only
         self.append_only = append_only
         self.info: Dict[str, Any] = {}
+        self.compute: Any = None  # a compute.jobs.ComputeHost when sweeps may run here
+        self.jobs: Any = None
 
 
 class IncomingBlob(StreamBlob):
@@ -467,6 +469,7 @@ def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = 
         table.update(CLAIM_HANDLERS)
     if debug_ops:
         table["debug_raise"] = _h_debug_raise
+    table.update(COMPUTE_HANDLERS)  # in every mode: they refuse by themselves, saying why
     return table
 
 
@@ -517,3 +520,79 @@ def rejected_write(op: str, append_only: bool = False) -> Rejected:
     if append_only:
         return Rejected(f"this server is append-only: {op!r} is not allowed (saves only add new entries)")
     return Rejected(f"this server is read-only: {op!r} is not allowed")
+
+
+# -- computing: f.map(..., on=...) ---------------------------------------------------
+#
+# The function and the arguments arrive as opaque bytes and go, unread, into
+# a job directory; worker processes (fleche_remote.compute.worker) unpickle
+# and run them. These handlers only check shapes, write files and start
+# the workers. They are in every table and refuse by themselves, so the
+# refusal can say why: a read-only server, a key whose forced command did
+# not opt in (serve --allow-compute), a host without a [compute] table.
+
+
+def _compute_jobs(ctx: Context) -> Any:
+    host = ctx.compute
+    if ctx.read_only:
+        raise Rejected(
+            "computing is not allowed for this key: this server is read-only (a forced command or "
+            "--read-only); results can be read here, not computed"
+        )
+    if host is not None and host.forced and not host.allowed:
+        raise Rejected(
+            "computing is not allowed for this key: its authorized_keys forced command runs the server "
+            "without --allow-compute (add that flag to the command to let this key run code here)"
+        )
+    if host is None or host.settings is None:
+        from ..config.compute import NO_COMPUTE_HINT
+
+        raise Rejected(NO_COMPUTE_HINT)
+    if ctx.jobs is None:
+        from ..compute.jobs import Jobs
+
+        ctx.jobs = Jobs(host)
+    return ctx.jobs
+
+
+def _h_compute_submit(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    jobs = _compute_jobs(ctx)
+    function = args.get("function")
+    about = _optional_mapping(args, "about")
+    records = args.get("records")
+    arguments = args.get("arguments")
+    if not isinstance(function, bytes):
+        raise ProtocolError("compute_submit needs 'function' as bytes")
+    if about is None or not all(isinstance(k, str) for k in about):
+        raise ProtocolError("compute_submit needs 'about', a dict")
+    for name in ("name", "module", "qualname"):
+        if not isinstance(about.get(name), str):
+            raise ProtocolError(f"compute_submit needs about[{name!r}] as a str")
+    if not isinstance(records, list) or not all(isinstance(r, CallRecord) for r in records):
+        raise ProtocolError("compute_submit needs 'records', a list of CallRecords")
+    if not isinstance(arguments, list) or len(arguments) != len(records):
+        raise ProtocolError("compute_submit needs one argument blob per record")
+    if not all(isinstance(a, bytes) for a in arguments):
+        raise ProtocolError("compute_submit needs each argument blob as bytes")
+    known = ("name", "module", "qualname", "digest", "parts", "strict", "file")
+    about = {k: about[k] for k in known if k in about}
+    stored = ctx.cache.contains_many([r.key for r in records])
+    return Reply(
+        jobs.submit(function, {"function": about, "name": about["name"]}, records, arguments, stored)
+    )
+
+
+def _h_compute_status(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    jobs = _compute_jobs(ctx)
+    points = args.get("points")
+    if not isinstance(points, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int for p in points
+    ):
+        raise ProtocolError("compute_status needs 'points', a list of [job, index]")
+    return Reply(jobs.status(points))
+
+
+COMPUTE_HANDLERS: Dict[str, Handler] = {
+    "compute_submit": _h_compute_submit,
+    "compute_status": _h_compute_status,
+}

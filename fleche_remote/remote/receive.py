@@ -34,9 +34,7 @@ def decode_first(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]])
     return decode_value(StreamBlob(header.kind, header.meta, header.size, chunks))
 
 
-def unpack_blobs(
-    items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]
-) -> List[Optional[Blob]]:
+def unpack_blobs(items: List[Any], streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> List[Optional[Blob]]:
     """Blobs from a reply's items: ``Inline`` ones as they are, ``True`` ones
     from the streams that follow, in order (spooled: they outlive the wire)."""
     out: List[Optional[Blob]] = []

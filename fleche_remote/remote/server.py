@@ -388,6 +388,7 @@ def serve(
     cache_name: Optional[str] = None,
     read_only: bool = False,
     append_only: bool = False,
+    compute: Any = None,
 ) -> None:
     """Answer requests from ``input_stream`` on ``output_stream`` until EOF.
 
@@ -402,6 +403,8 @@ def serve(
         read_only: refuse writes even if ``cache`` allows them.
         append_only: take evict and garbage collection away, and refuse a
             save that would replace an entry stored with another value.
+        compute: a :class:`~fleche_remote.compute.jobs.ComputeHost`, to
+            run sweeps (``f.map(..., on=...)``); None refuses them.
 
     Raises:
         ProtocolError: the input is not the fleche-remote protocol (the
@@ -411,6 +414,7 @@ def serve(
     append_only = bool(append_only and not read_only)
     ctx = Context(cache, cache_name, read_only, append_only)
     ctx.info = server_info(cache, cache_name, read_only, append_only)
+    ctx.compute = compute
     table = handler_table(read_only, os.environ.get(DEBUG_OPS_ENV) == "1", append_only)
     out = Output(output_stream)
     out.send([BANNER + encode_message(Hello(PROTOCOL_VERSION, __version__, ctx.info))])
@@ -472,8 +476,33 @@ def _serve_as_stored(cache: Any) -> None:
             log.info("the server's secret_key is not used: clients sign and check entries themselves")
 
 
+def _compute_host(args: argparse.Namespace, config: Any) -> Any:
+    """How this server runs sweeps: the ``[compute]`` table, and whether a
+    forced command started it. sshd sets ``SSH_ORIGINAL_COMMAND`` only
+    when an ``authorized_keys`` ``command=`` (or ``ForceCommand``) replaced
+    what the client asked for: such a key computes only if the command
+    itself says ``--allow-compute``."""
+    from ..compute.jobs import ComputeHost
+    from ..config.compute import compute_settings
+
+    try:
+        settings = compute_settings(config)
+    except Exception as exc:  # a broken table refuses sweeps, not reads
+        log.warning("[compute] ignored: %s", exc)
+        settings = None
+    return ComputeHost(
+        settings=settings,
+        config_path=os.path.abspath(args.config) if args.config else None,
+        cache_name=args.cache,
+        cwd=os.getcwd(),
+        forced="SSH_ORIGINAL_COMMAND" in os.environ,
+        allowed=bool(args.allow_compute),
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only | --append-only]``."""
+    """``python -m fleche_remote serve [--cache NAME] [--config PATH] [--read-only | --append-only]
+    [--allow-compute]``."""
     parser = argparse.ArgumentParser(
         prog="fleche-remote serve", description="Serve a cache over stdin/stdout."
     )
@@ -485,6 +514,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--append-only",
         action="store_true",
         help="allow saves of new entries only: no evict, no overwrite, no garbage collection",
+    )
+    parser.add_argument(
+        "--allow-compute",
+        action="store_true",
+        help="let f.map(..., on=...) run code here although an authorized_keys forced command started "
+        "this server (refused otherwise)",
     )
     args = parser.parse_args(argv)
     _bound_malloc()
@@ -519,6 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cache_name=args.cache,
             read_only=args.read_only,
             append_only=args.append_only,
+            compute=_compute_host(args, config),
         )
     except ProtocolError as exc:
         print(f"fleche-remote serve: protocol error, closing: {exc}", file=sys.stderr)

@@ -260,7 +260,10 @@ class SshServer:
             lines.append(f'exec "${{SHELL:-/bin/sh}}" -c {q(forced_command)}')
         else:
             lines.append('if [ -z "${SSH_ORIGINAL_COMMAND:-}" ]; then exec "${SHELL:-/bin/sh}" -l; fi')
-            lines.append('exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"')
+            # sshd sets SSH_ORIGINAL_COMMAND only for a forced command; this
+            # key stands for an unrestricted one, so its command must not see it
+            lines.append("fleche_command=$SSH_ORIGINAL_COMMAND; unset SSH_ORIGINAL_COMMAND")
+            lines.append('exec "${SHELL:-/bin/sh}" -c "$fleche_command"')
         return "\n".join(lines) + "\n"
 
     def _options_for(self, key: Path) -> Tuple[str, ...]:
