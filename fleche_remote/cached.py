@@ -71,9 +71,10 @@ from .call import Call, LazyCall
 from .codec.code import CodeDigest
 from .codec.digest import Digest, call_digest, digest_of, normalize_version
 from .codekey import UNRESOLVED, CodeDigestWarning, HashCodeSpec, KeyVersion
+from .compute.here import compute_here, run_timed, with_bar
 from .errors import CorruptEntryError, Rejected, UnpicklableArgumentError
-from .localpaths import holds_local_path, local_target, path_result_skipped
-from .query import plan_query
+from .query import plan_function_query
+from .results import find_stored, save_result, save_results
 from .storage.claims import DEFAULT_LEASE
 
 log = logging.getLogger("fleche_remote.cached")
@@ -244,7 +245,18 @@ class CachedFunction:
         return self._keys.stand_in()
 
     def _metadata(self, wall_time: float) -> Dict[str, Any]:
-        return self._keys.with_code(_metadata(wall_time))
+        return self.with_code(_metadata(wall_time))
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        """The cache as given to ``@cached``: a name, a cache, or None (the
+        ``[default]`` one), before it is resolved."""
+        return self._cache_spec
+
+    def with_code(self, metadata: Dict[str, Any]) -> Dict[str, Any]:
+        """``metadata`` with what went into this function's code digest (under
+        ``"code"``), as a saved call carries it."""
+        return self._keys.with_code(metadata)
 
     def rerun(self, *args: Any, **kwargs: Any) -> Any:
         """Compute again, whatever is stored, and replace the stored result.
@@ -260,7 +272,7 @@ class CachedFunction:
         arguments = self.arguments(*args, **kwargs)
         key = call_digest(self.name, arguments, self.version)
         cache = self.cache
-        computed = {key: _run_timed(self, args, kwargs)}
+        computed = {key: run_timed(self, args, kwargs)}
         if not cache.read_only:
             try:
                 cache.evict(key)
@@ -338,39 +350,10 @@ class CachedFunction:
             ValueError: a parameter in ``ignore``, which keys leave out, so
                 no stored call could match it.
         """
-        params = self._signature.parameters
-        fields = {"arguments": arguments, "metadata": metadata, "version": version}
-        for field, value in fields.items():
-            if value is not None and field in params:
-                raise TypeError(
-                    f"{self.name} has a parameter named {field!r}, so query({field}=...) is ambiguous: "
-                    f"give that argument positionally, or filter with "
-                    f"{self.name}.cache.query({self.name!r}, {field}=...)"
-                )
-        wanted: Dict[str, Any] = dict(self._signature.bind_partial(*args).arguments) if args else {}
-        for name, value in filters.items():
-            if name in wanted:
-                raise TypeError(f"{self.name}: argument {name!r} given both positionally and as a keyword")
-            wanted[name] = value
-        if arguments is not None and not isinstance(arguments, Mapping):
-            raise TypeError(f"arguments must be a mapping, got {type(arguments).__name__} {arguments!r}")
-        named = [*wanted, *(arguments or {})]
-        unknown = [n for n in named if n not in params]
-        if unknown:
-            raise TypeError(
-                f"{self.name} takes no argument {', '.join(map(repr, unknown))}, so no call could match; "
-                f"its parameters are {', '.join(params) or 'none'}"
-            )
-        ignored = [n for n in named if n in self.ignore]
-        if ignored:
-            raise ValueError(
-                f"{', '.join(map(repr, ignored))} is in {self.name}'s ignore list: keys leave it out, "
-                f"so stored calls cannot be told apart by it"
-            )
-        # wanted goes in as keyword filters, by digest; a parameter called
-        # ``name`` or ``result`` is just an argument here
-        plan = plan_query(self.name, arguments=arguments, metadata=metadata, version=version, filters=wanted)
-        return self.cache._run_query(plan)
+        plan = plan_function_query(
+            self.name, self._signature, self.ignore, args, arguments, metadata, version, filters
+        )
+        return self.cache.run_query(plan)
 
     # -- sweeps: one lookup and one save for a whole batch of calls ---------
 
@@ -474,7 +457,7 @@ class CachedFunction:
         cache = self.cache
         unique = list(todo)
         results: Dict[Digest, Any] = {}
-        for key, lazy in zip(unique, self._lookup(cache, unique)):
+        for key, lazy in zip(unique, find_stored(cache, unique, self.name)):
             if lazy is not None:
                 results[key] = lazy.result
                 del todo[key]
@@ -516,7 +499,7 @@ class CachedFunction:
     ) -> None:
         def lookup(keys: List[str]) -> List[str]:
             ready = [Digest(k) for k in keys]
-            for key, lazy in zip(ready, self._lookup(cache, ready)):
+            for key, lazy in zip(ready, find_stored(cache, ready, self.name)):
                 if lazy is not None:
                     results[key] = lazy.result
             return [k for k in ready if k not in results]
@@ -548,9 +531,9 @@ class CachedFunction:
         if not todo:
             return
         computed: Dict[Digest, Tuple[Any, float]] = {}
-        runner = _with_bar(executor, progress, len(results) + len(todo), len(todo), self.name)
+        runner = with_bar(executor, progress, len(results) + len(todo), len(todo), self.name)
         try:
-            self._compute(todo, runner, computed)
+            compute_here(self, self.name, todo, runner, computed)
         finally:
             if runner is not executor:
                 runner.shutdown()
@@ -559,111 +542,17 @@ class CachedFunction:
             self._save_batch(cache, todo, computed)
         results.update((key, result) for key, (result, _) in computed.items())
 
-    def _lookup(self, cache: BaseCache, keys: List[Digest]) -> List[Optional[LazyCall]]:
-        try:
-            return cache.load_many(keys, results=True)
-        except CorruptEntryError as exc:
-            log.warning(
-                "%s: a stored result in the batch is corrupt (%s); looking up one by one", self.name, exc
-            )
-        found: List[Optional[LazyCall]] = []
-        for key in keys:
-            try:
-                found.extend(cache.load_many([key], results=True))
-            except CorruptEntryError as exc:
-                log.warning(
-                    "stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc
-                )
-                found.append(None)
-        return found
-
-    def _compute(
-        self,
-        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
-        executor: Optional[Executor],
-        computed: Dict[Digest, Tuple[Any, float]],
-    ) -> None:
-        if executor is None:
-            for key, (args, kwargs, _) in todo.items():
-                with claiming.computing(self.name, [key]):
-                    computed[key] = _run_timed(self, args, kwargs)
-            return
-        from concurrent.futures import CancelledError
-
-        futures = {
-            key: executor.submit(_run_timed, self, args, kwargs) for key, (args, kwargs, _) in todo.items()
-        }
-        failure: Optional[BaseException] = None
-        try:
-            for key, future in futures.items():
-                try:
-                    computed[key] = future.result()
-                except Exception as exc:
-                    if failure is None:
-                        failure = exc
-                        for other in futures.values():
-                            other.cancel()  # those not started; running ones finish and are kept
-                except CancelledError:
-                    continue
-        except BaseException:
-            for other in futures.values():
-                other.cancel()
-            raise
-        if failure is not None:
-            raise failure
-
     def _save_batch(
         self,
         cache: BaseCache,
         todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
         computed: Mapping[Digest, Tuple[Any, float]],
     ) -> None:
-        if not computed:
-            return
-        if cache.read_only:
-            log.debug("%s: cache %r is read-only; %d results not saved", self.name, cache, len(computed))
-            return
         calls = [
             Call(self.name, todo[key][2], result, self._metadata(wall_time), self.version)
             for key, (result, wall_time) in computed.items()
         ]
-        with_paths = [c for c in calls if holds_local_path(c.result)]
-        if with_paths:
-            calls = [c for c in calls if not holds_local_path(c.result)]
-            target = local_target(cache)
-            if target is None:
-                path_result_skipped(self.name, cache)
-            else:
-                self._save_batch_into(target, with_paths)
-        self._save_batch_into(cache, calls)
-
-    def _save_batch_into(self, cache: BaseCache, calls: List[Call]) -> None:
-        if not calls:
-            return
-        try:
-            cache.save_many(calls)
-            return
-        except Rejected as exc:
-            log.debug("%s: cache refused %d results: %s", self.name, len(calls), exc)
-            return
-        except Exception:
-            log.debug(
-                "%s: saving %d results in one batch failed; saving one by one",
-                self.name,
-                len(calls),
-                exc_info=True,
-            )
-        # one unpicklable result must not cost the others their save
-        failed = 0
-        first: Optional[BaseException] = None
-        for call in calls:
-            try:
-                cache.save(call)
-            except Exception as exc:
-                failed += 1
-                first = first or exc
-        if failed:
-            log.warning("%s: could not save %d of %d results", self.name, failed, len(calls), exc_info=first)
+        save_results(cache, calls, self.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self.arguments(*args, **kwargs)
@@ -717,25 +606,7 @@ class CachedFunction:
         start = time.perf_counter()
         result = self.func(*args, **kwargs)
         wall_time = time.perf_counter() - start
-        if cache.read_only:
-            log.debug("%s: cache %r is read-only; result of key %s not saved", self.name, cache, key[:12])
-            return result
-        call = Call(self.name, arguments, result, self._metadata(wall_time), self.version)
-        target = cache
-        if holds_local_path(result):
-            local = local_target(cache)
-            if local is None:
-                path_result_skipped(self.name, cache)
-                return result
-            target = local
-        try:
-            target.save(call)
-        except Rejected as exc:
-            log.debug("%s: cache refused key %s: %s", self.name, key[:12], exc)
-        except Exception:
-            # the caller asked for a result, not for a save: a full disk or a
-            # result that cannot be pickled must not throw the result away
-            log.warning("%s: could not save the result of key %s", self.name, key[:12], exc_info=True)
+        save_result(cache, Call(self.name, arguments, result, self._metadata(wall_time), self.version), key)
         return result
 
 
@@ -748,27 +619,6 @@ def _unpicklable(arguments: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
         except (TypeError, pickle.PicklingError, AttributeError):
             return name, value
     return None
-
-
-def _with_bar(
-    executor: Optional[Executor], progress: Optional[bool], total: int, todo: int, name: str
-) -> Any:
-    """``executor``, counting finished calls on a bar when one is wanted."""
-    from . import progress as bars
-
-    if not bars.wanted(progress):
-        return executor
-    from .compute.bar import CountingExecutor
-
-    return CountingExecutor(executor, total, total - todo, name.rsplit(".", 1)[-1])
-
-
-def _run_timed(function: CachedFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, float]:
-    """Run the bare function and time it; module-level, and given the
-    wrapper (which pickles by name), so a process pool can run it."""
-    start = time.perf_counter()
-    result = function.func(*args, **kwargs)
-    return result, time.perf_counter() - start
 
 
 @overload

@@ -42,8 +42,9 @@ Semantics, as in fleche where fleche has them:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Set
+from typing import Any, Dict, Mapping, Optional, Sequence, Set
 
 from .call import CallRecord
 from .codec.digest import digest_of, normalize_version
@@ -246,6 +247,61 @@ def _meta_matches(stored: Mapping[str, Any], key: str, wanted: Any) -> bool:
             return False
         return all(k in have and (v is None or _normal(have[k]) == v) for k, v in wanted.items())
     return bool(_normal(have) == wanted)
+
+
+def plan_function_query(
+    name: str,
+    signature: inspect.Signature,
+    ignore: Sequence[str],
+    args: Sequence[Any],
+    arguments: Optional[Mapping[str, Any]],
+    metadata: Optional[Mapping[str, Any]],
+    version: Any,
+    filters: Mapping[str, Any],
+) -> QueryPlan:
+    """The plan of ``f.query(*args, arguments=..., metadata=..., version=...,
+    **filters)`` for the cached function ``name`` with ``signature``: the
+    arguments are checked against its parameters, so that a query no
+    stored call could match is an error instead of an empty answer.
+
+    Raises:
+        TypeError: a name the function does not take, arguments that do
+            not fit its signature, or a parameter whose name is also a
+            query field given as a keyword.
+        ValueError: a parameter in ``ignore``, which keys leave out.
+    """
+    params = signature.parameters
+    fields = {"arguments": arguments, "metadata": metadata, "version": version}
+    for key, value in fields.items():
+        if value is not None and key in params:
+            raise TypeError(
+                f"{name} has a parameter named {key!r}, so query({key}=...) is ambiguous: "
+                f"give that argument positionally, or filter with "
+                f"{name}.cache.query({name!r}, {key}=...)"
+            )
+    wanted: Dict[str, Any] = dict(signature.bind_partial(*args).arguments) if args else {}
+    for param, value in filters.items():
+        if param in wanted:
+            raise TypeError(f"{name}: argument {param!r} given both positionally and as a keyword")
+        wanted[param] = value
+    if arguments is not None and not isinstance(arguments, Mapping):
+        raise TypeError(f"arguments must be a mapping, got {type(arguments).__name__} {arguments!r}")
+    named = [*wanted, *(arguments or {})]
+    unknown = [n for n in named if n not in params]
+    if unknown:
+        raise TypeError(
+            f"{name} takes no argument {', '.join(map(repr, unknown))}, so no call could match; "
+            f"its parameters are {', '.join(params) or 'none'}"
+        )
+    ignored = [n for n in named if n in ignore]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(map(repr, ignored))} is in {name}'s ignore list: keys leave it out, "
+            f"so stored calls cannot be told apart by it"
+        )
+    # wanted goes in as keyword filters, by digest; a parameter called
+    # ``name`` or ``result`` is just an argument here
+    return plan_query(name, arguments=arguments, metadata=metadata, version=version, filters=wanted)
 
 
 __all__ = ["FIELDS", "UNSUPPORTED", "QueryPlan", "check_keywords", "plan_query"]

@@ -260,9 +260,9 @@ class BaseCache(abc.ABC):
         plan = plan_query(
             name, arguments=arguments, metadata=metadata, module=module, version=version, filters=filters
         )
-        return self._run_query(plan)
+        return self.run_query(plan)
 
-    def _run_query(self, plan: QueryPlan) -> Iterator[LazyCall]:
+    def run_query(self, plan: QueryPlan) -> Iterator[LazyCall]:
         records = self.query_records(plan.name, plan.arg_digests or None, plan.metadata or None)
         chunk: List[CallRecord] = []
         for record in records:

@@ -35,7 +35,7 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from ..call import CallRecord
 from ..codec.digest import Digest, digest_of
@@ -45,9 +45,28 @@ from .code import function_file, function_parts, plain
 from .jobs import DONE, FAILED, QUEUED, RUNNING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cached import CachedFunction
     from ..caches.base import BaseCache
     from ..remote.client import SshCache
+
+
+class Sweeping(Protocol):
+    """What a sweep sent to a host needs of its cached function (a
+    :class:`~fleche_remote.cached.CachedFunction`)."""
+
+    name: str
+    func: Callable[..., Any]
+
+    @property
+    def version(self) -> Optional[str]: ...
+
+    @property
+    def cache(self) -> BaseCache: ...
+
+    @property
+    def cache_spec(self) -> Any: ...
+
+    def with_code(self, metadata: Dict[str, Any]) -> Dict[str, Any]: ...
+
 
 log = logging.getLogger("fleche_remote.compute")
 
@@ -65,7 +84,7 @@ _LAYER = re.compile(r"(?P<name>.+):(?P<index>\d+)")
 # -- which layer ----------------------------------------------------------------
 
 
-def resolve_layer(function: CachedFunction, on: Any) -> SshCache:
+def resolve_layer(function: Sweeping, on: Any) -> SshCache:
     """The ssh layer ``on`` names: an :class:`SshCache`, ``"NAME:N"`` (layer N
     of the stack NAME, as the command line names layers) or the name of an
     ssh cache in fleche.toml. A layer of the function's own stack is taken
@@ -94,7 +113,7 @@ def resolve_layer(function: CachedFunction, on: Any) -> SshCache:
             f"on={on!r}: no cache named {name!r} in fleche.toml (caches: {names}); "
             f"give 'NAME:N' for layer N of a stack, an ssh cache's name, or an SshCache"
         )
-    spec = function._cache_spec if isinstance(function._cache_spec, str) else config.default_cache()
+    spec = function.cache_spec if isinstance(function.cache_spec, str) else config.default_cache()
     if match and spec == name and isinstance(own, CacheStack):
         layer: Any = _layer_at(own, int(match.group("index")), on)
     else:
@@ -148,7 +167,7 @@ def pack_function(func: Any) -> bytes:
                 cloudpickle.unregister_pickle_by_value(module)
 
 
-def pack_points(function: CachedFunction, todo: Todo) -> Tuple[List[CallRecord], List[bytes]]:
+def pack_points(function: Sweeping, todo: Todo) -> Tuple[List[CallRecord], List[bytes]]:
     """The record each result is filed under (the laptop's key) and the
     call's arguments, pickled."""
     import cloudpickle
@@ -163,7 +182,7 @@ def pack_points(function: CachedFunction, todo: Todo) -> Tuple[List[CallRecord],
                 version=function.version,
                 arguments=cloudpickle.dumps(bound, protocol=4),
                 arg_digests={k: str(digest_of(v)) for k, v in bound.items()},
-                metadata=plain(function._keys.with_code({})),
+                metadata=plain(function.with_code({})),
                 value="",
             )
         )
@@ -199,7 +218,7 @@ class _Bar:
 
 
 def compute_on(
-    function: CachedFunction, layer: SshCache, todo: Todo, *, found: int = 0,
+    function: Sweeping, layer: SshCache, todo: Todo, *, found: int = 0,
     progress: Optional[bool] = None, strict: bool = False,
 ) -> Tuple[Dict[Digest, Any], Dict[Digest, BaseException]]:  # fmt: skip
     """Compute ``todo`` on ``layer``'s host; return the results and the
@@ -262,7 +281,7 @@ def compute_on(
 
 
 def _fetch(
-    function: CachedFunction, layer: SshCache, keys: List[Digest],
+    function: Sweeping, layer: SshCache, keys: List[Digest],
     results: Dict[Digest, Any], failures: Dict[Digest, BaseException],
 ) -> None:  # fmt: skip
     """Load what the host has computed and copy it into the first layer."""
