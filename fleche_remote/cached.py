@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import pickle
 import sys
 import threading
 import time
@@ -69,10 +68,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
 from .call import Call, LazyCall
 from .codec.code import CodeDigest
-from .codec.digest import Digest, call_digest, digest_of, normalize_version
-from .codekey import UNRESOLVED, CodeDigestWarning, HashCodeSpec, KeyVersion
-from .compute.here import compute_here, run_timed, with_bar
-from .errors import CorruptEntryError, Rejected, UnpicklableArgumentError
+from .codec.digest import Digest, call_digest, normalize_version
+from .codekey import UNRESOLVED, CodeDigestWarning, HashCodeSpec, KeyVersion, call_key
+from .compute.here import run_timed, sweep_misses
+from .errors import CorruptEntryError, Rejected
 from .query import plan_function_query
 from .results import find_stored, save_result, save_results
 from .storage.claims import DEFAULT_LEASE
@@ -280,7 +279,7 @@ class CachedFunction:
                 pass
             except Rejected as exc:
                 log.debug("%s: old result of key %s kept by a read-only layer: %s", self.name, key[:12], exc)
-        self._save_batch(cache, {key: (args, kwargs, arguments)}, computed)
+        self.save_batch(cache, {key: (args, kwargs, arguments)}, computed)
         return computed[key][0]
 
     def arguments(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
@@ -295,20 +294,7 @@ class CachedFunction:
         return {k: v for k, v in bound.arguments.items() if k not in self.ignore}
 
     def _key(self, arguments: Dict[str, Any]) -> Digest:
-        """The key of bound ``arguments``; an argument that cannot be pickled
-        (hence hashed) is named, with the fix, instead of a bare pickling
-        error from deep inside the hashing."""
-        try:
-            return call_digest(self.name, arguments, self.version)
-        except (TypeError, pickle.PicklingError, AttributeError) as exc:
-            culprit = _unpicklable(arguments)
-            if culprit is None:
-                raise
-            name, value = culprit
-            type_name = f"{type(value).__module__}.{type(value).__qualname__}"
-            if type(value).__module__ in ("builtins", "_io", "io"):
-                type_name = type(value).__qualname__
-            raise UnpicklableArgumentError(self.name, name, type_name, str(exc)) from None
+        return call_key(self.name, arguments, self.version)
 
     def key(self, *args: Any, **kwargs: Any) -> Digest:
         """The key a call with these arguments is filed under."""
@@ -466,7 +452,7 @@ class CachedFunction:
             if on is not None:
                 results.update(self._compute_on(on, todo, len(unique) - len(todo), progress, strict, keys))
             else:
-                self._sweep_misses(cache, todo, executor, results, progress)
+                sweep_misses(self, cache, todo, executor, results, progress)
         return [results[key] for key in keys]
 
     def _compute_on(
@@ -489,65 +475,14 @@ class CachedFunction:
             raise failures[first]
         return results
 
-    def _sweep_misses(
-        self,
-        cache: BaseCache,
-        todo: Dict[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
-        executor: Optional[Executor],
-        results: Dict[Digest, Any],
-        progress: Optional[bool] = None,
-    ) -> None:
-        def lookup(keys: List[str]) -> List[str]:
-            ready = [Digest(k) for k in keys]
-            for key, lazy in zip(ready, find_stored(cache, ready, self.name)):
-                if lazy is not None:
-                    results[key] = lazy.result
-            return [k for k in ready if k not in results]
-
-        def compute(keys: List[str]) -> None:
-            batch = {Digest(k): todo[Digest(k)] for k in keys}
-            self._compute_batch(cache, batch, executor, results, progress)
-
-        keeper = cache.claim_keeper() if self.claims else None
-        claiming.compute_batch(
-            keeper,
-            list(todo),
-            self.name,
-            self.lease,
-            self.claim_timeout,
-            cache.contains_many,
-            lookup,
-            compute,
-        )
-
-    def _compute_batch(
-        self,
-        cache: BaseCache,
-        todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
-        executor: Optional[Executor],
-        results: Dict[Digest, Any],
-        progress: Optional[bool] = None,
-    ) -> None:
-        if not todo:
-            return
-        computed: Dict[Digest, Tuple[Any, float]] = {}
-        runner = with_bar(executor, progress, len(results) + len(todo), len(todo), self.name)
-        try:
-            compute_here(self, self.name, todo, runner, computed)
-        finally:
-            if runner is not executor:
-                runner.shutdown()
-            # saved even when a call failed or the sweep was interrupted:
-            # a rerun then starts where this one stopped
-            self._save_batch(cache, todo, computed)
-        results.update((key, result) for key, (result, _) in computed.items())
-
-    def _save_batch(
+    def save_batch(
         self,
         cache: BaseCache,
         todo: Mapping[Digest, Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]],
         computed: Mapping[Digest, Tuple[Any, float]],
     ) -> None:
+        """Save the ``computed`` ``(result, wall_time)`` of ``todo``'s misses
+        in one batch (failures logged, never raised: see :mod:`.results`)."""
         calls = [
             Call(self.name, todo[key][2], result, self._metadata(wall_time), self.version)
             for key, (result, wall_time) in computed.items()
@@ -608,17 +543,6 @@ class CachedFunction:
         wall_time = time.perf_counter() - start
         save_result(cache, Call(self.name, arguments, result, self._metadata(wall_time), self.version), key)
         return result
-
-
-def _unpicklable(arguments: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
-    """The first argument whose digest fails, with its value (None if each
-    hashes alone, so the failure was not one argument's)."""
-    for name, value in arguments.items():
-        try:
-            digest_of(value)
-        except (TypeError, pickle.PicklingError, AttributeError):
-            return name, value
-    return None
 
 
 @overload

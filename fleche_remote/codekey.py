@@ -10,13 +10,15 @@ explanation is worth a local index lookup, never a remote round trip.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import warnings
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .caches import BaseCache, CacheStack
 from .codec.code import CodeDigest, changed_parts, code_digest
-from .codec.digest import digest_of
+from .codec.digest import Digest, call_digest, digest_of
+from .errors import UnpicklableArgumentError
 
 log = logging.getLogger("fleche_remote.cached")
 
@@ -184,3 +186,35 @@ class KeyVersion:
         if why is not None:
             self._explained = True
             log.info("%s computes: %s", self.name, why)
+
+
+def call_key(name: str, arguments: Dict[str, Any], version: Optional[str]) -> Digest:
+    """The key of a call of ``name`` with bound ``arguments``; an argument
+    that cannot be pickled (hence hashed) is named, with the fix, instead
+    of a bare pickling error from deep inside the hashing.
+
+    Raises:
+        UnpicklableArgumentError: that argument, by name and type.
+    """
+    try:
+        return call_digest(name, arguments, version)
+    except (TypeError, pickle.PicklingError, AttributeError) as exc:
+        culprit = _unpicklable(arguments)
+        if culprit is None:
+            raise
+        param, value = culprit
+        type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+        if type(value).__module__ in ("builtins", "_io", "io"):
+            type_name = type(value).__qualname__
+        raise UnpicklableArgumentError(name, param, type_name, str(exc)) from None
+
+
+def _unpicklable(arguments: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
+    """The first argument whose digest fails, with its value (None if each
+    hashes alone, so the failure was not one argument's)."""
+    for param, value in arguments.items():
+        try:
+            digest_of(value)
+        except (TypeError, pickle.PicklingError, AttributeError):
+            return param, value
+    return None

@@ -10,9 +10,12 @@ its wall time, so the caller can save the batch in one go.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from .. import claiming
+from ..caches.base import BaseCache
+from ..codec.digest import Digest
+from ..results import find_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
@@ -20,6 +23,72 @@ if TYPE_CHECKING:  # pragma: no cover
 #: A miss as a sweep keeps it: positional and keyword arguments as given,
 #: and the arguments as they enter the key.
 Miss = Tuple[Tuple[Any, ...], Dict[str, Any], Dict[str, Any]]
+
+
+def sweep_misses(
+    function: Any,
+    cache: BaseCache,
+    todo: Dict[Any, Miss],
+    executor: Optional[Executor],
+    results: Dict[Any, Any],
+    progress: Optional[bool] = None,
+) -> None:
+    """Compute a sweep's misses here, each once across processes: the
+    misses are claimed as a batch (see :mod:`fleche_remote.claiming`);
+    points held by others are waited for while this process computes its
+    own. Results land in ``results`` and are saved in batches through
+    ``function.save_batch``.
+
+    Args:
+        function: the ``CachedFunction`` (its ``name``, ``claims``,
+            ``lease``, ``claim_timeout`` and ``save_batch``).
+    """
+
+    def look_up(keys: List[str]) -> List[str]:
+        ready = [Digest(k) for k in keys]
+        for key, lazy in zip(ready, find_stored(cache, ready, function.name)):
+            if lazy is not None:
+                results[key] = lazy.result
+        return [k for k in ready if k not in results]
+
+    def compute(keys: List[str]) -> None:
+        batch = {Digest(k): todo[Digest(k)] for k in keys}
+        _compute_batch(function, cache, batch, executor, results, progress)
+
+    keeper = cache.claim_keeper() if function.claims else None
+    claiming.compute_batch(
+        keeper,
+        list(todo),
+        function.name,
+        function.lease,
+        function.claim_timeout,
+        cache.contains_many,
+        look_up,
+        compute,
+    )
+
+
+def _compute_batch(
+    function: Any,
+    cache: BaseCache,
+    todo: Mapping[Any, Miss],
+    executor: Optional[Executor],
+    results: Dict[Any, Any],
+    progress: Optional[bool] = None,
+) -> None:
+    if not todo:
+        return
+    computed: Dict[Any, Tuple[Any, float]] = {}
+    runner = with_bar(executor, progress, len(results) + len(todo), len(todo), function.name)
+    try:
+        compute_here(function, function.name, todo, runner, computed)
+    finally:
+        if runner is not executor:
+            runner.shutdown()
+        # saved even when a call failed or the sweep was interrupted:
+        # a rerun then starts where this one stopped
+        function.save_batch(cache, todo, computed)
+    results.update((key, result) for key, (result, _) in computed.items())
 
 
 def compute_here(
