@@ -616,11 +616,8 @@ class SshCache(Lifecycle, BaseCache):
 
     def compute_status(self, points: Sequence[Sequence[Any]]) -> List[Dict[str, Any]]:
         """The state of each ``[job, index]`` (one round trip)."""
-        if not points:
-            return []
-        return list(
-            self._compute_request("compute_status", {"points": [[str(j), int(i)] for j, i in points]})
-        )
+        wanted = {"points": [[str(j), int(i)] for j, i in points]}
+        return list(self._compute_request("compute_status", wanted)) if points else []
 
     def _compute_request(self, op: str, args: Dict[str, Any]) -> Any:
         try:
