@@ -118,10 +118,15 @@ def _wait_ready(stdout: Any) -> None:
     assert line == b"ready\n", line
 
 
-def raw_upload(link: Link, payload: memoryview) -> float:
-    """Seconds to push ``payload`` into a remote ``cat > /dev/null``, login excluded."""
+def raw_upload(link: Link, payload: memoryview, dest: str = "/dev/null") -> float:
+    """Seconds to push ``payload`` into a remote ``cat > DEST``, login excluded
+    (``/dev/null``: the link alone; a file: the link and the remote's disk,
+    which a cache writing the value has to pay too)."""
     proc = subprocess.Popen(
-        link.ssh("echo ready; cat > /dev/null"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        link.ssh(f"echo ready; cat > {shlex.quote(dest)}"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
     )
     assert proc.stdin is not None and proc.stdout is not None
     _wait_ready(proc.stdout)
