@@ -116,8 +116,23 @@ def blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
     return (digest, blob.kind, meta, blob.size, body)
 
 
+class Place:
+    """Where an entry is, for an error message: formatted only when one is
+    raised (a repr of the store on every read cost ~1 us a load)."""
+
+    __slots__ = ("ident", "store", "what")
+
+    def __init__(self, what: str, ident: Any, store: Any) -> None:
+        self.what = what
+        self.ident = ident
+        self.store = store
+
+    def __str__(self) -> str:
+        return f"{self.what} {str(self.ident)[:16]} in {self.store!r}"
+
+
 def row_blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body: Any) -> BytesBlob:
-    where = f"value {digest[:16]} in {store!r}"
+    where = Place("value", digest, store)
     try:
         meta = {} if meta_text == "{}" else json.loads(meta_text)
     except (TypeError, ValueError) as exc:
@@ -132,7 +147,9 @@ def row_blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body
     return BytesBlob(kind, meta, body)
 
 
-def record_from_row(where: str, row: Sequence[Any], scheme: Optional[str], with_scheme: bool) -> CallRecord:
+def record_from_row(
+    where: object, row: Sequence[Any], scheme: Optional[str], with_scheme: bool
+) -> CallRecord:
     """The :class:`CallRecord` of a ``calls`` row (``READ_CALL``'s columns).
 
     Every column is checked as a store written by someone else would need:
@@ -163,4 +180,4 @@ def record_from_row(where: str, row: Sequence[Any], scheme: Optional[str], with_
         record = CallRecord(*fields, scheme)  # type: ignore[call-arg]
     else:
         record = CallRecord(*fields)
-    return check_record(record, where)
+    return check_record(record, where)  # type: ignore[arg-type]  # a Place formats itself on error

@@ -50,6 +50,7 @@ from .rows import (
     CALL_COLUMNS,
     PG_PUT_ONE,
     READ_CALL,
+    Place,
     blob_row,
     call_row,
     insert_rows,
@@ -408,8 +409,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         scheme = row[9]
         if scheme is None:
             scheme = _LEGACY_SCHEME
-        where = f"call {str(row[0])[:16]} in {self!r}"
-        return record_from_row(where, row, scheme, _HAS_SCHEME)
+        return record_from_row(Place("call", row[0], self), row, scheme, _HAS_SCHEME)
 
     def _record_or_unreadable(self, row: Sequence[Any]) -> Any:
         # a listing shows a bad row as such and goes on to the next
