@@ -76,7 +76,7 @@ if [ ${#need[@]} -gt 0 ]; then
     if [ -n "$policy_added" ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
     [ -n "$BASE_PY" ] || BASE_PY="$(command -v python3)"
 else
-    say "system packages present (sshd, ssh, ssh-keygen, PostgreSQL server)"
+    say "system packages present (sshd, ssh, ssh-keygen, PostgreSQL server, Slurm, munge)"
 fi
 
 # A second Unix user, who reads (and, with shared = "group", writes) caches
