@@ -56,7 +56,7 @@ def bench_du(entries: int) -> Dict[str, float]:
     started = time.perf_counter()
     with conn:
         conn.executemany(
-            f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) VALUES ({marks})",
+            f"INSERT INTO fr_calls ({', '.join(CALL_COLUMNS)}) VALUES ({marks})",
             (
                 (
                     f"{i:064x}",
