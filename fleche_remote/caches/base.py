@@ -321,6 +321,7 @@ class BaseCache(abc.ABC):
         a miss is computed as it comes."""
         return None
 
+
 #: A batch of lazy results (``load_many``, a page of ``query``) fetches the
 #: values not yet loaded together, when the first of them is read: at most
 #: this many bytes (by the records' ``value_size``) per round trip. The

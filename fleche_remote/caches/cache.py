@@ -110,8 +110,10 @@ class Cache(BaseCache):
         self.signer: Optional[Signer] = Signer.of(secret_key)
         if inline_max is None:
             inline_max = INLINE_MAX
-        if isinstance(inline_max, bool) or not isinstance(inline_max, int) or not (
-            0 <= inline_max <= INLINE_MAX
+        if (
+            isinstance(inline_max, bool)
+            or not isinstance(inline_max, int)
+            or not (0 <= inline_max <= INLINE_MAX)
         ):
             raise ConfigError(
                 f"inline_max must be a number of bytes from 0 to {INLINE_MAX}, got {inline_max!r}",
@@ -362,7 +364,6 @@ class Cache(BaseCache):
         if self._read_only or not isinstance(self.calls, Claims):
             return None
         return self.calls
-
 
     # -- quotas (see caches/quota.py) ----------------------------------------------
 

@@ -42,6 +42,7 @@ class Trimmed(Protocol):
     def remove_entries(self, keys: Sequence[str], since: float) -> Any:
         """Remove ``keys``' records, and values no other record refers to."""
 
+
 #: Fraction of a limit one process may add before it measures the store
 #: again to see what other processes added.
 RECHECK = 0.05

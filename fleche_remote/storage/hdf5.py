@@ -481,7 +481,6 @@ class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
         # files, not datasets: a claim must not wait for the file's write lock
         return FileClaims(self.path.with_name(self.path.name + ".claims"))
 
-
     # -- quotas: a record's "stored" attribute; uses go to a side log ---------
 
     @property
