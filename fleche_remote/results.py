@@ -49,9 +49,12 @@ def save_results(cache: BaseCache, calls: List[Call], name: str) -> None:
     if cache.read_only:
         log.debug("%s: cache %r is read-only; %d results not saved", name, cache, len(calls))
         return
-    with_paths = [c for c in calls if holds_local_path(c.result)]
+    with_paths: List[Call] = []
+    elsewhere: List[Call] = []
+    for call in calls:  # one look into each result: it may be a big container
+        (with_paths if holds_local_path(call.result) else elsewhere).append(call)
+    calls = elsewhere
     if with_paths:
-        calls = [c for c in calls if not holds_local_path(c.result)]
         target = local_target(cache)
         if target is None:
             path_result_skipped(name, cache)

@@ -81,7 +81,7 @@ def _compute_batch(
     computed: Dict[Any, Tuple[Any, float]] = {}
     runner = with_bar(executor, progress, len(results) + len(todo), len(todo), function.name)
     try:
-        compute_here(function, function.name, todo, runner, computed)
+        compute_here(function, todo, runner, computed)
     finally:
         if runner is not executor:
             runner.shutdown()
@@ -93,7 +93,6 @@ def _compute_batch(
 
 def compute_here(
     function: Any,
-    name: str,
     todo: Mapping[Any, Miss],
     executor: Optional[Executor],
     computed: Dict[Any, Tuple[Any, float]],
@@ -108,7 +107,7 @@ def compute_here(
     """
     if executor is None:
         for key, (args, kwargs, _) in todo.items():
-            with claiming.computing(name, [key]):
+            with claiming.computing(function.name, [key]):
                 computed[key] = run_timed(function, args, kwargs)
         return
     from concurrent.futures import CancelledError

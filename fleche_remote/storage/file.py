@@ -32,17 +32,17 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence
 
-from ..call import MAX_RECORD_BYTES, CallRecord, UnreadableRecord, check_record
+from ..call import MAX_RECORD_BYTES, CallRecord, check_record
 from ..codec.plain import dumps_plain, loads_plain
 from ..codec.values import Blob, FileBlob
 from ..errors import CorruptEntryError, StorageError
-from .base import CallStore, ValueStore, record_matches
+from .base import CallStore, ValueStore
 from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy, permission_error, temp_is_stale, temp_name
 from .options import check_keys, resolve_path, typed
-from .quota import UsesLog
+from .quota import LoggedUses, UsesLog
 
 #: The side log of last-used times, in the call store's root (a dot name:
 #: walks skip it).
@@ -413,7 +413,7 @@ def _list_shard(shard: Path, suffix: str, prefix: str = "") -> Iterator[str]:
             yield key
 
 
-class FileCallStore(_FileRoot, CallStore, KeptClaims):
+class FileCallStore(_FileRoot, LoggedUses, CallStore, KeptClaims):
     """Call records as small files, decoded with the restricted decoder.
 
     Takes the arguments of :class:`FileValueStore` and raises as it does.
@@ -465,26 +465,6 @@ class FileCallStore(_FileRoot, CallStore, KeptClaims):
             raise CorruptEntryError(f"{path} does not decode: {exc}") from None
         return check_record(record, str(path))
 
-    def query(
-        self,
-        name: Optional[str] = None,
-        arg_digests: Optional[Mapping[str, str]] = None,
-        metadata: Optional[Mapping[str, Any]] = None,
-    ) -> Iterator[Any]:
-        """As :meth:`CallStore.query`; a file that does not decode is
-        yielded as an :class:`~fleche_remote.call.UnreadableRecord`, and the
-        listing goes on."""
-        for key in self.keys():
-            try:
-                record = self.get(key)
-            except KeyError:  # evicted while we iterate
-                continue
-            except CorruptEntryError as exc:
-                yield UnreadableRecord(key, str(exc))
-                continue
-            if record_matches(record, name, arg_digests, metadata):
-                yield record
-
     def contains(self, key: str) -> bool:
         # the hot path of every lookup: plain strings, no Path objects
         try:
@@ -518,12 +498,6 @@ class FileCallStore(_FileRoot, CallStore, KeptClaims):
     def _uses(self) -> UsesLog:
         return UsesLog(self.root / USES_FILE)
 
-    def touch(self, uses: Mapping[str, float]) -> None:
-        self._uses.record(uses)
-
-    def last_used(self) -> Dict[str, float]:
-        return self._uses.read()
-
     def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
         out: List[Optional[float]] = []
         for key in keys:
@@ -532,13 +506,6 @@ class FileCallStore(_FileRoot, CallStore, KeptClaims):
             except (OSError, KeyError):
                 out.append(None)
         return out
-
-    def forget_uses(self, keys: Sequence[str]) -> None:
-        log = self._uses
-        uses = log.read()
-        if uses:
-            dropped = set(keys)
-            log.compact({k: t for k, t in uses.items() if k not in dropped})
 
     # -- claims: files in <root>/claims (see storage/claims.py) ---------------
 

@@ -56,7 +56,7 @@ from .claims import Claims, FileClaims, KeptClaims
 from .fs import DEFAULT_FS, FS_KEYS, FsPolicy
 from .h5file import H5File
 from .options import check_keys, resolve_path, typed
-from .quota import Entry, UsesLog, record_bytes
+from .quota import Entry, LoggedUses, UsesLog, record_bytes
 
 #: Name an entry is written under before it is moved into place. Writers
 #: are exclusive, so one name suffices; a leftover from a crashed writer is
@@ -344,7 +344,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
         """Nothing to release: the file is open only during an operation."""
 
 
-class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
+class Hdf5CallStore(_Hdf5Store, LoggedUses, CallStore, KeptClaims):
     """Call records in an HDF5 file (the same file as the values, if you like).
 
     Batch reads, prefix expansion and queries open the file once for the
@@ -487,12 +487,6 @@ class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
     def _uses(self) -> UsesLog:
         return UsesLog(self.path.with_name(self.path.name + ".uses"))
 
-    def touch(self, uses: Mapping[str, float]) -> None:
-        self._uses.record(uses)
-
-    def last_used(self) -> Dict[str, float]:
-        return self._uses.read()
-
     def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
         with self._file.open(write=False) as f:
             grp = _group(f, "calls")
@@ -512,13 +506,6 @@ class Hdf5CallStore(_Hdf5Store, CallStore, KeptClaims):
                 when = max(used.get(key, 0.0), stored)
                 found.append(Entry(key, record.name, record.value, size, stored, when))
         return iter(found)
-
-    def forget_uses(self, keys: Sequence[str]) -> None:
-        log = self._uses
-        uses = log.read()
-        if uses:
-            dropped = set(keys)
-            log.compact({k: t for k, t in uses.items() if k not in dropped})
 
 
 def _stored(grp: Optional[h5py.Group], name: str) -> Optional[float]:

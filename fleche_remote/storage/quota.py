@@ -82,47 +82,35 @@ _AGE_UNITS = {
 _NUMBER_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*")
 
 
+def _amount(value: Any, key: str, units: Mapping[str, float], like: str, unit_names: str, of: str) -> float:
+    """A positive amount from a number or ``"<number> <unit>"``; errors say
+    what was expected, with examples (``like``) and the known units."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be {like}, got {value!r}", key=key)
+    if isinstance(value, str):
+        m = _NUMBER_UNIT.fullmatch(value)
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in units:
+            raise ConfigError(f"{key} must be {like}, got {value!r}; units: {unit_names}", key=key)
+        amount = float(m.group(1)) * units[unit]
+    else:
+        amount = float(value)
+    if not math.isfinite(amount) or amount <= 0:
+        raise ConfigError(f"{key} must be more than 0 {of}, got {value!r}", key=key)
+    return amount
+
+
 def parse_size(value: Any, key: str = "max_bytes") -> int:
     """Bytes from ``"20 GB"`` (powers of 1000), ``"500 MiB"`` (of 1024) or
     a number of bytes."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f'{key} must be a size like "20 GB" or "500 MiB", got {value!r}', key=key)
-    if isinstance(value, str):
-        m = _NUMBER_UNIT.fullmatch(value)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise ConfigError(
-                f'{key} must be a size like "20 GB", "500 MiB" or 1000000 (bytes), got {value!r}; '
-                f"units: {', '.join(u for u in _SIZE_UNITS if u)}",
-                key=key,
-            )
-        number = float(m.group(1)) * _SIZE_UNITS[unit]
-    else:
-        number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"{key} must be more than 0 bytes, got {value!r}", key=key)
-    return int(number)
+    like = 'a size like "20 GB", "500 MiB" or 1000000 (bytes)'
+    return int(_amount(value, key, _SIZE_UNITS, like, ", ".join(u for u in _SIZE_UNITS if u), "bytes"))
 
 
 def parse_age(value: Any, key: str = "max_age") -> float:
     """Seconds from ``"30d"``, ``"12h"``, ``"15min"``, ``"2s"`` or a number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f'{key} must be an age like "30d", "12h" or "2s", got {value!r}', key=key)
-    if isinstance(value, str):
-        m = _NUMBER_UNIT.fullmatch(value)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _AGE_UNITS:
-            raise ConfigError(
-                f'{key} must be an age like "30d", "12h", "15min" or "2s", got {value!r}; '
-                f"units: s, min, h, d, w",
-                key=key,
-            )
-        seconds = float(m.group(1)) * _AGE_UNITS[unit]
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key} must be more than 0 seconds, got {value!r}", key=key)
-    return seconds
+    like = 'an age like "30d", "12h", "15min" or "2s"'
+    return _amount(value, key, _AGE_UNITS, like, "s, min, h, d, w", "seconds")
 
 
 def _count(value: Any, key: str) -> int:
@@ -388,3 +376,29 @@ class UsesLog:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(f"{k} {t:.3f}\n" for k, t in keep.items()))
         os.replace(tmp, self.path)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop the lines of ``keys`` (evicted entries)."""
+        uses = self.read()
+        if uses:
+            dropped = set(keys)
+            self.compact({k: t for k, t in uses.items() if k not in dropped})
+
+
+class LoggedUses:
+    """The use-recording part of a call store whose last-used times live in
+    a :class:`UsesLog` beside its data (file and HDF5 stores); listed before
+    ``CallStore`` among the bases, it replaces that ABC's defaults."""
+
+    @property
+    def _uses(self) -> UsesLog:
+        raise NotImplementedError
+
+    def touch(self, uses: Mapping[str, float]) -> None:
+        self._uses.record(uses)
+
+    def last_used(self) -> Dict[str, float]:
+        return self._uses.read()
+
+    def forget_uses(self, keys: Sequence[str]) -> None:
+        self._uses.forget(keys)

@@ -4,10 +4,9 @@ whose second layer is that host."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 from fleche_remote.caches import Cache, CacheStack
 from fleche_remote.config import load_cache, load_config
@@ -45,27 +44,3 @@ def laptop(
         timeout=30,
     )
     return CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), remote])
-
-
-def restricted_key(sshd: Any, tmp_path: Path, remote: Path, mode: str) -> Tuple[str, ...]:
-    """A new key whose authorized_keys line forces ``serve --<mode>`` in
-    ``remote``, with ``restrict``, as the README tells an owner to write it."""
-    key = tmp_path / "key-restricted"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "colleague", "-f", str(key)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    checkout = Path(__file__).resolve().parents[2]
-    command = (
-        f"FLECHE_TEST_SSHD={shlex.quote(str(sshd.directory))} PYTHONPATH={shlex.quote(str(checkout))} "
-        f"&& export FLECHE_TEST_SSHD PYTHONPATH && cd {shlex.quote(str(remote))} "
-        f"&& exec {shlex.quote(sys.executable)} -m fleche_remote serve --{mode}"
-    )
-    line = f'command="{command}",restrict {(tmp_path / "key-restricted.pub").read_text().strip()}\n'
-    with open(sshd.directory / "authorized_keys", "a") as fh:
-        fh.write(line)
-    options = list(sshd.ssh_options)
-    options[options.index("-i") + 1] = str(key)
-    return tuple(options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from faults.support import restricted_key
 
 from fleche_remote import Rejected, cached
 from fleche_remote.caches import Cache, CacheStack
@@ -13,7 +14,7 @@ from fleche_remote.remote.client import SshCache
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
 
 from . import sweeps
-from .support import host_cache, host_dir, restricted_key
+from .support import host_cache, host_dir
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -142,3 +144,29 @@ def remote_stderr_named(exc: BaseException) -> Optional[str]:
     if not any("fleche-remote serve" in line for line in tail):
         return f"{type(exc).__name__} without the server's stderr: {exc}"
     return None
+
+
+def restricted_key(sshd: Any, tmp_path: Path, remote: Path, mode: str) -> Tuple[str, ...]:
+    """A new key whose authorized_keys line forces ``serve --<mode>`` in
+    ``remote``, with ``restrict`` (no pty, no forwarding of any kind), and
+    the ssh options that use it."""
+    key = tmp_path / f"key-{mode}"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"colleague-{mode}", "-f", str(key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    checkout = Path(__file__).resolve().parents[2]
+    # the marker lets the private sshd end this key's sessions when it stops
+    command = (
+        f"FLECHE_TEST_SSHD={shlex.quote(str(sshd.directory))} PYTHONPATH={shlex.quote(str(checkout))} "
+        f"&& export FLECHE_TEST_SSHD PYTHONPATH && cd {shlex.quote(str(remote))} "
+        f"&& exec {shlex.quote(sys.executable)} -m fleche_remote serve --{mode}"
+    )
+    line = f'command="{command}",restrict {(tmp_path / f"key-{mode}.pub").read_text().strip()}\n'
+    with open(sshd.directory / "authorized_keys", "a") as fh:
+        fh.write(line)
+    options = list(sshd.ssh_options)
+    options[options.index("-i") + 1] = str(key)
+    return tuple(options)

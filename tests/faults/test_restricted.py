@@ -11,7 +11,6 @@ asked for on the ssh command line never runs.
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,33 +22,7 @@ from fleche_remote import Call, Rejected
 from fleche_remote.remote.client import SshCache
 from fleche_remote.remote.protocol import MAGIC
 
-from .support import remote_with_stores
-
-
-def restricted_key(sshd: Any, tmp_path: Path, remote: Path, mode: str) -> Tuple[str, ...]:
-    """A new key whose authorized_keys line forces ``serve --<mode>`` in
-    ``remote``, with ``restrict`` (no pty, no forwarding of any kind), and
-    the ssh options that use it."""
-    key = tmp_path / f"key-{mode}"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"colleague-{mode}", "-f", str(key)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    checkout = Path(__file__).resolve().parents[2]
-    # the marker lets the private sshd end this key's sessions when it stops
-    command = (
-        f"FLECHE_TEST_SSHD={shlex.quote(str(sshd.directory))} PYTHONPATH={shlex.quote(str(checkout))} "
-        f"&& export FLECHE_TEST_SSHD PYTHONPATH && cd {shlex.quote(str(remote))} "
-        f"&& exec {shlex.quote(sys.executable)} -m fleche_remote serve --{mode}"
-    )
-    line = f'command="{command}",restrict {(tmp_path / f"key-{mode}.pub").read_text().strip()}\n'
-    with open(sshd.directory / "authorized_keys", "a") as fh:
-        fh.write(line)
-    options = list(sshd.ssh_options)
-    options[options.index("-i") + 1] = str(key)
-    return tuple(options)
+from .support import remote_with_stores, restricted_key
 
 
 def _colleague(sshd: Any, options: Tuple[str, ...]) -> SshCache:

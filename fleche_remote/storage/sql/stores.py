@@ -238,7 +238,7 @@ class _SqlStore:
 
 
 class SqlValueStore(_SqlStore, ValueStore):
-    """Result blobs as rows of the ``blobs`` table.
+    """Result blobs as rows of the ``fr_blobs`` table.
 
     A body is read into memory whole on ``put`` and ``get``: databases
     take a bytea/BLOB as one parameter. Values are therefore limited to
@@ -249,7 +249,7 @@ class SqlValueStore(_SqlStore, ValueStore):
     Args:
         url: ``sqlite:///path/values.db`` (a relative path resolves against
             the current directory) or ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (logger ``fleche_remote.storage.sql.stores``).
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
@@ -293,10 +293,10 @@ class SqlValueStore(_SqlStore, ValueStore):
 
 
 class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
-    """Call records as rows of ``calls``, indexed by name and argument
-    digest, with small values inline in ``blobs``.
+    """Call records as rows of ``fr_calls``, indexed by name and argument
+    digest, with small values inline in ``fr_blobs``.
 
-    ``call_args`` holds one row per (call, argument) with the argument's
+    ``fr_call_args`` holds one row per (call, argument) with the argument's
     digest, indexed on (argument, digest), so ``query(name, x=...)`` is
     answered by the database; metadata filters run in Python on the rows
     it returns.
@@ -304,7 +304,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     Args:
         url: ``sqlite:///path/calls.db`` (a relative path resolves against
             the current directory) or ``postgresql+psycopg://user@host/dbname``.
-        echo: log every SQL statement (logger ``fleche_remote.storage.sql.stores``).
+        echo: log every SQL statement (logger ``fleche_remote.storage.sql``).
 
     Raises:
         ConfigError: the url is not a SQLite or PostgreSQL URL.
