@@ -52,6 +52,7 @@ from ..errors import ProtocolError, RemoteConnectionError
 from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
+    COMPACT_VERSION,
     DATA,
     MSG,
     NEED_DATA,
@@ -174,6 +175,7 @@ class Connection:
         self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
+        self._compact = False  # the server decodes compact messages (its Hello says so)
         self.broken: Optional[str] = None
         self._error: Optional[RemoteConnectionError] = None
         self.noise = b""
@@ -355,6 +357,10 @@ class Connection:
                         f"expected the server's Hello after its banner, got frame type {frame.type}"
                     )
                 self._hello = frame.message
+                info = frame.message.info
+                versions = info.get("versions") if isinstance(info, dict) else None
+                compact = versions.get("compact") if isinstance(versions, dict) else None
+                self._compact = type(compact) is int and compact >= COMPACT_VERSION
                 if self._on_hello is not None:
                     self._on_hello(frame.message)
                 with self._cond:
@@ -514,7 +520,7 @@ class Connection:
                 self._cond.notify_all()
 
     def _send(self, request: Request, blobs: Sequence[Tuple[BlobHeader, Blob]]) -> None:
-        head = encode_message(request)
+        head = encode_message(request, self._compact)
         if not blobs:
             self._write_whole(head)
             return

@@ -33,7 +33,7 @@ from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from ..storage.claims import Claims, Holder
-from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
+from .protocol import COMPACT_VERSION, PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
 
 #: A query page holds at most this many records, or about this many bytes.
 PAGE_RECORDS = 500
@@ -493,6 +493,7 @@ def server_info(
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,
+            "compact": COMPACT_VERSION,  # the client may send lookups in their compact form
             "cloudpickle": getattr(cloudpickle, "__version__", None),
             "python": sys.version.split()[0],
         },

@@ -37,6 +37,14 @@ Design rules (everything that shapes the bytes lives here):
 * ``credit`` and ``cancel`` are one-way requests: no answer comes back.
 * A length over the configured limit is refused before anything is
   allocated.
+* The commonest small messages (a lookup of a few keys, ``ping``, and
+  their answers: a list of booleans or nothing) have a *compact* form
+  inside the same MSG frame: a tag byte below 0x20, which is no
+  pickle opcode, and a fixed layout (see :func:`encode_compact`). It decodes
+  to the same message with no unpickler and no budget walk (~20 us of the
+  server's ~80 us per ``contains``). A client sends it only to a server
+  whose ``Hello`` announces ``versions["compact"]``, and a server answers
+  in it only a client that sent it, so either side may be older.
 
 Compatibility policy: ``PROTOCOL_VERSION`` changes only when the frame
 layout or the meaning of an existing message changes; the two sides must
@@ -81,6 +89,19 @@ DEFAULT_MAX_CHUNK = 16 << 20
 DEFAULT_MAX_NOISE = 1 << 20
 
 BytesLike = Union[bytes, bytearray, memoryview]
+
+#: The compact forms this side decodes; a server announces it in its Hello's
+#: ``info["versions"]["compact"]``. Raise it when a form is added.
+COMPACT_VERSION = 1
+#: Compact messages are for small lookups; bigger ones go as pickles (whose
+#: cost is spread over their keys anyway), so a compact payload is refused
+#: past this, before it is split.
+COMPACT_MAX = 64 << 10
+_C_KEYS = 0x01  # Request(id, op, {"keys": [str, ...]}): tag, len(op) u8, op, keys joined by "\n"
+_C_BARE = 0x02  # Request(id, op): tag, len(op) u8, op
+_C_BOOLS = 0x03  # Response(id, [bool, ...]): tag, one byte 0/1 each
+_C_NONE = 0x04  # Response(id, None): tag
+_C_TRUE_FALSE = (False, True)
 
 #: A payload that fills the receive buffer exactly is handed over instead of
 #: copied when it is at least this big (a value chunk, typically).
@@ -209,10 +230,90 @@ def frame_header(ftype: int, fid: int, length: int) -> bytes:
     return _HEADER.pack(MARKER, ftype, fid, length)
 
 
-def encode_message(message: Message) -> bytes:
-    """A whole MSG frame for ``message``."""
-    payload = dumps_plain(message)
-    return frame_header(MSG, getattr(message, "id", 0), len(payload)) + payload
+def encode_message(message: Message, compact: bool = False) -> bytes:
+    """A whole MSG frame for ``message``; in its compact form if ``compact``
+    and it has one (see :func:`encode_compact`)."""
+    payload = (encode_compact(message) if compact else None) or dumps_plain(message)
+    return _HEADER.pack(MARKER, MSG, getattr(message, "id", 0), len(payload)) + payload
+
+
+def encode_compact(message: Message) -> Optional[bytes]:
+    """The compact payload of ``message``, or ``None`` if it has none.
+
+    Forms (the first byte is the tag, a control byte: no pickle opcode is one):
+
+    * ``01 n op keys``: a ``Request`` with no values and ``args`` exactly
+      ``{"keys": [...]}``, one or more str without a newline, joined by
+      ``\n`` in UTF-8; ``n`` is the length of the ASCII ``op``;
+    * ``02 n op``: a ``Request`` with no values and no arguments;
+    * ``03 b*``: a final ``Response`` with no values whose result is a
+      list of bools, one byte (0 or 1) each;
+    * ``04``: a final ``Response`` with no values and result ``None``.
+    """
+    cls = type(message)
+    if cls is Response:
+        assert isinstance(message, Response)
+        if message.blobs or message.more:
+            return None
+        result = message.result
+        if result is None:
+            return b"\x04"
+        if type(result) is list and len(result) < COMPACT_MAX and all(type(r) is bool for r in result):
+            return b"\x03" + bytes(result)
+        return None
+    if cls is not Request:
+        return None
+    assert isinstance(message, Request)
+    op, args = message.op, message.args
+    if message.blobs or not op.isascii() or not 0 < len(op) < 256:
+        return None
+    head = bytes((_C_BARE if not args else _C_KEYS, len(op))) + op.encode("ascii")
+    if not args:
+        return head
+    keys = args.get("keys") if len(args) == 1 else None
+    if type(keys) is not list or not keys or not all(type(k) is str for k in keys):
+        return None
+    joined = "\n".join(keys)
+    if joined.count("\n") != len(keys) - 1:
+        return None  # a key holds a newline
+    payload = head + joined.encode("utf-8", "surrogatepass")
+    return payload if len(payload) <= COMPACT_MAX else None
+
+
+def decode_compact(payload: BytesLike, fid: int) -> Message:
+    """The message of a compact payload (see :func:`encode_compact`).
+
+    Raises:
+        ProtocolError: an unknown tag, a payload over :data:`COMPACT_MAX`,
+            or bytes that do not fit the tag's layout.
+    """
+    if len(payload) > COMPACT_MAX:
+        raise ProtocolError(f"compact message of {len(payload)} bytes; at most {COMPACT_MAX} are allowed")
+    tag = payload[0]
+    if tag == _C_BOOLS:
+        try:
+            return Response(fid, [_C_TRUE_FALSE[b] for b in payload[1:]])
+        except IndexError:
+            raise ProtocolError("compact list of bools holds a byte other than 0 or 1") from None
+    if tag == _C_NONE:
+        if len(payload) != 1:
+            raise ProtocolError(f"compact empty answer with {len(payload) - 1} more bytes, expected none")
+        return Response(fid)
+    if tag not in (_C_KEYS, _C_BARE) or len(payload) < 2:
+        raise ProtocolError(f"unknown compact message tag 0x{tag:02x} in a {len(payload)}-byte payload")
+    end = 2 + payload[1]
+    try:
+        op = bytes(payload[2:end]).decode("ascii")
+        rest = bytes(payload[end:]).decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"compact request that is not text: {exc}") from None
+    if len(op) != end - 2 or not op:
+        raise ProtocolError(f"compact request cut inside its operation name ({len(payload)} bytes)")
+    if tag == _C_BARE:
+        if rest:
+            raise ProtocolError(f"compact request {op!r} has {len(rest)} bytes after its name, expected none")
+        return Request(fid, op)
+    return Request(fid, op, {"keys": rest.split("\n")})
 
 
 def encode_end(fid: int) -> bytes:
@@ -261,6 +362,8 @@ class FrameDecoder:
         self._buf = bytearray()
         self._whole: Optional[BytesLike] = None
         self._header: Optional[Tuple[int, int, int]] = None
+        #: a compact message arrived: the peer speaks the compact forms
+        self.compact_seen = False
 
     @property
     def buffered(self) -> int:
@@ -351,6 +454,9 @@ class FrameDecoder:
             del self._buf[:length]
         self._header = None
         if ftype == MSG:
+            if length and payload[0] < 0x20:  # no pickle opcode is a control byte
+                self.compact_seen = True
+                return Frame(MSG, fid, b"", decode_compact(payload, fid))
             message = loads_plain(payload) if self.check_budget else loads_plain(payload, None)
             if not isinstance(message, _MESSAGE_TYPES):
                 raise ProtocolError(f"MSG frame holds a {type(message).__name__}, expected a message")

@@ -218,7 +218,8 @@ class _Server:
 
     def _write_reply(self, rid: int, reply: Reply, stream: Optional[OutStream], flush: bool) -> None:
         headers = [BlobHeader(b.kind, b.meta, b.size, digest) for digest, b in reply.blobs]
-        if not self.out.send([encode_message(Response(rid, reply.result, headers))], flush=flush):
+        response = Response(rid, reply.result, headers)
+        if not self.out.send([encode_message(response, self.inp.decoder.compact_seen)], flush=flush):
             return
         for _, blob in reply.blobs:
             if not self._send_blob(rid, blob, stream, flush):

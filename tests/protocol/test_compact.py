@@ -1,0 +1,231 @@
+"""The compact forms of small messages: what they encode, what falls back to
+a pickle, what garbage they refuse, and that each side uses them only with
+a peer that speaks them."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from typing import Any, List
+
+import pytest
+
+from fleche_remote.caches import Cache
+from fleche_remote.errors import ProtocolError
+from fleche_remote.remote.connection import Connection
+from fleche_remote.remote.protocol import (
+    BANNER,
+    COMPACT_MAX,
+    MSG,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    BannerScanner,
+    BlobHeader,
+    ErrorResponse,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Request,
+    Response,
+    encode_compact,
+    encode_message,
+    frame_header,
+)
+from fleche_remote.remote.server import serve
+from fleche_remote.remote.transport import PipeTransport
+from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
+
+KEY = "ab" * 32
+
+COMPACT = [
+    Request(1, "contains_many", {"keys": [KEY]}),
+    Request(2, "contains_many", {"keys": [KEY, "cd" * 32, "short", "é∂ unicode ☃", ""]}),
+    Request(3, "ping"),
+    Request(0xFFFFFFFF, "load_records", {"keys": [f"{i:064x}" for i in range(100)]}),
+    Response(4, [True]),
+    Response(5, [False, True, True, False]),
+    Response(6, []),
+    Response(7),
+]
+
+NOT_COMPACT = [
+    Request(1, "contains_many", {"keys": ["two\nlines"]}),
+    Request(1, "contains_many", {"keys": []}),
+    Request(1, "contains_many", {"keys": [KEY], "more": 1}),
+    Request(1, "contains_many", {"keys": (KEY,)}),
+    Request(1, "contains_many", {"keys": [1]}),
+    Request(1, "evict", {"key": KEY}),
+    Request(1, "save_records", {"keys": [KEY]}, [BlobHeader("bytes", {}, 1, KEY)]),
+    Request(1, "é", {}),
+    Request(1, "contains_many", {"keys": ["k" * 64] * (COMPACT_MAX // 64)}),
+    Response(1, [True, None]),
+    Response(1, [1, 0]),
+    Response(1, {"a": 1}),
+    Response(1, None, more=True),
+    Response(1, None, [BlobHeader("bytes", {}, 1, KEY)]),
+    ErrorResponse(1, "KeyError", "'k'", ("k",), ""),
+    Hello(PROTOCOL_VERSION, "0", {}),
+]
+
+
+def decode_bytewise(data: bytes, decoder: FrameDecoder) -> List[Frame]:
+    frames = []
+    for i in range(len(data)):
+        decoder.feed(data[i : i + 1])
+        while True:
+            frame = decoder.next_frame()
+            if frame is NEED_DATA:
+                break
+            frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("message", COMPACT, ids=lambda m: type(m).__name__)
+def test_compact_forms_round_trip_fed_one_byte_at_a_time(message: Any) -> None:
+    frame = encode_message(message, compact=True)
+    assert len(frame) < len(encode_message(message)), "the compact form is the shorter one"
+    decoder = FrameDecoder()
+    assert [(f.type, f.id, f.message) for f in decode_bytewise(frame, decoder)] == [
+        (MSG, message.id, message)
+    ]
+    assert decoder.compact_seen
+
+
+@pytest.mark.parametrize("message", NOT_COMPACT, ids=lambda m: type(m).__name__)
+def test_messages_without_a_compact_form_travel_as_pickles(message: Any) -> None:
+    assert encode_compact(message) is None
+    assert encode_message(message, compact=True) == encode_message(message)
+    decoder = FrameDecoder()
+    decoder.feed(encode_message(message, compact=True))
+    frame = decoder.next_frame()
+    assert isinstance(frame, Frame) and frame.message == message
+    assert not decoder.compact_seen
+
+
+@pytest.mark.parametrize(
+    "payload, says",
+    [
+        (b"\x05", "unknown compact message tag 0x05"),
+        (b"\x00abc", "unknown compact message tag 0x00"),
+        (b"\x03\x01\x02", "other than 0 or 1"),
+        (b"\x04\x00", "1 more bytes, expected none"),
+        (b"\x01\x09ping", "cut inside its operation name"),
+        (b"\x01", "unknown compact message tag 0x01 in a 1-byte payload"),
+        (b"\x01\x04ping\xff\xfe", "not text"),
+        (b"\x01\x02\xc3\xa9" + KEY.encode(), "not text"),
+        (b"\x02\x04pingx", "has 1 bytes after its name, expected none"),
+        (b"\x01\x04ping" + b"k" * COMPACT_MAX, f"at most {COMPACT_MAX} are allowed"),
+    ],
+)
+def test_malformed_compact_payloads_are_refused_with_what_arrived(payload: bytes, says: str) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(MSG, 3, len(payload)) + payload)
+    with pytest.raises(ProtocolError, match=says.replace("(", r"\(")):
+        decoder.next_frame()
+
+
+def test_random_compact_shaped_payloads_decode_or_raise_protocol_error() -> None:
+    rng = random.Random(1)
+    for _ in range(3000):
+        payload = bytes([rng.randrange(0, 6)]) + os.urandom(rng.randrange(0, 40))
+        if rng.random() < 0.5 and len(payload) > 1:  # a plausible op length
+            payload = payload[:1] + bytes([rng.randrange(0, 8)]) + payload[2:]
+        decoder = FrameDecoder()
+        decoder.feed(frame_header(MSG, 9, len(payload)) + payload)
+        try:
+            frame = decoder.next_frame()
+        except ProtocolError:
+            continue
+        assert isinstance(frame, Frame) and isinstance(frame.message, (Request, Response))
+        assert frame.message.id == 9
+
+
+# -- each side uses the compact forms only with a peer that speaks them ---------------
+
+
+class _PipeServer:
+    """``serve`` on a thread over two pipes, spoken to frame by frame."""
+
+    def __init__(self) -> None:
+        c2s_r, c2s_w = os.pipe()
+        s2c_r, s2c_w = os.pipe()
+        self.to_server = os.fdopen(c2s_w, "wb", buffering=0)
+        self.from_server = os.fdopen(s2c_r, "rb", buffering=0)
+        cache = Cache(values=MemoryValueStore(), calls=MemoryCallStore())
+        inp, out = os.fdopen(c2s_r, "rb", buffering=0), os.fdopen(s2c_w, "wb", buffering=0)
+
+        def run() -> None:
+            try:
+                serve(inp, out, cache)
+            finally:
+                out.close()
+                inp.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        scanner, found = BannerScanner(), None
+        while found is None:
+            found = scanner.feed(self.from_server.read(1))
+        self.decoder = FrameDecoder()
+        self.decoder.feed(found[2])
+        self.hello = self.answer()
+
+    def answer(self) -> Any:
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not NEED_DATA:
+                return frame.message
+            data = self.from_server.read(1)
+            assert data, "the server closed the connection"
+            self.decoder.feed(data)
+
+    def close(self) -> None:
+        self.to_server.close()
+        self.thread.join(30)
+        self.from_server.close()
+
+
+def test_the_server_answers_pickles_until_its_client_speaks_compact() -> None:
+    server = _PipeServer()
+    try:
+        assert server.hello.info["versions"]["compact"] >= 1
+        server.to_server.write(encode_message(Request(1, "contains_many", {"keys": [KEY]})))
+        assert server.answer() == Response(1, [False])
+        assert not server.decoder.compact_seen, "a client that sent pickles gets pickles back"
+        server.to_server.write(encode_message(Request(2, "contains_many", {"keys": [KEY, KEY]}), True))
+        assert server.answer() == Response(2, [False, False])
+        assert server.decoder.compact_seen
+        server.to_server.write(encode_message(Request(3, "ping"), True))
+        assert server.answer() == Response(3)
+        server.to_server.write(encode_message(Request(4, "no_such_op"), True))
+        error = server.answer()
+        assert isinstance(error, ErrorResponse) and "unknown operation 'no_such_op'" in error.message
+    finally:
+        server.close()
+
+
+def test_a_client_sends_pickles_to_a_server_that_does_not_announce_compact() -> None:
+    """An older server: its Hello has no ``versions["compact"]``, and a
+    compact request would end its connection."""
+    seen: List[Any] = []
+
+    def old_server(inp: Any, out: Any) -> None:
+        out.write(BANNER + encode_message(Hello(PROTOCOL_VERSION, "0.0.old", {"versions": {}})))
+        decoder = FrameDecoder()
+        while True:
+            data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)
+            if not data:
+                return
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not NEED_DATA:
+                seen.append((decoder.compact_seen, frame.message))
+                out.write(encode_message(Response(frame.id, [True] * len(frame.message.args["keys"]))))
+
+    conn = Connection(PipeTransport(old_server), target="old", timeout=30, connect_timeout=30)
+    try:
+        assert conn.request("contains_many", {"keys": [KEY]}) == [True]
+        assert conn.request("contains_many", {"keys": [KEY, KEY]}) == [True, True]
+    finally:
+        conn.close()
+    assert [compact for compact, _ in seen] == [False, False]
