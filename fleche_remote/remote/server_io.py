@@ -56,18 +56,26 @@ class Output:
 
         ``bulk`` marks one frame of a value: it lets small answers go first.
         """
-        with self._turns.bulk() if bulk else self._turns.small():
-            if self.broken:
-                return False
+        if not bulk and self._turns.try_small():  # the pipe is free: no turns to keep
             try:
-                for part in parts:
-                    self._out.write(part)
-                if flush:
-                    self._out.flush()
-            except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
-                self.broken = True
-                return False
-            return True
+                return self._write(parts, flush)
+            finally:
+                self._turns.release()
+        with self._turns.bulk() if bulk else self._turns.small():
+            return self._write(parts, flush)
+
+    def _write(self, parts: Sequence[Any], flush: bool) -> bool:
+        if self.broken:
+            return False
+        try:
+            for part in parts:
+                self._out.write(part)
+            if flush:
+                self._out.flush()
+        except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
+            self.broken = True
+            return False
+        return True
 
     def flush(self) -> None:
         self.send((), flush=True)

