@@ -167,7 +167,7 @@ class Connection:
         self._cond = threading.Condition(self._mutex)
         self._turns = WriteTurns()  # small requests overtake a value's chunks
         self._upload_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._waiting = 0  # threads in self._cond.wait(): nobody to wake, no notify
         self._pending: Dict[int, Pending] = {}
         self._queued_total = 0
         self._leading = False
@@ -374,7 +374,8 @@ class Connection:
                 pending.frames.append(frame)
                 pending.queued += size
                 self._queued_total += size
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     def next_frame(self, pending: Optional[Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
@@ -388,7 +389,8 @@ class Connection:
                         pending.queued -= size
                         self._queued_total -= size
                         self._last_taken = time.monotonic()
-                        self._cond.notify_all()
+                        if self._waiting:
+                            self._cond.notify_all()
                         return frame
                     if pending is None and self._hello is not None:
                         return None
@@ -403,7 +405,11 @@ class Connection:
                     if self._queue_abandoned():
                         abandoned = True
                         break
-                    self._cond.wait(_FOLLOW_SLICE)
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(_FOLLOW_SLICE)
+                    finally:
+                        self._waiting -= 1
             if abandoned:  # outside the lock: _fail takes it
                 raise self.fail(
                     f"replies from {self.target} filled the queue and nobody took them for "
@@ -414,7 +420,8 @@ class Connection:
             finally:
                 with self._cond:
                     self._leading = False
-                    self._cond.notify_all()
+                    if self._waiting:
+                        self._cond.notify_all()
 
     def _queue_abandoned(self) -> bool:
         """The queue is full and no thread has taken a frame for ``timeout``:
@@ -471,29 +478,35 @@ class Connection:
     ) -> Exchange:
         """Send a request; the returned context manager reads its answer."""
         self._check_usable()
+        with self._cond:
+            if len(self._pending) >= MAX_IN_FLIGHT:
+                self._wait_for_slot()
+            rid = self._next_id
+            self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+            self.requests_sent += 1
+            pending = Pending(rid)
+            self._pending[rid] = pending  # holds one of the MAX_IN_FLIGHT slots until released
+        try:
+            self._send(Request(rid, op, dict(args or {}), [h for h, _ in blobs]), blobs)
+        except BaseException:
+            self._forget(pending)
+            raise
+        return Exchange(self, pending)
+
+    def _wait_for_slot(self) -> None:
+        """Wait (holding ``_cond``) until fewer than ``MAX_IN_FLIGHT`` requests are in flight."""
         deadline = time.monotonic() + max(self.timeout, self.connect_timeout)
-        while not self._slots.acquire(timeout=_FOLLOW_SLICE):
+        while len(self._pending) >= MAX_IN_FLIGHT:
             self._check_usable()
             if time.monotonic() > deadline:
                 raise RemoteConnectionError(
                     f"{MAX_IN_FLIGHT} requests to {self.target} stayed unanswered for {self.timeout:g} s"
                 )
-        try:
-            with self._cond:
-                rid = self._next_id
-                self._next_id = (self._next_id % 0xFFFFFFFF) + 1
-                self.requests_sent += 1
-                pending = Pending(rid)
-                self._pending[rid] = pending
+            self._waiting += 1
             try:
-                self._send(Request(rid, op, dict(args or {}), [h for h, _ in blobs]), blobs)
-            except BaseException:
-                self._forget(pending)
-                raise
-        except BaseException:
-            self._slots.release()
-            raise
-        return Exchange(self, pending)
+                self._cond.wait(_FOLLOW_SLICE)
+            finally:
+                self._waiting -= 1
 
     def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
         """A request the server acts on without answering (credit, cancel)."""
@@ -509,7 +522,6 @@ class Connection:
         """Forget ``pending`` (its remaining frames are skipped) and free
         its slot among the requests in flight."""
         self._forget(pending)
-        self._slots.release()
 
     def _forget(self, pending: Pending) -> None:
         with self._cond:
@@ -517,7 +529,8 @@ class Connection:
                 self._queued_total -= pending.queued
                 pending.frames.clear()
                 pending.queued = 0
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     def _send(self, request: Request, blobs: Sequence[Tuple[BlobHeader, Blob]]) -> None:
         head = encode_message(request, self._compact)
