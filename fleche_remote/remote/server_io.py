@@ -88,6 +88,13 @@ class Input:
         self._read = getattr(stream, "read1", None) or stream.read
         self._readinto = getattr(stream, "readinto", None)
         self.decoder = FrameDecoder()
+        # see FdTransport: a warm buffer instead of a fresh 1 MiB mapping per
+        # read; only with a call that returns what is there (a raw stream's
+        # readinto, a buffered one's readinto1), never one that waits to fill it
+        self._scratch = memoryview(bytearray(_READ_SIZE))
+        self._read_some = getattr(stream, "readinto1", None) or (
+            self._readinto if not hasattr(stream, "read1") else None
+        )
 
     def next_frame(self, block: bool = True) -> Any:
         """The next frame; ``NEED_DATA`` if none is complete and not ``block``;
@@ -100,7 +107,11 @@ class Input:
             if claim is not None:
                 self._fill(*claim)
                 continue
-            data = self._read(_READ_SIZE)
+            if self._read_some is not None:
+                n = self._read_some(self._scratch)
+                data = self._scratch[:n].tobytes() if n else b""
+            else:
+                data = self._read(_READ_SIZE)
             if not data:
                 if self.decoder.buffered:
                     raise ProtocolError(
