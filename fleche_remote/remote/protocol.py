@@ -55,6 +55,7 @@ not know with an error the client reports.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -264,20 +265,38 @@ def encode_compact(message: Message) -> Optional[bytes]:
     if cls is not Request:
         return None
     assert isinstance(message, Request)
-    op, args = message.op, message.args
-    if message.blobs or not op.isascii() or not 0 < len(op) < 256:
+    args = message.args
+    if message.blobs:
         return None
-    head = bytes((_C_BARE if not args else _C_KEYS, len(op))) + op.encode("ascii")
     if not args:
-        return head
+        return _compact_head(_C_BARE, message.op)
     keys = args.get("keys") if len(args) == 1 else None
-    if type(keys) is not list or not keys or not all(type(k) is str for k in keys):
+    if type(keys) is not list or not keys:
         return None
-    joined = "\n".join(keys)
-    if joined.count("\n") != len(keys) - 1:
-        return None  # a key holds a newline
+    if len(keys) == 1:  # the commonest lookup: no join, no count
+        joined = keys[0]
+        if type(joined) is not str or "\n" in joined:
+            return None
+    else:
+        if not all(type(k) is str for k in keys):
+            return None
+        joined = "\n".join(keys)
+        if joined.count("\n") != len(keys) - 1:
+            return None  # a key holds a newline
+    head = _compact_head(_C_KEYS, message.op)
+    if head is None:
+        return None
     payload = head + joined.encode("utf-8", "surrogatepass")
     return payload if len(payload) <= COMPACT_MAX else None
+
+
+@functools.lru_cache(maxsize=64)
+def _compact_head(tag: int, op: str) -> Optional[bytes]:
+    """Tag, length and name of a compact request (a few operations, each
+    encoded once), or ``None`` for a name the form cannot carry."""
+    if type(op) is not str or not op.isascii() or not 0 < len(op) < 256:
+        return None
+    return bytes((tag, len(op))) + op.encode("ascii")
 
 
 def decode_compact(payload: BytesLike, fid: int) -> Message:

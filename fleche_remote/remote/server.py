@@ -127,7 +127,7 @@ class _Server:
             frame = self.inp.next_frame(block=False)
             if frame is NEED_DATA:
                 self.out.flush()  # nothing more to answer right now
-                frame = self.inp.next_frame(block=True)
+                frame = self.inp.read_frame()
             if frame is None:
                 log.info("client closed the connection")
                 return

@@ -99,26 +99,34 @@ class Input:
     def next_frame(self, block: bool = True) -> Any:
         """The next frame; ``NEED_DATA`` if none is complete and not ``block``;
         ``None`` at end of input."""
+        frame = self.decoder.next_frame()
+        if frame is not NEED_DATA or not block:
+            return frame
+        return self.read_frame()
+
+    def read_frame(self) -> Any:
+        """Read until the next frame is complete (the decoder holds none:
+        ``next_frame(block=False)`` said ``NEED_DATA``); ``None`` at end of input."""
         while True:
-            frame = self.decoder.next_frame()
-            if frame is not NEED_DATA or not block:
-                return frame
             claim = self.decoder.claim_payload() if self._readinto is not None else None
             if claim is not None:
                 self._fill(*claim)
-                continue
-            if self._read_some is not None:
-                n = self._read_some(self._scratch)
-                data = self._scratch[:n].tobytes() if n else b""
             else:
-                data = self._read(_READ_SIZE)
-            if not data:
-                if self.decoder.buffered:
-                    raise ProtocolError(
-                        f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
-                    )
-                return None
-            self.decoder.feed(data)
+                if self._read_some is not None:
+                    n = self._read_some(self._scratch)
+                    data = self._scratch[:n].tobytes() if n else b""
+                else:
+                    data = self._read(_READ_SIZE)
+                if not data:
+                    if self.decoder.buffered:
+                        raise ProtocolError(
+                            f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
+                        )
+                    return None
+                self.decoder.feed(data)
+            frame = self.decoder.next_frame()
+            if frame is not NEED_DATA:
+                return frame
 
     def _fill(self, buf: bytearray, have: int) -> None:
         assert self._readinto is not None
