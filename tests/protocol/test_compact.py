@@ -1,6 +1,7 @@
-"""The compact forms of small messages: what they encode, what falls back to
-a pickle, what garbage they refuse, and that each side uses them only with
-a peer that speaks them."""
+"""The fast path of a small request: the compact forms of small messages
+(what they encode, what falls back to a pickle, what garbage they refuse,
+and that each side uses them only with a peer that speaks them), and a
+server that answers a lone small request from whatever input stream."""
 
 from __future__ import annotations
 
@@ -229,3 +230,50 @@ def test_a_client_sends_pickles_to_a_server_that_does_not_announce_compact() -> 
     finally:
         conn.close()
     assert [compact for compact, _ in seen] == [False, False]
+
+
+# -- the server reads what is there, whatever its input stream -------------------------
+
+
+@pytest.mark.parametrize("buffering", [0, 1 << 16], ids=["raw", "buffered"])
+def test_the_server_answers_a_request_without_waiting_for_a_full_read_buffer(buffering: int) -> None:
+    """The server reads into a 1 MiB buffer of its own; a call that fills
+    it (a buffered stream's ``readinto``) would wait for a megabyte that a
+    lone 90-byte lookup never brings. Raw and buffered pipes answer alike."""
+    c2s_r, c2s_w = os.pipe()
+    s2c_r, s2c_w = os.pipe()
+    inp = os.fdopen(c2s_r, "rb", buffering=buffering)
+    out = os.fdopen(s2c_w, "wb", buffering=0)
+    cache = Cache(values=MemoryValueStore(), calls=MemoryCallStore())
+    thread = threading.Thread(target=lambda: serve(inp, out, cache), daemon=True)
+    thread.start()
+    answers: List[Any] = []
+    try:
+        os.write(c2s_w, encode_message(Request(1, "contains_many", {"keys": [KEY]}), True))
+        reader = threading.Thread(target=lambda: answers.append(_first_answer(s2c_r)), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert answers == [Response(1, [False])], "no answer within 30 s: the server waited for more input"
+    finally:
+        os.close(c2s_w)
+        thread.join(30)
+        for f in (inp, out):
+            f.close()
+        os.close(s2c_r)
+    assert not thread.is_alive()
+
+
+def _first_answer(fd: int) -> Any:
+    scanner, found = BannerScanner(), None
+    while found is None:
+        found = scanner.feed(os.read(fd, 1 << 16))
+    decoder = FrameDecoder()
+    decoder.feed(found[2])
+    messages = []
+    while len(messages) < 2:  # the Hello, then the answer
+        frame = decoder.next_frame()
+        if frame is NEED_DATA:
+            decoder.feed(os.read(fd, 1 << 16))
+        else:
+            messages.append(frame.message)
+    return messages[1]
