@@ -35,6 +35,10 @@ from ..errors import ProtocolError, Rejected
 from ..storage.claims import Claims, Holder
 from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
 
+#: Optional forms of requests this server understands (in ``info``):
+#: ``load_entries`` with ``small_only``, records with their small values.
+FEATURES = ("small_entries",)
+
 #: A query page holds at most this many records, or about this many bytes.
 PAGE_RECORDS = 500
 PAGE_BYTES = 1 << 20
@@ -170,10 +174,30 @@ def _h_load_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
 
 
 def _h_load_entries(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
-    entries = ctx.cache.load_entries(_str_list(args, "keys"))
+    keys = _str_list(args, "keys")
+    if args.get("small_only") is True:
+        return _small_entries(ctx.cache.load_records_and_small_blobs(keys))
+    entries = ctx.cache.load_entries(keys)
     items, streamed = pack_blobs([(e[0].value, e[1]) if e else ("", None) for e in entries])
     result = [None if e is None else [e[0], item] for e, item in zip(entries, items)]
     return Reply(result, streamed)
+
+
+def _small_entries(found: Sequence[Optional[Tuple[CallRecord, Optional[Blob]]]]) -> Reply:
+    """``[record, value]`` per key (``None`` where absent): a value as
+    ``Inline`` when the store had it at hand and it fits the message,
+    ``False`` when the client is to fetch it when it is read. Nothing
+    streams: a listing of large results costs their records only."""
+    small = inline_choices([None if f is None or f[1] is None else f[1].size for f in found])
+    result: List[Any] = []
+    for entry, inline in zip(found, small):
+        if entry is None:
+            result.append(None)
+            continue
+        record, blob = entry
+        item = Inline(blob.kind, dict(blob.meta), blob.read_all()) if inline and blob is not None else False
+        result.append([record, item])
+    return Reply(result)
 
 
 def _h_load_blobs(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
@@ -490,6 +514,9 @@ def server_info(
         "cache_name": cache_name,
         "read_only": bool(read_only or cache.read_only),
         "append_only": bool(append_only),
+        # what this server answers beyond protocol 2's first form: a client
+        # asks for these only when they are listed (an older server lacks them)
+        "features": list(FEATURES),
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,
