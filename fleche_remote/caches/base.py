@@ -214,7 +214,9 @@ class BaseCache(abc.ABC):
         if not results:
             found = self.load_records_and_small_blobs(list(keys))
             present = [f for f in found if f is not None]
-            batch = _Batch(self, [r for r, _ in present], {i: b for i, (_, b) in enumerate(present) if b is not None})
+            batch = _Batch(
+                self, [r for r, _ in present], {i: b for i, (_, b) in enumerate(present) if b is not None}
+            )
             lazies = iter(batch.lazy_calls())
             return [None if f is None else next(lazies) for f in found]
         out: List[Optional[LazyCall]] = []

@@ -43,7 +43,7 @@ from .. import progress
 from ..caches.base import BaseCache
 from ..call import CallRecord
 from ..codec.digest import Digest
-from ..codec.values import Blob, BytesBlob
+from ..codec.values import Blob
 from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage.claims import Claims
@@ -53,6 +53,7 @@ from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection
 from .lifecycle import Lifecycle
+from .packing import SmallEntries, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
@@ -483,9 +484,7 @@ class SshCache(Lifecycle, BaseCache):
         )
         return self._seal.open_entries(entries, self._where, keys)
 
-    def load_records_and_small_blobs(
-        self, keys: Sequence[str]
-    ) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
+    def load_records_and_small_blobs(self, keys: Sequence[str]) -> SmallEntries:
         """Records with their small values in one round trip (the obvious
         loop over ``load_many`` then costs one); large values stay on the
         server until read. A server that predates this answers records only."""
@@ -503,17 +502,7 @@ class SshCache(Lifecycle, BaseCache):
             offline=lambda: [None] * len(keys),
         )
         records = self._seal.open_records([None if f is None else f[0] for f in found], self._where, keys)
-        out: List[Optional[Tuple[CallRecord, Optional[Blob]]]] = []
-        for record, entry in zip(records, found):
-            if record is None:
-                out.append(None)
-            elif isinstance(entry[1], Inline):
-                item = entry[1]
-                blob = BytesBlob(item.kind, item.meta, item.body)
-                out.append((record, self._seal.open_blob(blob, record.value, self._where, record.digest_scheme)))
-            else:
-                out.append((record, None))
-        return out
+        return unpack_small_entries(found, records, self._seal, self._where)
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .. import __version__
 from ..caches.base import BaseCache
@@ -33,7 +33,8 @@ from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from ..storage.claims import Claims, Holder
-from .protocol import PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
+from .packing import pack_blobs, pack_small_entries
+from .protocol import PROTOCOL_VERSION, BlobHeader, Inline
 
 #: Optional forms of requests this server understands (in ``info``):
 #: ``load_entries`` with ``small_only``, records with their small values.
@@ -133,26 +134,6 @@ def _optional_mapping(args: Dict[str, Any], name: str) -> Optional[Dict[str, Any
     return value
 
 
-# -- packing values into replies -------------------------------------------------
-
-
-def pack_blobs(blobs: Sequence[Tuple[str, Optional[Blob]]]) -> Tuple[List[Any], List[Tuple[str, Blob]]]:
-    """Each blob as ``Inline`` (small, within the budget), ``True`` (streams
-    after the message) or ``None`` (absent)."""
-    items: List[Any] = []
-    streamed: List[Tuple[str, Blob]] = []
-    small = inline_choices([None if blob is None else blob.size for _, blob in blobs])
-    for (digest, blob), inline in zip(blobs, small):
-        if blob is None:
-            items.append(None)
-        elif inline:
-            items.append(Inline(blob.kind, dict(blob.meta), blob.read_all()))
-        else:
-            items.append(True)
-            streamed.append((digest, blob))
-    return items, streamed
-
-
 # -- handlers -----------------------------------------------------------------------
 
 
@@ -176,28 +157,11 @@ def _h_load_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
 def _h_load_entries(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     keys = _str_list(args, "keys")
     if args.get("small_only") is True:
-        return _small_entries(ctx.cache.load_records_and_small_blobs(keys))
+        return Reply(pack_small_entries(ctx.cache.load_records_and_small_blobs(keys)))
     entries = ctx.cache.load_entries(keys)
     items, streamed = pack_blobs([(e[0].value, e[1]) if e else ("", None) for e in entries])
     result = [None if e is None else [e[0], item] for e, item in zip(entries, items)]
     return Reply(result, streamed)
-
-
-def _small_entries(found: Sequence[Optional[Tuple[CallRecord, Optional[Blob]]]]) -> Reply:
-    """``[record, value]`` per key (``None`` where absent): a value as
-    ``Inline`` when the store had it at hand and it fits the message,
-    ``False`` when the client is to fetch it when it is read. Nothing
-    streams: a listing of large results costs their records only."""
-    small = inline_choices([None if f is None or f[1] is None else f[1].size for f in found])
-    result: List[Any] = []
-    for entry, inline in zip(found, small):
-        if entry is None:
-            result.append(None)
-            continue
-        record, blob = entry
-        item = Inline(blob.kind, dict(blob.meta), blob.read_all()) if inline and blob is not None else False
-        result.append([record, item])
-    return Reply(result)
 
 
 def _h_load_blobs(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
