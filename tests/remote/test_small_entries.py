@@ -8,6 +8,7 @@ and a server that predates the form is asked for records only.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from fleche_remote import Call, SshCache
 from fleche_remote.config import cache_from_config
 from fleche_remote.remote import handlers
+from fleche_remote.signing import SignatureError
 
 from .helpers import remote_dir, ssh_cache
 
@@ -79,5 +81,32 @@ def test_a_server_without_the_form_is_asked_for_records_then_values(
         assert [c.result for c in calls[:-1]] == [[float(i)] * 10 for i in range(300)]
         assert calls[-1].result == BIG
         assert remote.request_count - before == 2  # records, then the values in one batch
+    finally:
+        remote.close()
+
+
+def test_a_signed_client_checks_the_values_that_came_along(tmp_path: Path) -> None:
+    key = "6b" * 32
+    store = cache_from_config({"template": "sql", "root": str(tmp_path / "store")})
+    remote = SshCache.in_process(store, secret_key=key)
+    try:
+        keys = remote.save_many([Call("signed.g", {"i": i}, [float(i)] * 10) for i in range(20)])
+        before = remote.request_count
+        assert [c.result for c in remote.load_many(keys)] == [[float(i)] * 10 for i in range(20)]
+        assert remote.request_count - before == 1
+
+        # someone with write access to the database swaps one result's bytes
+        # for another's: the signature no longer matches, and it is refused
+        # before anything is unpickled
+        tampered = store.load_records([keys[3]])[0].value
+        other = store.load_blobs([store.load_records([keys[4]])[0].value])[0]
+        db = sqlite3.connect(str(tmp_path / "store" / "calls.db"))
+        db.execute("UPDATE fr_blobs SET body = ? WHERE digest = ?", (other.read_all(), tampered))
+        db.commit()
+        db.close()
+        calls = remote.load_many(keys)
+        assert calls[2].result == [2.0] * 10
+        with pytest.raises(SignatureError):
+            calls[3].result  # noqa: B018
     finally:
         remote.close()
