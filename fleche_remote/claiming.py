@@ -43,6 +43,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import ClaimWaitTimeout, RecursiveCallError
@@ -123,6 +124,7 @@ class _Renewer:
         self._lock = threading.Condition()
         self._held: Dict[int, Tuple[Claims, float, Dict[str, int]]] = {}
         self._releases: List[Tuple[Claims, List[str], Callable[[], None]]] = []
+        self._releasing = 0  # taken off the queue, not yet sent
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
 
@@ -188,6 +190,7 @@ class _Renewer:
                         break
                     self._lock.wait(remaining)
                 releases, self._releases = self._releases, []
+                self._releasing += len(releases)
                 due = [(k, lease, list(held)) for k, lease, held in self._held.values()]
             if releases:
                 for keeper, keys, before in releases:
@@ -226,18 +229,36 @@ class _Renewer:
             )
         finally:
             self.remove(keeper, keys)
+            with self._lock:
+                self._releasing -= 1
+                self._lock.notify_all()
 
     def drain(self, timeout: float) -> None:
-        """Send the releases still queued (at exit), for at most ``timeout`` s."""
+        """Send the releases still queued or on their way (at exit), for
+        at most ``timeout`` s: a waiter on another machine sees the result
+        now rather than when the lease runs out."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._releases or self._pid != os.getpid():
+        with self._lock:
+            while (self._releases or self._releasing) and self._pid == os.getpid():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return
-            time.sleep(0.01)
+                self._lock.wait(remaining)
 
 
 _renewer = _Renewer()
+
+
+class _Anchor:
+    pass
+
+
+# An SshCache closes its connection from a weakref.finalize, run by
+# weakref's own atexit hook; atexit runs hooks last-registered first.
+# Registering that hook before ours keeps the connections open while the
+# releases drain.
+_ANCHOR = _Anchor()
+weakref.finalize(_ANCHOR, lambda: None)
 atexit.register(_renewer.drain, 10.0)
 
 

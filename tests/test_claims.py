@@ -57,7 +57,7 @@ def test_four_processes_compute_one_slow_call_once(
         world.close()
 
 
-@pytest.mark.parametrize("kind", ["file", "sql"])
+@pytest.mark.parametrize("kind", ["file", "sql", "postgres", "hdf5"])
 def test_a_holder_killed_mid_computation_is_taken_over(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -87,6 +87,20 @@ class BaseCache(abc.ABC):
             out.append(None if blob is None else (record, blob))
         return out
 
+    def load_records_and_small_blobs(
+        self, keys: Sequence[str]
+    ) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
+        """Records for full ``keys``, each with its value's blob when that is
+        small and at hand (``None``: fetch it when it is read), ``None``
+        where absent: what ``load_many`` starts from.
+
+        A remote answers with the small values inside the same reply, so the
+        obvious loop ``[c.result for c in cache.load_many(keys)]`` is one
+        round trip; a local store has its values at hand anyway, and by
+        default hands records only (values stay lazy).
+        """
+        return [None if r is None else (r, None) for r in self.load_records(keys)]
+
     @abc.abstractmethod
     def evict(self, key: str) -> None:
         """Forget the call under ``key`` (a full key or a unique prefix).
@@ -198,10 +212,13 @@ class BaseCache(abc.ABC):
                 ``.result`` costs nothing more (a sweep's lookups).
         """
         if not results:
-            records = self.load_records(list(keys))
-            batch = _Batch(self, [r for r in records if r is not None])
+            found = self.load_records_and_small_blobs(list(keys))
+            present = [f for f in found if f is not None]
+            batch = _Batch(
+                self, [r for r, _ in present], {i: b for i, (_, b) in enumerate(present) if b is not None}
+            )
             lazies = iter(batch.lazy_calls())
-            return [None if r is None else next(lazies) for r in records]
+            return [None if f is None else next(lazies) for f in found]
         out: List[Optional[LazyCall]] = []
         for entry in self.load_entries(list(keys)):
             if entry is None:
@@ -346,10 +363,12 @@ class _Batch:
     is decoded only when its own ``.result`` is read.
     """
 
-    def __init__(self, cache: BaseCache, records: Sequence[CallRecord]) -> None:
+    def __init__(
+        self, cache: BaseCache, records: Sequence[CallRecord], fetched: Optional[Dict[int, Blob]] = None
+    ) -> None:
         self.cache = cache
         self.records = list(records)
-        self.fetched: Dict[int, Blob] = {}
+        self.fetched: Dict[int, Blob] = fetched or {}
         self.taken: List[bool] = [False] * len(self.records)
 
     def lazy_calls(self) -> List[LazyCall]:

@@ -226,6 +226,17 @@ class Cache(BaseCache):
                 out[i] = self._value_or_none(value_digests[i])
         return out
 
+    def load_records_and_small_blobs(
+        self, keys: Sequence[str]
+    ) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
+        """With values inline in the call store, its records and their small
+        values come in one query (the value files stay closed); a signed
+        cache checks each record and blob as it opens them, so it goes the
+        plain way."""
+        if self._inline is None or self.signer is not None:
+            return super().load_records_and_small_blobs(keys)
+        return self._live(keys, self._inline.get_entries(keys))
+
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         entries = self._live(keys, self._load_entries(keys))
         if self.signer is None:

@@ -34,7 +34,11 @@ writable by nobody else (so no one else can have written a ``.pyc``), and
 that the sources hash to the name (~2 ms for ~700 KB): a copy planted
 under the hash before the first start, or edited since, is moved aside
 and sent again. A ``fleche-remote/`` or ``code/`` that fails the check is
-not used at all (the code runs from a temp directory). Each refusal is a
+not used at all (the code runs from a temp directory). A compiled file
+that vanishes while the check looks at it is skipped: a server already
+running from the copy writes each ``.pyc`` through a temp file that it
+renames into place, and moving the copy aside for that would pull the
+modules it has yet to import from under it. Each refusal is a
 warning on stderr naming the path and the reason, which the client logs.
 
 Why an unpacked directory rather than running the zip through zipimport:

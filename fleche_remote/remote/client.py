@@ -53,6 +53,7 @@ from . import bootstrap as _bootstrap
 from . import health
 from .connection import Connection
 from .lifecycle import Lifecycle
+from .packing import SmallEntries, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
@@ -482,6 +483,26 @@ class SshCache(Lifecycle, BaseCache):
             offline=lambda: [None] * len(keys),
         )
         return self._seal.open_entries(entries, self._where, keys)
+
+    def load_records_and_small_blobs(self, keys: Sequence[str]) -> SmallEntries:
+        """Records with their small values in one round trip (the obvious
+        loop over ``load_many`` then costs one); large values stay on the
+        server until read. A server that predates this answers records only."""
+        if not keys:
+            return []
+        try:
+            features = self._connection().hello.info.get("features") or ()
+        except RemoteConnectionError:
+            features = ()
+        if "small_entries" not in features:
+            return super().load_records_and_small_blobs(keys)
+        found = self._request(
+            "load_entries",
+            {"keys": [str(k) for k in keys], "small_only": True},
+            offline=lambda: [None] * len(keys),
+        )
+        records = self._seal.open_records([None if f is None else f[0] for f in found], self._where, keys)
+        return unpack_small_entries(found, records, self._seal, self._where)
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:

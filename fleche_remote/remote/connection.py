@@ -52,7 +52,7 @@ from ..errors import ProtocolError, RemoteConnectionError
 from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
-    COMPACT_VERSION,
+    COMPACT_FEATURE,
     DATA,
     MSG,
     NEED_DATA,
@@ -358,9 +358,8 @@ class Connection:
                     )
                 self._hello = frame.message
                 info = frame.message.info
-                versions = info.get("versions") if isinstance(info, dict) else None
-                compact = versions.get("compact") if isinstance(versions, dict) else None
-                self._compact = type(compact) is int and compact >= COMPACT_VERSION
+                features = info.get("features") if isinstance(info, dict) else None
+                self._compact = isinstance(features, list) and COMPACT_FEATURE in features
                 if self._on_hello is not None:
                     self._on_hello(frame.message)
                 with self._cond:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .. import __version__
 from ..caches.base import BaseCache
@@ -33,7 +33,13 @@ from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from ..storage.claims import Claims, Holder
-from .protocol import COMPACT_VERSION, PROTOCOL_VERSION, BlobHeader, Inline, inline_choices
+from .packing import pack_blobs, pack_small_entries
+from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
+
+#: Optional forms of requests this server understands (in ``info``):
+#: ``load_entries`` with ``small_only``, records with their small values;
+#: small lookups and their answers in the protocol's compact forms.
+FEATURES = ("small_entries", COMPACT_FEATURE)
 
 #: A query page holds at most this many records, or about this many bytes.
 PAGE_RECORDS = 500
@@ -129,26 +135,6 @@ def _optional_mapping(args: Dict[str, Any], name: str) -> Optional[Dict[str, Any
     return value
 
 
-# -- packing values into replies -------------------------------------------------
-
-
-def pack_blobs(blobs: Sequence[Tuple[str, Optional[Blob]]]) -> Tuple[List[Any], List[Tuple[str, Blob]]]:
-    """Each blob as ``Inline`` (small, within the budget), ``True`` (streams
-    after the message) or ``None`` (absent)."""
-    items: List[Any] = []
-    streamed: List[Tuple[str, Blob]] = []
-    small = inline_choices([None if blob is None else blob.size for _, blob in blobs])
-    for (digest, blob), inline in zip(blobs, small):
-        if blob is None:
-            items.append(None)
-        elif inline:
-            items.append(Inline(blob.kind, dict(blob.meta), blob.read_all()))
-        else:
-            items.append(True)
-            streamed.append((digest, blob))
-    return items, streamed
-
-
 # -- handlers -----------------------------------------------------------------------
 
 
@@ -170,7 +156,10 @@ def _h_load_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
 
 
 def _h_load_entries(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
-    entries = ctx.cache.load_entries(_str_list(args, "keys"))
+    keys = _str_list(args, "keys")
+    if args.get("small_only") is True:
+        return Reply(pack_small_entries(ctx.cache.load_records_and_small_blobs(keys)))
+    entries = ctx.cache.load_entries(keys)
     items, streamed = pack_blobs([(e[0].value, e[1]) if e else ("", None) for e in entries])
     result = [None if e is None else [e[0], item] for e, item in zip(entries, items)]
     return Reply(result, streamed)
@@ -490,10 +479,12 @@ def server_info(
         "cache_name": cache_name,
         "read_only": bool(read_only or cache.read_only),
         "append_only": bool(append_only),
+        # what this server answers beyond protocol 2's first form: a client
+        # asks for these only when they are listed (an older server lacks them)
+        "features": list(FEATURES),
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,
-            "compact": COMPACT_VERSION,  # the client may send lookups in their compact form
             "cloudpickle": getattr(cloudpickle, "__version__", None),
             "python": sys.version.split()[0],
         },

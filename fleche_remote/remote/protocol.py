@@ -39,12 +39,12 @@ Design rules (everything that shapes the bytes lives here):
   allocated.
 * The commonest small messages (a lookup of a few keys, ``ping``, and
   their answers: a list of booleans or nothing) have a *compact* form
-  inside the same MSG frame: a tag byte below 0x20, which is no
-  pickle opcode, and a fixed layout (see :func:`encode_compact`). It decodes
-  to the same message with no unpickler and no budget walk (~20 us of the
+  inside the same MSG frame: a tag byte below 0x20, which is no pickle
+  opcode, and a fixed layout (see :func:`encode_compact`). It decodes to
+  the same message with no unpickler and no budget walk (~20 us of the
   server's ~80 us per ``contains``). A client sends it only to a server
-  whose ``Hello`` announces ``versions["compact"]``, and a server answers
-  in it only a client that sent it, so either side may be older.
+  whose ``Hello`` lists ``compact_messages`` in its features, and a server
+  answers in it only a client that sent it, so either side may be older.
 
 Compatibility policy: ``PROTOCOL_VERSION`` changes only when the frame
 layout or the meaning of an existing message changes; the two sides must
@@ -91,9 +91,9 @@ DEFAULT_MAX_NOISE = 1 << 20
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
-#: The compact forms this side decodes; a server announces it in its Hello's
-#: ``info["versions"]["compact"]``. Raise it when a form is added.
-COMPACT_VERSION = 1
+#: A server that decodes the compact forms lists this among its Hello's
+#: ``info["features"]``; a new form needs a new name.
+COMPACT_FEATURE = "compact_messages"
 #: Compact messages are for small lookups; bigger ones go as pickles (whose
 #: cost is spread over their keys anyway), so a compact payload is refused
 #: past this, before it is split.

@@ -79,7 +79,7 @@ class Unsigned:
     ) -> List[Optional[CallRecord]]:
         return records
 
-    def open_blob(self, blob: Blob, digest: str, where: Any) -> Blob:
+    def open_blob(self, blob: Blob, digest: str, where: Any, scheme: Any = None) -> Blob:
         return blob
 
     def open_blobs(self, blobs: List[Optional[Blob]], digests: Any, where: Any) -> List[Optional[Blob]]:

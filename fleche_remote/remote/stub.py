@@ -63,13 +63,18 @@ def trusted(final):
         return getattr(exc, "filename", None) or final, "cannot be read (%s)" % exc.strerror
 def walk_error(exc):
     raise exc
+def vanished(path, final):
+    # a compiled file that went while we looked: a server running from
+    # this copy writes each .pyc through a temp file it renames into place
+    parts = os.path.relpath(path, final).split(os.sep)
+    return "__pycache__" in parts[:-1] and not os.path.lexists(path)
 def check(final):
     found = []
     for top, dirs, files in os.walk(final, onerror=walk_error):
         for name, isdir in [(top, True)] + [(os.path.join(top, n), True) for n in dirs] + \
                 [(os.path.join(top, n), False) for n in files]:
             why = unsafe(name, isdir)
-            if why:
+            if why and not vanished(name, final):
                 return name, why
         if "__pycache__" not in os.path.relpath(top, final).split(os.sep):
             found += [os.path.relpath(os.path.join(top, n), final).replace(os.sep, "/") for n in files]

@@ -190,7 +190,7 @@ class _PipeServer:
 def test_the_server_answers_pickles_until_its_client_speaks_compact() -> None:
     server = _PipeServer()
     try:
-        assert server.hello.info["versions"]["compact"] >= 1
+        assert "compact_messages" in server.hello.info["features"]
         server.to_server.write(encode_message(Request(1, "contains_many", {"keys": [KEY]})))
         assert server.answer() == Response(1, [False])
         assert not server.decoder.compact_seen, "a client that sent pickles gets pickles back"
@@ -207,12 +207,14 @@ def test_the_server_answers_pickles_until_its_client_speaks_compact() -> None:
 
 
 def test_a_client_sends_pickles_to_a_server_that_does_not_announce_compact() -> None:
-    """An older server: its Hello has no ``versions["compact"]``, and a
+    """An older server: its Hello does not list ``compact_messages``, and a
     compact request would end its connection."""
     seen: List[Any] = []
 
     def old_server(inp: Any, out: Any) -> None:
-        out.write(BANNER + encode_message(Hello(PROTOCOL_VERSION, "0.0.old", {"versions": {}})))
+        out.write(
+            BANNER + encode_message(Hello(PROTOCOL_VERSION, "0.0.old", {"features": ["small_entries"]}))
+        )
         decoder = FrameDecoder()
         while True:
             data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)

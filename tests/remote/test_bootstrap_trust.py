@@ -139,3 +139,55 @@ def test_a_code_dir_writable_by_others_is_refused_with_a_warning(sshd, tmp_path,
     assert _warned(log, code, "running it from a temp directory"), log
     assert stat.S_IMODE(code.stat().st_mode) == 0o777  # not ours to fix silently
     assert os.path.exists(_code_dir(xdg))  # and nothing removed from it
+
+
+def _stub_functions(final: Path) -> dict:
+    """The stub's functions, defined as the remote runs them (without its
+    last part, which starts the server), with this bundle's names."""
+    from fleche_remote.remote.bootstrap import stub_source
+
+    source = stub_source(code_bundle(), "always")
+    namespace: dict = {"__name__": "stub"}
+    exec(source[: source.index('if MODE == "auto"')], namespace)
+    return namespace
+
+
+class _RacingOs:
+    """``os`` for the stub, except that the first ``lstat`` of ``doomed``
+    finds it gone: a server running from the copy renamed its temp .pyc
+    into place between the directory listing and the look at the file."""
+
+    def __init__(self, doomed: Path) -> None:
+        self._doomed = str(doomed)
+
+    def lstat(self, path: str) -> os.stat_result:
+        if path == self._doomed and os.path.lexists(path):
+            os.unlink(path)
+        return os.lstat(path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_a_compiled_file_renamed_while_the_copy_is_checked_is_no_reason_to_resend(sshd, tmp_path, bare39):
+    xdg = tmp_path / "xdg"
+    _first_start(sshd, tmp_path, xdg, bare39)
+    final = _code_dir(xdg)
+    cache_dir = final / "fleche_remote" / "caches" / "__pycache__"
+    doomed = cache_dir / "journal.cpython-39.pyc.140234"
+    doomed.write_bytes(b"half a compiled file")
+    doomed.chmod(0o600)
+    stub = _stub_functions(final)
+    stub["os"] = _RacingOs(doomed)
+    assert stub["trusted"](str(final)) is None
+    # the same file, still there, owned by us and private: not hashed, and fine
+    doomed.write_bytes(b"x")
+    doomed.chmod(0o600)
+    stub["os"] = os
+    assert stub["trusted"](str(final)) is None
+    # but a source file that goes missing is still a reason
+    (final / "fleche_remote" / "caches" / "journal.py").unlink()
+    assert stub["trusted"](str(final)) == (
+        str(final),
+        f"does not hash to {code_bundle().sha256} (edited, or planted there)",
+    )

@@ -49,6 +49,10 @@ def test_two_laptops_sharing_a_cluster_layer_compute_once(
         world.finish()
         assert [world.result(a), world.result(b)] == [42, 42]
         assert len(world.computed()) == 1, world.computed()
+        # the holder released its claim on its way out, after its push (not
+        # left to expire, which would have kept the other waiting a lease)
+        for proc in (a, b):
+            assert "could not release" not in world.stderr(proc), world.stderr(proc)
     finally:
         world.close()
 

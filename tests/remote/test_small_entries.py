@@ -1,0 +1,112 @@
+"""``[c.result for c in cache.load_many(keys)]`` is one round trip.
+
+A server whose store keeps small values next to their records (the
+``sql`` template) answers ``load_many`` with the records and those values
+in one reply; a large value is not sent until its ``.result`` is read,
+and a server that predates the form is asked for records only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleche_remote import Call, SshCache
+from fleche_remote.config import cache_from_config
+from fleche_remote.remote import handlers
+from fleche_remote.signing import SignatureError
+
+from .helpers import remote_dir, ssh_cache
+
+SQL_TOML = """\
+[default]
+cache = "main"
+root = true
+
+[main]
+template = "sql"
+root = "store"
+"""
+
+#: Over the store's inline bound (32 KiB): kept in a file, not in the database.
+BIG = b"x" * (200 << 10)
+
+
+def fill(store: Path) -> list:
+    cache = cache_from_config({"template": "sql", "root": str(store)})
+    calls = [Call("loop.g", {"i": i}, [float(i)] * 10) for i in range(300)]
+    calls.append(Call("loop.g", {"i": "big"}, BIG))
+    return cache.save_many(calls)
+
+
+def test_load_many_brings_small_results_in_its_one_request(sshd: Any, tmp_path: Path) -> None:
+    workdir = remote_dir(tmp_path, SQL_TOML)
+    keys = fill(workdir / "store")
+    remote = ssh_cache(sshd, workdir)
+    try:
+        assert "small_entries" in remote.info(refresh=False)["features"]
+        missing = "0" * 64
+        before = remote.request_count
+        calls = remote.load_many([*keys[:-1], missing])
+        assert calls[-1] is None
+        assert [c.result for c in calls[:-1]] == [[float(i)] * 10 for i in range(300)]
+        assert [c.arguments for c in calls[:3]] == [{"i": 0}, {"i": 1}, {"i": 2}]
+        assert remote.request_count - before == 1  # records and results together
+
+        before = remote.request_count
+        big = remote.load_many(keys[-1:])[0]
+        assert remote.request_count - before == 1  # the record alone: the large value stayed there
+        assert not big.loaded
+        assert big.result == BIG
+        assert remote.request_count - before == 2  # fetched when read
+    finally:
+        remote.close()
+
+
+def test_a_server_without_the_form_is_asked_for_records_then_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an older server lists no features: the client asks as it did before
+    monkeypatch.setattr(handlers, "FEATURES", ())
+    keys = fill(tmp_path / "store")
+    remote = SshCache.in_process(cache_from_config({"template": "sql", "root": str(tmp_path / "store")}))
+    try:
+        assert remote.info(refresh=False)["features"] == []
+        before = remote.request_count
+        calls = remote.load_many(keys)
+        assert remote.request_count - before == 1
+        assert [c.result for c in calls[:-1]] == [[float(i)] * 10 for i in range(300)]
+        assert calls[-1].result == BIG
+        assert remote.request_count - before == 2  # records, then the values in one batch
+    finally:
+        remote.close()
+
+
+def test_a_signed_client_checks_the_values_that_came_along(tmp_path: Path) -> None:
+    key = "6b" * 32
+    store = cache_from_config({"template": "sql", "root": str(tmp_path / "store")})
+    remote = SshCache.in_process(store, secret_key=key)
+    try:
+        keys = remote.save_many([Call("signed.g", {"i": i}, [float(i)] * 10) for i in range(20)])
+        before = remote.request_count
+        assert [c.result for c in remote.load_many(keys)] == [[float(i)] * 10 for i in range(20)]
+        assert remote.request_count - before == 1
+
+        # someone with write access to the database swaps one result's bytes
+        # for another's: the signature no longer matches, and it is refused
+        # before anything is unpickled
+        tampered = store.load_records([keys[3]])[0].value
+        other = store.load_blobs([store.load_records([keys[4]])[0].value])[0]
+        db = sqlite3.connect(str(tmp_path / "store" / "calls.db"))
+        db.execute("UPDATE fr_blobs SET body = ? WHERE digest = ?", (other.read_all(), tampered))
+        db.commit()
+        db.close()
+        calls = remote.load_many(keys)
+        assert calls[2].result == [2.0] * 10
+        with pytest.raises(SignatureError):
+            calls[3].result  # noqa: B018
+    finally:
+        remote.close()
