@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import signal
 import threading
 import time
 import warnings
@@ -69,7 +68,7 @@ from .protocol import (
     frame_header,
 )
 from .transport import Transport, TransportTimeout
-from .turns import BULK_FRAME, WriteTurns
+from .turns import BULK_FRAME, DeferSigint, WriteTurns
 
 log = logging.getLogger("fleche_remote.client")
 
@@ -95,32 +94,6 @@ _GATHER_BELOW = 64 << 10
 #: How often a waiting thread re-checks the connection while another
 #: thread leads (the leader enforces the real deadline).
 _FOLLOW_SLICE = 0.5
-
-
-class _DeferSigint:
-    """Hold back Ctrl-C while a small request is written (main thread only)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.pending = False
-        self._old: Any = None
-
-    def __enter__(self) -> _DeferSigint:
-        if self.enabled:
-            try:
-                self._old = signal.signal(signal.SIGINT, self._record)
-            except ValueError:  # not the main interpreter
-                self.enabled = False
-        return self
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.pending = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._old)
-            if self.pending and exc[0] is None:
-                raise KeyboardInterrupt
 
 
 class Connection:
@@ -373,8 +346,7 @@ class Connection:
                 pending.frames.append(frame)
                 pending.queued += size
                 self._queued_total += size
-                if self._waiting:
-                    self._cond.notify_all()
+                self._wake()
 
     def next_frame(self, pending: Optional[Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
@@ -388,8 +360,7 @@ class Connection:
                         pending.queued -= size
                         self._queued_total -= size
                         self._last_taken = time.monotonic()
-                        if self._waiting:
-                            self._cond.notify_all()
+                        self._wake()
                         return frame
                     if pending is None and self._hello is not None:
                         return None
@@ -404,11 +375,7 @@ class Connection:
                     if self._queue_abandoned():
                         abandoned = True
                         break
-                    self._waiting += 1
-                    try:
-                        self._cond.wait(_FOLLOW_SLICE)
-                    finally:
-                        self._waiting -= 1
+                    self._wait()
             if abandoned:  # outside the lock: _fail takes it
                 raise self.fail(
                     f"replies from {self.target} filled the queue and nobody took them for "
@@ -419,8 +386,20 @@ class Connection:
             finally:
                 with self._cond:
                     self._leading = False
-                    if self._waiting:
-                        self._cond.notify_all()
+                    self._wake()
+
+    def _wake(self) -> None:
+        """Wake the threads waiting on ``_cond`` (held), if there are any."""
+        if self._waiting:
+            self._cond.notify_all()
+
+    def _wait(self) -> None:
+        """Wait on ``_cond`` (held) for a change, or a slice of time."""
+        self._waiting += 1
+        try:
+            self._cond.wait(_FOLLOW_SLICE)
+        finally:
+            self._waiting -= 1
 
     def _queue_abandoned(self) -> bool:
         """The queue is full and no thread has taken a frame for ``timeout``:
@@ -501,11 +480,7 @@ class Connection:
                 raise RemoteConnectionError(
                     f"{MAX_IN_FLIGHT} requests to {self.target} stayed unanswered for {self.timeout:g} s"
                 )
-            self._waiting += 1
-            try:
-                self._cond.wait(_FOLLOW_SLICE)
-            finally:
-                self._waiting -= 1
+            self._wait()
 
     def send_one_way(self, op: str, args: Dict[str, Any]) -> None:
         """A request the server acts on without answering (credit, cancel)."""
@@ -528,8 +503,7 @@ class Connection:
                 self._queued_total -= pending.queued
                 pending.frames.clear()
                 pending.queued = 0
-                if self._waiting:
-                    self._cond.notify_all()
+                self._wake()
 
     def _send(self, request: Request, blobs: Sequence[Tuple[BlobHeader, Blob]]) -> None:
         head = encode_message(request, self._compact)
@@ -541,7 +515,7 @@ class Connection:
         # one value stream at a time; small requests pass between its chunks
         with self._upload_lock:
             try:
-                with _DeferSigint(total < DEFER_SIGINT_BELOW):
+                with DeferSigint(total < DEFER_SIGINT_BELOW):
                     started = True
                     pending = bytearray(head)
                     for header, blob in blobs:
@@ -573,7 +547,7 @@ class Connection:
 
     def _write_whole(self, data: bytes) -> None:
         try:
-            with _DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._turns.small():
+            with DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._turns.small():
                 self.transport.write(data, self.timeout)
         except RemoteConnectionError as exc:
             raise self._send_failed(exc) from None
