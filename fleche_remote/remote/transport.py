@@ -109,15 +109,14 @@ class FdTransport:
     def write(self, data: BytesLike, timeout: float) -> None:
         if self._closed:
             raise RemoteConnectionError("connection is closed")
+        view = memoryview(data).cast("B")  # lengths in bytes, whatever the item size
         try:  # a request fits the pipe: no need to ask select() first (one syscall less)
-            n = os.write(self._wfd, data if len(data) <= 1 << 20 else memoryview(data)[: 1 << 20])
+            n = os.write(self._wfd, view[: 1 << 20])
         except BlockingIOError:
             n = 0
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise RemoteConnectionError(f"the remote closed the connection ({exc.strerror})") from None
-        if n == len(data):
-            return
-        view = memoryview(data).cast("B")[n:]
+        view = view[n:]
         while view.nbytes:
             if self._closed:
                 raise RemoteConnectionError("connection is closed")

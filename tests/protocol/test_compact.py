@@ -279,3 +279,26 @@ def _first_answer(fd: int) -> Any:
         else:
             messages.append(frame.message)
     return messages[1]
+
+
+def test_a_transport_writes_every_byte_of_a_value_whose_items_are_wider_than_a_byte() -> None:
+    """A value chunk may be a memoryview of float64s: its length counts
+    items, not bytes (here 1 Mi of them, 8 MiB: more than the pipe holds,
+    so the first write is partial), and every byte must still go out."""
+    received = bytearray()
+
+    def sink(inp: Any, out: Any) -> None:
+        while True:
+            data = inp.read(1 << 16)
+            if not data:
+                return
+            received.extend(data)
+
+    values = memoryview(bytearray(range(256)) * 32768).cast("d")
+    transport = PipeTransport(sink)
+    try:
+        transport.write(values, 30)
+        transport.write(b"end", 30)
+    finally:
+        transport.close()
+    assert received == values.tobytes() + b"end"
