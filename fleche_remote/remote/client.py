@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import (
     Any,
     Callable,
-    ClassVar,
     Dict,
     Iterator,
     List,
@@ -47,10 +46,9 @@ from ..codec.values import Blob
 from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
 from ..storage.claims import Claims
-from ..storage.options import check_keys, typed
 from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
-from . import health
+from . import health, ssh_table
 from .connection import Connection
 from .lifecycle import Lifecycle
 from .packing import SmallEntries, unpack_small_entries
@@ -199,6 +197,12 @@ class SshCache(Lifecycle, BaseCache):
         return self._outage.retry_after
 
     @property
+    def local_read_only(self) -> bool:
+        """Whether this client refuses writes itself (``read_only=True``),
+        whatever the server says."""
+        return self._local_read_only
+
+    @property
     def error_callback(self) -> Optional[Callable[[BaseException], Any]]:
         return self._outage.error_callback
 
@@ -218,88 +222,14 @@ class SshCache(Lifecycle, BaseCache):
 
         return cls("in-process", _transport_factory=factory, read_only=read_only, **kwargs)
 
-    _CONFIG_KEYS: ClassVar[Dict[str, Any]] = {
-        "host": str,
-        "cache_name": str,
-        "python": str,
-        "ssh_options": list,
-        "setup_commands": list,
-        "workdir": str,
-        "connect_timeout": (int, float),
-        "timeout": (int, float),
-        "read_only": bool,
-        "fast_cipher": bool,
-        "ssh": str,
-        "progress": bool,
-        "on_error": str,
-        "retry_after": (int, float),
-        "idle_timeout": (int, float),
-        "bootstrap": str,
-        "secret_key": (str, list),
-    }
-
     @classmethod
     def from_config(cls, table: Mapping[str, Any], base_dir: Optional[Path] = None) -> SshCache:
         """Build from a ``type = "ssh"`` table of fleche.toml (keys as the constructor's)."""
-        table = dict(table)
-        check_keys(table, cls._CONFIG_KEYS, "type = 'ssh'")
-        if "host" not in table:
-            raise ConfigError("type = 'ssh' needs host = 'user@machine'", key="host")
-        kwargs = {
-            key: typed(table, key, expected) for key, expected in cls._CONFIG_KEYS.items() if key in table
-        }
-        for key in ("ssh_options", "setup_commands"):
-            if not all(isinstance(v, str) for v in kwargs.get(key, ())):
-                raise ConfigError(f"{key!r} must be a list of strings", key=key)
-        if "on_error" in kwargs:
-            try:
-                health.check_on_error(kwargs["on_error"])
-            except ValueError as exc:
-                raise ConfigError(str(exc), key="on_error") from None
-        for key in ("retry_after", "idle_timeout"):
-            try:
-                health.check_seconds(key, kwargs.get(key))
-            except ValueError as exc:
-                raise ConfigError(str(exc), key=key) from None
-        kwargs["secret_key"] = Signer.from_config(kwargs.get("secret_key"))  # or FLECHE_SECRET_KEY
-        return cls(**kwargs)
+        return cls(**ssh_table.kwargs_from_table(table))
 
     def to_config(self) -> Dict[str, Any]:
         """The fleche.toml table that rebuilds this cache."""
-        cfg: Dict[str, Any] = {"type": "ssh", "host": self.host}
-        if self.cache_name is not None:
-            cfg["cache_name"] = self.cache_name
-        if self.python != "python3":
-            cfg["python"] = self.python
-        if self.ssh_options:
-            cfg["ssh_options"] = list(self.ssh_options)
-        if self.setup_commands:
-            cfg["setup_commands"] = list(self.setup_commands)
-        if self.workdir is not None:
-            cfg["workdir"] = self.workdir
-        if self.connect_timeout != 60.0:
-            cfg["connect_timeout"] = self.connect_timeout
-        if self.timeout != 60.0:
-            cfg["timeout"] = self.timeout
-        if self._local_read_only:
-            cfg["read_only"] = True
-        if not self.fast_cipher:
-            cfg["fast_cipher"] = False
-        if self.ssh != "ssh":
-            cfg["ssh"] = self.ssh
-        if self.progress is not None:
-            cfg["progress"] = self.progress
-        if self.on_error != "raise":
-            cfg["on_error"] = self.on_error
-        if self.retry_after is not None:
-            cfg["retry_after"] = self.retry_after
-        if self.idle_timeout is not None:
-            cfg["idle_timeout"] = self.idle_timeout
-        if self.bootstrap != "auto":
-            cfg["bootstrap"] = self.bootstrap
-        if self.signer is not None and self.signer.in_config:  # secret: redact before showing
-            cfg["secret_key"] = self.signer.to_config()
-        return cfg
+        return ssh_table.table_of(self)
 
     def _where(self, what: str, ident: str) -> str:
         """Names where a refused entry lives (no round trip)."""
