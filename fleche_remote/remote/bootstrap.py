@@ -443,6 +443,10 @@ class BootstrapTransport:
                     self._wait_status(max(timeout, self._connect_timeout))
         self._inner.write(data, timeout)
 
+    def write_atomic(self, data: bytes) -> bool:
+        # before the status is known, what is written must also be kept for a replay
+        return self._resolved and self._inner.write_atomic(data)
+
     def _wait_status(self, timeout: float) -> None:
         """Read until the status line is in (what else arrives is kept)."""
         deadline = time.monotonic() + timeout

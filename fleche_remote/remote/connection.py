@@ -547,6 +547,12 @@ class Connection:
 
     def _write_whole(self, data: bytes) -> None:
         try:
+            if self._turns.try_small():  # a free pipe: a small frame goes out whole in one call
+                try:
+                    if self.transport.write_atomic(data):
+                        return
+                finally:
+                    self._turns.release()
             with DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._turns.small():
                 self.transport.write(data, self.timeout)
         except RemoteConnectionError as exc:

@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -64,6 +65,10 @@ class Transport(Protocol):
         """Write all of ``data``; :class:`TransportTimeout` if no progress for
         ``timeout`` seconds, :class:`RemoteConnectionError` if the peer is gone."""
 
+    def write_atomic(self, data: bytes) -> bool:
+        """Write all of a small ``data`` in one go, or nothing: False when
+        it can't (then :meth:`write` it), and nothing was written."""
+
     def wait_readable(self, timeout: float) -> None:
         """Wait until :meth:`read_ready` has something; :class:`TransportTimeout`
         after ``timeout`` seconds. Interrupting this wait loses nothing."""
@@ -96,6 +101,9 @@ class FdTransport:
         for fd in (read_fd, write_fd):
             enlarge_pipe(fd)
         self._closed = False
+        # a pipe takes a write of up to PIPE_BUF bytes whole or not at all
+        # (POSIX); a socket promises no such thing
+        self._atomic_max = select.PIPE_BUF if stat.S_ISFIFO(os.fstat(write_fd).st_mode) else 0
         # reads land here first: os.read(fd, 1 MiB) maps, shrinks and unmaps
         # a fresh 1 MiB buffer every call (three syscalls and page faults
         # for a 20-byte answer); copying what arrived out of a warm one is cheaper
@@ -130,6 +138,25 @@ class FdTransport:
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise RemoteConnectionError(f"the remote closed the connection ({exc.strerror})") from None
             view = view[n:]
+
+    def write_atomic(self, data: bytes) -> bool:
+        """One ``write`` call that takes all of ``data`` or nothing.
+
+        Into a pipe, a write of at most ``PIPE_BUF`` bytes is never split
+        (POSIX), so an interrupt before, during or after it leaves whole
+        frames on the wire, and the caller needs no Ctrl-C deferral (two
+        ``signal.signal`` calls, a fifth of a small request's client time).
+        False, with nothing written: too big, not a pipe, or the pipe is
+        full (then :meth:`write`, which waits).
+        """
+        if self._closed or len(data) > self._atomic_max:
+            return False
+        try:
+            return os.write(self._wfd, data) == len(data)  # all: the pipe splits nothing this small
+        except BlockingIOError:
+            return False
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise RemoteConnectionError(f"the remote closed the connection ({exc.strerror})") from None
 
     def wait_readable(self, timeout: float) -> None:
         """Block until there is something to read (or end of stream);

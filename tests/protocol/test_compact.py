@@ -302,3 +302,57 @@ def test_a_transport_writes_every_byte_of_a_value_whose_items_are_wider_than_a_b
     finally:
         transport.close()
     assert received == values.tobytes() + b"end"
+
+
+def test_a_small_frame_goes_into_a_pipe_whole_or_not_at_all() -> None:
+    """``write_atomic`` (a small request's write, with no Ctrl-C deferral
+    around it) never leaves part of a frame behind: into a pipe, up to
+    PIPE_BUF bytes, it writes all or nothing, also once the pipe is full;
+    a larger frame, or a socket (which may split any write), is refused
+    with nothing written, for the caller's ordinary write."""
+    import select
+    import socket
+
+    from fleche_remote.remote.transport import FdTransport
+
+    go = threading.Event()
+    received = bytearray()
+
+    def sink(inp: Any, out: Any) -> None:
+        go.wait(60)
+        while True:
+            data = inp.read(1 << 16)
+            if not data:
+                return
+            received.extend(data)
+
+    transport = PipeTransport(sink)
+    frames = []
+    try:
+        assert not transport.write_atomic(b"x" * (select.PIPE_BUF + 1))
+        for i in range(100_000):  # until the pipe is full (the sink is not reading yet)
+            frame = bytes([i % 251]) * select.PIPE_BUF
+            if not transport.write_atomic(frame):
+                break
+            frames.append(frame)
+        else:
+            raise AssertionError("the pipe never filled up")
+        go.set()
+        transport.write(b"end", 30)
+    finally:
+        go.set()
+        transport.close()
+    assert len(frames) > 1
+    assert received == b"".join(frames) + b"end"
+
+    a, b = socket.socketpair()
+    try:
+        over_socket = FdTransport(b.fileno(), a.fileno())
+        assert not over_socket.write_atomic(b"small")
+        a.setblocking(True)
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(16)  # nothing was written
+    finally:
+        a.close()
+        b.close()

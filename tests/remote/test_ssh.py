@@ -334,7 +334,7 @@ class _Tripwire:
         self.received = 0
         self.fired_at = None
         self._saved = {}
-        for name in ("write", "wait_readable", "read_ready", "readinto_ready"):
+        for name in ("write", "write_atomic", "wait_readable", "read_ready", "readinto_ready"):
             real = getattr(transport, name)
             self._saved[name] = real
             setattr(transport, name, getattr(self, f"_{name}")(real))
@@ -358,6 +358,15 @@ class _Tripwire:
                 self._fire()
 
         return write
+
+    def _write_atomic(self, real):
+        def write_atomic(data):
+            whole = real(data)
+            if whole and self.at == "sent":
+                self._fire()  # right after the frame left, where no deferral covers it
+            return whole
+
+        return write_atomic
 
     def _wait_readable(self, real):
         def wait_readable(timeout):
