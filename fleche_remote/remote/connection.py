@@ -11,7 +11,9 @@ each under the request it belongs to, waking that request's thread, until
 a frame for its own request arrives; then it hands leadership to whoever
 still waits. A single-threaded caller therefore reads its own replies
 directly, with no thread switch on the hot path, while threads that share
-the connection never wait for each other's round trips.
+the connection never wait for each other's round trips. A request sent
+while no other is in flight leads from the start and takes its own frames
+without filing them (``_alone``): the common case pays for no sharing.
 
 Bounds, so that a fast producer cannot exhaust memory on either side:
 
@@ -52,7 +54,6 @@ from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     COMPACT_FEATURE,
-    DATA,
     MSG,
     NEED_DATA,
     BannerScanner,
@@ -61,21 +62,15 @@ from .protocol import (
     FrameDecoder,
     Hello,
     Request,
+    Response,
     check_version,
     describe_noise,
-    encode_end,
     encode_message,
-    frame_header,
 )
+from .sending import RequestWriter
 from .transport import Transport, TransportTimeout
-from .turns import BULK_FRAME, DeferSigint, WriteTurns
 
 log = logging.getLogger("fleche_remote.client")
-
-#: Requests smaller than this are written with Ctrl-C deferred until the
-#: last byte is out, so an interrupt leaves the connection usable; larger
-#: ones stay interruptible and close the connection instead.
-DEFER_SIGINT_BELOW = 16 << 20
 
 #: Outstanding requests per connection. 64 keeps a 20 ms link busy at
 #: ~3000 small requests/s from many threads while bounding what a server
@@ -86,10 +81,6 @@ MAX_IN_FLIGHT = 64
 #: this the leader pauses reading (a slow consumer slows the connection
 #: down; it never grows our memory).
 MAX_QUEUED_BYTES = 32 << 20
-
-#: Value chunks up to this size are copied into the request's single write;
-#: bigger ones are written from the value's own buffer.
-_GATHER_BELOW = 64 << 10
 
 #: How often a waiting thread re-checks the connection while another
 #: thread leads (the leader enforces the real deadline).
@@ -138,13 +129,13 @@ class Connection:
         self._started = time.monotonic()
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
-        self._turns = WriteTurns()  # small requests overtake a value's chunks
-        self._upload_lock = threading.Lock()
+        self._writer = RequestWriter(transport, timeout, self.fail)
         self._waiting = 0  # threads in self._cond.wait(): nobody to wake, no notify
         self._pending: Dict[int, Pending] = {}
         self._queued_total = 0
         self._leading = False
         self._leader = 0  # thread ident of the leader, to spot a flag left by Ctrl-C
+        self._lone: Optional[Pending] = None  # the lone request whose thread leads (see _alone)
         self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
@@ -338,6 +329,10 @@ class Connection:
                 with self._cond:
                     self._cond.notify_all()
                 continue
+            lone = self._lone
+            if lone is not None and frame.id == lone.rid:
+                lone.frames.append(frame)  # its own thread reads it: no lock, counted when it lets go
+                continue
             with self._cond:
                 pending = self._pending.get(frame.id)
                 if pending is None:
@@ -441,7 +436,17 @@ class Connection:
             RemoteConnectionError: the transport died, hung or sent garbage.
             KeyError, Rejected, ...: the operation failed on the server.
         """
-        with self.exchange(op, args, blobs) as reply:
+        if not blobs:
+            alone = self._alone(op, args)
+            if alone is not None:
+                plain, answer = alone
+                if not plain:
+                    return self._answer(answer, consume)
+                return answer if consume is None else consume(answer, [])
+        return self._answer(self.exchange(op, args, blobs), consume)
+
+    def _answer(self, exchange: Exchange, consume: Optional[Callable[..., Any]]) -> Any:
+        with exchange as reply:
             message = reply.first()
             streams = [(h, reply.stream(h)) for h in message.blobs]
             if consume is not None:
@@ -450,6 +455,56 @@ class Connection:
                 for _ in chunks:
                     pass
             return message.result
+
+    def _alone(self, op: str, args: Optional[Dict[str, Any]]) -> Optional[Tuple[bool, Any]]:
+        """A request while no other is in flight: its thread leads from the
+        start and reads its answer with no lock taken per frame, and a plain
+        answer (a result, no values, no pages) is returned as it arrives.
+
+        A single-threaded caller's requests all go this way; per request it
+        takes the connection's lock three times instead of six, and builds
+        no :class:`Exchange` (client Python per request 8.5 -> 6.5 us, on a
+        fake transport). ``None`` when others are in flight (use
+        :meth:`exchange`); ``(True, result)``; or ``(False, exchange)`` for
+        an answer the general reader takes from here (an error, values,
+        pages), its frames counted in the queue like any other's.
+        """
+        self._check_usable()
+        with self._cond:
+            if self._pending or self._leading or self._hello is None:
+                return None
+            rid = self._next_id
+            self._next_id = (rid % 0xFFFFFFFF) + 1
+            self.requests_sent += 1
+            pending = self._pending[rid] = self._lone = Pending(rid)
+            self._leading = True
+            self._leader = threading.get_ident()
+        answer: Optional[Response] = None
+        try:
+            try:
+                self._send(Request(rid, op, dict(args or {}), []), ())
+                while not pending.frames and self._queued_total < MAX_QUEUED_BYTES:
+                    self._read_some()
+            finally:
+                with self._cond:
+                    self._lone = None
+                    self._leading = False
+                    frames = pending.frames
+                    answer = _plain(frames[0]) if len(frames) == 1 else None
+                    if answer is not None:
+                        del self._pending[rid]
+                    else:  # the general reader's bookkeeping from here on
+                        for frame in frames:
+                            size = frame_size(frame)
+                            pending.queued += size
+                            self._queued_total += size
+                    self._wake()
+        except BaseException:
+            with Exchange(self, pending):  # forgets it, and stops an answer nobody reads
+                raise
+        if answer is not None:
+            return True, answer.result
+        return False, Exchange(self, pending)
 
     def exchange(
         self, op: str, args: Optional[Dict[str, Any]] = None, blobs: Sequence[Tuple[BlobHeader, Blob]] = ()
@@ -507,54 +562,11 @@ class Connection:
 
     def _send(self, request: Request, blobs: Sequence[Tuple[BlobHeader, Blob]]) -> None:
         head = encode_message(request, self._compact)
-        if not blobs:
-            self._write_whole(head)
-            return
-        total = len(head) + sum(h.size for h, _ in blobs)
-        started = complete = False
-        # one value stream at a time; small requests pass between its chunks
-        with self._upload_lock:
-            try:
-                with DeferSigint(total < DEFER_SIGINT_BELOW):
-                    started = True
-                    pending = bytearray(head)
-                    for header, blob in blobs:
-                        sent = 0
-                        for chunk in blob.chunks(BULK_FRAME):
-                            n = len(chunk)
-                            pending += frame_header(DATA, request.id, n)
-                            if n <= _GATHER_BELOW:
-                                pending += chunk
-                            else:
-                                with self._turns.bulk():
-                                    self.transport.write(pending, self.timeout)
-                                    self.transport.write(chunk, self.timeout)
-                                pending = bytearray()
-                            sent += n
-                        if sent != header.size:
-                            raise ValueError(f"value produced {sent} bytes, expected {header.size}")
-                        pending += encode_end(request.id)
-                    with self._turns.small():
-                        self.transport.write(pending, self.timeout)
-                    complete = True
-            except RemoteConnectionError as exc:
-                raise self._send_failed(exc) from None
-            except BaseException:
-                if started and not complete:
-                    # half a request is on the wire: the stream can't be trusted
-                    self.fail("a request was interrupted while it was being sent")
-                raise
-
-    def _write_whole(self, data: bytes) -> None:
         try:
-            if self._turns.try_small():  # a free pipe: a small frame goes out whole in one call
-                try:
-                    if self.transport.write_atomic(data):
-                        return
-                finally:
-                    self._turns.release()
-            with DeferSigint(len(data) < DEFER_SIGINT_BELOW), self._turns.small():
-                self.transport.write(data, self.timeout)
+            if blobs:
+                self._writer.with_values(request.id, head, blobs)
+            else:
+                self._writer.small(head)
         except RemoteConnectionError as exc:
             raise self._send_failed(exc) from None
 
@@ -574,6 +586,14 @@ class Connection:
                 self._error = RemoteConnectionError(f"the connection to {self.target} was closed")
             self._cond.notify_all()
         self.transport.close()
+
+
+def _plain(frame: Frame) -> Optional[Response]:
+    """``frame``'s answer if it is a whole one: a result, no values, no more pages."""
+    message = frame.message
+    if frame.type == MSG and type(message) is Response and not message.blobs and not message.more:
+        return message
+    return None
 
 
 def warn_on_skew(host: str, remote_version: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from typing import Any, List
 
 import pytest
@@ -356,3 +357,61 @@ def test_a_small_frame_goes_into_a_pipe_whole_or_not_at_all() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_lone_request_reads_for_the_threads_that_come_after_it() -> None:
+    """A request sent while no other is in flight reads its own answer (it
+    leads from the start); a second thread's request sent meanwhile waits
+    for that reader. Here the server answers the second request first, then
+    the first with an error and a third with a value: each thread gets its
+    own answer, and the connection is in step afterwards."""
+    arrived: List[Request] = []
+    both = threading.Event()
+
+    def reordering_server(inp: Any, out: Any) -> None:
+        out.write(
+            BANNER + encode_message(Hello(PROTOCOL_VERSION, "test", {"features": ["compact_messages"]}))
+        )
+        decoder = FrameDecoder()
+        while True:
+            data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)
+            if not data:
+                return
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not NEED_DATA:
+                arrived.append(frame.message)
+                if len(arrived) == 2:
+                    first, second = arrived
+                    out.write(encode_message(Response(second.id, "second's"), True))
+                    error = ErrorResponse(first.id, "KeyError", "first's", ("first's",))
+                    out.write(encode_message(error, True))
+                    both.set()
+                elif len(arrived) > 2:
+                    out.write(encode_message(Response(frame.id, f"{frame.message.op}'s"), True))
+
+    conn = Connection(PipeTransport(reordering_server), target="test", timeout=30, connect_timeout=30)
+    outcome: List[Any] = []
+
+    def second() -> None:
+        outcome.append(conn.request("second"))
+
+    try:
+        conn.hello  # noqa: B018 - the handshake first: lone requests start after it
+        with pytest.raises(KeyError, match="first's"):
+            helper = threading.Timer(0.0, lambda: (_wait_for(lambda: conn.in_flight == 1), second()))
+            helper.start()
+            conn.request("first")
+        helper.join(30)
+        assert both.is_set() and outcome == ["second's"]
+        assert conn.in_flight == 0
+        assert conn.request("third") == "third's"
+    finally:
+        conn.close()
+
+
+def _wait_for(condition: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {seconds} s")
+        time.sleep(0.001)
