@@ -13,6 +13,7 @@ from typing import Any, List
 
 import pytest
 
+from fleche_remote import Call
 from fleche_remote.caches import Cache
 from fleche_remote.errors import ProtocolError
 from fleche_remote.remote.connection import Connection
@@ -149,12 +150,12 @@ def test_random_compact_shaped_payloads_decode_or_raise_protocol_error() -> None
 class _PipeServer:
     """``serve`` on a thread over two pipes, spoken to frame by frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: Any = None) -> None:
         c2s_r, c2s_w = os.pipe()
         s2c_r, s2c_w = os.pipe()
         self.to_server = os.fdopen(c2s_w, "wb", buffering=0)
         self.from_server = os.fdopen(s2c_r, "rb", buffering=0)
-        cache = Cache(values=MemoryValueStore(), calls=MemoryCallStore())
+        cache = cache or Cache(values=MemoryValueStore(), calls=MemoryCallStore())
         inp, out = os.fdopen(c2s_r, "rb", buffering=0), os.fdopen(s2c_w, "wb", buffering=0)
 
         def run() -> None:
@@ -205,6 +206,45 @@ def test_the_server_answers_pickles_until_its_client_speaks_compact() -> None:
         assert isinstance(error, ErrorResponse) and "unknown operation 'no_such_op'" in error.message
     finally:
         server.close()
+
+
+class _FailingLookups(Cache):
+    def contains_many(self, keys: Any) -> List[bool]:
+        raise OSError(f"the disk went away while looking up {len(keys)} key(s)")
+
+
+def test_a_lookup_is_answered_from_the_store_and_a_strange_one_by_the_generic_path() -> None:
+    """The server answers a plain lookup straight from the store; its
+    answers, and its errors, are those of the generic path, which still
+    takes any lookup that is not a plain list of str keys."""
+    cache = Cache(values=MemoryValueStore(), calls=MemoryCallStore())
+    key = str(cache.save(Call("f", {"x": 1}, 1.0)))
+    server = _PipeServer(cache)
+    try:
+        lookups = [
+            ({"keys": [key, KEY]}, True),
+            ({"keys": [key]}, False),
+            ({"keys": [key], "ignored": 1}, False),
+        ]
+        for rid, (args, compact) in enumerate(lookups, start=1):
+            server.to_server.write(encode_message(Request(rid, "contains_many", args), compact))
+            assert server.answer() == Response(rid, [True, False][: len(args["keys"])])
+        server.to_server.write(encode_message(Request(9, "contains_many", {"keys": [1]})))
+        error = server.answer()
+        assert isinstance(error, ErrorResponse) and "'keys' must be a list of str" in error.message
+    finally:
+        server.close()
+
+    failing = _PipeServer(_FailingLookups(values=MemoryValueStore(), calls=MemoryCallStore()))
+    try:
+        failing.to_server.write(encode_message(Request(1, "contains_many", {"keys": [KEY]}), True))
+        error = failing.answer()
+        assert isinstance(error, ErrorResponse) and error.type == "OSError"
+        assert "the disk went away while looking up 1 key(s)" in error.message
+        failing.to_server.write(encode_message(Request(2, "ping"), True))
+        assert failing.answer() == Response(2)  # and the connection goes on
+    finally:
+        failing.close()
 
 
 def test_a_client_sends_pickles_to_a_server_that_does_not_announce_compact() -> None:
