@@ -204,7 +204,9 @@ class _Server:
         except Exception as exc:
             self._send_error(request, exc, flush=False)
             return True
-        self.out.send([encode_message(Response(rid, found), self.inp.decoder.compact_seen)], flush=False)
+        answer = encode_message(Response(rid, found), self.inp.decoder.compact_seen)
+        # nothing more has arrived: the answer goes now, not after the next look at the input
+        self.out.send([answer], flush=not self.inp.decoder.buffered)
         return True
 
     def _flow_control(self, request: Request) -> None:

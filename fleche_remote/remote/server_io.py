@@ -50,6 +50,7 @@ class Output:
         self._out = stream
         self._turns = WriteTurns()
         self.broken = False
+        self._unflushed = False  # written without a flush since the last one
 
     def send(self, parts: Sequence[Any], flush: bool = True, bulk: bool = False) -> bool:
         """Write ``parts`` as one unit; False once the client is gone.
@@ -72,13 +73,16 @@ class Output:
                 self._out.write(part)
             if flush:
                 self._out.flush()
+            self._unflushed = not flush
         except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
             self.broken = True
             return False
         return True
 
     def flush(self) -> None:
-        self.send((), flush=True)
+        """Send what was written without a flush (nothing to do if all was)."""
+        if self._unflushed:
+            self.send((), flush=True)
 
 
 class Input:
