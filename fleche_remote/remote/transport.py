@@ -36,6 +36,8 @@ BytesLike = Union[bytes, bytearray, memoryview]
 #: How many lines of the remote's stderr an error message carries.
 STDERR_TAIL_LINES = 20
 _READ_SIZE = (1 << 20) + 64
+#: poll() takes milliseconds in a C int: a longer wait is cut to this (24 days)
+_POLL_MAX_S = 2_000_000.0
 
 
 def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
@@ -109,6 +111,10 @@ class FdTransport:
         # for a 20-byte answer); copying what arrived out of a warm one is cheaper
         self._scratch = bytearray(_READ_SIZE)
         self._scratch_view = memoryview(self._scratch)
+        # a poll object registered once: half the cost of a select() per wait
+        self._poll = select.poll() if hasattr(select, "poll") else None
+        if self._poll is not None:
+            self._poll.register(read_fd, select.POLLIN)
 
     @property
     def alive(self) -> bool:
@@ -164,7 +170,14 @@ class FdTransport:
         this wait loses nothing."""
         if self._closed:
             raise RemoteConnectionError("connection is closed")
-        ready, _, _ = select.select([self._rfd], [], [], max(0.0, timeout))
+        ready: Any = None
+        if self._poll is not None:
+            try:
+                ready = self._poll.poll(min(max(0.0, timeout), _POLL_MAX_S) * 1000)
+            except RuntimeError:  # another thread polls it (a start-up reading its status line)
+                pass
+        if ready is None:
+            ready, _, _ = select.select([self._rfd], [], [], max(0.0, timeout))
         if not ready:
             raise TransportTimeout(f"no reply from the remote within {timeout:g} s (hung or stopped?)")
 
