@@ -45,21 +45,32 @@ BUSY_TIMEOUT_S = 60.0
 #: same table when the two share a database, so a value is stored once).
 #: There is deliberately no index on ``calls.value``: only garbage
 #: collection asks "who refers to this value?", and one scan answers it.
-#: On SQLite all three tables are WITHOUT ROWID (one B-tree each, searched
-#: once); ``blobs`` rows beyond ~1 KB spill to overflow pages either way.
+#:
+#: On SQLite, ``call_args``, ``claims`` and ``uses`` are WITHOUT ROWID
+#: tables (one B-tree each, searched once): their rows are little more
+#: than their key. ``calls`` and ``blobs`` are not. A WITHOUT ROWID table
+#: is an index B-tree, whose interior pages hold whole rows: a call row
+#: (~260 bytes: arguments, argument digests, metadata) left 16 per
+#: interior page, six levels at a million calls, and ``contains`` there
+#: took 1.5x its time at a thousand. As rowid tables, each key has an index
+#: of its own (32-byte keys, ~90 per page), which alone answers
+#: ``contains`` and ``expand``, and the rows append to a B-tree of
+#: integers. Two B-trees more per save, both appending at their end: a
+#: save measured the same (benchmarks/README.md, "Scale").
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fr_calls ("
-    " key {key} PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
+    " key {key} NOT NULL PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
     " arg_digests TEXT NOT NULL, metadata TEXT NOT NULL, value {key} NOT NULL,"
     " value_kind TEXT NOT NULL, value_size {int} NOT NULL, digest_scheme TEXT,"
-    " created {real} NOT NULL){without_rowid}",
-    "CREATE INDEX IF NOT EXISTS fr_ix_calls_name ON fr_calls (name)",
+    " created {real} NOT NULL)",
+    # (name, key): query(name) pages through one name's calls in key order
+    "CREATE INDEX IF NOT EXISTS fr_ix_calls_name ON fr_calls (name, key)",
     "CREATE TABLE IF NOT EXISTS fr_call_args ("
     " arg TEXT NOT NULL, digest {key} NOT NULL, key {key} NOT NULL,"
     " PRIMARY KEY (arg, digest, key)){without_rowid}",
     "CREATE TABLE IF NOT EXISTS fr_blobs ("
-    " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
-    " body {blob} NOT NULL){without_rowid}",
+    " digest {key} NOT NULL PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
+    " body {blob} NOT NULL)",
     # claims (see .claims): not in TABLES, so that a read-only share of a
     # database from before them opens; SqlClaims creates it there on first use
     "CREATE TABLE IF NOT EXISTS fr_claims ("
