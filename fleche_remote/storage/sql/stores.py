@@ -6,6 +6,7 @@ small DB-API interface of :mod:`.db`: SQLite through the standard
 library's ``sqlite3`` alone (:mod:`.sqlite`; no SQLAlchemy is imported for
 a ``sqlite://`` url, so a server starts fast and needs nothing installed),
 PostgreSQL through a SQLAlchemy engine and psycopg 3 (:mod:`.postgres`).
+Which of the two a url names, and how it opens, is :mod:`.urls`.
 
 Design rules:
 
@@ -34,17 +35,15 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import parse_qsl
 
 from ... import call as _callmod
 from ...call import CallRecord, UnreadableRecord
 from ...codec.values import Blob
-from ...errors import ConfigError, CorruptEntryError, StorageError
+from ...errors import CorruptEntryError, StorageError
 from ..base import CallStore, InlineValues, ValueStore, record_matches
 from ..claims import Claims, KeptClaims
-from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
-from ..options import check_keys, resolve_path, typed
-from .db import BATCH, BUSY_TIMEOUT_S, Database, blob_range, same
+from ..fs import DEFAULT_FS, FsPolicy
+from .db import BATCH, BUSY_TIMEOUT_S, blob_range, same
 from .quota import SqlQuota
 from .rows import (
     BLOB_COLUMNS,
@@ -58,6 +57,7 @@ from .rows import (
     record_from_row,
     row_blob,
 )
+from .urls import open_database, resolve_url, sql_options
 
 __all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
 
@@ -70,8 +70,6 @@ MAX_BODY = 1_000_000_000
 
 _HEX = frozenset("0123456789abcdef")
 
-_EXAMPLE = "'sqlite:///path/calls.db' or 'postgresql+psycopg://user@host/dbname'"
-
 #: Whether CallRecord has the ``digest_scheme`` field; it is stored either
 #: way (NULL when a record lacks it) and passed back only when the class
 #: has it. A NULL read back means a record from before the field existed.
@@ -79,97 +77,13 @@ _HAS_SCHEME = "digest_scheme" in getattr(CallRecord, "__dataclass_fields__", {})
 _LEGACY_SCHEME: Optional[str] = getattr(_callmod, "LEGACY_DIGEST_SCHEME", None)
 
 
-# -- config and URLs ----------------------------------------------------------
+# -- keys ----------------------------------------------------------------------
 
 
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not key or len(key) > 64 or not set(key) <= _HEX:
         raise KeyError(key)
     return key
-
-
-def _split_url(url: str, where: str) -> Tuple[str, str]:
-    """(backend, rest) of a database URL, without importing SQLAlchemy."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme or not all(c.isalnum() or c in "+-." for c in scheme):
-        raise ConfigError(
-            f"{where}: url {url!r} is not a database URL (no scheme://); expected {_EXAMPLE}", key="url"
-        )
-    return scheme.split("+", 1)[0].lower(), rest
-
-
-def _resolve_url(url: str, base_dir: Optional[Path], where: str) -> Tuple[str, str]:
-    """The url to keep in config, and its backend ("sqlite" or "postgresql").
-
-    A relative SQLite path resolves against ``base_dir`` (else the current
-    directory) and ``~`` expands, so the stored url is absolute and means
-    the same file from anywhere. Only a PostgreSQL url is parsed by
-    SQLAlchemy (imported then).
-    """
-    backend, rest = _split_url(url, where)
-    if backend == "sqlite":
-        if url.split("://", 1)[0].lower() not in ("sqlite", "sqlite+pysqlite"):
-            raise ConfigError(f"{where}: url {url!r}: SQLite is reached through Python's sqlite3", key="url")
-        if rest and not rest.startswith("/"):
-            raise ConfigError(
-                f"{where}: url {url!r} is not a database URL (a SQLite url has no host); expected {_EXAMPLE}",
-                key="url",
-            )
-        db = rest[1:].partition("?")[0]
-        if db and db != ":memory:" and not db.startswith("file:"):
-            query = rest.partition("?")[2]
-            return f"sqlite:///{resolve_path(db, base_dir)}" + (f"?{query}" if query else ""), backend
-        return url, backend
-    if backend in ("postgresql", "postgres"):
-        _pg_url(url, where)  # a url SQLAlchemy cannot parse is a config error now, not at first use
-        return url, "postgresql"
-    raise ConfigError(f"{where}: url {url!r} names backend {backend!r}; expected {_EXAMPLE}", key="url")
-
-
-def _pg_url(url: str, where: str) -> Any:
-    """SQLAlchemy's URL for a PostgreSQL url; psycopg 3 when no driver is named."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(
-            f"{where}: url {url!r} is not a database URL ({exc}); expected {_EXAMPLE}", key="url"
-        ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
-def open_database(url: str, what: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> Database:
-    """The :class:`~.db.Database` for an (already resolved) url."""
-    backend, rest = _split_url(url, what)
-    if backend == "sqlite":
-        from .sqlite import SqliteDatabase, connect_target
-
-        path, _, query = rest[1:].partition("?")
-        target, uri = connect_target(path, dict(parse_qsl(query)))
-        return SqliteDatabase(target, uri, what, url, echo, fs)
-    from .postgres import PostgresDatabase
-
-    parsed = _pg_url(url, what)
-    return PostgresDatabase(parsed, what, parsed.render_as_string(hide_password=True), echo)
-
-
-def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict[str, Any]:
-    where = f"{kind}.type = 'sql'"
-    check_keys(table, ("url", "echo", *FS_KEYS), where)
-    if "url" not in table:
-        raise ConfigError(f"{where} needs url = {_EXAMPLE}; no url was given", key="url")
-    url = typed(table, "url", str)
-    if not url.strip():
-        raise ConfigError(f"{where} needs url = {_EXAMPLE}; got an empty string", key="url")
-    return {
-        "url": _resolve_url(url, base_dir, where)[0],
-        "echo": typed(table, "echo", bool, False),
-        "fs": FsPolicy.from_table(table, where),
-    }
 
 
 def _chunks(keys: Sequence[str], param: Callable[[str], Any]) -> Iterator[Sequence[Any]]:
@@ -186,7 +100,7 @@ class _SqlStore:
 
     def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         where = f"{self._kind}.type = 'sql'"
-        self.url, self.backend = _resolve_url(url, None, where)
+        self.url, self.backend = resolve_url(url, None, where)
         self.echo = echo
         self.fs = fs
         self._db = open_database(self.url, f"sql {self._kind} store", echo, fs)
@@ -197,7 +111,7 @@ class _SqlStore:
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> Any:
-        return cls(**_options(table, base_dir, cls._kind))
+        return cls(**sql_options(table, base_dir, cls._kind))
 
     def to_config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"type": "sql", "url": self.url}
