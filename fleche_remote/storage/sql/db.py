@@ -205,6 +205,13 @@ class Database(ABC):
     key_param: Callable[[str], Any] = staticmethod(same)
     key_text: Callable[[Any], str] = staticmethod(same)
 
+    #: The column a walk over every row of ``fr_calls`` pages by, and a
+    #: value below all of it. By key here; SQLite walks its rowid, which is
+    #: the table's own order, so that a walk reads pages in sequence rather
+    #: than one row per key-index entry (3x faster at a million calls).
+    walk_column = "key"
+    walk_start: Any = ""
+
     def __init__(self, what: str, shown: str, echo: bool) -> None:
         self.what = what
         self.shown = shown

@@ -86,15 +86,16 @@ class SqlQuota:
             used, join = "COALESCE(u.used, c.created)", " LEFT JOIN fr_uses u ON u.key = c.key"
         else:
             used, join = "c.created", ""
+        walk = self._db.walk_column
         sql = self._db.sql(
-            f"SELECT c.key, c.name, c.value, {_SIZE}, c.created, {used} FROM fr_calls c{join} "
-            "WHERE c.key > ? ORDER BY c.key LIMIT ?"
+            f"SELECT c.{walk}, c.key, c.name, c.value, {_SIZE}, c.created, {used} FROM fr_calls c{join} "
+            f"WHERE c.{walk} > ? ORDER BY c.{walk} LIMIT ?"
         )
-        last: object = ""  # below every key, text or bytes
+        last = self._db.walk_start
         text = self._db.key_text
         while True:  # paged: no connection held while the caller works
             page = self._db.rows(sql, (last, 10_000))
-            for key, name, value, size, created, when in page:
+            for _, key, name, value, size, created, when in page:
                 yield Entry(
                     text(key), name, text(value), int(size), float(created), max(float(when), float(created))
                 )
@@ -104,7 +105,10 @@ class SqlQuota:
 
     def usage(self) -> Usage:
         usage = Usage()
-        sql = f"SELECT c.name, count(*), sum({_SIZE}) FROM fr_calls c GROUP BY c.name"
+        # SQLite would walk the name index in order and fetch every row
+        # through it; one scan of the table and a small sort is 4x faster
+        hint = " NOT INDEXED" if self._db.backend == "sqlite" else ""
+        sql = f"SELECT c.name, count(*), sum({_SIZE}) FROM fr_calls c{hint} GROUP BY c.name"
         for name, calls, nbytes in self._db.rows(sql):
             usage.add(name, int(calls), int(nbytes or 0))
         return usage

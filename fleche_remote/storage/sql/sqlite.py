@@ -184,6 +184,8 @@ class SqliteDatabase(Database):
     backend = "sqlite"
     key_param = staticmethod(key_blob)
     key_text = staticmethod(blob_key)
+    walk_column = "rowid"
+    walk_start = -(2**63)
 
     def __init__(
         self, target: str, uri: bool, what: str, shown: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS

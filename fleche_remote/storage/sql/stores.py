@@ -424,11 +424,11 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
 
     def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
         # one paged scan: there is no index on calls.value (see db.SCHEMA)
-        text = self._db.key_text
+        text, walk = self._db.key_text, self._db.walk_column
         wanted = set(value_digests)
         found: set[str] = set()
-        sql = self._db.sql("SELECT key, value FROM fr_calls WHERE key > ? ORDER BY key LIMIT ?")
-        last: object = ""  # below every key, text or bytes
+        sql = self._db.sql(f"SELECT {walk}, value FROM fr_calls WHERE {walk} > ? ORDER BY {walk} LIMIT ?")
+        last = self._db.walk_start
         while wanted - found:
             page = self._db.rows(sql, (last, PAGE))
             found.update(d for d in (text(v) for _, v in page) if d in wanted)
