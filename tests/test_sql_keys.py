@@ -208,3 +208,34 @@ def test_a_key_that_is_not_lowercase_hex_finds_nothing(tmp_path: Path) -> None:
         assert cache.calls.contains_many([key, key.upper(), "zz", key]) == [True, False, False, True]
     finally:
         cache.close()
+
+
+def test_a_text_key_written_by_older_code_is_refused_not_hidden(tmp_path: Path) -> None:
+    # an older client's shipped server, on a database that newer code has
+    # rewritten, would write text keys no reader of bytes ever finds
+    path = old_copy(tmp_path)
+    entry, _ = expected()[0]
+    cache = open_cache(f"sqlite:///{path}")
+    try:
+        assert cache.contains(str(entry.key()))  # rewritten to byte keys on first use
+    finally:
+        cache.close()
+    text_key = str(entry.key()).replace(str(entry.key())[:2], "ff", 1)
+    conn = sqlite3.connect(path)
+    try:
+        for sql, params in [
+            (
+                "INSERT INTO fr_blobs (digest, kind, meta, size, body) VALUES (?, 'pickle', '{}', 1, x'00')",
+                (text_key,),
+            ),
+            (
+                "INSERT INTO fr_calls (key, name, arguments, arg_digests, metadata, value, value_kind,"
+                " value_size, created) VALUES (?, 'old.f', x'00', '{}', '{}', ?, 'pickle', 1, 0)",
+                (text_key, bytes(32)),
+            ),
+        ]:
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                conn.execute(sql, params)
+        assert conn.execute("SELECT count(*) FROM fr_calls WHERE typeof(key) != 'blob'").fetchone() == (0,)
+    finally:
+        conn.close()

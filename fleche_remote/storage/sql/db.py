@@ -59,7 +59,8 @@ BUSY_TIMEOUT_S = 60.0
 #: save measured the same (benchmarks/README.md, "Scale").
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fr_calls ("
-    " key {key} NOT NULL PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
+    " key {key} NOT NULL PRIMARY KEY{bytes_only_key},"
+    " name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
     " arg_digests TEXT NOT NULL, metadata TEXT NOT NULL, value {key} NOT NULL,"
     " value_kind TEXT NOT NULL, value_size {int} NOT NULL, digest_scheme TEXT,"
     " created {real} NOT NULL)",
@@ -69,7 +70,8 @@ SCHEMA = (
     " arg TEXT NOT NULL, digest {key} NOT NULL, key {key} NOT NULL,"
     " PRIMARY KEY (arg, digest, key)){without_rowid}",
     "CREATE TABLE IF NOT EXISTS fr_blobs ("
-    " digest {key} NOT NULL PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
+    " digest {key} NOT NULL PRIMARY KEY{bytes_only_digest},"
+    " kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
     " body {blob} NOT NULL)",
     # claims (see .claims): not in TABLES, so that a read-only share of a
     # database from before them opens; SqlClaims creates it there on first use

@@ -105,8 +105,20 @@ CACHE_KIB = 16 * 1024
 
 # WITHOUT ROWID (one B-tree per table, searched once) needs SQLite 3.8.2
 _WITHOUT_ROWID = " WITHOUT ROWID" if sqlite3.sqlite_version_info >= (3, 8, 2) else ""
+# A BLOB column takes text too (SQLite types values, not columns). The
+# server code an older client ships (see remote/bootstrap.py) would write
+# its keys as text into these tables and leave rows no reader finds; the
+# check makes its save fail, whole, with "CHECK constraint failed" instead.
 _DDL = [
-    s.format(key="BLOB", blob="BLOB", int="INTEGER", real="REAL", without_rowid=_WITHOUT_ROWID)
+    s.format(
+        key="BLOB",
+        blob="BLOB",
+        int="INTEGER",
+        real="REAL",
+        without_rowid=_WITHOUT_ROWID,
+        bytes_only_key=" CHECK (typeof(key) = 'blob')",
+        bytes_only_digest=" CHECK (typeof(digest) = 'blob')",
+    )
     for s in SCHEMA
 ]
 
