@@ -59,6 +59,9 @@ import numpy as np
 import fleche_remote
 from fleche_remote import BaseCache, Cache, Call
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _sql_template
+
 OURS = ("memory", "file", "file-gz", "file+sqlite", "file+postgres", "hdf5")
 BASELINES = ("diskcache", "joblib")
 PHASES = ("small_save", "small_load", "big_save", "big_load")
@@ -524,6 +527,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--tmp", default=None, help="where to make the temp storage (default: the system temp dir)"
     )
+    p.add_argument(
+        "--template-only",
+        action="store_true",
+        help="run only the sql template against diskcache, call for call (--small calls, --repeat rounds)",
+    )
     args = p.parse_args(argv)
     names = [b for item in args.backends for b in item.split(",") if b]
     unknown = [b for b in names if b not in OURS + BASELINES]
@@ -539,6 +547,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *given])
+    if args.template_only:
+        return template_only(args, command)
     started = time.perf_counter()
     load_before = load_average()
     n_elems = int(args.big_mb * 1_000_000) // 8
@@ -575,6 +585,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, reason in skipped.items():
             print(f"skipping {name}: {reason}", file=sys.stderr, flush=True)
         outcomes = run_all(subjects, base, args.small, big, args.repeat)
+        template = None
+        if "diskcache" in args.backends and outcomes["diskcache"].error is None:
+            print("the sql template against diskcache ...", file=sys.stderr, flush=True)
+            template = _sql_template.compare(base, args.small, max(args.repeat, 5))
         print("server-side batches ...", file=sys.stderr, flush=True)
         batches = server_batches(
             [(k, v) for k, v in subjects if outcomes[k].error is None], base, 1000, args.repeat
@@ -620,6 +634,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = results[name]
         rows2.append([name] + [fmt_ratio(r.get(p), (ref or {}).get(p)) for p in PHASES for ref in (dc, jl)])
     print(table(header2, rows2))
+    if template:
+        print()
+        print(TEMPLATE_TITLE.format(n=args.small))
+        print()
+        print(_sql_template.report(template, args.small, table))
     if batches:
         print()
         print(
@@ -640,6 +659,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, reason in skipped.items():
         print(f"{name} skipped: {reason}")
     return 1 if failures else 0
+
+
+TEMPLATE_TITLE = (
+    'template = "sql" against diskcache, call for call: {n} small results, cache opened before the clock; '
+    "best of 5 or more rounds, interleaved"
+)
+
+
+def template_only(args: argparse.Namespace, command: str) -> int:
+    """Only the sql template against diskcache (``--template-only``)."""
+    load_before = load_average()
+    base = Path(tempfile.mkdtemp(prefix="fleche-bench-local-", dir=args.tmp))
+    try:
+        best = _sql_template.compare(base, args.small, args.repeat)
+        where = f"{base.parent} on {fs_type(base.parent)}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"command: {command}")
+    for line in versions(None):
+        print(line)
+    print(f"storage: {where}; best of {args.repeat}")
+    print(f"load average (1 min) before {load_before}, after {load_average()}")
+    print()
+    print(TEMPLATE_TITLE.format(n=args.small).replace("5 or more", str(args.repeat)))
+    print()
+    print(_sql_template.report(best, args.small, table))
+    return 0
 
 
 if __name__ == "__main__":

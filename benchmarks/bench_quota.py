@@ -59,13 +59,13 @@ def bench_du(entries: int) -> Dict[str, float]:
             f"INSERT INTO fr_calls ({', '.join(CALL_COLUMNS)}) VALUES ({marks})",
             (
                 (
-                    f"{i:064x}",
+                    i.to_bytes(32, "big"),  # keys are stored as the bytes they spell
                     f"fn{i % 50}",
                     None,
                     b"x" * 40,
                     "{}",
                     "{}",
-                    f"{i:064x}",
+                    i.to_bytes(32, "big"),
                     "pickle",
                     1000,
                     None,

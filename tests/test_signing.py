@@ -91,7 +91,7 @@ def replace_value(kind: str, values: Any, calls: Any, digest: str, blob: BytesBl
         with sqlite3.connect(url[len("sqlite:///") :]) as db:
             changed = db.execute(
                 "UPDATE fr_blobs SET kind = ?, size = ?, body = ? WHERE digest = ?",
-                (blob.kind, blob.size, blob.read_all(), digest),
+                (blob.kind, blob.size, blob.read_all(), bytes.fromhex(digest)),  # keys are stored as bytes
             ).rowcount
         assert changed == 1
         return

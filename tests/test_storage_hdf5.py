@@ -354,3 +354,35 @@ def test_config_errors(table: dict[str, Any], message: str) -> None:
         build_store("calls", table)
     with pytest.raises(ConfigError, match=message.replace("calls.type", "values.type")):
         build_store("values", table)
+
+
+@pytest.mark.parametrize("layout", ["chunked", "contiguous", "filtered"])
+def test_a_value_declared_huge_but_never_written_is_refused_before_allocating(
+    values: Hdf5ValueStore, h5: Path, layout: str
+) -> None:
+    # a few hundred bytes in a shared file that would read back as 64 GiB of
+    # fill values: refused before h5py allocates the array
+    values.put("ab" * 32, encode_value(b"x"))
+    huge = (1 << 36,)
+    with h5py.File(h5, "a") as f:
+        options: dict[str, Any] = {
+            "chunked": {"chunks": (1 << 20,)},
+            "contiguous": {},
+            "filtered": {"chunks": (1 << 20,), "compression": "gzip"},
+        }[layout]
+        ds = f["values"].create_dataset("cd" * 32, shape=huge, dtype="u1", **options)
+        ds.attrs.update({"kind": "bytes", "meta": "{}", "layout": "raw"})
+    assert h5.stat().st_size < 1 << 20
+    with pytest.raises(CorruptEntryError, match="cdcdcdcd") as info:
+        values.get("cd" * 32)
+    assert "declares" in str(info.value) or "chunked or filtered" in str(info.value)
+    assert values.get("ab" * 32).read_all() == encode_value(b"x").read_all()  # the rest still reads
+
+
+def test_values_written_by_the_store_pass_the_size_checks(values: Hdf5ValueStore) -> None:
+    # the edge cases of the checks: nothing stored, a scalar, an empty array
+    for i, value in enumerate([b"", b"x" * 100_000, np.float32(1.5), np.zeros((0, 3))]):
+        digest = f"{i:02x}" * 32
+        values.put(digest, encode_value(value))
+        got = decode_value(values.get(digest))
+        assert type(got) is type(value) and np.array_equal(got, value), (value, got)

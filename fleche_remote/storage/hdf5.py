@@ -179,6 +179,29 @@ def _write_native(grp: h5py.Group, name: str, blob: Blob) -> bool:
     return True
 
 
+def _check_body(ds: h5py.Dataset, where: str, path: Path) -> None:
+    """Refuse a value dataset whose reading would allocate more than the
+    file holds. h5py allocates the whole array before HDF5 reads a byte,
+    and a dataset declared huge but never written (chunked, or contiguous
+    with late allocation) reads back as fill values: a few hundred bytes
+    planted in a shared file would cost gigabytes of memory to whoever
+    loads them. Ours are contiguous, unfiltered and written whole."""
+    if ds.chunks is not None or ds.compression is not None:
+        raise CorruptEntryError(
+            f"{where}: a chunked or filtered dataset ({ds.chunks}, {ds.compression}); "
+            f"values are stored contiguous and unfiltered"
+        )
+    stored = ds.id.get_storage_size()
+    if stored != ds.nbytes:
+        raise CorruptEntryError(f"{where}: declares {ds.nbytes} bytes but has {stored} stored")
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # it was just opened: reading says what is wrong, if anything
+    if ds.nbytes > size:
+        raise CorruptEntryError(f"{where}: declares {ds.nbytes} bytes, more than its file's {size}")
+
+
 def _attr_str(ds: h5py.Dataset, name: str) -> str:
     value = ds.attrs[name]
     if isinstance(value, bytes):
@@ -294,6 +317,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
                 ) from None
             if not isinstance(meta, dict):
                 raise CorruptEntryError(f"{where}: meta is a {type(meta).__name__}, expected a JSON object")
+            _check_body(ds, where, self.path)
             arr = np.asarray(ds[()], order="C")  # a scalar comes back 0-d, not (1,)
         if layout == "native" and kind == "ndarray":
             try:

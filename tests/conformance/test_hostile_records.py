@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Tuple
@@ -58,6 +59,9 @@ def _sqlite_planter(path: Path) -> Callable[[str, Dict[str, Any]], None]:
             "created": 0.0,
         }
         row.update(columns)
+        for column in ("key", "value"):  # stored as the bytes they spell, when they are hex
+            if isinstance(row[column], str) and re.fullmatch(r"(?:[0-9a-f]{2})+", row[column]):
+                row[column] = bytes.fromhex(row[column])
         with sqlite3.connect(path) as db:
             names = ", ".join(row)
             db.execute(

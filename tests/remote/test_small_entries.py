@@ -101,7 +101,10 @@ def test_a_signed_client_checks_the_values_that_came_along(tmp_path: Path) -> No
         tampered = store.load_records([keys[3]])[0].value
         other = store.load_blobs([store.load_records([keys[4]])[0].value])[0]
         db = sqlite3.connect(str(tmp_path / "store" / "calls.db"))
-        db.execute("UPDATE fr_blobs SET body = ? WHERE digest = ?", (other.read_all(), tampered))
+        db.execute(
+            "UPDATE fr_blobs SET body = ? WHERE digest = ?", (other.read_all(), bytes.fromhex(tampered))
+        )
+        assert db.total_changes == 1  # keys and digests are stored as their 32 bytes
         db.commit()
         db.close()
         calls = remote.load_many(keys)

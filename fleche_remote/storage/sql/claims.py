@@ -21,15 +21,16 @@ taken, and a read-only share, which takes no claims, never needs it.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from ..claims import Claims, Holder
 from .db import BATCH, Database
 
-#: Types both SQLite (by affinity) and PostgreSQL accept as written.
+#: The table as a SQLite database made before claims gets it (keys as
+#: bytes, see :func:`.db.key_blob`); PostgreSQL has it from :data:`.db.SCHEMA`.
 CLAIMS_TABLE = (
     "CREATE TABLE IF NOT EXISTS fr_claims ("
-    " key TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,"
+    " key BLOB PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,"
     " expires DOUBLE PRECISION NOT NULL)"
 )
 
@@ -59,18 +60,20 @@ class SqlClaims(Claims):
 
     def _holders(self, cur: Any, keys: Sequence[str]) -> Dict[str, Holder]:
         found: Dict[str, Holder] = {}
-        for chunk in _chunks([str(k) for k in keys]):
+        text = self._db.key_text
+        for chunk in _chunks(keys, self._db.key_param):
             cond, params = self._db.in_list("key", chunk)
             sql = self._db.sql(f"SELECT key, owner, host, pid, expires FROM fr_claims WHERE {cond}")
             for row in cur.execute(sql, params).fetchall():
-                found[row[0]] = Holder(row[1], row[2], int(row[3]), float(row[4]))
+                found[text(row[0])] = Holder(row[1], row[2], int(row[3]), float(row[4]))
         return found
 
     def claim(self, keys: Sequence[str], holder: Holder, lease: float) -> List[Optional[Holder]]:
         if not keys:
             return []
         now = time.time()
-        rows = [(str(k), holder.owner, holder.host, holder.pid, now + lease, now) for k in keys]
+        param = self._db.key_param
+        rows = [(param(str(k)), holder.owner, holder.host, holder.pid, now + lease, now) for k in keys]
         with self._db.transaction() as cur:
             self._table(cur)
             cur.executemany(self._db.sql(_UPSERT), rows)
@@ -86,7 +89,7 @@ class SqlClaims(Claims):
             return []
         with self._db.transaction() as cur:
             self._table(cur)
-            for chunk in _chunks([str(k) for k in keys]):
+            for chunk in _chunks(keys, self._db.key_param):
                 cond, params = self._db.in_list("key", chunk)
                 sql = self._db.sql(f"UPDATE fr_claims SET expires = ? WHERE owner = ? AND {cond}")
                 cur.execute(sql, [time.time() + lease, holder.owner, *params])
@@ -98,7 +101,7 @@ class SqlClaims(Claims):
             return
         with self._db.transaction() as cur:
             self._table(cur)
-            for chunk in _chunks([str(k) for k in keys]):
+            for chunk in _chunks(keys, self._db.key_param):
                 cond, params = self._db.in_list("key", chunk)
                 sql = self._db.sql(f"DELETE FROM fr_claims WHERE owner = ? AND {cond}")
                 cur.execute(sql, [holder.owner, *params])
@@ -113,9 +116,11 @@ class SqlClaims(Claims):
         return [(h := held.get(str(k))) is not None and h.expires >= now for k in keys]
 
 
-def _chunks(keys: List[str]) -> Iterator[List[str]]:
-    for start in range(0, len(keys), BATCH):
-        yield keys[start : start + BATCH]
+def _chunks(keys: Sequence[str], param: Callable[[str], Any]) -> Iterator[List[Any]]:
+    """``keys`` as parameters, in batches of :data:`.db.BATCH`."""
+    params = [param(str(k)) for k in keys]
+    for start in range(0, len(params), BATCH):
+        yield params[start : start + BATCH]
 
 
 __all__ = ["CLAIMS_TABLE", "SqlClaims"]

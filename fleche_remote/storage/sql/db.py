@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ContextManager, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple
 
 from ...errors import StorageError
 
@@ -45,21 +45,34 @@ BUSY_TIMEOUT_S = 60.0
 #: same table when the two share a database, so a value is stored once).
 #: There is deliberately no index on ``calls.value``: only garbage
 #: collection asks "who refers to this value?", and one scan answers it.
-#: On SQLite all three tables are WITHOUT ROWID (one B-tree each, searched
-#: once); ``blobs`` rows beyond ~1 KB spill to overflow pages either way.
+#:
+#: On SQLite, ``call_args``, ``claims`` and ``uses`` are WITHOUT ROWID
+#: tables (one B-tree each, searched once): their rows are little more
+#: than their key. ``calls`` and ``blobs`` are not. A WITHOUT ROWID table
+#: is an index B-tree, whose interior pages hold whole rows: a call row
+#: (~260 bytes: arguments, argument digests, metadata) left 16 per
+#: interior page, six levels at a million calls, and ``contains`` there
+#: took 1.5x its time at a thousand. As rowid tables, each key has an index
+#: of its own (32-byte keys, ~90 per page), which alone answers
+#: ``contains`` and ``expand``, and the rows append to a B-tree of
+#: integers. Two B-trees more per save, both appending at their end: a
+#: save measured the same (benchmarks/README.md, "Scale").
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fr_calls ("
-    " key {key} PRIMARY KEY, name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
+    " key {key} NOT NULL PRIMARY KEY{bytes_only_key},"
+    " name TEXT NOT NULL, version TEXT, arguments {blob} NOT NULL,"
     " arg_digests TEXT NOT NULL, metadata TEXT NOT NULL, value {key} NOT NULL,"
     " value_kind TEXT NOT NULL, value_size {int} NOT NULL, digest_scheme TEXT,"
-    " created {real} NOT NULL){without_rowid}",
-    "CREATE INDEX IF NOT EXISTS fr_ix_calls_name ON fr_calls (name)",
+    " created {real} NOT NULL)",
+    # (name, key): query(name) pages through one name's calls in key order
+    "CREATE INDEX IF NOT EXISTS fr_ix_calls_name ON fr_calls (name, key)",
     "CREATE TABLE IF NOT EXISTS fr_call_args ("
     " arg TEXT NOT NULL, digest {key} NOT NULL, key {key} NOT NULL,"
     " PRIMARY KEY (arg, digest, key)){without_rowid}",
     "CREATE TABLE IF NOT EXISTS fr_blobs ("
-    " digest {key} PRIMARY KEY, kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
-    " body {blob} NOT NULL){without_rowid}",
+    " digest {key} NOT NULL PRIMARY KEY{bytes_only_digest},"
+    " kind TEXT NOT NULL, meta TEXT NOT NULL, size {int} NOT NULL,"
+    " body {blob} NOT NULL)",
     # claims (see .claims): not in TABLES, so that a read-only share of a
     # database from before them opens; SqlClaims creates it there on first use
     "CREATE TABLE IF NOT EXISTS fr_claims ("
@@ -71,6 +84,15 @@ SCHEMA = (
 )
 TABLES = ("fr_calls", "fr_call_args", "fr_blobs")
 
+#: The columns of each table that hold keys or digests (``{key}`` above).
+KEY_COLUMNS = {
+    "fr_calls": ("key", "value"),
+    "fr_call_args": ("digest", "key"),
+    "fr_blobs": ("digest",),
+    "fr_claims": ("key",),
+    "fr_uses": ("key",),
+}
+
 #: The names our tables had before they took the ``fr_`` prefix. fleche
 #: names its own table ``calls`` too, with other columns, so one SQLite
 #: file used by both libraries broke each on the other's table. A
@@ -80,6 +102,61 @@ LEGACY_TABLES = {"calls": "fr_calls", "call_args": "fr_call_args", "blobs": "fr_
 #: fleche's tables (``fleche.storage.sql``): found beside ours, they are
 #: named in a :class:`ForeignTablesWarning`.
 FLECHE_TABLES = ("calls", "arguments", "metadata")
+
+
+# -- keys as bytes ---------------------------------------------------------------
+#
+# A key (a SHA-256 in hex) is 64 characters as text and 32 bytes as a blob.
+# On SQLite every B-tree that holds keys (fr_calls, fr_call_args, fr_blobs,
+# fr_claims, fr_uses) is then about twice as dense, which at a million
+# entries is one level less to descend per lookup. The stores speak hex
+# ``str`` everywhere; a backend's ``key_param`` / ``key_text`` translate at
+# the boundary. Lowercase hex of even length becomes the bytes it spells;
+# anything else (an odd-length key, or a string that is not a key at all)
+# stays text, so the mapping is one-to-one and a text value never equals
+# a blob one: a lookup of a malformed key simply finds nothing.
+#
+# PostgreSQL keeps text keys (``key_param`` and ``key_text`` are the
+# identity there). There every operation is a round trip of 0.1-0.5 ms and
+# the table's size does not show in it (benchmarks/README.md, "Scale"),
+# while its databases are shared by many machines, whose older clients a
+# rewrite of the keys would cut off mid-run. The statements are the same
+# for both; only the parameters differ.
+
+
+def key_blob(key: str) -> Any:
+    """``key`` as the bytes it spells, or as itself when it is not lowercase
+    hex of even length (see above)."""
+    try:
+        raw = bytes.fromhex(key)
+    except (TypeError, ValueError):
+        return key
+    return raw if raw.hex() == key else key
+
+
+def blob_key(value: Any) -> str:
+    """Inverse of :func:`key_blob`: a key read back from a row."""
+    return value.hex() if type(value) is bytes else value  # type: ignore[no-any-return]
+
+
+def same(value: Any) -> Any:
+    """The identity, for a backend that keeps keys as text."""
+    return value
+
+
+def blob_range(prefix: str) -> Tuple[bytes, Optional[bytes]]:
+    """The blobs ``[low, high)`` of every key starting with the hex ``prefix``
+    (``high`` is None when the prefix is all ``f``: no upper bound).
+
+    An odd-length prefix covers a half byte: ``abc`` is ``ab c0`` up to
+    ``ab d0``.
+    """
+    pad = "0" * (len(prefix) % 2)
+    low = bytes.fromhex(prefix + pad)
+    following = int(prefix, 16) + 1
+    if following >> (4 * len(prefix)):
+        return low, None
+    return low, bytes.fromhex(f"{following:0{len(prefix)}x}" + pad)
 
 
 class ForeignTablesWarning(UserWarning):
@@ -131,6 +208,18 @@ class Database(ABC):
     """
 
     backend = ""
+
+    #: How a hex key is bound as a parameter, and read back from a row
+    #: (see :func:`key_blob`); a backend that keeps text keys leaves both.
+    key_param: Callable[[str], Any] = staticmethod(same)
+    key_text: Callable[[Any], str] = staticmethod(same)
+
+    #: The column a walk over every row of ``fr_calls`` pages by, and a
+    #: value below all of it. By key here; SQLite walks its rowid, which is
+    #: the table's own order, so that a walk reads pages in sequence rather
+    #: than one row per key-index entry (3x faster at a million calls).
+    walk_column = "key"
+    walk_start: Any = ""
 
     def __init__(self, what: str, shown: str, echo: bool) -> None:
         self.what = what

@@ -41,7 +41,15 @@ from .db import SCHEMA, Database, migration, warn_foreign
 _DDL_LOCK_ID = 0x666C6563686531
 
 _DDL = [
-    s.format(key='TEXT COLLATE "C"', blob="BYTEA", int="BIGINT", real="DOUBLE PRECISION", without_rowid="")
+    s.format(
+        key='TEXT COLLATE "C"',
+        blob="BYTEA",
+        int="BIGINT",
+        real="DOUBLE PRECISION",
+        without_rowid="",
+        bytes_only_key="",
+        bytes_only_digest="",
+    )
     for s in SCHEMA
 ]
 

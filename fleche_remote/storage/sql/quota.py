@@ -23,7 +23,7 @@ from .db import BATCH, Database
 
 #: The ``uses`` table, per backend (the rest of the schema is in :mod:`.db`).
 USES_DDL = {
-    "sqlite": "CREATE TABLE IF NOT EXISTS fr_uses (key TEXT PRIMARY KEY, used REAL NOT NULL) WITHOUT ROWID",
+    "sqlite": "CREATE TABLE IF NOT EXISTS fr_uses (key BLOB PRIMARY KEY, used REAL NOT NULL) WITHOUT ROWID",
     "postgresql": 'CREATE TABLE IF NOT EXISTS fr_uses (key TEXT COLLATE "C" PRIMARY KEY, '
     "used DOUBLE PRECISION NOT NULL)",
 }
@@ -62,19 +62,23 @@ class SqlQuota:
             return
         self._uses(create=True)
         with self._db.transaction() as cur:
-            cur.executemany(self._db.sql(_UPSERT[self._db.backend]), sorted(uses.items()))
+            param = self._db.key_param
+            rows = [(param(k), t) for k, t in sorted(uses.items())]
+            cur.executemany(self._db.sql(_UPSERT[self._db.backend]), rows)
 
     def last_used(self) -> Dict[str, float]:
         if not self._uses(create=False):
             return {}
-        return {k: float(t) for k, t in self._db.rows("SELECT key, used FROM fr_uses")}
+        text = self._db.key_text
+        return {text(k): float(t) for k, t in self._db.rows("SELECT key, used FROM fr_uses")}
 
     def stored_times(self, keys: Sequence[str]) -> List[Optional[float]]:
         found: Dict[str, float] = {}
+        param, text = self._db.key_param, self._db.key_text
         for start in range(0, len(keys), BATCH):
-            cond, params = self._db.in_list("key", list(keys[start : start + BATCH]))
+            cond, params = self._db.in_list("key", [param(k) for k in keys[start : start + BATCH]])
             sql = self._db.sql(f"SELECT key, created FROM fr_calls WHERE {cond}")
-            found.update(self._db.rows(sql, params))
+            found.update((text(k), t) for k, t in self._db.rows(sql, params))
         return [found.get(k) for k in keys]
 
     def entries(self) -> Iterator[Entry]:
@@ -82,22 +86,29 @@ class SqlQuota:
             used, join = "COALESCE(u.used, c.created)", " LEFT JOIN fr_uses u ON u.key = c.key"
         else:
             used, join = "c.created", ""
+        walk = self._db.walk_column
         sql = self._db.sql(
-            f"SELECT c.key, c.name, c.value, {_SIZE}, c.created, {used} FROM fr_calls c{join} "
-            "WHERE c.key > ? ORDER BY c.key LIMIT ?"
+            f"SELECT c.{walk}, c.key, c.name, c.value, {_SIZE}, c.created, {used} FROM fr_calls c{join} "
+            f"WHERE c.{walk} > ? ORDER BY c.{walk} LIMIT ?"
         )
-        last = ""
+        last = self._db.walk_start
+        text = self._db.key_text
         while True:  # paged: no connection held while the caller works
             page = self._db.rows(sql, (last, 10_000))
-            for key, name, value, size, created, when in page:
-                yield Entry(key, name, value, int(size), float(created), max(float(when), float(created)))
+            for _, key, name, value, size, created, when in page:
+                yield Entry(
+                    text(key), name, text(value), int(size), float(created), max(float(when), float(created))
+                )
             if len(page) < 10_000:
                 return
             last = page[-1][0]
 
     def usage(self) -> Usage:
         usage = Usage()
-        sql = f"SELECT c.name, count(*), sum({_SIZE}) FROM fr_calls c GROUP BY c.name"
+        # SQLite would walk the name index in order and fetch every row
+        # through it; one scan of the table and a small sort is 4x faster
+        hint = " NOT INDEXED" if self._db.backend == "sqlite" else ""
+        sql = f"SELECT c.name, count(*), sum({_SIZE}) FROM fr_calls c{hint} GROUP BY c.name"
         for name, calls, nbytes in self._db.rows(sql):
             usage.add(name, int(calls), int(nbytes or 0))
         return usage
@@ -108,9 +119,10 @@ class SqlQuota:
         concurrent save of the same value either committed before (its
         record keeps the value) or inserts the value again after."""
         sql = self._db.sql
+        param, text = self._db.key_param, self._db.key_text
         values: List[str] = []
         for start in range(0, len(keys), BATCH):
-            chunk = list(keys[start : start + BATCH])
+            chunk = [param(k) for k in keys[start : start + BATCH]]
             with self._db.transaction() as cur:
                 cond, params = self._db.in_list("key", chunk)
                 rows = cur.execute(
@@ -126,7 +138,7 @@ class SqlQuota:
                     except (TypeError, ValueError):
                         digests = {}
                     if isinstance(digests, dict):
-                        args.extend((a, d, key) for a, d in digests.items())
+                        args.extend((a, param(d), key) for a, d in digests.items())
                 if args:
                     cur.executemany(
                         sql("DELETE FROM fr_call_args WHERE arg = ? AND digest = ? AND key = ?"), args
@@ -144,7 +156,7 @@ class SqlQuota:
                     ),
                     [*dparams, *vparams],
                 )
-                values.extend(row[1] for row in rows)
+                values.extend(text(row[1]) for row in rows)
         return values
 
     def forget_uses(self, keys: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from ...call import CallRecord, check_record
 from ...codec.values import Blob, BytesBlob
@@ -93,10 +93,12 @@ PG_PUT_ONE = (
 )
 
 
-def call_row(r: CallRecord, now: float) -> Tuple[Any, ...]:
+def call_row(r: CallRecord, now: float, param: Callable[[str], Any]) -> Tuple[Any, ...]:
+    """The ``fr_calls`` row of ``r``, its key and value bound by ``param``
+    (the database's ``key_param``)."""
     return (
-        r.key, r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
-        r.value, r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
+        param(r.key), r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
+        param(r.value), r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
     )  # fmt: skip
 
 
@@ -108,12 +110,12 @@ def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
         cur.executemany(sql, rows)
 
 
-def blob_row(digest: str, blob: Blob) -> Tuple[Any, ...]:
+def blob_row(digest: str, blob: Blob, param: Callable[[str], Any]) -> Tuple[Any, ...]:
     body = blob.read_all()
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
     meta = "{}" if not blob.meta else _compact(blob.meta)
-    return (digest, blob.kind, meta, blob.size, body)
+    return (param(digest), blob.kind, meta, blob.size, body)
 
 
 class Place:

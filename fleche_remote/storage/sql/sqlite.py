@@ -30,6 +30,14 @@ Tuning, per connection, and why:
   timeout applies. ``isolation_level=None`` stops ``sqlite3`` from
   issuing BEGINs of its own; reads run in autocommit, one statement each.
 
+Keys are stored as the 32 bytes they spell, not 64 hex characters (see
+:func:`.db.key_blob`): every B-tree that holds them is denser. A database
+written before that, with text keys, is rewritten once, in one
+transaction, by the first process that opens it and may write it (an INFO
+line on logger ``fleche_remote.storage.sql`` says so); a process that may
+not write it gets a :class:`StorageError` saying how to migrate it, never
+wrong answers.
+
 Sharing (see :mod:`._fs`). The database file is created by this module,
 mode 0666 under the umask plus the ``shared`` bits, before SQLite opens it:
 SQLite itself would make it 0644 whatever the umask, and it gives the -wal
@@ -59,7 +67,18 @@ from urllib.parse import quote, unquote
 
 from ...errors import StorageError
 from ..fs import DEFAULT_FS, FsPolicy, permission_error
-from .db import BUSY_TIMEOUT_S, SCHEMA, TABLES, Database, migration, warn_foreign
+from .db import (
+    BUSY_TIMEOUT_S,
+    KEY_COLUMNS,
+    SCHEMA,
+    TABLES,
+    Database,
+    blob_key,
+    key_blob,
+    log,
+    migration,
+    warn_foreign,
+)
 
 _T = TypeVar("_T")
 
@@ -86,14 +105,66 @@ CACHE_KIB = 16 * 1024
 
 # WITHOUT ROWID (one B-tree per table, searched once) needs SQLite 3.8.2
 _WITHOUT_ROWID = " WITHOUT ROWID" if sqlite3.sqlite_version_info >= (3, 8, 2) else ""
+# A BLOB column takes text too (SQLite types values, not columns). The
+# server code an older client ships (see remote/bootstrap.py) would write
+# its keys as text into these tables and leave rows no reader finds; the
+# check makes its save fail, whole, with "CHECK constraint failed" instead.
 _DDL = [
-    s.format(key="TEXT", blob="BLOB", int="INTEGER", real="REAL", without_rowid=_WITHOUT_ROWID)
+    s.format(
+        key="BLOB",
+        blob="BLOB",
+        int="INTEGER",
+        real="REAL",
+        without_rowid=_WITHOUT_ROWID,
+        bytes_only_key=" CHECK (typeof(key) = 'blob')",
+        bytes_only_digest=" CHECK (typeof(digest) = 'blob')",
+    )
     for s in SCHEMA
 ]
 
 
 def _table_names(conn: sqlite3.Connection) -> Set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _text_key_tables(conn: sqlite3.Connection, have: Set[str]) -> List[str]:
+    """Our tables whose key columns are declared TEXT: written before keys
+    were stored as bytes (see the module docstring)."""
+    old = []
+    for table, columns in KEY_COLUMNS.items():
+        if table in have:
+            types = {r[1]: str(r[2]).upper() for r in conn.execute(f"PRAGMA table_info({table})")}
+            if any(types.get(c) == "TEXT" for c in columns):
+                old.append(table)
+    return old
+
+
+def _keys_to_blobs(conn: sqlite3.Connection, tables: List[str]) -> None:
+    """Rewrite ``tables`` with their keys as bytes, inside the caller's write
+    transaction: each is renamed aside, made anew by :data:`_DDL` (which the
+    caller runs between the two halves: see :meth:`SqliteDatabase._create_tables`),
+    copied over in key order (hex order is byte order, so the new B-tree
+    grows at its end) and dropped."""
+    conn.create_function("fr_key", 1, key_blob, deterministic=True)
+    for table in tables:
+        if table == "fr_calls":  # its index would keep its name on the renamed table
+            conn.execute("DROP INDEX IF EXISTS fr_ix_calls_name")
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_text")
+
+
+def _copy_keys(conn: sqlite3.Connection, tables: List[str]) -> int:
+    """The second half of :func:`_keys_to_blobs`; returns the calls copied."""
+    calls = 0
+    for table in tables:
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table}_text)")]
+        select = ", ".join(f"fr_key({c})" if c in KEY_COLUMNS[table] else c for c in columns)
+        copied = conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {table}_text"
+        ).rowcount
+        if table == "fr_calls":
+            calls = copied
+        conn.execute(f"DROP TABLE {table}_text")
+    return calls
 
 
 #: Connections a fork child inherited: kept referenced, so that the child
@@ -123,6 +194,10 @@ class SqliteDatabase(Database):
     """
 
     backend = "sqlite"
+    key_param = staticmethod(key_blob)
+    key_text = staticmethod(blob_key)
+    walk_column = "rowid"
+    walk_start = -(2**63)
 
     def __init__(
         self, target: str, uri: bool, what: str, shown: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS
@@ -279,24 +354,46 @@ class SqliteDatabase(Database):
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         try:
             have = _table_names(conn)
-            if set(TABLES) <= have:
+            if set(TABLES) <= have and not _text_key_tables(conn, have):
                 warn_foreign(sorted(have), self.shown)
                 return  # no write lock needed (and none possible on a read-only share)
-            # under the write lock, so two processes never race to create,
-            # nor to rename an old database's tables
+            rewriting = set(TABLES) <= have  # ours, with keys as text
+        except sqlite3.Error as exc:
+            raise self.error("reading its tables", exc) from exc
+        # under the write lock, so two processes never race to create, nor
+        # to rename or rewrite an old database's tables: the second finds
+        # the work done
+        try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 have = _table_names(conn)
-                for statement in migration(sorted(have)) + _DDL:
+                for statement in migration(sorted(have)):
                     conn.execute(statement)
+                old = _text_key_tables(conn, _table_names(conn))
+                _keys_to_blobs(conn, old)
+                for statement in _DDL:
+                    conn.execute(statement)
+                calls = _copy_keys(conn, old)
                 conn.execute("COMMIT")
-                warn_foreign(sorted(have), self.shown)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            if rewriting:
+                raise StorageError(
+                    f"{self.what} at {self.shown}: its keys are stored as text, as an earlier "
+                    f"fleche-remote wrote them, and this process could not rewrite them as bytes "
+                    f"({type(exc).__name__}: {exc}). Open it once from a process that may write the "
+                    f"file (for example, as its owner: fleche-remote ls), which migrates it in place"
+                ) from exc
             raise self.error("creating tables", exc) from exc
+        if old:
+            log.info(
+                "%s at %s: migrated %d calls from text keys to 32-byte keys (tables %s), once",
+                self.what, self.shown, calls, ", ".join(old),
+            )  # fmt: skip
+        warn_foreign(sorted(have), self.shown)
 
     # -- statements -----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ small DB-API interface of :mod:`.db`: SQLite through the standard
 library's ``sqlite3`` alone (:mod:`.sqlite`; no SQLAlchemy is imported for
 a ``sqlite://`` url, so a server starts fast and needs nothing installed),
 PostgreSQL through a SQLAlchemy engine and psycopg 3 (:mod:`.postgres`).
+Which of the two a url names, and how it opens, is :mod:`.urls`.
 
 Design rules:
 
@@ -30,20 +31,19 @@ Design rules:
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import parse_qsl
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ... import call as _callmod
 from ...call import CallRecord, UnreadableRecord
 from ...codec.values import Blob
-from ...errors import ConfigError, CorruptEntryError, StorageError
+from ...errors import CorruptEntryError, StorageError
 from ..base import CallStore, InlineValues, ValueStore, record_matches
 from ..claims import Claims, KeptClaims
-from ..fs import DEFAULT_FS, FS_KEYS, FsPolicy
-from ..options import check_keys, resolve_path, typed
-from .db import BATCH, BUSY_TIMEOUT_S, Database
+from ..fs import DEFAULT_FS, FsPolicy
+from .db import BATCH, BUSY_TIMEOUT_S, blob_range, same
 from .quota import SqlQuota
 from .rows import (
     BLOB_COLUMNS,
@@ -57,6 +57,7 @@ from .rows import (
     record_from_row,
     row_blob,
 )
+from .urls import open_database, resolve_url, sql_options
 
 __all__ = ["BATCH", "BUSY_TIMEOUT_S", "MAX_BODY", "PAGE", "SqlCallStore", "SqlValueStore"]
 
@@ -69,8 +70,6 @@ MAX_BODY = 1_000_000_000
 
 _HEX = frozenset("0123456789abcdef")
 
-_EXAMPLE = "'sqlite:///path/calls.db' or 'postgresql+psycopg://user@host/dbname'"
-
 #: Whether CallRecord has the ``digest_scheme`` field; it is stored either
 #: way (NULL when a record lacks it) and passed back only when the class
 #: has it. A NULL read back means a record from before the field existed.
@@ -78,7 +77,7 @@ _HAS_SCHEME = "digest_scheme" in getattr(CallRecord, "__dataclass_fields__", {})
 _LEGACY_SCHEME: Optional[str] = getattr(_callmod, "LEGACY_DIGEST_SCHEME", None)
 
 
-# -- config and URLs ----------------------------------------------------------
+# -- keys ----------------------------------------------------------------------
 
 
 def _check_key(key: str) -> str:
@@ -87,94 +86,11 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _split_url(url: str, where: str) -> Tuple[str, str]:
-    """(backend, rest) of a database URL, without importing SQLAlchemy."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme or not all(c.isalnum() or c in "+-." for c in scheme):
-        raise ConfigError(
-            f"{where}: url {url!r} is not a database URL (no scheme://); expected {_EXAMPLE}", key="url"
-        )
-    return scheme.split("+", 1)[0].lower(), rest
-
-
-def _resolve_url(url: str, base_dir: Optional[Path], where: str) -> Tuple[str, str]:
-    """The url to keep in config, and its backend ("sqlite" or "postgresql").
-
-    A relative SQLite path resolves against ``base_dir`` (else the current
-    directory) and ``~`` expands, so the stored url is absolute and means
-    the same file from anywhere. Only a PostgreSQL url is parsed by
-    SQLAlchemy (imported then).
-    """
-    backend, rest = _split_url(url, where)
-    if backend == "sqlite":
-        if url.split("://", 1)[0].lower() not in ("sqlite", "sqlite+pysqlite"):
-            raise ConfigError(f"{where}: url {url!r}: SQLite is reached through Python's sqlite3", key="url")
-        if rest and not rest.startswith("/"):
-            raise ConfigError(
-                f"{where}: url {url!r} is not a database URL (a SQLite url has no host); expected {_EXAMPLE}",
-                key="url",
-            )
-        db = rest[1:].partition("?")[0]
-        if db and db != ":memory:" and not db.startswith("file:"):
-            query = rest.partition("?")[2]
-            return f"sqlite:///{resolve_path(db, base_dir)}" + (f"?{query}" if query else ""), backend
-        return url, backend
-    if backend in ("postgresql", "postgres"):
-        _pg_url(url, where)  # a url SQLAlchemy cannot parse is a config error now, not at first use
-        return url, "postgresql"
-    raise ConfigError(f"{where}: url {url!r} names backend {backend!r}; expected {_EXAMPLE}", key="url")
-
-
-def _pg_url(url: str, where: str) -> Any:
-    """SQLAlchemy's URL for a PostgreSQL url; psycopg 3 when no driver is named."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(
-            f"{where}: url {url!r} is not a database URL ({exc}); expected {_EXAMPLE}", key="url"
-        ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
-def open_database(url: str, what: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> Database:
-    """The :class:`~.db.Database` for an (already resolved) url."""
-    backend, rest = _split_url(url, what)
-    if backend == "sqlite":
-        from .sqlite import SqliteDatabase, connect_target
-
-        path, _, query = rest[1:].partition("?")
-        target, uri = connect_target(path, dict(parse_qsl(query)))
-        return SqliteDatabase(target, uri, what, url, echo, fs)
-    from .postgres import PostgresDatabase
-
-    parsed = _pg_url(url, what)
-    return PostgresDatabase(parsed, what, parsed.render_as_string(hide_password=True), echo)
-
-
-def _options(table: Dict[str, Any], base_dir: Optional[Path], kind: str) -> Dict[str, Any]:
-    where = f"{kind}.type = 'sql'"
-    check_keys(table, ("url", "echo", *FS_KEYS), where)
-    if "url" not in table:
-        raise ConfigError(f"{where} needs url = {_EXAMPLE}; no url was given", key="url")
-    url = typed(table, "url", str)
-    if not url.strip():
-        raise ConfigError(f"{where} needs url = {_EXAMPLE}; got an empty string", key="url")
-    return {
-        "url": _resolve_url(url, base_dir, where)[0],
-        "echo": typed(table, "echo", bool, False),
-        "fs": FsPolicy.from_table(table, where),
-    }
-
-
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+def _chunks(keys: Sequence[str], param: Callable[[str], Any]) -> Iterator[Sequence[Any]]:
+    """``keys`` bound by ``param`` (a database's ``key_param``), in batches."""
     size = BATCH  # read at call time: tests shrink it to force several batches
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+    for start in range(0, len(keys), size):
+        yield [param(k) for k in keys[start : start + size]]
 
 
 class _SqlStore:
@@ -184,7 +100,7 @@ class _SqlStore:
 
     def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         where = f"{self._kind}.type = 'sql'"
-        self.url, self.backend = _resolve_url(url, None, where)
+        self.url, self.backend = resolve_url(url, None, where)
         self.echo = echo
         self.fs = fs
         self._db = open_database(self.url, f"sql {self._kind} store", echo, fs)
@@ -195,7 +111,7 @@ class _SqlStore:
 
     @classmethod
     def from_config(cls, table: Dict[str, Any], base_dir: Optional[Path] = None) -> Any:
-        return cls(**_options(table, base_dir, cls._kind))
+        return cls(**sql_options(table, base_dir, cls._kind))
 
     def to_config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"type": "sql", "url": self.url}
@@ -213,24 +129,27 @@ class _SqlStore:
 
     def _page(self, table: str, column: str) -> Iterator[str]:
         sql = self._db.sql(f"SELECT {column} FROM {table} WHERE {column} > ? ORDER BY {column} LIMIT ?")
-        last = ""
+        text = self._db.key_text
+        last: object = ""  # below every key, text or bytes
         while True:
             page = [r[0] for r in self._db.rows(sql, (last, PAGE))]
-            yield from page
+            yield from map(text, page)
             if len(page) < PAGE:
                 return
             last = page[-1]
 
     def _blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
         if len(digests) == 1:  # the common case, as one fixed statement
-            row = self._db.first(self._get_blob, (digests[0],))
-            return [None if row is None else row_blob(self, *row)]
+            row = self._db.first(self._get_blob, (self._db.key_param(digests[0]),))
+            return [None if row is None else row_blob(self, digests[0], *row[1:])]
         found: Dict[str, Blob] = {}
-        for chunk in _chunks(sorted(set(digests))):
+        text = self._db.key_text
+        for chunk in _chunks(sorted(set(digests)), self._db.key_param):
             cond, params = self._db.in_list("digest", chunk)
             sql = self._db.sql(f"SELECT digest, kind, meta, size, body FROM fr_blobs WHERE {cond}")
             for row in self._db.rows(sql, params):
-                found[row[0]] = row_blob(self, *row)
+                digest = text(row[0])
+                found[digest] = row_blob(self, digest, *row[1:])
         return [found.get(d) for d in digests]
 
 
@@ -266,9 +185,9 @@ class SqlValueStore(_SqlStore, ValueStore):
                 f"fit in one row; use a file or hdf5 value store for large results"
             )
         # a plain read first: a duplicate costs no write lock, and its body is not read
-        if self._db.first(self._has_blob, (digest,)) is not None:
+        if self._db.first(self._has_blob, (self._db.key_param(digest),)) is not None:
             return
-        row = blob_row(digest, blob)  # read before the write lock is taken
+        row = blob_row(digest, blob, self._db.key_param)  # read before the write lock is taken
         with self._db.transaction() as cur:
             cur.execute(self._insert_blob, row)
 
@@ -279,17 +198,26 @@ class SqlValueStore(_SqlStore, ValueStore):
         return blob
 
     def contains(self, digest: str) -> bool:
-        return self._db.first(self._has_blob, (digest,)) is not None
+        return self._db.first(self._has_blob, (self._db.key_param(digest),)) is not None
 
     def delete(self, digest: str) -> None:
         with self._db.transaction() as cur:
-            cur.execute(self._db.sql("DELETE FROM fr_blobs WHERE digest = ?"), (digest,))
+            cur.execute(self._db.sql("DELETE FROM fr_blobs WHERE digest = ?"), (self._db.key_param(digest),))
 
     def digests(self) -> Iterator[str]:
         return self._page("fr_blobs", "digest")
 
 
 # -- call store -----------------------------------------------------------------
+
+
+class _LastEntry(threading.local):
+    """The inline value read with this thread's last record (see ``get_many``).
+
+    Values are filed under their digest, so a value read a moment ago is
+    the value now, whatever happened in between."""
+
+    entry: Optional[Tuple[str, Sequence[Any]]] = None
 
 
 class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
@@ -315,6 +243,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
 
     def __init__(self, url: str, echo: bool = False, fs: FsPolicy = DEFAULT_FS) -> None:
         super().__init__(url, echo, fs)
+        self._last = _LastEntry()
         db = self._db
         self._insert_call = db.insert_ignore("fr_calls", CALL_COLUMNS)
         self._insert_arg = db.insert_ignore("fr_call_args", ("arg", "digest", "key"))
@@ -347,7 +276,8 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         if not records:
             return
         now = time.time()
-        rows = [call_row(r, now) for r in records]
+        param = self._db.key_param
+        rows = [call_row(r, now, param) for r in records]
         if len(records) == 1 and self._db.backend == "postgresql":
             self._put_one_postgres(records[0], rows[0], blobs)
             return
@@ -359,10 +289,11 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
                 new = list(records)
             else:
                 seen: set[str] = set()
-                for chunk in _chunks(sorted({r.key for r in records})):
+                text = self._db.key_text
+                for chunk in _chunks(sorted({r.key for r in records}), param):
                     cond, params = self._db.in_list("key", chunk)
                     found = cur.execute(self._db.sql(f"SELECT key FROM fr_calls WHERE {cond}"), params)
-                    seen.update(k for (k,) in found)
+                    seen.update(text(k) for (k,) in found)
                 fresh: List[Tuple[Any, ...]] = []
                 for r, row in zip(records, rows):
                     if r.key not in seen:
@@ -372,9 +303,15 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
                 if not new:
                     return
                 insert_rows(cur, self._insert_call, fresh)
-            insert_rows(cur, self._insert_arg, [(a, d, r.key) for r in new for a, d in r.arg_digests.items()])
+            insert_rows(
+                cur,
+                self._insert_arg,
+                [(a, param(d), param(r.key)) for r in new for a, d in r.arg_digests.items()],
+            )
             wanted = {r.value for r in new}
-            insert_rows(cur, self._insert_blob, [blob_row(d, b) for d, b in blobs.items() if d in wanted])
+            insert_rows(
+                cur, self._insert_blob, [blob_row(d, b, param) for d, b in blobs.items() if d in wanted]
+            )
 
     def _put_one_postgres(self, r: CallRecord, row: Tuple[Any, ...], blobs: Mapping[str, Blob]) -> None:
         """One save as one statement: each round trip to the server costs
@@ -382,14 +319,17 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         The argument rows and the value are inserted only if the record
         was (``FROM c``), as in the general path."""
         blob = blobs.get(r.value)
-        body: Tuple[Any, ...] = blob_row(r.value, blob) if blob is not None else (None,) * 5
+        body: Tuple[Any, ...] = (
+            blob_row(r.value, blob, self._db.key_param) if blob is not None else (None,) * 5
+        )
         params = (*row, list(r.arg_digests), list(r.arg_digests.values()), *body, blob is not None)
         self._db.write_one(PG_PUT_ONE, params)  # type: ignore[attr-defined]
 
     def delete(self, key: str) -> None:
-        sql = self._db.sql
+        sql, param = self._db.sql, self._db.key_param
+        raw = param(key)
         with self._db.transaction() as cur:
-            row = cur.execute(sql("SELECT arg_digests FROM fr_calls WHERE key = ?"), (key,)).fetchone()
+            row = cur.execute(sql("SELECT arg_digests FROM fr_calls WHERE key = ?"), (raw,)).fetchone()
             if row is None:
                 return
             try:
@@ -399,9 +339,9 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             if isinstance(digests, dict) and digests:
                 cur.executemany(
                     sql("DELETE FROM fr_call_args WHERE arg = ? AND digest = ? AND key = ?"),
-                    [(a, d, key) for a, d in digests.items()],
+                    [(a, param(d), raw) for a, d in digests.items()],
                 )
-            cur.execute(sql("DELETE FROM fr_calls WHERE key = ?"), (key,))
+            cur.execute(sql("DELETE FROM fr_calls WHERE key = ?"), (raw,))
 
     # -- reading --------------------------------------------------------------------
 
@@ -409,6 +349,8 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         scheme = row[9]
         if scheme is None:
             scheme = _LEGACY_SCHEME
+        text = self._db.key_text
+        row = (text(row[0]), *row[1:6], text(row[6]), *row[7:])
         return record_from_row(Place("call", row[0], self), row, scheme, _HAS_SCHEME)
 
     def _record_or_unreadable(self, row: Sequence[Any]) -> Any:
@@ -416,10 +358,10 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         try:
             return self._record(row)
         except CorruptEntryError as exc:
-            return UnreadableRecord(str(row[0]), str(exc))
+            return UnreadableRecord(str(self._db.key_text(row[0])), str(exc))
 
     def get(self, key: str) -> CallRecord:
-        row = self._db.first(self._get_call, (key,))
+        row = self._db.first(self._get_call, (self._db.key_param(key),))
         if row is None:
             raise KeyError(key)
         return self._record(row)
@@ -427,7 +369,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     def _select(self, keys: Sequence[str], columns: str, joined: bool = False) -> Iterator[Any]:
         """Rows for ``keys`` (deduplicated, in batches of :data:`BATCH`)."""
         join = " LEFT JOIN fr_blobs b ON b.digest = c.value" if joined else ""
-        for chunk in _chunks(sorted(set(keys))):
+        for chunk in _chunks(sorted(set(keys)), self._db.key_param):
             cond, params = self._db.in_list("c.key", chunk)
             yield from self._db.rows(
                 self._db.sql(f"SELECT {columns} FROM fr_calls c{join} WHERE {cond}"), params
@@ -436,18 +378,24 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     def get_many(self, keys: Iterable[str]) -> List[Optional[CallRecord]]:
         keys = [str(k) for k in keys]
         if len(keys) == 1:
-            row = self._db.first(self._get_call, (keys[0],))
-            return [None if row is None else self._record(row)]
-        found = {row[0]: self._record(row) for row in self._select(keys, READ_CALL)}
+            # with its inline value, kept for the get_blobs that usually follows
+            # (``cache.load(key).result``): one statement instead of two
+            row = self._db.first(self._get_entry, (self._db.key_param(keys[0]),))
+            if row is None:
+                return [None]
+            record = self._record(row)
+            self._last.entry = (record.value, row[10:14]) if row[10] is not None else None
+            return [record]
+        found = {r.key: r for r in map(self._record, self._select(keys, READ_CALL))}
         return [found.get(k) for k in keys]
 
     def _present(self, keys: Sequence[str]) -> List[str]:
         if len(keys) == 1:
-            return list(keys[:1]) if self._db.first(self._has_call, (keys[0],)) is not None else []
-        return [row[0] for row in self._select(keys, "c.key")]
+            return list(keys[:1]) if self.contains(keys[0]) else []
+        return [self._db.key_text(row[0]) for row in self._select(keys, "c.key")]
 
     def contains(self, key: str) -> bool:
-        return self._db.first(self._has_call, (key,)) is not None
+        return self._db.first(self._has_call, (self._db.key_param(key),)) is not None
 
     def contains_many(self, keys: Iterable[str]) -> List[bool]:
         keys = [str(k) for k in keys]
@@ -460,20 +408,30 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     def keys_with_prefix(self, prefix: str, limit: int = 2) -> List[str]:
         if not prefix or not set(prefix) <= _HEX:
             return []
-        # keys are lowercase hex, and "g" sorts after every hex digit in every
-        # collation, so this is an index range scan, never a full scan
+        # an index range scan, never a full scan: on bytes, from the prefix
+        # to the next one (see db.blob_range); on text, "g" sorts after
+        # every hex digit in every collation
+        if self._db.key_param is same:
+            params: Tuple[Any, ...] = (prefix, prefix + "g", limit)
+        else:
+            low, high = blob_range(prefix)
+            if high is None:
+                sql = self._db.sql("SELECT key FROM fr_calls WHERE key >= ? ORDER BY key LIMIT ?")
+                return [self._db.key_text(r[0]) for r in self._db.rows(sql, (low, limit))]
+            params = (low, high, limit)
         sql = self._db.sql("SELECT key FROM fr_calls WHERE key >= ? AND key < ? ORDER BY key LIMIT ?")
-        return [r[0] for r in self._db.rows(sql, (prefix, prefix + "g", limit))]
+        return [self._db.key_text(r[0]) for r in self._db.rows(sql, params)]
 
     def refers_to(self, value_digests: Sequence[str]) -> List[bool]:
         # one paged scan: there is no index on calls.value (see db.SCHEMA)
+        text, walk = self._db.key_text, self._db.walk_column
         wanted = set(value_digests)
         found: set[str] = set()
-        sql = self._db.sql("SELECT key, value FROM fr_calls WHERE key > ? ORDER BY key LIMIT ?")
-        last = ""
+        sql = self._db.sql(f"SELECT {walk}, value FROM fr_calls WHERE {walk} > ? ORDER BY {walk} LIMIT ?")
+        last = self._db.walk_start
         while wanted - found:
             page = self._db.rows(sql, (last, PAGE))
-            found.update(v for _, v in page if v in wanted)
+            found.update(d for d in (text(v) for _, v in page) if d in wanted)
             if len(page) < PAGE:
                 break
             last = page[-1][0]
@@ -492,7 +450,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             (arg, digest), args = args[0], args[1:]
             tables, order = "fr_call_args a CROSS JOIN fr_calls c", "a.key"
             where = ["a.arg = ?", "a.digest = ?", "a.key > ?", "c.key = a.key"]
-            before: List[Any] = [arg, digest]
+            before: List[Any] = [arg, self._db.key_param(digest)]
         else:
             tables, order, where, before = "fr_calls c", "c.key", ["c.key > ?"], []
         after: List[Any] = []
@@ -503,11 +461,11 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             where.append(
                 "EXISTS (SELECT 1 FROM fr_call_args x WHERE x.arg = ? AND x.digest = ? AND x.key = c.key)"
             )
-            after += [arg, digest]
+            after += [arg, self._db.key_param(digest)]
         sql = self._db.sql(
             f"SELECT {READ_CALL} FROM {tables} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         )
-        last = ""
+        last: object = ""  # below every key, text or bytes
         while True:
             page = [self._record_or_unreadable(r) for r in self._db.rows(sql, [*before, last, *after, PAGE])]
             for record in page:
@@ -517,20 +475,24 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
                     yield record
             if len(page) < PAGE:
                 return
-            last = page[-1].key
+            last = self._db.key_param(page[-1].key)
 
     # -- inline values ------------------------------------------------------------------
 
     def get_blobs(self, digests: Sequence[str]) -> List[Optional[Blob]]:
+        last = self._last.entry
+        if last is not None and len(digests) == 1 and last[0] == digests[0]:
+            self._last.entry = None
+            return [row_blob(self, last[0], *last[1])]
         return self._blobs(list(digests))
 
     def get_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Optional[Blob]]]]:
         keys = [str(k) for k in keys]
         if len(keys) == 1:
-            row = self._db.first(self._get_entry, (keys[0],))
+            row = self._db.first(self._get_entry, (self._db.key_param(keys[0]),))
             return [None if row is None else self._entry(row)]
         found = {
-            row[0]: self._entry(row)
+            self._db.key_text(row[0]): self._entry(row)
             for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True)
         }
         return [found.get(k) for k in keys]
