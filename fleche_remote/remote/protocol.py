@@ -134,7 +134,7 @@ class Hello:
 
 
 @register_plain
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Request:
     """One operation; ``args`` by name; ``blobs`` stream after it in order."""
 
@@ -143,9 +143,23 @@ class Request:
     args: Dict[str, Any] = field(default_factory=dict)
     blobs: List[BlobHeader] = field(default_factory=list)
 
+    def __init__(
+        self,
+        id: int,
+        op: str,
+        args: Optional[Dict[str, Any]] = None,
+        blobs: Optional[List[BlobHeader]] = None,
+    ) -> None:
+        # frozen, but filled in directly: the generated __init__ sets each
+        # field through object.__setattr__ (0.57 against 0.25 us a message)
+        state = self.__dict__
+        state["id"], state["op"] = id, op
+        state["args"] = {} if args is None else args
+        state["blobs"] = [] if blobs is None else blobs
+
 
 @register_plain
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Response:
     """A successful answer; ``blobs`` stream after it in order.
 
@@ -157,6 +171,13 @@ class Response:
     result: Any = None
     blobs: List[BlobHeader] = field(default_factory=list)
     more: bool = False
+
+    def __init__(
+        self, id: int, result: Any = None, blobs: Optional[List[BlobHeader]] = None, more: bool = False
+    ) -> None:
+        state = self.__dict__  # see Request.__init__
+        state["id"], state["result"], state["more"] = id, result, more
+        state["blobs"] = [] if blobs is None else blobs
 
 
 @register_plain
@@ -318,11 +339,11 @@ def decode_compact(payload: BytesLike, fid: int) -> Message:
             found = [_C_TRUE_FALSE[b] for b in payload[1:]]
         except IndexError:
             raise ProtocolError("compact list of bools holds a byte other than 0 or 1") from None
-        return _restored(Response, {"id": fid, "result": found, "blobs": [], "more": False})
+        return Response(fid, found)
     if tag == _C_NONE:
         if len(payload) != 1:
             raise ProtocolError(f"compact empty answer with {len(payload) - 1} more bytes, expected none")
-        return _restored(Response, {"id": fid, "result": None, "blobs": [], "more": False})
+        return Response(fid)
     if tag not in (_C_KEYS, _C_BARE) or len(payload) < 2:
         raise ProtocolError(f"unknown compact message tag 0x{tag:02x} in a {len(payload)}-byte payload")
     end = 2 + payload[1]
@@ -336,18 +357,8 @@ def decode_compact(payload: BytesLike, fid: int) -> Message:
     if tag == _C_BARE:
         if rest:
             raise ProtocolError(f"compact request {op!r} has {len(rest)} bytes after its name, expected none")
-        return _restored(Request, {"id": fid, "op": op, "args": {}, "blobs": []})
-    return _restored(Request, {"id": fid, "op": op, "args": {"keys": rest.split("\n")}, "blobs": []})
-
-
-def _restored(cls: Any, state: Dict[str, Any]) -> Any:
-    """An instance of the frozen dataclass ``cls`` with every field in
-    ``state``, made as unpickling makes one: no ``__init__``, which sets
-    each field through ``object.__setattr__`` (a compact message decodes
-    in about 0.25 us less a message)."""
-    obj = object.__new__(cls)
-    obj.__dict__.update(state)
-    return obj
+        return Request(fid, op)
+    return Request(fid, op, {"keys": rest.split("\n")})
 
 
 def encode_end(fid: int) -> bytes:
