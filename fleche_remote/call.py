@@ -114,7 +114,8 @@ MAX_RECORD_BYTES = 256 << 20
 #: qualified name, and a bound on what a listing prints.
 MAX_FIELD_CHARS = 4096
 
-_HEX = re.compile(r"[0-9a-f]{1,128}")
+#: What a key or value digest is: lowercase hex, at most 512 bits.
+HEX_DIGEST = re.compile(r"[0-9a-f]{1,128}")
 _TEXT_FIELDS = ("key", "name", "value", "value_kind", "digest_scheme")
 
 
@@ -136,7 +137,7 @@ def record_problem(record: Any) -> Optional[str]:
         if len(value) > MAX_FIELD_CHARS:
             return f"its {name} is {len(value)} characters long (at most {MAX_FIELD_CHARS})"
     for name in ("key", "value"):
-        if not _HEX.fullmatch(fields[name]):
+        if not HEX_DIGEST.fullmatch(fields[name]):
             return f"its {name} {fields[name][:80]!r} is not a hex digest"
     version = fields.get("version")
     if version is not None and (not isinstance(version, str) or len(version) > MAX_FIELD_CHARS):
@@ -160,6 +161,48 @@ def record_problem(record: Any) -> Optional[str]:
     except TypeError as exc:
         return str(exc)
     return None
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def checked_record(
+    key: str,
+    name: str,
+    version: Optional[str],
+    arguments: bytes,
+    arg_digests: Dict[str, str],
+    metadata: Dict[str, Any],
+    value: str,
+    value_kind: str,
+    value_size: int,
+    digest_scheme: str,
+) -> CallRecord:
+    """A :class:`CallRecord` of fields its reader has already checked, each
+    once, as :func:`record_problem` would (the SQL store checks its columns
+    as it converts them): the frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__``, ~1 us a record against 0.35 here,
+    and a listing of 1000 records paid it on every read.
+    """
+    record = _new(CallRecord)
+    _set(
+        record,
+        "__dict__",
+        {
+            "key": key,
+            "name": name,
+            "version": version,
+            "arguments": arguments,
+            "arg_digests": arg_digests,
+            "metadata": metadata,
+            "value": value,
+            "value_kind": value_kind,
+            "value_size": value_size,
+            "digest_scheme": digest_scheme,
+        },
+    )
+    return record  # type: ignore[no-any-return]
 
 
 def check_record(record: Any, where: str) -> CallRecord:
@@ -266,11 +309,14 @@ class LazyCall:
 
 
 __all__ = [
+    "HEX_DIGEST",
+    "MAX_FIELD_CHARS",
     "Call",
     "CallRecord",
     "LazyCall",
     "UnreadableRecord",
     "check_record",
+    "checked_record",
     "make_record",
     "record_problem",
 ]
