@@ -250,20 +250,44 @@ SIGNATURE_KEY = "fleche_remote.signature"
 class LazyCall:
     """A stored call whose ``result`` is loaded on first access.
 
-    ``name``, ``arguments``, ``metadata`` and ``key`` are available at once;
-    the (possibly large) result is fetched from its cache only when
-    ``.result`` is read, and then kept.
+    ``name``, ``metadata`` and ``key`` are available at once; ``arguments``
+    are unpickled when first read (a listing that looks at results only,
+    ``[c.result for c in cache.load_many(keys)]``, paid ~0.5 us a call for
+    them), and the (possibly large) result is fetched from its cache only
+    when ``.result`` is read; each is then kept.
     """
 
-    __slots__ = ("_loader", "_result", "arguments", "record")
+    __slots__ = ("_arguments", "_loader", "_result", "record")
 
     def __init__(self, record: CallRecord, loader: Callable[[], Any]) -> None:
-        import cloudpickle
-
         self.record = record
-        self.arguments: Dict[str, Any] = cloudpickle.loads(record.arguments)
         self._loader = loader
         self._result = _UNSET
+        self._arguments: Any = _UNSET
+
+    @property
+    def arguments(self) -> Dict[str, Any]:
+        """Parameter name to value, unpickled on first read.
+
+        Raises:
+            CorruptEntryError: the stored arguments do not unpickle in this
+                process (a module they need is missing here, or the bytes
+                are damaged); the original exception is its ``__cause__``.
+        """
+        if self._arguments is _UNSET:
+            import cloudpickle
+
+            try:
+                self._arguments = cloudpickle.loads(self.record.arguments)
+            except Exception as exc:
+                record = self.record
+                raise CorruptEntryError(
+                    f"the arguments of call {record.key[:16]} ({record.name}) do not unpickle here "
+                    f"({type(exc).__name__}: {exc}); its result and metadata are still readable. "
+                    f"If a module they need is missing, install or import it; otherwise the entry "
+                    f"is damaged: evict it and compute it again"
+                ) from exc
+        return self._arguments  # type: ignore[no-any-return]
 
     @property
     def key(self) -> Digest:
