@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Callable, Optional, Sequence, Tuple
+from json.scanner import make_scanner
+from typing import Any, Callable, List, Sequence, Tuple
 
 from ...call import HEX_DIGEST, MAX_FIELD_CHARS, CallRecord, checked_record
-from ...codec.plain import check_plain
+from ...codec.plain import PLAIN_MAX_DEPTH, PLAIN_MAX_INT_BITS, PLAIN_MAX_NODES
 from ...codec.values import Blob, BytesBlob
 from ...errors import CorruptEntryError
 
@@ -38,19 +39,44 @@ def _to_json(obj: Any) -> Any:
     return obj
 
 
-def _from_json(obj: Any) -> Any:
-    if isinstance(obj, list):
-        return [_from_json(x) for x in obj]
-    if isinstance(obj, dict):
+class NotPlain(ValueError):
+    """Metadata that decoded from its JSON but breaks a rule of
+    :func:`~fleche_remote.codec.plain.check_plain` (too deep, too large, an
+    integer too long)."""
+
+
+def _from_json(obj: Any, depth: int, seen: List[int]) -> Any:
+    """``obj`` as JSON decoded it, tags undone, and checked in the same walk
+    as :func:`~fleche_remote.codec.plain.check_plain` would check the
+    result (JSON holds nothing but plain types, so what is left to check is
+    size, depth and integer length): one walk of a record's metadata, not
+    two (6 fields and a ``code`` table: 3.6 -> 1.9 us)."""
+    seen[0] += 1
+    if seen[0] > PLAIN_MAX_NODES:
+        raise NotPlain(f"its metadata is too large: more than {PLAIN_MAX_NODES:,} items")
+    if depth > PLAIN_MAX_DEPTH:
+        raise NotPlain(f"its metadata is nested too deeply (more than {PLAIN_MAX_DEPTH} levels)")
+    kind = type(obj)
+    if kind is dict:
+        depth += 1
         if len(obj) == 1:
             ((tag, inner),) = obj.items()
-            if tag == "$bytes":
-                return base64.b64decode(inner)
-            if tag == "$tuple":
-                return tuple(_from_json(x) for x in inner)
-            if tag == "$dict":
-                return {k: _from_json(v) for k, v in inner.items()}
-        return {k: _from_json(v) for k, v in obj.items()}
+            if tag in _TAGS:
+                if tag == "$bytes" and type(inner) is str:
+                    return base64.b64decode(inner)
+                if tag == "$tuple" and type(inner) is list:
+                    return tuple([_from_json(x, depth, seen) for x in inner])
+                if tag == "$dict" and type(inner) is dict:
+                    return {k: _from_json(v, depth, seen) for k, v in inner.items()}
+                raise ValueError(f"a {tag} tag holds a {type(inner).__name__}")
+        return {k: _from_json(v, depth, seen) for k, v in obj.items()}
+    if kind is list:
+        depth += 1
+        return [_from_json(x, depth, seen) for x in obj]
+    if kind is int and obj.bit_length() > PLAIN_MAX_INT_BITS:
+        raise NotPlain(
+            f"its metadata holds an integer of {obj.bit_length()} bits; at most {PLAIN_MAX_INT_BITS}"
+        )
     return obj
 
 
@@ -67,10 +93,15 @@ def dumps_json(obj: Any) -> str:
 
 
 def loads_json(data: str) -> Any:
-    """Inverse of :func:`dumps_json`."""
+    """Inverse of :func:`dumps_json`, for data that must be plain.
+
+    Raises:
+        ValueError: not JSON, or a malformed tag.
+        NotPlain: plain data beyond check_plain's bounds.
+    """
     if data == "{}":
         return {}
-    return _from_json(json.loads(data))
+    return _from_json(_json(data), 0, [0])
 
 
 # -- rows ------------------------------------------------------------------------
@@ -168,10 +199,22 @@ def _short_text(value: Any) -> bool:
 
 
 def _json(text: Any) -> Any:
-    return _decode(text) if type(text) is str else json.loads(text)
+    """``json.loads(text)``; what we write (compact, one object) in one C
+    call of the decoder's scanner, 0.35 us against 0.86 for ``loads`` on a
+    record's argument digests. Anything else takes the full way, which
+    decodes it or says why not."""
+    if type(text) is str:
+        try:
+            obj, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            pass
+        else:
+            if end == len(text):
+                return obj
+    return json.loads(text)
 
 
-_decode = json.JSONDecoder().decode
+_scan = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed names the class, not a decoder
 
 
 def record_from_row(
@@ -198,6 +241,8 @@ def record_from_row(
     try:
         meta = {} if metadata == "{}" else loads_json(metadata)
         digests = {} if arg_digests == "{}" else _json(arg_digests)
+    except NotPlain as exc:
+        raise CorruptEntryError(f"{Place('call', key, store)}: {exc}") from None
     except (TypeError, ValueError, RecursionError) as exc:
         where = Place("call", key, store)
         raise CorruptEntryError(f"{where}: metadata is not JSON ({type(exc).__name__}: {exc})") from None
@@ -217,21 +262,12 @@ def record_from_row(
         and len(scheme) <= MAX_FIELD_CHARS
         and (version is None or _short_text(version))
         and all(type(d) is str and len(d) <= MAX_FIELD_CHARS >= len(a) for a, d in digests.items())
-        and (not meta or _plain_problem(meta) is None)
     ):
         return checked_record(key, name, version, bytes(arguments), digests, meta, value, kind, size, scheme)
     problem = _row_problem(
         meta, digests, arguments, size, (key, raw_key), (value, raw_value), name, kind, scheme, version
     )
     raise CorruptEntryError(f"{Place('call', key, store)}: {problem}")
-
-
-def _plain_problem(meta: Any) -> Optional[str]:
-    try:
-        check_plain(meta, "its metadata")
-    except TypeError as exc:
-        return str(exc)
-    return None
 
 
 def _row_problem(
@@ -267,4 +303,4 @@ def _row_problem(
         return f"its version is a {type(version).__name__}, expected str or None"
     if not all(type(d) is str and len(d) <= MAX_FIELD_CHARS >= len(a) for a, d in digests.items()):
         return f"its arg_digests are not a dict of str to str (each at most {MAX_FIELD_CHARS} characters)"
-    return _plain_problem(meta) or "unreadable"
+    return "unreadable"
