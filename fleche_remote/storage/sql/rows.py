@@ -246,24 +246,34 @@ def record_from_row(
     except (TypeError, ValueError, RecursionError) as exc:
         where = Place("call", key, store)
         raise CorruptEntryError(f"{where}: metadata is not JSON ({type(exc).__name__}: {exc})") from None
-    if (
+    ok = (
         type(meta) is dict
         and type(digests) is dict
         and isinstance(arguments, _BINARY)
         and type(size) is int
         and size >= 0
-        and _is_digest(raw_key, key)
-        and _is_digest(raw_value, value)
+        and type(key) is str
+        and ((type(raw_key) is bytes and 0 < len(raw_key) <= 64) or HEX_DIGEST.fullmatch(key) is not None)
+        and type(value) is str
+        and (
+            (type(raw_value) is bytes and 0 < len(raw_value) <= 64) or HEX_DIGEST.fullmatch(value) is not None
+        )
         and type(name) is str
         and len(name) <= MAX_FIELD_CHARS
         and type(kind) is str
         and len(kind) <= MAX_FIELD_CHARS
         and type(scheme) is str
         and len(scheme) <= MAX_FIELD_CHARS
-        and (version is None or _short_text(version))
-        and all(type(d) is str and len(d) <= MAX_FIELD_CHARS >= len(a) for a, d in digests.items())
-    ):
-        return checked_record(key, name, version, bytes(arguments), digests, meta, value, kind, size, scheme)
+        and (version is None or (type(version) is str and len(version) <= MAX_FIELD_CHARS))
+    )  # _is_digest and _short_text written out: this runs for every row read
+    if ok:
+        for arg, digest in digests.items():
+            if type(digest) is not str or len(digest) > MAX_FIELD_CHARS or len(arg) > MAX_FIELD_CHARS:
+                break
+        else:
+            return checked_record(
+                key, name, version, bytes(arguments), digests, meta, value, kind, size, scheme
+            )
     problem = _row_problem(
         meta, digests, arguments, size, (key, raw_key), (value, raw_value), name, kind, scheme, version
     )

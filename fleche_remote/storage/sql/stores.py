@@ -484,7 +484,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         return [found.get(k) for k in keys]
 
     def _entry(self, row: Sequence[Any]) -> Tuple[CallRecord, Optional[Blob]]:
-        record = self._record(row)
+        record = record_from_row(self, row, self._db.key_text, LEGACY_DIGEST_SCHEME)
         if row[10] is None:  # no inline blob for this value
             return record, None
         return record, row_blob(self, record.value, *row[10:14])
