@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from json.scanner import make_scanner
 from typing import Any, Callable, List, Sequence, Tuple
 
@@ -67,18 +68,28 @@ def _from_json(obj: Any, depth: int, seen: List[int]) -> Any:
                 if tag == "$tuple" and type(inner) is list:
                     return tuple([_from_json(x, depth, seen) for x in inner])
                 if tag == "$dict" and type(inner) is dict:
-                    return {k: _from_json(v, depth, seen) for k, v in inner.items()}
+                    return {_intern(k): _from_json(v, depth, seen) for k, v in inner.items()}
                 raise ValueError(f"a {tag} tag holds a {type(inner).__name__}")
-        return {k: _from_json(v, depth, seen) for k, v in obj.items()}
+        return {_intern(k): _from_json(v, depth, seen) for k, v in obj.items()}
     if kind is list:
         depth += 1
         return [_from_json(x, depth, seen) for x in obj]
+    if kind is str:
+        return _intern(obj)
     if kind is int and obj.bit_length() > PLAIN_MAX_INT_BITS:
         raise NotPlain(
             f"its metadata holds an integer of {obj.bit_length()} bits; at most {PLAIN_MAX_INT_BITS}"
         )
     return obj
 
+
+#: Text that recurs from record to record (a function's name, metadata keys,
+#: a host name, a code digest) is one object, not one per row: a reply's
+#: pickle then sends it once and refers back to it (BINGET): the reply to a
+#: load_many of 1000 small calls is 537 -> 493 KB, 775 -> 553 KB with
+#: @cached's metadata, whose client-side decoding took 7.4-8.0 ms and now
+#: 3.6-3.9. Interned strings are freed when nothing refers to them.
+_intern = sys.intern
 
 #: One encoder for every row: ``json.dumps`` with arguments builds a new one
 #: per call, which cost more than the insert it feeds.
@@ -271,8 +282,18 @@ def record_from_row(
             if type(digest) is not str or len(digest) > MAX_FIELD_CHARS or len(arg) > MAX_FIELD_CHARS:
                 break
         else:
+            names = {_intern(arg): digest for arg, digest in digests.items()} if digests else digests
             return checked_record(
-                key, name, version, bytes(arguments), digests, meta, value, kind, size, scheme
+                key,
+                _intern(name),
+                version,
+                bytes(arguments),
+                names,
+                meta,
+                value,
+                _intern(kind),
+                size,
+                _intern(scheme),
             )
     problem = _row_problem(
         meta, digests, arguments, size, (key, raw_key), (value, raw_value), name, kind, scheme, version
