@@ -70,7 +70,23 @@ def _from_json(obj: Any, depth: int, seen: List[int]) -> Any:
                 if tag == "$dict" and type(inner) is dict:
                     return {_intern(k): _from_json(v, depth, seen) for k, v in inner.items()}
                 raise ValueError(f"a {tag} tag holds a {type(inner).__name__}")
-        return {_intern(k): _from_json(v, depth, seen) for k, v in obj.items()}
+        if depth > PLAIN_MAX_DEPTH:  # the first child says so
+            return {_intern(k): _from_json(v, depth, seen) for k, v in obj.items()}
+        # scalars (most of metadata) without a call each; counted the same
+        out = {}
+        for k, v in obj.items():
+            vkind = type(v)
+            if vkind is str:
+                out[_intern(k)] = _intern(v)
+            elif vkind is float or vkind is bool or v is None:
+                out[_intern(k)] = v
+            else:
+                out[_intern(k)] = _from_json(v, depth, seen)
+                continue
+            seen[0] += 1
+        if seen[0] > PLAIN_MAX_NODES:
+            raise NotPlain(f"its metadata is too large: more than {PLAIN_MAX_NODES:,} items")
+        return out
     if kind is list:
         depth += 1
         return [_from_json(x, depth, seen) for x in obj]
