@@ -208,7 +208,7 @@ def row_blob(store: Any, digest: str, kind: str, meta_text: str, size: int, body
             problem = f"{len(body)} body bytes, expected {size}"
     if problem is not None:
         raise CorruptEntryError(f"{Place('value', digest, store)}: {problem}")
-    return BytesBlob(kind, meta, body)
+    return BytesBlob(_intern(kind), meta, body)
 
 
 def _is_digest(raw: Any, text: Any) -> bool:
