@@ -23,6 +23,7 @@ from fleche_remote import (
     Call,
     ConfigError,
     RemoteConnectionError,
+    StorageError,
     UnpicklableArgumentError,
     UnstableDigestWarning,
     cached,
@@ -269,6 +270,27 @@ def test_an_old_database_is_renamed_on_open_once_by_concurrent_openers(tmp_path:
     assert found == [42, 42, 42, 42]
     # renamed once; the tables for claims and last uses are made beside them
     assert _tables(path) == ["fr_blobs", "fr_call_args", "fr_calls", "fr_claims", "fr_uses"]
+
+
+def test_a_reader_that_cannot_rename_an_old_database_is_told_how(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    key = _legacy(path)
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    with pytest.raises(StorageError) as err:
+        SqlCallStore(read_only).contains(key)
+    message = str(err.value)
+    assert "without the fr_ prefix" in message and "fleche-remote ls" in message and str(path) in message
+    assert _tables(path) == ["blobs", "call_args", "calls"]  # untouched
+    cache = Cache(SqlValueStore(f"sqlite:///{path}"), SqlCallStore(f"sqlite:///{path}"))
+    try:
+        assert cache.load_value(key) == 42  # a writer renames it, and then the reader reads
+    finally:
+        cache.close()
+    reader = SqlCallStore(read_only)
+    try:
+        assert reader.contains(key)
+    finally:
+        reader.close()
 
 
 def test_a_fleche_table_beside_ours_is_named_in_a_warning(tmp_path: Path) -> None:

@@ -163,7 +163,9 @@ def test_a_read_only_opener_of_an_old_database_is_told_how_to_migrate_it(tmp_pat
     with pytest.raises(StorageError) as err:
         SqlCallStore(read_only).contains(key)
     message = str(err.value)
-    assert "stored as text" in message and "fleche-remote ls" in message and str(path) in message, message
+    assert "keys stored as text" in message and "fleche-remote ls" in message and str(path) in message, (
+        message
+    )
     assert {kind for *_, kind in storage_classes(path)} == {"text"}  # untouched
     writer = open_cache(f"sqlite:///{path}")
     assert writer.contains(key)  # its first use rewrites it

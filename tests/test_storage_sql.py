@@ -7,6 +7,7 @@ private server, so tests never see each other's rows.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from fleche_remote.caches import Cache
 from fleche_remote.call import Call, CallRecord, make_record
+from fleche_remote.codec.plain import dumps_plain, loads_plain
 from fleche_remote.codec.values import BytesBlob, StreamBlob, blob_digest, decode_value, encode_value
 from fleche_remote.errors import AmbiguousDigestError, ConfigError, CorruptEntryError, StorageError
 from fleche_remote.storage.base import build_store
@@ -175,6 +177,19 @@ def test_call_round_trip_keeps_every_field(calls: SqlCallStore) -> None:
     no_args = record("cd" * 32, arg_digests={})
     calls.put(no_args)
     assert calls.get(no_args.key) == no_args
+
+
+def test_a_record_read_back_is_a_frozen_call_record_like_any_other(calls: SqlCallStore) -> None:
+    # the store builds records without the dataclass's __init__ (it has
+    # checked every field already); to a user they are the same
+    rec = record("ab" * 32, metadata={"host": "node1"}, arg_digests={"x": "1" * 64})
+    calls.put(rec)
+    got = calls.get_many([rec.key])[0]
+    assert got == rec and repr(got) == repr(rec) and type(got) is CallRecord
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.name = "other"  # type: ignore[misc]
+    assert dataclasses.replace(got, name="other").name == "other" and got.name == rec.name
+    assert loads_plain(dumps_plain(got)) == rec
 
 
 def test_call_put_is_idempotent(calls: SqlCallStore) -> None:

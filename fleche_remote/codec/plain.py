@@ -108,6 +108,10 @@ _PLAIN_SCALARS = (str, int, float, bool, type(None), bytes)
 #: walks it (JSON, repr, a SQL index).
 PLAIN_MAX_NODES = 100_000
 
+#: Deepest nesting :func:`check_plain` accepts, and longest integer (bits).
+PLAIN_MAX_DEPTH = 64
+PLAIN_MAX_INT_BITS = 4096
+
 
 def check_plain(obj: Any, what: str = "value", _depth: int = 0, _seen: Optional[List[int]] = None) -> None:
     """Raise ``TypeError`` unless ``obj`` is JSON-like plain data.
@@ -124,11 +128,13 @@ def check_plain(obj: Any, what: str = "value", _depth: int = 0, _seen: Optional[
         raise TypeError(
             f"{what} is too large: more than {PLAIN_MAX_NODES:,} items (shared ones counted each time)"
         )
-    if _depth > 64:
-        raise TypeError(f"{what} is nested too deeply (more than 64 levels)")
+    if _depth > PLAIN_MAX_DEPTH:
+        raise TypeError(f"{what} is nested too deeply (more than {PLAIN_MAX_DEPTH} levels)")
     if isinstance(obj, _PLAIN_SCALARS):
-        if type(obj) is int and obj.bit_length() > 4096:
-            raise TypeError(f"{what} holds an integer of {obj.bit_length()} bits; at most 4096")
+        if type(obj) is int and obj.bit_length() > PLAIN_MAX_INT_BITS:
+            raise TypeError(
+                f"{what} holds an integer of {obj.bit_length()} bits; at most {PLAIN_MAX_INT_BITS}"
+            )
         return
     if isinstance(obj, (list, tuple)):
         for item in obj:

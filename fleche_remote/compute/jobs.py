@@ -13,6 +13,11 @@ directory (``[compute] directory``) holding
   when the task computing it ended without saying (Slurm killed it);
 * ``logs/``: the workers' stdout and stderr.
 
+A job whose points have all ended is removed at the first submission
+after ``[compute] keep_jobs`` (7 days by default): renamed out of ``run/``
+first, so that a status request sees it whole or not at all. Its age is
+in its name, so a submission looks into old jobs only.
+
 ``keys/<key>`` names the job and index computing a key while it is
 queued or running (created with ``O_EXCL``, removed when the point ends):
 a second sweep of the same key, from a rerun, another laptop or another
@@ -29,6 +34,7 @@ import json
 import os
 import pickle
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +133,7 @@ class Jobs:
         """
         for sub in ("keys", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.clean()
         job = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         job_dir = self.root / "run" / job
         answer: List[Optional[List[Any]]] = [None] * len(records)
@@ -178,6 +185,46 @@ class Jobs:
         spec.update(launched)
         write_atomic(job_dir / "job.json", json.dumps(spec).encode())
         return answer
+
+    def clean(self) -> List[str]:
+        """Remove the jobs older than ``keep_jobs`` whose points have all
+        ended (done or failed); the names of those removed. A job still
+        queued or running stays, however old."""
+        run = self.root / "run"
+        cutoff = time.time() - self.settings.keep_jobs
+        removed: List[str] = []
+        try:
+            names = sorted(os.listdir(run))
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            started = _job_time(name)
+            if started is None:
+                continue  # not a job (a rename in progress, say)
+            if started > cutoff:
+                break  # names sort by age: the rest are younger still
+            if not self._ended(name):
+                continue
+            gone = run / f".gone-{name}-{secrets.token_hex(3)}"
+            try:
+                os.rename(run / name, gone)
+            except OSError:
+                continue  # another server process took it first
+            self._jobs.pop(name, None)
+            shutil.rmtree(gone, ignore_errors=True)
+            removed.append(name)
+        return removed
+
+    def _ended(self, job: str) -> bool:
+        try:
+            _, spec = self._job(job)
+        except Rejected:  # never got its job.json: its submission failed, or is under way
+            return _age(self.root / "run" / job) > CLAIM_SETTLE
+        try:
+            states = self.status([[job, i] for i in range(spec["count"])])
+        except (Rejected, OSError, KeyError, TypeError):
+            return False
+        return all(state["state"] in (DONE, FAILED) for state in states)
 
     def _claim(self, key: str, job: str, index: int) -> Optional[List[Any]]:
         """None when ``job`` now computes ``key``; else ``[job, index]`` of
@@ -285,6 +332,14 @@ class Jobs:
         from . import local
 
         return local
+
+
+def _job_time(name: str) -> Optional[float]:
+    """When a job was submitted, from its name (``YYYYmmdd-HHMMSS-hex``)."""
+    try:
+        return time.mktime(time.strptime(name[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return None
 
 
 def _read_claim(path: Path) -> Optional[List[Any]]:

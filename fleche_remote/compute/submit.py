@@ -97,7 +97,7 @@ def resolve_layer(function: Sweeping, on: Any) -> SshCache:
     from ..remote.client import SshCache
 
     if isinstance(on, SshCache):
-        return on
+        return _unsigned(on, on)
     if not isinstance(on, str):
         raise TypeError(f"on= takes an ssh layer: an SshCache, 'NAME:N' or an ssh cache's name, got {on!r}")
     from ..config import load_cache, load_config
@@ -130,6 +130,19 @@ def resolve_layer(function: Sweeping, on: Any) -> SshCache:
         raise ConfigError(
             f"on={on!r} is {layer!r}, which is not an ssh layer: points are computed on the host of an "
             f'ssh layer (type = "ssh"); for this machine, use executor= instead'
+        )
+    return _unsigned(layer, on)
+
+
+def _unsigned(layer: SshCache, on: Any) -> SshCache:
+    """``layer``, unless it signs its entries: its host never sees the key,
+    so what the host computes could not be signed, and this client would
+    refuse it after the host had spent the compute on it."""
+    if layer.signer is not None:
+        raise ConfigError(
+            f"on={on!r}: {layer!r} signs its entries (secret_key), and its host never sees the key, so "
+            f"the results it computes could not be signed and would be refused here; compute on a "
+            f"layer without secret_key, or compute here (without on=) and save through this layer"
         )
     return layer
 

@@ -13,6 +13,7 @@ how a cluster computes is the cluster's choice, not the laptop's::
     setup_commands = ["module load python/3.12", "source ~/venv/bin/activate"]
     max_tasks = 1000                # array tasks per sweep, at most
     points_per_task = 1             # at least; grows to stay within max_tasks
+    keep_jobs = "7d"                # a finished sweep's directory (logs) goes after this; 0: at once
 
     # executor = "local"
     # workers = 8
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
+from ..storage.quota import parse_age
 
 #: The top-level table's name (not a cache: ``Config.cache_names`` skips it).
 COMPUTE_TABLE = "compute"
@@ -40,6 +42,11 @@ NO_COMPUTE_HINT = (
 )
 
 EXECUTORS = ("local", "slurm")
+
+#: How long a finished sweep's directory (its inputs, states and logs) is
+#: kept, unless the table says otherwise: long enough to read a failed
+#: task's log, short enough that a busy host does not fill its quota.
+DEFAULT_KEEP_JOBS = 7 * 86400.0
 
 #: Array tasks per sweep unless the table says otherwise: a sweep of 10,000
 #: points is one array of at most this many tasks, not 10,000 jobs.
@@ -63,6 +70,7 @@ class ComputeSettings:
     max_running: Optional[int] = None
     directory: Optional[Path] = None
     python: Optional[str] = None
+    keep_jobs: float = DEFAULT_KEEP_JOBS
 
     def jobs_directory(self) -> Path:
         """Where sweeps keep their inputs, states and logs: ``directory``, or
@@ -99,7 +107,7 @@ def _strings(table: Mapping[str, Any], name: str, where: str) -> Tuple[str, ...]
 
 _KNOWN = {
     "executor", "workers", "partition", "time", "cpus_per_task", "mem", "sbatch_options",
-    "setup_commands", "max_tasks", "points_per_task", "max_running", "directory", "python",
+    "setup_commands", "max_tasks", "points_per_task", "max_running", "directory", "python", "keep_jobs",
 }  # fmt: skip
 
 
@@ -135,6 +143,10 @@ def parse_compute(table: Any, base_dir: Optional[Path] = None, where: str = "[co
         kwargs["time"] = str(table["time"])
     kwargs["sbatch_options"] = _strings(table, "sbatch_options", where)
     kwargs["setup_commands"] = _strings(table, "setup_commands", where)
+    if "keep_jobs" in table:  # 0: each goes at the next submission once it has ended
+        keep = table["keep_jobs"]
+        zero = keep == 0 and not isinstance(keep, bool)
+        kwargs["keep_jobs"] = 0.0 if zero else parse_age(keep, key=f"{where} keep_jobs")
     directory = table.get("directory")
     if directory is not None:
         if not isinstance(directory, str):

@@ -50,7 +50,8 @@ def pack_small_entries(found: Sequence[Optional[Tuple[CallRecord, Optional[Blob]
             result.append(None)
             continue
         record, blob = entry
-        item = Inline(blob.kind, dict(blob.meta), blob.read_all()) if inline and blob is not None else False
+        # the blob's meta is its own copy already, and it is pickled at once
+        item = Inline(blob.kind, blob.meta, blob.read_all()) if inline and blob is not None else False
         result.append([record, item])
     return result
 

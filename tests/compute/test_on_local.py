@@ -5,11 +5,12 @@ and come back in order, back-filled into the first layer."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from fleche_remote import Rejected, cached
+from fleche_remote import ConfigError, Rejected, cached
 from fleche_remote.caches import CacheStack
 
 from . import sweeps
@@ -74,3 +75,27 @@ def test_on_needs_an_ssh_layer(tmp_path: Path) -> None:
     f = cached(cache=stack)(sweeps.square)
     with pytest.raises(TypeError, match="ssh layer"):
         f.map([1], on=stack.layers[0])
+
+
+def test_a_signing_layer_refuses_to_compute_on_its_host_before_submitting(sshd, tmp_path: Path) -> None:
+    from fleche_remote.caches import Cache
+    from fleche_remote.remote.client import SshCache
+    from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
+
+    host = host_dir(tmp_path, 'executor = "local"\nworkers = 2')
+    signed = SshCache(
+        sshd.host,
+        workdir=str(host),
+        python=sys.executable,
+        ssh_options=sshd.ssh_options,
+        secret_key="6b" * 32,
+    )
+    stack = CacheStack([Cache(MemoryValueStore(), MemoryCallStore()), signed])
+    f = cached(cache=stack)(sweeps.square)
+    try:
+        with pytest.raises(ConfigError, match=r"signs its entries \(secret_key\).*compute here"):
+            f.map([1, 2], on=signed, progress=False)
+        assert not (tmp_path / "jobs").exists()  # nothing was submitted
+        assert [r["square"] for r in f.map([1, 2], progress=False)] == [1, 4]  # computed here
+    finally:
+        stack.close()

@@ -134,6 +134,11 @@ def planted(
                 "metadata 200,000 deep": {"metadata": "[" * 200_000 + "]" * 200_000},
                 "metadata a list": {"metadata": "[1, 2]"},
                 "metadata with a huge integer": {"metadata": '{"x": ' + "9" * 9600 + "}"},
+                # JSON reads these; the rules of plain data refuse them
+                "metadata 80 deep": {"metadata": '{"x": ' + "[" * 80 + "]" * 80 + "}"},
+                "metadata with a 2,000-digit integer": {"metadata": '{"x": ' + "9" * 2000 + "}"},
+                "metadata with a malformed tag": {"metadata": '{"x": {"$dict": [1]}}'},
+                "name of 5,000 characters": {"name": "n" * 5000},
                 "size as text": {"value_size": "ten"},
                 "arguments an int": {"arguments": 7},
                 "arguments hash bomb": {"arguments": arguments_pickle(HASH_BOMB)},
@@ -169,7 +174,7 @@ def test_query_records_lists_around_planted_records(planted: Tuple[CacheUnderTes
     # records whose fields are wrong or over budget come as unreadable, with a reason
     for key, label in labels.items():
         if label.startswith(
-            ("metadata", "far memo", "9,600", "huge", "arguments an", "name an", "a refused")
+            ("metadata", "far memo", "9,600", "huge", "arguments an", "name an", "name of", "a refused")
         ):
             assert key in unreadable, label
         if label in ("not a pickle", "size as text"):

@@ -16,6 +16,7 @@ import pytest
 
 from fleche_remote import Call, SshCache
 from fleche_remote.config import cache_from_config
+from fleche_remote.errors import CorruptEntryError
 from fleche_remote.remote import handlers
 from fleche_remote.signing import SignatureError
 
@@ -111,5 +112,35 @@ def test_a_signed_client_checks_the_values_that_came_along(tmp_path: Path) -> No
         assert calls[2].result == [2.0] * 10
         with pytest.raises(SignatureError):
             calls[3].result  # noqa: B018
+    finally:
+        remote.close()
+
+
+def test_arguments_that_do_not_unpickle_here_fail_when_read_naming_their_call(
+    sshd: Any, tmp_path: Path
+) -> None:
+    # arguments are unpickled when read: a listing that reads results only
+    # goes through, and reading them says which call and why
+    workdir = remote_dir(tmp_path, SQL_TOML)
+    keys = fill(workdir / "store")
+    # a pickle of {"i": Thing()}, Thing from a module this process lacks
+    gone = b"\x80\x04}\x94\x8c\x01i\x94\x8c\x15fr_module_not_here_xy\x94\x8c\x05Thing\x94\x93\x94)\x81\x94s."
+    db = sqlite3.connect(str(workdir / "store" / "calls.db"))
+    db.execute("UPDATE fr_calls SET arguments = ? WHERE key = ?", (gone, bytes.fromhex(keys[5])))
+    assert db.total_changes == 1
+    db.commit()
+    db.close()
+    remote = ssh_cache(sshd, workdir)
+    try:
+        calls = remote.load_many(keys[:10])
+        assert [c.result for c in calls] == [[float(i)] * 10 for i in range(10)]
+        assert calls[4].arguments == {"i": 4}
+        with pytest.raises(CorruptEntryError) as caught:
+            calls[5].arguments  # noqa: B018
+        message = str(caught.value)
+        assert keys[5][:16] in message and "loop.g" in message
+        assert "ModuleNotFoundError" in message and "fr_module_not_here_xy" in message
+        assert isinstance(caught.value.__cause__, ModuleNotFoundError)
+        assert calls[6].arguments == {"i": 6}
     finally:
         remote.close()

@@ -357,7 +357,8 @@ class SqliteDatabase(Database):
             if set(TABLES) <= have and not _text_key_tables(conn, have):
                 warn_foreign(sorted(have), self.shown)
                 return  # no write lock needed (and none possible on a read-only share)
-            rewriting = set(TABLES) <= have  # ours, with keys as text
+            # ours, with keys as text or under the names before the prefix
+            rewriting = set(TABLES) <= have or bool(migration(sorted(have)))
         except sqlite3.Error as exc:
             raise self.error("reading its tables", exc) from exc
         # under the write lock, so two processes never race to create, nor
@@ -382,10 +383,11 @@ class SqliteDatabase(Database):
         except sqlite3.Error as exc:
             if rewriting:
                 raise StorageError(
-                    f"{self.what} at {self.shown}: its keys are stored as text, as an earlier "
-                    f"fleche-remote wrote them, and this process could not rewrite them as bytes "
-                    f"({type(exc).__name__}: {exc}). Open it once from a process that may write the "
-                    f"file (for example, as its owner: fleche-remote ls), which migrates it in place"
+                    f"{self.what} at {self.shown}: an earlier fleche-remote wrote it (its tables "
+                    f"without the fr_ prefix, or keys stored as text), and this process could not "
+                    f"bring it up to date ({type(exc).__name__}: {exc}). Open it once from a process "
+                    f"that may write the file (for example, as its owner: fleche-remote ls), which "
+                    f"migrates it in place"
                 ) from exc
             raise self.error("creating tables", exc) from exc
         if old:

@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from ... import call as _callmod
-from ...call import CallRecord, UnreadableRecord
+from ...call import LEGACY_DIGEST_SCHEME, CallRecord, UnreadableRecord
 from ...codec.values import Blob
 from ...errors import CorruptEntryError, StorageError
 from ..base import CallStore, InlineValues, ValueStore, record_matches
@@ -50,7 +49,6 @@ from .rows import (
     CALL_COLUMNS,
     PG_PUT_ONE,
     READ_CALL,
-    Place,
     blob_row,
     call_row,
     insert_rows,
@@ -69,13 +67,6 @@ PAGE = 1000
 MAX_BODY = 1_000_000_000
 
 _HEX = frozenset("0123456789abcdef")
-
-#: Whether CallRecord has the ``digest_scheme`` field; it is stored either
-#: way (NULL when a record lacks it) and passed back only when the class
-#: has it. A NULL read back means a record from before the field existed.
-_HAS_SCHEME = "digest_scheme" in getattr(CallRecord, "__dataclass_fields__", {})
-_LEGACY_SCHEME: Optional[str] = getattr(_callmod, "LEGACY_DIGEST_SCHEME", None)
-
 
 # -- keys ----------------------------------------------------------------------
 
@@ -346,12 +337,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
     # -- reading --------------------------------------------------------------------
 
     def _record(self, row: Sequence[Any]) -> CallRecord:
-        scheme = row[9]
-        if scheme is None:
-            scheme = _LEGACY_SCHEME
-        text = self._db.key_text
-        row = (text(row[0]), *row[1:6], text(row[6]), *row[7:])
-        return record_from_row(Place("call", row[0], self), row, scheme, _HAS_SCHEME)
+        return record_from_row(self, row, self._db.key_text, LEGACY_DIGEST_SCHEME)
 
     def _record_or_unreadable(self, row: Sequence[Any]) -> Any:
         # a listing shows a bad row as such and goes on to the next
@@ -491,14 +477,14 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         if len(keys) == 1:
             row = self._db.first(self._get_entry, (self._db.key_param(keys[0]),))
             return [None if row is None else self._entry(row)]
-        found = {
-            self._db.key_text(row[0]): self._entry(row)
-            for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True)
-        }
+        found = {}
+        for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True):
+            entry = self._entry(row)
+            found[entry[0].key] = entry
         return [found.get(k) for k in keys]
 
     def _entry(self, row: Sequence[Any]) -> Tuple[CallRecord, Optional[Blob]]:
-        record = self._record(row)
+        record = record_from_row(self, row, self._db.key_text, LEGACY_DIGEST_SCHEME)
         if row[10] is None:  # no inline blob for this value
             return record, None
         return record, row_blob(self, record.value, *row[10:14])
