@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
-from .exchange import Exchange, Pending, frame_size
+from .exchange import Exchange, Pending, frame_size, plain_answer
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     COMPACT_FEATURE,
@@ -490,7 +490,7 @@ class Connection:
                     self._lone = None
                     self._leading = False
                     frames = pending.frames
-                    answer = _plain(frames[0]) if len(frames) == 1 else None
+                    answer = plain_answer(frames[0]) if len(frames) == 1 else None
                     if answer is not None:
                         del self._pending[rid]
                     else:  # the general reader's bookkeeping from here on
@@ -586,14 +586,6 @@ class Connection:
                 self._error = RemoteConnectionError(f"the connection to {self.target} was closed")
             self._cond.notify_all()
         self.transport.close()
-
-
-def _plain(frame: Frame) -> Optional[Response]:
-    """``frame``'s answer if it is a whole one: a result, no values, no more pages."""
-    message = frame.message
-    if frame.type == MSG and type(message) is Response and not message.blobs and not message.more:
-        return message
-    return None
 
 
 def warn_on_skew(host: str, remote_version: str) -> None:
