@@ -36,7 +36,7 @@ from fleche_remote.remote.protocol import (
     frame_header,
 )
 from fleche_remote.remote.server import serve
-from fleche_remote.remote.transport import PipeTransport
+from fleche_remote.remote.transport import FdTransport, PipeTransport
 from fleche_remote.storage.memory import MemoryCallStore, MemoryValueStore
 
 KEY = "ab" * 32
@@ -354,8 +354,6 @@ def test_a_small_frame_goes_into_a_pipe_whole_or_not_at_all() -> None:
     import select
     import socket
 
-    from fleche_remote.remote.transport import FdTransport
-
     go = threading.Event()
     received = bytearray()
 
@@ -455,3 +453,36 @@ def _wait_for(condition: Any, seconds: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {seconds} s")
         time.sleep(0.001)
+
+
+def test_two_threads_may_wait_on_one_transport_at_once() -> None:
+    """The wait for an answer polls a poll object registered once; a second
+    thread waiting at the same time (a start-up that reads its status line
+    while the leader waits) must not trip over it, and both wake when
+    bytes arrive."""
+    r, w = os.pipe()
+    transport = FdTransport(r, w)  # reads what it writes to itself
+    first_woke = threading.Event()
+
+    def first() -> None:
+        transport.wait_readable(60)
+        first_woke.set()
+
+    waiter = threading.Thread(target=first, daemon=True)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the first thread is inside poll() on the shared object
+            try:
+                transport._poll.poll(0)  # type: ignore[union-attr]
+            except RuntimeError:
+                break
+            assert time.monotonic() < deadline, "the first waiter never started polling"
+            time.sleep(0.001)
+        threading.Timer(0.05, lambda: os.write(w, b"x")).start()
+        transport.wait_readable(60)  # the second waiter, while the first still polls
+        assert first_woke.wait(60)
+        assert transport.read_ready() == b"x"
+    finally:
+        os.close(r)
+        os.close(w)
