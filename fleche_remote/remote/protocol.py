@@ -284,9 +284,12 @@ def encode_compact(message: Message) -> Optional[bytes]:
         result = message.result
         if result is None:
             return b"\x04"
-        if type(result) is list and len(result) < COMPACT_MAX and all(type(r) is bool for r in result):
-            return b"\x03" + bytes(result)
-        return None
+        if type(result) is not list or len(result) >= COMPACT_MAX:
+            return None
+        for r in result:  # a loop, not all() over a generator: a third of the answer's encode
+            if type(r) is not bool:
+                return None
+        return b"\x03" + bytes(result)
     if cls is not Request:
         return None
     assert isinstance(message, Request)
