@@ -62,14 +62,19 @@ def test_old_finished_jobs_go_young_and_running_ones_stay(tmp_path: Path, runner
     job_json = root / "run" / old_running / "job.json"
     spec = json.loads(job_json.read_text())
     spec.update(count=2, per_task=2, keys=["ab" * 32] * 2)  # one point done, one not started
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", old_running])
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", "print('up', flush=True); import time; time.sleep(120)", old_running],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     runner.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"  # running, its name in its argv
     spec["runner_pid"] = proc.pid
     job_json.write_text(json.dumps(spec))
 
     removed = jobs_at(root, "7d").clean()
 
-    assert removed == [old_done]
+    assert removed == [old_done], (removed, proc.poll(), Path(f"/proc/{proc.pid}/cmdline").read_bytes())
     assert sorted(p.name for p in (root / "run").iterdir()) == sorted([young_done, old_running])
     proc.kill()
     proc.wait(30)
