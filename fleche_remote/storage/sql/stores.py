@@ -376,8 +376,6 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         return [found.get(k) for k in keys]
 
     def _present(self, keys: Sequence[str]) -> List[str]:
-        if len(keys) == 1:
-            return list(keys[:1]) if self.contains(keys[0]) else []
         return [self._db.key_text(row[0]) for row in self._select(keys, "c.key")]
 
     def contains(self, key: str) -> bool:
@@ -385,6 +383,8 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
 
     def contains_many(self, keys: Iterable[str]) -> List[bool]:
         keys = [str(k) for k in keys]
+        if len(keys) == 1:  # the commonest lookup (a server's contains): no set, no second list
+            return [self.contains(keys[0])]
         present = set(self._present(keys))
         return [k in present for k in keys]
 
