@@ -9,7 +9,7 @@ import os
 import random
 import threading
 import time
-from typing import Any, List
+from typing import Any, Callable, List
 
 import pytest
 
@@ -247,24 +247,33 @@ def test_a_lookup_is_answered_from_the_store_and_a_strange_one_by_the_generic_pa
         failing.close()
 
 
+def _scripted_server(
+    inp: Any, out: Any, version: str, features: List[str], answer: Callable[[FrameDecoder, Any], None]
+) -> None:
+    """A server written by hand: its Hello lists ``features``, and each
+    frame that arrives goes to ``answer`` (with the decoder that read it)."""
+    out.write(BANNER + encode_message(Hello(PROTOCOL_VERSION, version, {"features": features})))
+    decoder = FrameDecoder()
+    while True:
+        data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)
+        if not data:
+            return
+        decoder.feed(data)
+        while (frame := decoder.next_frame()) is not NEED_DATA:
+            answer(decoder, frame)
+
+
 def test_a_client_sends_pickles_to_a_server_that_does_not_announce_compact() -> None:
     """An older server: its Hello does not list ``compact_messages``, and a
     compact request would end its connection."""
     seen: List[Any] = []
 
     def old_server(inp: Any, out: Any) -> None:
-        out.write(
-            BANNER + encode_message(Hello(PROTOCOL_VERSION, "0.0.old", {"features": ["small_entries"]}))
-        )
-        decoder = FrameDecoder()
-        while True:
-            data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)
-            if not data:
-                return
-            decoder.feed(data)
-            while (frame := decoder.next_frame()) is not NEED_DATA:
-                seen.append((decoder.compact_seen, frame.message))
-                out.write(encode_message(Response(frame.id, [True] * len(frame.message.args["keys"]))))
+        def answer(decoder: FrameDecoder, frame: Any) -> None:
+            seen.append((decoder.compact_seen, frame.message))
+            out.write(encode_message(Response(frame.id, [True] * len(frame.message.args["keys"]))))
+
+        _scripted_server(inp, out, "0.0.old", ["small_entries"], answer)
 
     conn = Connection(PipeTransport(old_server), target="old", timeout=30, connect_timeout=30)
     try:
@@ -407,25 +416,18 @@ def test_a_lone_request_reads_for_the_threads_that_come_after_it() -> None:
     both = threading.Event()
 
     def reordering_server(inp: Any, out: Any) -> None:
-        out.write(
-            BANNER + encode_message(Hello(PROTOCOL_VERSION, "test", {"features": ["compact_messages"]}))
-        )
-        decoder = FrameDecoder()
-        while True:
-            data = inp.read1(1 << 16) if hasattr(inp, "read1") else inp.read(1 << 16)
-            if not data:
-                return
-            decoder.feed(data)
-            while (frame := decoder.next_frame()) is not NEED_DATA:
-                arrived.append(frame.message)
-                if len(arrived) == 2:
-                    first, second = arrived
-                    out.write(encode_message(Response(second.id, "second's"), True))
-                    error = ErrorResponse(first.id, "KeyError", "first's", ("first's",))
-                    out.write(encode_message(error, True))
-                    both.set()
-                elif len(arrived) > 2:
-                    out.write(encode_message(Response(frame.id, f"{frame.message.op}'s"), True))
+        def answer(decoder: FrameDecoder, frame: Any) -> None:
+            arrived.append(frame.message)
+            if len(arrived) == 2:
+                first, second = arrived
+                out.write(encode_message(Response(second.id, "second's"), True))
+                error = ErrorResponse(first.id, "KeyError", "first's", ("first's",))
+                out.write(encode_message(error, True))
+                both.set()
+            elif len(arrived) > 2:
+                out.write(encode_message(Response(frame.id, f"{frame.message.op}'s"), True))
+
+        _scripted_server(inp, out, "test", ["compact_messages"], answer)
 
     conn = Connection(PipeTransport(reordering_server), target="test", timeout=30, connect_timeout=30)
     outcome: List[Any] = []
