@@ -494,13 +494,20 @@ class CachedFunction:
         key = self._key(arguments)
         cache = self.cache
         try:
-            return cache.load_value(key)
+            return self._stored(cache, key)
         except KeyError:
             pass
-        except CorruptEntryError as exc:
-            log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
         self._keys.explain_miss(cache, arguments)
         return self._miss(cache, key, arguments, args, kwargs)
+
+    def _stored(self, cache: BaseCache, key: Digest) -> Any:
+        """The stored result of ``key``; a corrupt one is logged and, like
+        a missing one, a KeyError: it is computed again."""
+        try:
+            return cache.load_value(key)
+        except CorruptEntryError as exc:
+            log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
+            raise KeyError(key) from None
 
     def _miss(
         self,
@@ -510,15 +517,6 @@ class CachedFunction:
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
     ) -> Any:
-        def load() -> Any:
-            try:
-                return cache.load_value(key)  # a holder we waited for saved it
-            except CorruptEntryError as exc:
-                log.warning(
-                    "stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc
-                )
-                raise KeyError(key) from None
-
         return claiming.compute_once(
             cache.claim_keeper() if self.claims else None,
             key,
@@ -526,7 +524,7 @@ class CachedFunction:
             self.lease,
             self.claim_timeout,
             cache.contains_many,
-            load,
+            lambda: self._stored(cache, key),  # a holder we waited for saved it
             lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
         )
 

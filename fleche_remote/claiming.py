@@ -35,7 +35,6 @@ Design rules:
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import random
@@ -43,10 +42,10 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import ClaimWaitTimeout, RecursiveCallError
+from .exiting import before_connections_close
 from .storage.claims import DEFAULT_LEASE, STORED, Claims, Holder
 
 log = logging.getLogger("fleche_remote.claims")
@@ -249,17 +248,7 @@ class _Renewer:
 _renewer = _Renewer()
 
 
-class _Anchor:
-    pass
-
-
-# An SshCache closes its connection from a weakref.finalize, run by
-# weakref's own atexit hook; atexit runs hooks last-registered first.
-# Registering that hook before ours keeps the connections open while the
-# releases drain.
-_ANCHOR = _Anchor()
-weakref.finalize(_ANCHOR, lambda: None)
-atexit.register(_renewer.drain, 10.0)
+before_connections_close(_renewer.drain, 10.0)
 
 
 # -- claiming ---------------------------------------------------------------------------

@@ -46,12 +46,17 @@ def wanted(setting: Optional[bool], stream: Optional[TextIO] = None) -> bool:
         return False
 
 
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``: sizes as a reader wants them."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+_UNITS = {1024: ("B", "KiB", "MiB", "GiB", "TiB"), 1000: ("B", "kB", "MB", "GB", "TB")}
+
+
+def human_bytes(n: float, base: int = 1024) -> str:
+    """``1536`` -> ``'1.5 KiB'``: sizes as a reader wants them; ``base=1000``
+    gives powers of 1000 (``1234567`` -> ``'1.2 MB'``, as ``du -h --si``)."""
+    units = _UNITS[base]
+    for unit in units:
+        if abs(n) < base or unit == units[-1]:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= base
     raise AssertionError("unreachable")
 
 

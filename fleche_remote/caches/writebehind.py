@@ -30,7 +30,6 @@ The journal (:mod:`.journal`) is what makes it so.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import hashlib
 import json
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Deque, List, Optional, Sequence, Union
 
 from ..codec.digest import Digest
+from ..exiting import before_connections_close
 from .journal import Journal, default_journal_dir
 
 if TYPE_CHECKING:
@@ -329,16 +329,6 @@ def _flush_at_exit() -> None:
         writer.close(min(writer.close_timeout, max(0.0, deadline - time.monotonic())))
 
 
-class _Anchor:
-    pass
-
-
-# SshCache closes its connection from a weakref.finalize, run by weakref's
-# own atexit hook, and atexit runs hooks last-registered first. Making sure
-# that hook is registered before ours lets the exit flush still find the
-# connection open.
-_ANCHOR = _Anchor()
-weakref.finalize(_ANCHOR, lambda: None)
-atexit.register(_flush_at_exit)
+before_connections_close(_flush_at_exit)
 
 __all__ = ["Journal", "WriteBehind", "default_journal_dir"]

@@ -179,7 +179,7 @@ def _write_native(grp: h5py.Group, name: str, blob: Blob) -> bool:
     return True
 
 
-def _check_body(ds: h5py.Dataset, where: str, path: Path) -> None:
+def _check_body(ds: h5py.Dataset, where: str) -> None:
     """Refuse a value dataset whose reading would allocate more than the
     file holds. h5py allocates the whole array before HDF5 reads a byte,
     and a dataset declared huge but never written (chunked, or contiguous
@@ -194,10 +194,7 @@ def _check_body(ds: h5py.Dataset, where: str, path: Path) -> None:
     stored = ds.id.get_storage_size()
     if stored != ds.nbytes:
         raise CorruptEntryError(f"{where}: declares {ds.nbytes} bytes but has {stored} stored")
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return  # it was just opened: reading says what is wrong, if anything
+    size = ds.file.id.get_filesize()  # the file open now, no system call
     if ds.nbytes > size:
         raise CorruptEntryError(f"{where}: declares {ds.nbytes} bytes, more than its file's {size}")
 
@@ -317,7 +314,7 @@ class Hdf5ValueStore(_Hdf5Store, ValueStore):
                 ) from None
             if not isinstance(meta, dict):
                 raise CorruptEntryError(f"{where}: meta is a {type(meta).__name__}, expected a JSON object")
-            _check_body(ds, where, self.path)
+            _check_body(ds, where)
             arr = np.asarray(ds[()], order="C")  # a scalar comes back 0-d, not (1,)
         if layout == "native" and kind == "ndarray":
             try:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import ConfigError
+from ..progress import human_bytes
 
 #: Seconds between two flushes of recorded uses. A crash loses at most
 #: this much use history, which only makes an entry look idler than it was.
@@ -120,12 +121,9 @@ def _count(value: Any, key: str) -> int:
 
 
 def format_size(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (powers of 1000, as ``du -h --si``)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    """``1234567`` -> ``"1.2 MB"`` (powers of 1000, as ``du -h --si``, and
+    as limits are written)."""
+    return human_bytes(n, base=1000)
 
 
 def format_age(seconds: float) -> str:
