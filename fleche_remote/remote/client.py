@@ -51,7 +51,7 @@ from . import bootstrap as _bootstrap
 from . import health, ssh_table
 from .connection import Connection
 from .lifecycle import Lifecycle
-from .packing import SmallEntries, unpack_small_entries
+from .packing import SmallEntries, pipeline_parts, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
@@ -426,13 +426,21 @@ class SshCache(Lifecycle, BaseCache):
             features = ()
         if "small_entries" not in features:
             return super().load_records_and_small_blobs(keys)
-        found = self._request(
-            "load_entries",
-            {"keys": [str(k) for k in keys], "small_only": True},
-            offline=lambda: [None] * len(keys),
-        )
-        records = self._seal.open_records([None if f is None else f[0] for f in found], self._where, keys)
-        return unpack_small_entries(found, records, self._seal, self._where)
+        parts = pipeline_parts([str(k) for k in keys])
+
+        def run(conn: Connection) -> SmallEntries:
+            out: SmallEntries = []
+            answers = conn.pipelined("load_entries", [{"keys": part, "small_only": True} for part in parts])
+            try:
+                for part, found in zip(parts, answers):
+                    listed = [None if f is None else f[0] for f in found]
+                    records = self._seal.open_records(listed, self._where, part)
+                    out.extend(unpack_small_entries(found, records, self._seal, self._where))
+            finally:
+                answers.close()
+            return out
+
+        return self._on_connection(run, offline=lambda: [None] * len(keys))
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
@@ -494,7 +502,7 @@ class SshCache(Lifecycle, BaseCache):
         (``calls``, ``bytes``, ``by_name``, ``limits``); None when its
         server is too old to say, or its cache cannot."""
         try:
-            return self._request("usage")  # type: ignore[no-any-return]
+            return self._request("usage")
         except ProtocolError as exc:  # an older server: "unknown operation 'usage'"
             if "unknown operation" in str(exc):
                 return None
@@ -508,7 +516,7 @@ class SshCache(Lifecycle, BaseCache):
         if not dry_run and (self._local_read_only or self._known_read_only()):
             raise Rejected(f"cannot trim: {self!r} is read-only")
         args = {"max_bytes": max_bytes, "max_calls": max_calls, "max_age": max_age, "dry_run": dry_run}
-        return self._request("trim", {k: v for k, v in args.items() if v is not None})  # type: ignore[no-any-return]
+        return self._request("trim", {k: v for k, v in args.items() if v is not None})
 
     def _known_read_only(self) -> bool:
         """Read-only as the server said, if it has said yet: a first save

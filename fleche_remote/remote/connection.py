@@ -46,7 +46,7 @@ import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
@@ -444,6 +444,35 @@ class Connection:
                     return self._answer(answer, consume)
                 return answer if consume is None else consume(answer, [])
         return self._answer(self.exchange(op, args, blobs), consume)
+
+    def pipelined(self, op: str, args_list: Sequence[Dict[str, Any]]) -> Generator[Any, None, None]:
+        """Send several requests back to back, then yield their plain results
+        in order.
+
+        The server answers one while the caller is still working through
+        the previous answer, so the two ends overlap instead of taking
+        turns: a listing of 1000 small calls split in 8 took 17 against
+        21 ms over loopback ssh (both ends were busy about half the time
+        while the other worked). All requests leave before the first answer
+        is read, so over a slow link it still costs one round trip.
+
+        Leaving early (an exception, or the caller closing the iterator)
+        forgets the answers not read yet.
+        """
+        if len(args_list) == 1:  # one request takes the lone request's path
+            yield self.request(op, args_list[0])
+            return
+        exchanges: List[Exchange] = []
+        read = 0
+        try:
+            for args in args_list:
+                exchanges.append(self.exchange(op, args))
+            for exchange in exchanges:
+                read += 1  # _answer forgets its own exchange, whatever happens
+                yield self._answer(exchange, None)
+        finally:
+            for exchange in exchanges[read:]:
+                exchange.__exit__(None, None, None)
 
     def _answer(self, exchange: Exchange, consume: Optional[Callable[..., Any]]) -> Any:
         with exchange as reply:

@@ -243,16 +243,22 @@ class Lifecycle:
         """One request. A connection failure is reported once per outage;
         with ``on_error = "warn"`` and an ``offline`` answer, that answer is
         returned instead of raising."""
+        return self._on_connection(lambda conn: conn.request(op, args, **kwargs), offline)
+
+    def _on_connection(self, run: Callable[[Connection], Any], offline: Optional[Callable[[], Any]]) -> Any:
+        """``run(connection)``, with :meth:`_request`'s failure rules: ``run``
+        may send several requests, and is run again whole on a connection
+        that was closed for idleness as it began."""
         conn: Optional[Connection] = None
         try:
             try:
                 conn = self._connection()
-                result = conn.request(op, args, **kwargs)
+                result = run(conn)
             except RemoteConnectionError:
                 if self._idle_closed is None or conn is not self._idle_closed:
                     raise
                 # closed for idleness between taking it and sending: reopen
-                result = self._connection().request(op, args, **kwargs)
+                result = run(self._connection())
         except RemoteConnectionError as exc:
             return self._unavailable(exc, offline)
         self._used()

@@ -21,6 +21,26 @@ from .protocol import Inline, inline_choices
 SmallEntries = List[Optional[Tuple[CallRecord, Optional[Blob]]]]
 
 
+#: A listing of at least twice this many keys is asked in parts, each of at
+#: least this many, at most :data:`PIPELINE_PARTS` of them, sent back to back
+#: (:meth:`~fleche_remote.remote.connection.Connection.pipelined`): the
+#: server reads and packs one part while the client unpacks the one before.
+#: Measured over loopback ssh, 1000 small calls: 21 ms in one request, 19 in
+#: 2 parts, 18 in 4, 17 in 8; smaller parts would cost a request's overhead
+#: each for little more overlap.
+PIPELINE_PART_KEYS = 128
+PIPELINE_PARTS = 8
+
+
+def pipeline_parts(keys: List[str]) -> List[List[str]]:
+    """``keys`` split into the parts a listing is asked in (one part for a short one)."""
+    parts = min(PIPELINE_PARTS, len(keys) // PIPELINE_PART_KEYS)
+    if parts <= 1:
+        return [keys]
+    step = -(-len(keys) // parts)
+    return [keys[i : i + step] for i in range(0, len(keys), step)]
+
+
 def pack_blobs(blobs: Sequence[Tuple[str, Optional[Blob]]]) -> Tuple[List[Any], List[Tuple[str, Blob]]]:
     """Each blob as ``Inline`` (small, within the budget), ``True`` (streams
     after the message) or ``None`` (absent)."""

@@ -18,6 +18,8 @@ from fleche_remote import Call, SshCache
 from fleche_remote.config import cache_from_config
 from fleche_remote.errors import CorruptEntryError
 from fleche_remote.remote import handlers
+from fleche_remote.remote.connection import Connection
+from fleche_remote.remote.packing import PIPELINE_PARTS, pipeline_parts
 from fleche_remote.signing import SignatureError
 
 from .helpers import remote_dir, ssh_cache
@@ -55,7 +57,8 @@ def test_load_many_brings_small_results_in_its_one_request(sshd: Any, tmp_path: 
         assert calls[-1] is None
         assert [c.result for c in calls[:-1]] == [[float(i)] * 10 for i in range(300)]
         assert [c.arguments for c in calls[:3]] == [{"i": 0}, {"i": 1}, {"i": 2}]
-        assert remote.request_count - before == 1  # records and results together
+        # records and results together, in two parts sent back to back (one round trip)
+        assert remote.request_count - before == len(pipeline_parts(keys)) == 2
 
         before = remote.request_count
         big = remote.load_many(keys[-1:])[0]
@@ -63,6 +66,62 @@ def test_load_many_brings_small_results_in_its_one_request(sshd: Any, tmp_path: 
         assert not big.loaded
         assert big.result == BIG
         assert remote.request_count - before == 2  # fetched when read
+    finally:
+        remote.close()
+
+
+def test_a_long_listing_is_asked_in_parts_all_sent_before_the_first_answer_is_read(
+    sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a long listing is split so that the server packs one part while the
+    # client unpacks the one before; every part leaves at once, so over a
+    # slow link it is still one round trip, and order and gaps are kept
+    workdir = remote_dir(tmp_path, SQL_TOML)
+    cache = cache_from_config({"template": "sql", "root": str(workdir / "store")})
+    keys = cache.save_many([Call("loop.h", {"i": i}, [float(i)] * 10) for i in range(1500)])
+    asked = [k if i % 7 else f"{i:064x}" for i, k in enumerate(keys)]  # every 7th is not stored
+    in_flight_at_answers = []
+    answer = Connection._answer
+
+    def counting(self: Connection, exchange: Any, consume: Any) -> Any:
+        in_flight_at_answers.append(self.in_flight)
+        return answer(self, exchange, consume)
+
+    monkeypatch.setattr(Connection, "_answer", counting)
+    remote = ssh_cache(sshd, workdir)
+    try:
+        remote.ping()
+        in_flight_at_answers.clear()
+        before = remote.request_count
+        calls = remote.load_many(asked)
+        assert remote.request_count - before == PIPELINE_PARTS
+        assert in_flight_at_answers == list(range(PIPELINE_PARTS, 0, -1))  # all sent, then read in turn
+        assert [c is None for c in calls] == [i % 7 == 0 for i in range(1500)]
+        assert [c.result for c in calls if c is not None] == [[float(i)] * 10 for i in range(1500) if i % 7]
+        assert remote.contains(keys[1])  # nothing left over on the connection
+    finally:
+        remote.close()
+
+
+def test_a_part_that_fails_forgets_the_parts_behind_it_and_the_connection_goes_on(tmp_path: Path) -> None:
+    key = "6c" * 32
+    store = cache_from_config({"template": "sql", "root": str(tmp_path / "store")})
+    remote = SshCache.in_process(store, secret_key=key)
+    try:
+        keys = remote.save_many([Call("signed.h", {"i": i}, [float(i)] * 10) for i in range(600)])
+        assert len(pipeline_parts(keys)) == 4
+        # a record of the first part is changed behind the signer's back
+        db = sqlite3.connect(str(tmp_path / "store" / "calls.db"))
+        db.execute("UPDATE fr_calls SET version = 'forged' WHERE key = ?", (bytes.fromhex(keys[10]),))
+        assert db.total_changes == 1
+        db.commit()
+        db.close()
+        with pytest.raises(SignatureError):
+            remote.load_many(keys)
+        conn = remote._connection()
+        assert conn.in_flight == 0  # the three parts behind it were forgotten, not left queued
+        calls = remote.load_many(keys[150:])
+        assert [c.result for c in calls] == [[float(i)] * 10 for i in range(150, 600)]
     finally:
         remote.close()
 
