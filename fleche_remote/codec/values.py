@@ -397,10 +397,10 @@ def blob_digest(blob: Blob, scheme: str = DIGEST_SCHEME_NAME) -> Digest:
             head = blob_hasher(blob.kind, {}, scheme)._head
             if len(_EMPTY_META_HEADS) < 64:
                 _EMPTY_META_HEADS[blob.kind, scheme] = head
-        h = hashlib.sha256(head)
-        h.update(_U64.pack(blob.size))
-        h.update(blob._data)
-        return Digest(h.hexdigest())
+        small = hashlib.sha256(head)
+        small.update(_U64.pack(blob.size))
+        small.update(blob._data)
+        return Digest(small.hexdigest())
     h = blob_hasher(blob.kind, blob.meta, scheme)
     if isinstance(blob, BytesBlob):
         h.update(blob._data)  # one call over the whole buffer: no per-chunk overhead
