@@ -564,9 +564,11 @@ def decode_value(blob: Blob) -> Any:
         blob.fill([memoryview(arr.reshape(-1).view(np.uint8))] if arr.size else [])  # type: ignore[arg-type]
         return arr
     if blob.kind == "pickle":
-        import cloudpickle
+        import pickle
 
-        return cloudpickle.loads(blob.read_all())
+        if type(blob) is BytesBlob:
+            return pickle.loads(blob._data)  # cloudpickle's loads; no copy of the body
+        return pickle.loads(blob.read_all())
     if blob.kind == "pickle5":
         import pickle
 
