@@ -158,9 +158,27 @@ def call_row(r: CallRecord, now: float, param: Callable[[str], Any]) -> Tuple[An
     """The ``fr_calls`` row of ``r``, its key and value bound by ``param``
     (the database's ``key_param``)."""
     return (
-        param(r.key), r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
-        param(r.value), r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
+        param(r.key), r.name, r.version, bytes(r.arguments), _digests_json(r.arg_digests),
+        dumps_json(r.metadata), param(r.value), r.value_kind, r.value_size,
+        getattr(r, "digest_scheme", None), now,
     )  # fmt: skip
+
+
+def _digests_json(digests: Any) -> str:
+    """``_compact(digests)``, for a dict of str to str written out with the
+    encoder's own C string quoting (one argument: 1.5 -> 0.4 us)."""
+    if type(digests) is dict:
+        parts = []
+        for arg, digest in digests.items():
+            if type(arg) is not str or type(digest) is not str:
+                break
+            parts.append(_quote(arg) + ":" + _quote(digest))
+        else:
+            return "{" + ",".join(parts) + "}"
+    return _compact(digests)
+
+
+_quote = json.encoder.encode_basestring_ascii  # what JSONEncoder uses (ensure_ascii)
 
 
 def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
@@ -171,12 +189,14 @@ def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
         cur.executemany(sql, rows)
 
 
-def blob_row(digest: str, blob: Blob, param: Callable[[str], Any]) -> Tuple[Any, ...]:
+def blob_row(digest: str, blob: Blob, param: Callable[[str], Any], bound: Any = None) -> Tuple[Any, ...]:
+    """The ``fr_blobs`` row of ``blob``; ``bound`` is ``param(digest)`` when
+    the caller has it already."""
     body = blob.read_all()
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
     meta = "{}" if not blob.meta else _compact(blob.meta)
-    return (param(digest), blob.kind, meta, blob.size, body)
+    return (param(digest) if bound is None else bound, blob.kind, meta, blob.size, body)
 
 
 class Place:

@@ -324,7 +324,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             elif digests:
                 cur.executemany(self._insert_arg, [(a, param(d), key) for a, d in digests.items()])
             if blob is not None:
-                cur.execute(self._insert_blob, blob_row(r.value, blob, param))
+                cur.execute(self._insert_blob, blob_row(r.value, blob, param, row[6]))
 
     def _put_one_postgres(self, r: CallRecord, row: Tuple[Any, ...], blobs: Mapping[str, Blob]) -> None:
         """One save as one statement: each round trip to the server costs
