@@ -14,6 +14,7 @@ from ...call import HEX_DIGEST, MAX_FIELD_CHARS, CallRecord, checked_record
 from ...codec.plain import PLAIN_MAX_DEPTH, PLAIN_MAX_INT_BITS, PLAIN_MAX_NODES
 from ...codec.values import Blob, BytesBlob
 from ...errors import CorruptEntryError
+from .db import blob_key
 
 # -- metadata as JSON ----------------------------------------------------------
 #
@@ -283,8 +284,12 @@ def record_from_row(
     raw_key, name, version, arguments, arg_digests, metadata, raw_value, kind, size, scheme = row[:10]
     if scheme is None:
         scheme = legacy_scheme
-    key = text_of(raw_key)
-    value = text_of(raw_value)
+    if text_of is blob_key:  # SQLite's 32-byte keys: without a call each
+        key = raw_key.hex() if type(raw_key) is bytes else raw_key
+        value = raw_value.hex() if type(raw_value) is bytes else raw_value
+    else:
+        key = text_of(raw_key)
+        value = text_of(raw_value)
     try:
         meta = {} if metadata == "{}" else loads_json(metadata)
         digests = {} if arg_digests == "{}" else _json(arg_digests)
@@ -314,11 +319,12 @@ def record_from_row(
         and (version is None or (type(version) is str and len(version) <= MAX_FIELD_CHARS))
     )  # _is_digest and _short_text written out: this runs for every row read
     if ok:
-        for arg, digest in digests.items():
+        names = {}
+        for arg, digest in digests.items():  # keys of a JSON object: str
             if type(digest) is not str or len(digest) > MAX_FIELD_CHARS or len(arg) > MAX_FIELD_CHARS:
                 break
+            names[_intern(arg)] = digest
         else:
-            names = {_intern(arg): digest for arg, digest in digests.items()} if digests else digests
             return checked_record(
                 key,
                 _intern(name),
