@@ -10,6 +10,7 @@ points at it by its value digest.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
@@ -19,7 +20,7 @@ from .codec.digest import (
     Digest,
     call_digest,
     call_digest_from_arg_digests,
-    digest_of,
+    digest_hex,
     normalize_version,
 )
 from .codec.plain import check_plain, register_plain
@@ -218,26 +219,47 @@ def check_record(record: Any, where: str) -> CallRecord:
 
 
 def make_record(call: Call, blob: Blob, value_digest: str) -> CallRecord:
-    """Build the stored form of ``call`` whose result encodes to ``blob``."""
-    import cloudpickle
+    """Build the stored form of ``call`` whose result encodes to ``blob``.
 
-    metadata = dict(call.metadata or {})
-    check_plain(metadata, "Call.metadata")
+    Every field is made here, of the right type, so the record is built as
+    :func:`checked_record` builds one (the dataclass's ``__init__`` cost
+    ~1 us of a small save's ~25 us of Python).
+    """
+    metadata = dict(call.metadata) if call.metadata else {}
+    if metadata:
+        check_plain(metadata, "Call.metadata")
     arguments = dict(call.arguments)
     # each argument is hashed once: the key is built from these digests
-    arg_digests = {k: str(digest_of(v)) for k, v in arguments.items()}
-    return CallRecord(
-        key=str(call_digest_from_arg_digests(call.name, arg_digests, call.version)),
-        name=call.name,
-        version=normalize_version(call.version),  # an int version is stored as its text
-        arguments=cloudpickle.dumps(arguments, protocol=4),
-        arg_digests=arg_digests,
-        metadata=metadata,
-        value=str(value_digest),
-        value_kind=blob.kind,
-        value_size=blob.size,
-        digest_scheme=DIGEST_SCHEME_NAME,
+    arg_digests = {k: digest_hex(v) for k, v in arguments.items()}
+    name = call.name
+    version = normalize_version(call.version)  # an int version is stored as its text
+    return checked_record(
+        str(call_digest_from_arg_digests(name, arg_digests, version)),
+        name,
+        version,
+        _pickle_arguments(arguments),
+        arg_digests,
+        metadata,
+        str(value_digest),
+        blob.kind,
+        blob.size,
+        DIGEST_SCHEME_NAME,
     )
+
+
+#: Argument values that ``pickle`` writes as cloudpickle would: for a call
+#: of these only, the C pickler runs without cloudpickle's reducer (1.6 ->
+#: 0.5 us for one int). Readers unpickle both the same way.
+_PLAIN_ARGUMENTS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _pickle_arguments(arguments: Dict[str, Any]) -> bytes:
+    for value in arguments.values():
+        if type(value) not in _PLAIN_ARGUMENTS:
+            import cloudpickle
+
+            return cloudpickle.dumps(arguments, protocol=4)  # type: ignore[no-any-return]
+    return pickle.dumps(arguments, protocol=4)
 
 
 _UNSET: Any = object()

@@ -44,8 +44,10 @@ canonical JSON, the body's length and the body under the bulk rule of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -379,8 +381,26 @@ def digest_from_body(
     return Digest(h.hexdigest())
 
 
+#: Kind and scheme to the head a value digest starts with, for blobs
+#: without meta (see :func:`blob_digest`).
+_EMPTY_META_HEADS: Dict[Any, bytes] = {}
+_U64 = struct.Struct(">Q")
+
+
 def blob_digest(blob: Blob, scheme: str = DIGEST_SCHEME_NAME) -> Digest:
     """Content digest of a blob: equal values are stored once under it."""
+    if type(blob) is BytesBlob and not blob.meta and blob.size < bodyhash.BULK_THRESHOLD:
+        # a small pickle: the bytes BlobHasher would hash, in one pass
+        # (3.6 -> ~1 us for a list of ten floats)
+        head = _EMPTY_META_HEADS.get((blob.kind, scheme))
+        if head is None:
+            head = blob_hasher(blob.kind, {}, scheme)._head
+            if len(_EMPTY_META_HEADS) < 64:
+                _EMPTY_META_HEADS[blob.kind, scheme] = head
+        small = hashlib.sha256(head)
+        small.update(_U64.pack(blob.size))
+        small.update(blob._data)
+        return Digest(small.hexdigest())
     h = blob_hasher(blob.kind, blob.meta, scheme)
     if isinstance(blob, BytesBlob):
         h.update(blob._data)  # one call over the whole buffer: no per-chunk overhead
@@ -441,6 +461,24 @@ def _is_plain_ndarray(obj: Any) -> bool:
     return type(obj) is np.ndarray and obj.dtype != object and not obj.dtype.fields
 
 
+#: Types ``pickle`` writes as ``cloudpickle`` does, inline, with no buffer
+#: to keep out of band.
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _flat_scalars(obj: Any) -> bool:
+    """Whether ``obj`` is a scalar, or a short list or tuple of them."""
+    kind = type(obj)
+    if kind in _SCALARS:
+        return True
+    if (kind is not list and kind is not tuple) or len(obj) > 256:
+        return False
+    for item in obj:
+        if type(item) not in _SCALARS:
+            return False
+    return True
+
+
 def encode_value(obj: Any) -> Blob:
     """Turn a result into a blob without copying large buffers.
 
@@ -460,6 +498,11 @@ def encode_value(obj: Any) -> Blob:
         # a C-contiguous array is one view of its own buffer (none if empty)
         return BytesBlob("ndarray", meta, next(c_order_blocks(obj), b""))
     import pickle
+
+    if _flat_scalars(obj):
+        # cloudpickle writes the same bytes for these; its Python-level
+        # pickler costs ~1 us more on a small result
+        return BytesBlob("pickle", {}, pickle.dumps(obj, protocol=5))
 
     import cloudpickle
 
@@ -521,9 +564,11 @@ def decode_value(blob: Blob) -> Any:
         blob.fill([memoryview(arr.reshape(-1).view(np.uint8))] if arr.size else [])  # type: ignore[arg-type]
         return arr
     if blob.kind == "pickle":
-        import cloudpickle
+        import pickle
 
-        return cloudpickle.loads(blob.read_all())
+        if type(blob) is BytesBlob:
+            return pickle.loads(blob._data)  # cloudpickle's loads; no copy of the body
+        return pickle.loads(blob.read_all())
     if blob.kind == "pickle5":
         import pickle
 

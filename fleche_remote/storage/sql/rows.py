@@ -14,6 +14,7 @@ from ...call import HEX_DIGEST, MAX_FIELD_CHARS, CallRecord, checked_record
 from ...codec.plain import PLAIN_MAX_DEPTH, PLAIN_MAX_INT_BITS, PLAIN_MAX_NODES
 from ...codec.values import Blob, BytesBlob
 from ...errors import CorruptEntryError
+from .db import blob_key
 
 # -- metadata as JSON ----------------------------------------------------------
 #
@@ -158,9 +159,27 @@ def call_row(r: CallRecord, now: float, param: Callable[[str], Any]) -> Tuple[An
     """The ``fr_calls`` row of ``r``, its key and value bound by ``param``
     (the database's ``key_param``)."""
     return (
-        param(r.key), r.name, r.version, bytes(r.arguments), _compact(r.arg_digests), dumps_json(r.metadata),
-        param(r.value), r.value_kind, r.value_size, getattr(r, "digest_scheme", None), now,
+        param(r.key), r.name, r.version, bytes(r.arguments), _digests_json(r.arg_digests),
+        dumps_json(r.metadata), param(r.value), r.value_kind, r.value_size,
+        getattr(r, "digest_scheme", None), now,
     )  # fmt: skip
+
+
+def _digests_json(digests: Any) -> str:
+    """``_compact(digests)``, for a dict of str to str written out with the
+    encoder's own C string quoting (one argument: 1.5 -> 0.4 us)."""
+    if type(digests) is dict:
+        parts = []
+        for arg, digest in digests.items():
+            if type(arg) is not str or type(digest) is not str:
+                break
+            parts.append(_quote(arg) + ":" + _quote(digest))
+        else:
+            return "{" + ",".join(parts) + "}"
+    return _compact(digests)
+
+
+_quote = json.encoder.encode_basestring_ascii  # what JSONEncoder uses (ensure_ascii)
 
 
 def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
@@ -171,12 +190,14 @@ def insert_rows(cur: Any, sql: str, rows: Sequence[Tuple[Any, ...]]) -> None:
         cur.executemany(sql, rows)
 
 
-def blob_row(digest: str, blob: Blob, param: Callable[[str], Any]) -> Tuple[Any, ...]:
+def blob_row(digest: str, blob: Blob, param: Callable[[str], Any], bound: Any = None) -> Tuple[Any, ...]:
+    """The ``fr_blobs`` row of ``blob``; ``bound`` is ``param(digest)`` when
+    the caller has it already."""
     body = blob.read_all()
     if len(body) != blob.size:
         raise CorruptEntryError(f"value {digest[:16]}: got {len(body)} bytes, expected {blob.size}")
     meta = "{}" if not blob.meta else _compact(blob.meta)
-    return (param(digest), blob.kind, meta, blob.size, body)
+    return (param(digest) if bound is None else bound, blob.kind, meta, blob.size, body)
 
 
 class Place:
@@ -263,8 +284,12 @@ def record_from_row(
     raw_key, name, version, arguments, arg_digests, metadata, raw_value, kind, size, scheme = row[:10]
     if scheme is None:
         scheme = legacy_scheme
-    key = text_of(raw_key)
-    value = text_of(raw_value)
+    if text_of is blob_key:  # SQLite's 32-byte keys: without a call each
+        key = raw_key.hex() if type(raw_key) is bytes else raw_key
+        value = raw_value.hex() if type(raw_value) is bytes else raw_value
+    else:
+        key = text_of(raw_key)
+        value = text_of(raw_value)
     try:
         meta = {} if metadata == "{}" else loads_json(metadata)
         digests = {} if arg_digests == "{}" else _json(arg_digests)
@@ -294,11 +319,12 @@ def record_from_row(
         and (version is None or (type(version) is str and len(version) <= MAX_FIELD_CHARS))
     )  # _is_digest and _short_text written out: this runs for every row read
     if ok:
-        for arg, digest in digests.items():
+        names = {}
+        for arg, digest in digests.items():  # keys of a JSON object: str
             if type(digest) is not str or len(digest) > MAX_FIELD_CHARS or len(arg) > MAX_FIELD_CHARS:
                 break
+            names[_intern(arg)] = digest
         else:
-            names = {_intern(arg): digest for arg, digest in digests.items()} if digests else digests
             return checked_record(
                 key,
                 _intern(name),
