@@ -54,7 +54,11 @@ class Cache(BaseCache):
     Args:
         values: where result blobs go (``values.type`` in fleche.toml).
         calls: where call records go (``calls.type``).
-        read_only: refuse every write with :class:`~fleche_remote.Rejected`.
+        read_only: refuse every write with :class:`~fleche_remote.Rejected`,
+            and open the stores without writing them (a SQL database with
+            tables of an older form is not migrated: opening it is a
+            :class:`~fleche_remote.errors.StorageError` saying how to).
+            The stores read only from then on, for whoever else uses them.
         secret_key: sign every entry saved and refuse, with a
             :class:`~fleche_remote.signing.SignatureError`, every entry
             loaded that is not signed with it: a hex string (several keys
@@ -105,6 +109,11 @@ class Cache(BaseCache):
         self.values = values
         self.calls = calls
         self._read_only = bool(read_only)
+        if self._read_only:
+            # before their first use: a store that would create or migrate
+            # its tables on opening (SQL) leaves them as they are instead
+            values.open_read_only()
+            calls.open_read_only()
         #: the call store, when it keeps small values inline
         self._inline: Optional[InlineValues] = calls if isinstance(calls, InlineValues) else None
         #: signs and checks entries; None for an unsigned cache

@@ -92,6 +92,12 @@ class ValueStore(ABC):
     def close(self) -> None:
         """Release files, connections and locks; the store may be reopened."""
 
+    def open_read_only(self) -> None:
+        """From now on, open what the store keeps without writing it: a
+        read-only cache calls this on its stores, so that opening a store
+        creates, upgrades or migrates nothing (see the SQL stores). The
+        default does nothing: a store whose opening writes nothing."""
+
     def collect_temporaries(self) -> int:
         """Remove what killed writers left half-written; returns how many.
 
@@ -249,6 +255,9 @@ class CallStore(ABC):
 
     def close(self) -> None:
         """Release files, connections and locks; the store may be reopened."""
+
+    def open_read_only(self) -> None:
+        """See :meth:`ValueStore.open_read_only`."""
 
     def collect_temporaries(self) -> int:
         """Remove what killed writers left half-written; returns how many

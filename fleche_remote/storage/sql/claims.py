@@ -34,6 +34,13 @@ CLAIMS_TABLE = (
     " expires DOUBLE PRECISION NOT NULL)"
 )
 
+#: Whether a table exists, per backend (a read-only opener creates none).
+_HAS_TABLE = {
+    "sqlite": "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+    "postgresql": "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+    "AND table_name = ?",
+}
+
 _UPSERT = (
     "INSERT INTO fr_claims (key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, host = excluded.host, "
@@ -110,9 +117,25 @@ class SqlClaims(Claims):
         if not keys:
             return []
         now = time.time()
+        if self._db.read_only:
+            return self._claimed_reading(keys, now)
         with self._db.transaction() as cur:
             self._table(cur)
             held = self._holders(cur, keys)
+        return [(h := held.get(str(k))) is not None and h.expires >= now for k in keys]
+
+    def _claimed_reading(self, keys: Sequence[str], now: float) -> List[bool]:
+        """``claimed`` on a database opened read-only: plain reads, and no
+        claims at all where the table was never made (it is not made here)."""
+        if self._db.first(self._db.sql(_HAS_TABLE[self._db.backend]), ("fr_claims",)) is None:
+            return [False] * len(keys)
+        held: Dict[str, Holder] = {}
+        text = self._db.key_text
+        for chunk in _chunks(keys, self._db.key_param):
+            cond, params = self._db.in_list("key", chunk)
+            sql = self._db.sql(f"SELECT key, owner, host, pid, expires FROM fr_claims WHERE {cond}")
+            for row in self._db.rows(sql, params):
+                held[text(row[0])] = Holder(row[1], row[2], int(row[3]), float(row[4]))
         return [(h := held.get(str(k))) is not None and h.expires >= now for k in keys]
 
 

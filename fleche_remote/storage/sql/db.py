@@ -197,6 +197,19 @@ def warn_foreign(have: Sequence[str], shown: str) -> None:
     )
 
 
+def upgrade_error(what: str, shown: str, why: str) -> StorageError:
+    """The refusal of an opener that may not bring an old database up to
+    date (see :func:`migration` and the text keys of :mod:`.sqlite`): it
+    names the database and says how to upgrade it, rather than reading it
+    wrong or not at all. ``why`` says why this opener did not."""
+    return StorageError(
+        f"{what} at {shown}: an earlier fleche-remote wrote it (its tables without the fr_ prefix, "
+        f"or keys stored as text), and {why}. Open it once from a process that may write the file "
+        f"(for example, as its owner: fleche-remote ls, with a cache table for it that does not say "
+        f"read_only = true), which migrates it in place"
+    )
+
+
 class Database(ABC):
     """One database, used from any thread and, after a fork, from the child.
 
@@ -205,9 +218,19 @@ class Database(ABC):
     transaction, committed when the block ends and rolled back if it
     raises. Driver errors come out as :class:`StorageError` naming the
     database (credentials hidden).
+
+    A database opened ``read_only`` (the stores of a read-only cache, see
+    :meth:`~.stores._SqlStore.open_read_only`) is never written by opening
+    it: no table is created, an old one is not migrated (that is
+    :func:`upgrade_error` instead), and the connections themselves refuse
+    writes, so a colleague's results, or a database an older client
+    shares, stay byte for byte as they were.
     """
 
     backend = ""
+
+    #: Set before the first use (see above); connections open afterwards honour it.
+    read_only = False
 
     #: How a hex key is bound as a parameter, and read back from a row
     #: (see :func:`key_blob`); a backend that keeps text keys leaves both.

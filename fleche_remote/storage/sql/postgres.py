@@ -35,7 +35,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import SCHEMA, Database, migration, warn_foreign
+from ...errors import StorageError
+from .db import SCHEMA, TABLES, Database, migration, upgrade_error, warn_foreign
 
 #: Arbitrary constant naming the advisory lock that serializes CREATE TABLE.
 _DDL_LOCK_ID = 0x666C6563686531
@@ -156,6 +157,7 @@ class PostgresDatabase(Database):
         if self._engine is None:
             engine = sa.create_engine(
                 self.url,
+                connect_args=self._read_only_options(),
                 isolation_level="AUTOCOMMIT",
                 pool_pre_ping=True,
                 # each thread holds one; never make a thread wait for another's
@@ -172,7 +174,48 @@ class PostgresDatabase(Database):
             self._engine = engine
         return self._engine
 
+    def _read_only_options(self) -> Dict[str, Any]:
+        """A read-only database's sessions refuse writes on the server's
+        side too (``default_transaction_read_only``), beside the url's own
+        ``options``, which a bare ``connect_args`` would replace."""
+        if not self.read_only:
+            return {}
+        given = self.url.query.get("options")
+        given = " ".join(given) if isinstance(given, tuple) else given
+        return {"options": " ".join(filter(None, [given, "-c default_transaction_read_only=on"]))}
+
+    def _check_tables(self, engine: Engine) -> None:
+        """A read-only opener's look at the tables: it creates and renames
+        none, and says so when they are missing or need renaming."""
+        try:
+            fairy = engine.raw_connection()
+            try:
+                conn = fairy.driver_connection
+                assert conn is not None
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT table_name FROM information_schema.tables "
+                        "WHERE table_schema = current_schema()"
+                    )
+                    have = sorted(r[0] for r in cur.fetchall())
+            finally:
+                fairy.close()
+        except self._errors as exc:
+            raise self.error("reading its tables", exc) from exc
+        if migration(have):
+            raise upgrade_error(self.what, self.shown, "this cache is read-only, so it was left as it is")
+        if not set(TABLES) <= set(have):
+            raise StorageError(
+                f"{self.what} at {self.shown}: the database holds no fleche-remote tables "
+                f"({', '.join(TABLES)}) in its current schema, and a read-only cache creates none. "
+                f"Check the url, or save into it once from a cache that is not read-only"
+            )
+        warn_foreign(have, self.shown)
+
     def _create_tables(self, engine: Engine) -> None:
+        if self.read_only:
+            self._check_tables(engine)
+            return
         for attempt in range(4):
             try:
                 fairy = engine.raw_connection()

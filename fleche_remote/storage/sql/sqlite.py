@@ -36,7 +36,10 @@ written before that, with text keys, is rewritten once, in one
 transaction, by the first process that opens it and may write it (an INFO
 line on logger ``fleche_remote.storage.sql`` says so); a process that may
 not write it gets a :class:`StorageError` saying how to migrate it, never
-wrong answers.
+wrong answers. So does a read-only cache, which leaves every file as it
+found it: it creates no database and no table, renames and rewrites
+nothing, does not switch the journal to WAL (that rewrites the header),
+and its connections are ``query_only``.
 
 Sharing (see :mod:`._fs`). The database file is created by this module,
 mode 0666 under the umask plus the ``shared`` bits, before SQLite opens it:
@@ -76,6 +79,7 @@ from .db import (
     key_blob,
     log,
     migration,
+    upgrade_error,
     warn_foreign,
 )
 
@@ -249,12 +253,23 @@ class SqliteDatabase(Database):
                     conn = self._open_snapshot(exc)
                 self._conns.append(conn)
             if not self._schema_ready:
-                self._create_tables(conn)
+                try:
+                    self._create_tables(conn)
+                except BaseException:
+                    # not kept open: a read-only opener's refusal leaves no
+                    # -wal or -shm behind, and a retry opens afresh
+                    if not self.memory:
+                        self._conns.remove(conn)
+                        self._snapshots.pop(id(conn), None)
+                        conn.close()
+                    raise
                 self._schema_ready = True
             self._local.conn, self._local.token = conn, self._token
             return conn
 
     def _open(self) -> sqlite3.Connection:
+        if self.read_only and self.path is not None:
+            return self._open_read_only(self.path)
         if not self.memory and not self.uri:
             try:
                 self.fs.create(self.target)
@@ -283,6 +298,41 @@ class SqliteDatabase(Database):
             # before ``shared`` was set needs them widened too
             self.fs.fix_path(self.path + "-wal")
             self.fs.fix_path(self.path + "-shm")
+        return conn
+
+    def _open_read_only(self, path: str) -> sqlite3.Connection:
+        """A connection of a read-only cache: it creates no file, leaves the
+        journal mode as it is (switching to WAL rewrites the header), and
+        refuses every write (``query_only``). It is an ordinary connection
+        otherwise, so that a WAL database is read beside its writers, and
+        the -wal and -shm it may have made are gone when the last closes."""
+        if not os.path.exists(path):
+            raise StorageError(
+                f"{self.what} at {self.shown}: there is no database at {path}, and a read-only cache "
+                f"does not create one. Check the url, or save into it once from a cache that is not "
+                f"read-only"
+            )
+        # mode=rw: never create the file, should it vanish after the check
+        target = self.target if self.uri else f"file:{quote(path)}?mode=rw"
+        conn = sqlite3.connect(
+            target,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,
+            uri=True,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA query_only = ON")
+            # the first read of the file: a reader that may not make its -wal
+            # and -shm fails here, and reads a snapshot instead (see below)
+            conn.execute("PRAGMA journal_mode").fetchone()
+            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     # -- reading a database one may not write (see the module docstring) ----------------
@@ -360,6 +410,14 @@ class SqliteDatabase(Database):
             rewriting = set(TABLES) <= have or bool(migration(sorted(have)))
         except sqlite3.Error as exc:
             raise self.error("reading its tables", exc) from exc
+        if self.read_only and not self.memory:
+            if rewriting:
+                raise upgrade_error(self.what, self.shown, "this cache is read-only, so it was left as it is")
+            raise StorageError(
+                f"{self.what} at {self.shown}: the file holds no fleche-remote tables "
+                f"({', '.join(TABLES)}), and a read-only cache creates none. Check the url, or save "
+                f"into it once from a cache that is not read-only"
+            )
         # under the write lock, so two processes never race to create, nor
         # to rename or rewrite an old database's tables: the second finds
         # the work done
@@ -381,13 +439,8 @@ class SqliteDatabase(Database):
                 raise
         except sqlite3.Error as exc:
             if rewriting:
-                raise StorageError(
-                    f"{self.what} at {self.shown}: an earlier fleche-remote wrote it (its tables "
-                    f"without the fr_ prefix, or keys stored as text), and this process could not "
-                    f"bring it up to date ({type(exc).__name__}: {exc}). Open it once from a process "
-                    f"that may write the file (for example, as its owner: fleche-remote ls), which "
-                    f"migrates it in place"
-                ) from exc
+                why = f"this process could not bring it up to date ({type(exc).__name__}: {exc})"
+                raise upgrade_error(self.what, self.shown, why) from exc
             raise self.error("creating tables", exc) from exc
         if old:
             log.info(

@@ -124,6 +124,15 @@ class _SqlStore:
         """Close the connections (new ones open on the next use)."""
         self._db.close()
 
+    def open_read_only(self) -> None:
+        """Open the database as a reader only (see :class:`~.db.Database`):
+        a read-only cache calls this, so that its first use neither creates
+        nor migrates tables. Connections already open are closed; the next
+        use opens read-only ones. Every user of this store reads only after."""
+        if not self._db.read_only:
+            self._db.read_only = True
+            self._db.close()
+
     def _page(self, table: str, column: str) -> Iterator[str]:
         sql = self._db.sql(f"SELECT {column} FROM {table} WHERE {column} > ? ORDER BY {column} LIMIT ?")
         text = self._db.key_text
