@@ -64,14 +64,13 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import quote, unquote
 
 from ...errors import StorageError
 from ..fs import DEFAULT_FS, FsPolicy, permission_error
 from .db import (
     BUSY_TIMEOUT_S,
-    KEY_COLUMNS,
     SCHEMA,
     TABLES,
     Database,
@@ -82,6 +81,7 @@ from .db import (
     upgrade_error,
     warn_foreign,
 )
+from .sqlite_keys import copy_keys, keys_to_blobs, table_names, text_key_tables
 
 _T = TypeVar("_T")
 
@@ -124,50 +124,6 @@ _DDL = [
     )
     for s in SCHEMA
 ]
-
-
-def _table_names(conn: sqlite3.Connection) -> Set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def _text_key_tables(conn: sqlite3.Connection, have: Set[str]) -> List[str]:
-    """Our tables whose key columns are declared TEXT: written before keys
-    were stored as bytes (see the module docstring)."""
-    old = []
-    for table, columns in KEY_COLUMNS.items():
-        if table in have:
-            types = {r[1]: str(r[2]).upper() for r in conn.execute(f"PRAGMA table_info({table})")}
-            if any(types.get(c) == "TEXT" for c in columns):
-                old.append(table)
-    return old
-
-
-def _keys_to_blobs(conn: sqlite3.Connection, tables: List[str]) -> None:
-    """Rewrite ``tables`` with their keys as bytes, inside the caller's write
-    transaction: each is renamed aside, made anew by :data:`_DDL` (which the
-    caller runs between the two halves: see :meth:`SqliteDatabase._create_tables`),
-    copied over in key order (hex order is byte order, so the new B-tree
-    grows at its end) and dropped."""
-    conn.create_function("fr_key", 1, key_blob, deterministic=True)
-    for table in tables:
-        if table == "fr_calls":  # its index would keep its name on the renamed table
-            conn.execute("DROP INDEX IF EXISTS fr_ix_calls_name")
-        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_text")
-
-
-def _copy_keys(conn: sqlite3.Connection, tables: List[str]) -> int:
-    """The second half of :func:`_keys_to_blobs`; returns the calls copied."""
-    calls = 0
-    for table in tables:
-        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table}_text)")]
-        select = ", ".join(f"fr_key({c})" if c in KEY_COLUMNS[table] else c for c in columns)
-        copied = conn.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {table}_text"
-        ).rowcount
-        if table == "fr_calls":
-            calls = copied
-        conn.execute(f"DROP TABLE {table}_text")
-    return calls
 
 
 #: Connections a fork child inherited: kept referenced, so that the child
@@ -306,12 +262,13 @@ class SqliteDatabase(Database):
         refuses every write (``query_only``). It is an ordinary connection
         otherwise, so that a WAL database is read beside its writers, and
         the -wal and -shm it may have made are gone when the last closes."""
-        if not os.path.exists(path):
-            raise StorageError(
-                f"{self.what} at {self.shown}: there is no database at {path}, and a read-only cache "
-                f"does not create one. Check the url, or save into it once from a cache that is not "
-                f"read-only"
-            )
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return self._empty((None,))
+        except PermissionError:
+            raise permission_error(path, f"the SQLite database of the {self.what}") from None
+        stamp = self._stamp()
         # mode=rw: never create the file, should it vanish after the check
         target = self.target if self.uri else f"file:{quote(path)}?mode=rw"
         conn = sqlite3.connect(
@@ -330,21 +287,44 @@ class SqliteDatabase(Database):
             conn.execute("PRAGMA journal_mode").fetchone()
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            have = table_names(conn)
         except BaseException:
             conn.close()
             raise
+        if not set(TABLES) & have and not migration(sorted(have)):
+            conn.close()  # none of our tables yet: an empty cache, until a writer makes them
+            return self._empty(stamp)
+        return conn
+
+    def _empty(self, stamp: Tuple[Any, ...]) -> sqlite3.Connection:
+        """An empty cache for a read-only opener of a file that does not
+        exist yet, or holds none of our tables: a private in-memory database
+        with them, read like a snapshot (see :meth:`_read`), so that the
+        first change to the file (``stamp`` no longer matches) opens it."""
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        for statement in _DDL:
+            conn.execute(statement)
+        conn.execute("PRAGMA query_only = ON")
+        self._snapshots[id(conn)] = stamp
         return conn
 
     # -- reading a database one may not write (see the module docstring) ----------------
 
     def _stamp(self) -> Tuple[Any, ...]:
-        """What changes when anyone writes the file: a -wal, mtime, size, inode."""
+        """What changes when anyone writes the file: its -wal's mtime and
+        size (None without one: a commit in WAL mode writes only there),
+        and the file's own mtime, size and inode; ``(None,)`` with no file."""
         assert self.path is not None
         try:
             st = os.stat(self.path)
         except OSError:
             return (None,)
-        return (os.path.exists(self.path + "-wal"), st.st_mtime_ns, st.st_size, st.st_ino)
+        try:
+            wal = os.stat(self.path + "-wal")
+            log_stamp: Any = (wal.st_mtime_ns, wal.st_size)
+        except OSError:
+            log_stamp = None
+        return (log_stamp, st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _open_snapshot(self, cause: sqlite3.Error) -> sqlite3.Connection:
         """The immutable fallback for a reader that cannot create -wal/-shm,
@@ -355,7 +335,7 @@ class SqliteDatabase(Database):
         if not os.access(path, os.R_OK):
             raise permission_error(path, f"the SQLite database of the {self.what}") from cause
         stamp = self._stamp()
-        if stamp[0] is not False or os.access(os.path.dirname(path) or ".", os.W_OK):
+        if len(stamp) == 1 or stamp[0] is not None or os.access(os.path.dirname(path) or ".", os.W_OK):
             # a writer is active, or we could have created the files: not our case
             raise self.error("opening", cause) from cause
         try:
@@ -373,8 +353,11 @@ class SqliteDatabase(Database):
         return conn
 
     def _drop(self, conn: sqlite3.Connection) -> None:
-        """Forget this thread's (snapshot) connection; the next use reopens."""
+        """Forget this thread's (snapshot) connection; the next use reopens,
+        and looks at the file's tables again (a writer may have made or
+        migrated them meanwhile)."""
         with self._lock:
+            self._schema_ready = False
             self._snapshots.pop(id(conn), None)
             if conn in self._conns:
                 self._conns.remove(conn)
@@ -402,8 +385,8 @@ class SqliteDatabase(Database):
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         try:
-            have = _table_names(conn)
-            if set(TABLES) <= have and not _text_key_tables(conn, have):
+            have = table_names(conn)
+            if set(TABLES) <= have and not text_key_tables(conn, have):
                 warn_foreign(sorted(have), self.shown)
                 return  # no write lock needed (and none possible on a read-only share)
             # ours, with keys as text or under the names before the prefix
@@ -424,14 +407,14 @@ class SqliteDatabase(Database):
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                have = _table_names(conn)
+                have = table_names(conn)
                 for statement in migration(sorted(have)):
                     conn.execute(statement)
-                old = _text_key_tables(conn, _table_names(conn))
-                _keys_to_blobs(conn, old)
+                old = text_key_tables(conn, table_names(conn))
+                keys_to_blobs(conn, old)
                 for statement in _DDL:
                     conn.execute(statement)
-                calls = _copy_keys(conn, old)
+                calls = copy_keys(conn, old)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
