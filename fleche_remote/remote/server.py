@@ -504,6 +504,18 @@ def _serve_as_stored(cache: Any) -> None:
             log.info("the server's secret_key is not used: clients sign and check entries themselves")
 
 
+def _open_read_only(cache: Any) -> None:
+    """``serve --read-only`` over a table that allows writes: its stores are
+    opened as a read-only cache's are, before the first request, so that a
+    colleague's forced command never creates, upgrades or migrates the
+    owner's database (an old one is refused with how to upgrade it)."""
+    for layer in getattr(cache, "layers", None) or [cache]:
+        for store in (getattr(layer, "values", None), getattr(layer, "calls", None)):
+            opener = getattr(store, "open_read_only", None)
+            if opener is not None:
+                opener()
+
+
 def _compute_host(args: argparse.Namespace, config: Any) -> Any:
     """How this server runs sweeps: the ``[compute]`` table, and whether a
     forced command started it. sshd sets ``SSH_ORIGINAL_COMMAND`` only
@@ -566,6 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fleche-remote serve: cannot open the cache: {exc}", file=sys.stderr)
         return 2
     _serve_as_stored(cache)
+    if args.read_only:
+        _open_read_only(cache)
     log.info(
         "serving cache %s%s from %s (protocol %d, fleche-remote %s)",
         args.cache or "[default]",

@@ -9,17 +9,20 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fleche_remote import Call, Rejected, RemoteConnectionError, RemoteError
 from fleche_remote.config import load_cache
+from fleche_remote.errors import StorageError
 from fleche_remote.remote.client import SshCache
 from fleche_remote.testing import private_sshd, wait_until
 from fleche_remote.testing._util import pid_exists
@@ -287,6 +290,34 @@ def test_forced_read_only_command_protects_the_host(sshd, tmp_path):
         assert colleague.contains(key)
     finally:
         colleague.close()
+
+
+def test_forced_read_only_command_leaves_an_old_database_as_it_is(sshd, tmp_path):
+    """The owner's table allows writes, the colleague's key is forced to
+    ``serve --read-only``: the colleague's first request must not migrate
+    the owner's text-keyed database, and is told how it gets upgraded."""
+    remote = remote_dir(tmp_path, "[default]\ncache = 'main'\n\n[main]\ntemplate = 'sql'\nroot = 'store'\n")
+    (remote / "store").mkdir()
+    db = remote / "store" / "calls.db"
+    shutil.copyfile(Path(__file__).parent.parent / "data" / "sql_text_keys.db", db)
+    before = db.read_bytes()
+    options = sshd.add_key(
+        forced_command=f"cd {remote} && exec {sys.executable} -m fleche_remote serve --read-only"
+    )
+    colleague = SshCache(sshd.host, ssh_options=options, command=None, timeout=15, python="ignored")
+    try:
+        with pytest.raises(StorageError, match="keys stored as text") as caught:
+            colleague.contains("ab" * 32)
+        assert "read_only = true" in str(caught.value)
+    finally:
+        colleague.close()
+    assert db.read_bytes() == before  # not migrated
+    owner = ssh_cache(sshd, remote)
+    try:
+        assert not owner.contains("ab" * 32)  # the owner's first use migrates it
+    finally:
+        owner.close()
+    assert db.read_bytes() != before
 
 
 def test_threads_share_one_connection(sshd, tmp_path):
