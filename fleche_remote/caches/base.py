@@ -212,13 +212,7 @@ class BaseCache(abc.ABC):
                 ``.result`` costs nothing more (a sweep's lookups).
         """
         if not results:
-            found = self.load_records_and_small_blobs(list(keys))
-            present = [f for f in found if f is not None]
-            batch = _Batch(
-                self, [r for r, _ in present], {i: b for i, (_, b) in enumerate(present) if b is not None}
-            )
-            lazies = iter(batch.lazy_calls())
-            return [None if f is None else next(lazies) for f in found]
+            return self._lazy_batch(self.load_records_and_small_blobs(list(keys)))
         out: List[Optional[LazyCall]] = []
         for entry in self.load_entries(list(keys)):
             if entry is None:
@@ -229,6 +223,18 @@ class BaseCache(abc.ABC):
             lazy._result = decode_value(blob)
             out.append(lazy)
         return out
+
+    def _lazy_batch(
+        self, found: Sequence[Optional[Tuple[CallRecord, Optional[Blob]]]]
+    ) -> List[Optional[LazyCall]]:
+        """Lazy calls of records (``None`` kept), with the values that came
+        along; the others are fetched together when the first is read."""
+        present = [f for f in found if f is not None]
+        batch = _Batch(
+            self, [r for r, _ in present], {i: b for i, (_, b) in enumerate(present) if b is not None}
+        )
+        lazies = iter(batch.lazy_calls())
+        return [None if f is None else next(lazies) for f in found]
 
     def load_value(self, key: str) -> Any:
         """The result stored under ``key`` (full or unique prefix).

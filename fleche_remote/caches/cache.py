@@ -247,6 +247,20 @@ class Cache(BaseCache):
             return super().load_records_and_small_blobs(keys)
         return self._live(keys, self._inline.get_entries(keys))
 
+    def load_rows(self, keys: Sequence[str]) -> Optional[List[Optional[Tuple[Any, ...]]]]:
+        """The call store's rows for ``keys`` as stored, unchecked (see
+        :meth:`~fleche_remote.storage.sql.stores.SqlCallStore.get_rows`), less
+        what ``max_age`` expired, and counted as used; ``None`` when the call
+        store keeps no rows to hand on (not SQL, or not keeping values
+        inline) or entries are signed (a signed reader checks every record)."""
+        if not self.hands_rows():
+            return None
+        return self._live(keys, self._inline.get_rows(keys))  # type: ignore[union-attr]
+
+    def hands_rows(self) -> bool:
+        """Whether :meth:`load_rows` answers (a server lists it in its handshake)."""
+        return self.signer is None and getattr(self._inline, "get_rows", None) is not None
+
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
         entries = self._live(keys, self._load_entries(keys))
         if self.signer is None:

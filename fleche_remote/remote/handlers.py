@@ -40,6 +40,8 @@ from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
 #: ``load_entries`` with ``small_only``, records with their small values;
 #: small lookups and their answers in the protocol's compact forms.
 FEATURES = ("small_entries", COMPACT_FEATURE)
+#: Listed too when the served cache hands on its rows (``Cache.hands_rows``; remote/rows.py).
+ROWS_FEATURE = "entry_rows"
 
 #: A query page holds at most this many records, or about this many bytes.
 PAGE_RECORDS = 500
@@ -158,6 +160,11 @@ def _h_load_records(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob
 def _h_load_entries(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     keys = _str_list(args, "keys")
     if args.get("small_only") is True:
+        if args.get("rows") is True:  # as stored, for the client to check (remote/rows.py)
+            load_rows = getattr(ctx.cache, "load_rows", None)
+            rows = None if load_rows is None else load_rows(keys)
+            if rows is not None:
+                return Reply({"rows": rows})
         return Reply(pack_small_entries(ctx.cache.load_records_and_small_blobs(keys)))
     entries = ctx.cache.load_entries(keys)
     items, streamed = pack_blobs([(e[0].value, e[1]) if e else ("", None) for e in entries])
@@ -462,6 +469,12 @@ def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = 
     return table
 
 
+def served_features(cache: BaseCache) -> List[str]:
+    """What this server answers beyond protocol 2's first form, for ``cache``."""
+    rows = getattr(cache, "hands_rows", None)
+    return [*FEATURES, *([ROWS_FEATURE] if rows is not None and rows() else [])]
+
+
 def server_info(
     cache: BaseCache, cache_name: Optional[str], read_only: bool, append_only: bool = False
 ) -> Dict[str, Any]:
@@ -481,7 +494,7 @@ def server_info(
         "append_only": bool(append_only),
         # what this server answers beyond protocol 2's first form: a client
         # asks for these only when they are listed (an older server lacks them)
-        "features": list(FEATURES),
+        "features": served_features(cache),
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,

@@ -514,6 +514,22 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             found[entry[0].key] = entry
         return [found.get(k) for k in keys]
 
+    def get_rows(self, keys: Sequence[str]) -> List[Optional[Tuple[Any, ...]]]:
+        """The rows :meth:`get_entries` reads, as stored and unchecked:
+        ``READ_CALL``'s columns, then the inline value's kind, meta, size and
+        body (NULL when the value is not inline). For a reader that checks
+        each with :func:`~.rows.record_from_row` and :func:`~.rows.row_blob`
+        when it first needs it: a server passes them on to its client
+        (remote/rows.py), which reads most listings' results only."""
+        keys = [str(k) for k in keys]
+        found: Dict[Any, Tuple[Any, ...]] = {}
+        plain = self._db.backend == "sqlite"  # PostgreSQL's bytea comes as memoryview
+        for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True):
+            if not plain:
+                row = tuple(bytes(v) if type(v) is memoryview else v for v in row)
+            found[self._db.key_text(row[0])] = tuple(row)
+        return [found.get(k) for k in keys]
+
     def _entry(self, row: Sequence[Any]) -> Tuple[CallRecord, Optional[Blob]]:
         record = record_from_row(self, row, self._db.key_text, LEGACY_DIGEST_SCHEME)
         if row[10] is None:  # no inline blob for this value
