@@ -212,7 +212,7 @@ class BaseCache(abc.ABC):
                 ``.result`` costs nothing more (a sweep's lookups).
         """
         if not results:
-            return self._lazy_batch(self.load_records_and_small_blobs(list(keys)))
+            return self.lazy_calls_of(self.load_records_and_small_blobs(list(keys)))
         out: List[Optional[LazyCall]] = []
         for entry in self.load_entries(list(keys)):
             if entry is None:
@@ -224,7 +224,7 @@ class BaseCache(abc.ABC):
             out.append(lazy)
         return out
 
-    def _lazy_batch(
+    def lazy_calls_of(
         self, found: Sequence[Optional[Tuple[CallRecord, Optional[Blob]]]]
     ) -> List[Optional[LazyCall]]:
         """Lazy calls of records (``None`` kept), with the values that came

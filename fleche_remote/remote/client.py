@@ -54,7 +54,7 @@ from .lifecycle import Lifecycle
 from .packing import SmallEntries, pipeline_parts, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
-from .rows import all_inline, checked_rows, row_calls, row_entries
+from .rows import listing
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
 from .transport import PipeTransport, Transport
 
@@ -422,35 +422,9 @@ class SshCache(Lifecycle, BaseCache):
             return super().load_many(keys, results=results)
         parts = pipeline_parts([str(k) for k in keys])
 
-        def run(conn: Connection) -> List[Optional[LazyCall]]:
-            got: List[Tuple[bool, Any]] = []  # per part: (rows?, rows or small entries)
-            asks = [{"keys": part, "small_only": True, "rows": True} for part in parts]
-            answers = conn.pipelined("load_entries", asks)
-            try:
-                for part, found in zip(parts, answers):
-                    rows = found.get("rows") if type(found) is dict else None
-                    if rows is not None:
-                        got.append((True, checked_rows(rows, len(part), self)))
-                    else:  # its cache keeps no rows: records, as before
-                        listed = [None if f is None else f[0] for f in found]
-                        got.append((False, unpack_small_entries(found, listed, self._seal, self._where)))
-            finally:
-                answers.close()
-            if all(is_rows and all_inline(rows) for is_rows, rows in got):
-                return [call for _, rows in got for call in row_calls(rows, self)]
-            # some values stay on the server: one batch over the whole
-            # listing fetches them together when the first is read
-            entries: SmallEntries = []
-            for is_rows, found in got:
-                entries.extend(row_entries(found, self) if is_rows else found)
-            calls = self._lazy_batch(entries)
-            if results:  # asked for: the values not inline come now, in batches
-                for call in calls:
-                    if call is not None:
-                        call.result  # noqa: B018
-            return calls
-
-        return self._on_connection(run, offline=lambda: [None] * len(keys))  # type: ignore[no-any-return]
+        return self._on_connection(  # type: ignore[no-any-return]
+            lambda conn: listing(self, conn, parts, results), offline=lambda: [None] * len(keys)
+        )
 
     def _features(self) -> Sequence[str]:
         """What the server lists in its handshake (nothing when it cannot be reached)."""
@@ -465,11 +439,7 @@ class SshCache(Lifecycle, BaseCache):
         server until read. A server that predates this answers records only."""
         if not keys:
             return []
-        try:
-            features = self._connection().hello.info.get("features") or ()
-        except RemoteConnectionError:
-            features = ()
-        if "small_entries" not in features:
+        if "small_entries" not in self._features():
             return super().load_records_and_small_blobs(keys)
         parts = pipeline_parts([str(k) for k in keys])
 

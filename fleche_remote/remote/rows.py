@@ -29,6 +29,8 @@ from ..codec.values import decode_value
 from ..errors import ProtocolError
 from ..storage.sql.db import blob_key
 from ..storage.sql.rows import record_from_row, row_blob
+from .packing import unpack_small_entries
+from .receive import Unsigned
 
 #: A row as the server sends it: ``READ_CALL``'s columns, then the inline
 #: value's kind, meta, size and body.
@@ -99,3 +101,37 @@ def row_entries(rows: Sequence[Optional[Row]], where: Any) -> List[Optional[Tupl
         blob = None if row[10] is None else row_blob(where, record.value, *row[10:14])
         out.append((record, blob))
     return out
+
+
+def listing(cache: Any, conn: Any, parts: Sequence[List[str]], results: bool) -> List[Optional[LazyCall]]:
+    """``cache.load_many`` of ``parts`` (the keys, split as
+    :func:`~fleche_remote.remote.packing.pipeline_parts` splits them) on
+    ``conn``, asking for rows: the parts go back to back, and each answer
+    is rows or, from a cache that keeps none, records with small values."""
+    got: List[Tuple[bool, Any]] = []  # per part: (rows?, rows or small entries)
+    answers = conn.pipelined(
+        "load_entries", [{"keys": part, "small_only": True, "rows": True} for part in parts]
+    )
+    try:
+        for part, found in zip(parts, answers):
+            rows = found.get("rows") if type(found) is dict else None
+            if rows is not None:
+                got.append((True, checked_rows(rows, len(part), cache)))
+            else:
+                listed = [None if f is None else f[0] for f in found]
+                got.append((False, unpack_small_entries(found, listed, Unsigned(), cache)))
+    finally:
+        answers.close()
+    if all(is_rows and all_inline(rows) for is_rows, rows in got):
+        return [call for _, rows in got for call in row_calls(rows, cache)]
+    # some values stay on the server: one batch over the whole listing
+    # fetches them together when the first is read
+    entries: List[Any] = []
+    for is_rows, found in got:
+        entries.extend(row_entries(found, cache) if is_rows else found)
+    calls: List[Optional[LazyCall]] = cache.lazy_calls_of(entries)
+    if results:  # asked for: the values not inline come now, in batches
+        for call in calls:
+            if call is not None:
+                call.result  # noqa: B018
+    return calls
