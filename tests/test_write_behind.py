@@ -118,6 +118,36 @@ def test_a_failure_is_logged_once_and_nothing_is_lost(
     later.close()
 
 
+def test_a_flush_that_reports_a_failure_finds_it_logged_already(tmp_path: Path) -> None:
+    # the warning is written before the failure shows: a handler slow to
+    # write it (a loaded machine, a log on a network disk) cannot let a
+    # caller see flush() fail with nothing in the log yet
+    class Slow(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: List[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(0.3)
+            self.messages.append(record.getMessage())
+
+    handler = Slow()
+    logger = logging.getLogger("fleche_remote.writebehind")
+    logger.addHandler(handler)
+    try:
+        lower = Counting(memory_cache())
+        lower.fail_saves = ConnectionError("the link is down")
+        stack = CacheStack(
+            [file_cache(tmp_path / "top"), lower], write_behind=[WriteBehind(lower, journal=tmp_path / "j")]
+        )
+        stack.save_many(calls(2))
+        assert not stack.flush(30)
+        assert len(handler.messages) == 1 and "the link is down" in handler.messages[0]
+        stack.close()
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_push_pending_raises_and_keeps_what_did_not_arrive(tmp_path: Path) -> None:
     lower = Counting(memory_cache())
     lower.fail_saves = ConnectionError("still down")

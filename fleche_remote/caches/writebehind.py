@@ -243,11 +243,11 @@ class WriteBehind:
         return len(items)
 
     def _fail(self, exc: BaseException) -> None:
+        # said before the failure is visible: a flush() that returns False
+        # on it must find the warning logged already (only this pusher
+        # thread fails; push_pending() raises instead)
         with self._cond:
             first = self._failure is None
-            self._failure = exc
-            self._queue.clear()  # still journaled: pending() lists them
-            self._cond.notify_all()
         if first:
             log.warning(
                 "write-behind to %r failed, and stops until push_pending(): %s. Saves go on into the "
@@ -256,6 +256,10 @@ class WriteBehind:
                 exc,
                 self.journal.path or "in memory",
             )
+        with self._cond:
+            self._failure = exc
+            self._queue.clear()  # still journaled: pending() lists them
+            self._cond.notify_all()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until everything queued has been pushed.
