@@ -17,7 +17,7 @@ import pytest
 from fleche_remote import Call, SshCache
 from fleche_remote.config import cache_from_config
 from fleche_remote.errors import CorruptEntryError
-from fleche_remote.remote import handlers
+from fleche_remote.remote import connection, handlers
 from fleche_remote.remote.connection import Connection
 from fleche_remote.remote.packing import PIPELINE_PARTS, pipeline_parts
 from fleche_remote.signing import SignatureError
@@ -99,6 +99,24 @@ def test_a_long_listing_is_asked_in_parts_all_sent_before_the_first_answer_is_re
         assert [c is None for c in calls] == [i % 7 == 0 for i in range(1500)]
         assert [c.result for c in calls if c is not None] == [[float(i)] * 10 for i in range(1500) if i % 7]
         assert remote.contains(keys[1])  # nothing left over on the connection
+    finally:
+        remote.close()
+
+
+def test_a_listing_with_more_parts_than_free_slots_reads_its_own_answers_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # another thread holds most of the slots for requests in flight: the
+    # listing must not wait for a slot while holding answers of its own
+    store = cache_from_config({"template": "sql", "root": str(tmp_path / "store")})
+    remote = SshCache.in_process(store, timeout=20)
+    try:
+        keys = remote.save_many([Call("slots.h", {"i": i}, [float(i)] * 10) for i in range(1500)])
+        monkeypatch.setattr(connection, "MAX_IN_FLIGHT", 3)
+        calls = remote.load_many(keys)
+        assert len(pipeline_parts(keys)) == 8
+        assert [c.result for c in calls] == [[float(i)] * 10 for i in range(1500)]
+        assert remote._connection().in_flight == 0
     finally:
         remote.close()
 
