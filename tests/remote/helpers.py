@@ -23,6 +23,17 @@ root = "store"
 read_only = true
 """
 
+#: A remote whose calls and small values are in SQLite (the ``sql`` template).
+SQL_TOML = """\
+[default]
+cache = "main"
+root = true
+
+[main]
+template = "sql"
+root = "store"
+"""
+
 
 def remote_dir(tmp_path: Path, toml: str = REMOTE_TOML) -> Path:
     """A directory on the 'remote' with its own fleche.toml."""

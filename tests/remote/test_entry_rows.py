@@ -21,18 +21,7 @@ from fleche_remote.config import cache_from_config
 from fleche_remote.errors import CorruptEntryError, ProtocolError
 from fleche_remote.remote.rows import checked_rows
 
-from .helpers import remote_dir, ssh_cache
-
-SQL_TOML = """\
-[default]
-cache = "main"
-root = true
-
-[main]
-template = "sql"
-root = "store"
-{extra}
-"""
+from .helpers import SQL_TOML, remote_dir, ssh_cache
 
 
 def stored(workdir: Path, n: int) -> List[str]:
@@ -57,7 +46,7 @@ def change(workdir: Path, sql: str, *params: Any) -> None:
 
 
 def test_a_listing_reads_as_the_records_do(sshd: Any, tmp_path: Path) -> None:
-    workdir = remote_dir(tmp_path, SQL_TOML.format(extra=""))
+    workdir = remote_dir(tmp_path, SQL_TOML)
     keys = stored(workdir, 30)
     remote = ssh_cache(sshd, workdir)
     try:
@@ -82,7 +71,7 @@ def test_a_listing_reads_as_the_records_do(sshd: Any, tmp_path: Path) -> None:
 
 
 def test_a_damaged_row_is_an_error_for_its_call_only_and_names_it(sshd: Any, tmp_path: Path) -> None:
-    workdir = remote_dir(tmp_path, SQL_TOML.format(extra=""))
+    workdir = remote_dir(tmp_path, SQL_TOML)
     keys = stored(workdir, 12)
     spoiled = {
         3: ("metadata", "[1, 2]"),
@@ -129,7 +118,7 @@ def test_a_damaged_row_is_an_error_for_its_call_only_and_names_it(sshd: Any, tmp
 
 
 def test_the_servers_max_age_still_applies(sshd: Any, tmp_path: Path) -> None:
-    workdir = remote_dir(tmp_path, SQL_TOML.format(extra='max_age = "30d"'))
+    workdir = remote_dir(tmp_path, SQL_TOML + 'max_age = "30d"\n')
     keys = stored(workdir, 5)
     change(workdir, "UPDATE fr_calls SET created = 1000.0 WHERE key = ?", bytes.fromhex(keys[2]))
     remote = ssh_cache(sshd, workdir)
@@ -157,7 +146,7 @@ def test_rows_that_are_not_rows_are_a_protocol_error(rows: Any, n: int) -> None:
 
 
 def test_results_true_over_rows_and_a_value_kept_elsewhere(sshd: Any, tmp_path: Path) -> None:
-    workdir = remote_dir(tmp_path, SQL_TOML.format(extra=""))
+    workdir = remote_dir(tmp_path, SQL_TOML)
     keys = stored(workdir, 10)
     big = b"x" * (200 << 10)  # over the store's inline bound: kept in a file, not in the row
     cache = cache_from_config({"template": "sql", "root": str(workdir / "store")})

@@ -22,17 +22,7 @@ from fleche_remote.remote.connection import Connection
 from fleche_remote.remote.packing import PIPELINE_PARTS, pipeline_parts
 from fleche_remote.signing import SignatureError
 
-from .helpers import remote_dir, ssh_cache
-
-SQL_TOML = """\
-[default]
-cache = "main"
-root = true
-
-[main]
-template = "sql"
-root = "store"
-"""
+from .helpers import SQL_TOML, remote_dir, ssh_cache
 
 #: Over the store's inline bound (32 KiB): kept in a file, not in the database.
 BIG = b"x" * (200 << 10)

@@ -27,7 +27,7 @@ from fleche_remote.remote.client import SshCache
 from fleche_remote.testing import private_sshd, wait_until
 from fleche_remote.testing._util import pid_exists
 
-from .helpers import remote_dir, ssh_cache
+from .helpers import SQL_TOML, remote_dir, ssh_cache
 
 
 def test_round_trip_and_info(sshd, tmp_path):
@@ -296,7 +296,7 @@ def test_forced_read_only_command_leaves_an_old_database_as_it_is(sshd, tmp_path
     """The owner's table allows writes, the colleague's key is forced to
     ``serve --read-only``: the colleague's first request must not migrate
     the owner's text-keyed database, and is told how it gets upgraded."""
-    remote = remote_dir(tmp_path, "[default]\ncache = 'main'\n\n[main]\ntemplate = 'sql'\nroot = 'store'\n")
+    remote = remote_dir(tmp_path, SQL_TOML)
     (remote / "store").mkdir()
     db = remote / "store" / "calls.db"
     shutil.copyfile(Path(__file__).parent.parent / "data" / "sql_text_keys.db", db)
