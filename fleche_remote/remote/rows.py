@@ -26,7 +26,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from ..call import LEGACY_DIGEST_SCHEME, CallRecord, LazyCall
 from ..codec.values import decode_value
-from ..errors import ProtocolError
+from ..errors import CorruptEntryError, ProtocolError
 from ..storage.sql.db import blob_key
 from ..storage.sql.rows import record_from_row, row_blob
 from .packing import unpack_small_entries
@@ -60,6 +60,14 @@ class RowCall(LazyCall):
     @record.setter
     def record(self, value: Optional[CallRecord]) -> None:
         self._rec = value
+
+    def __repr__(self) -> str:
+        try:
+            return super().__repr__()
+        except CorruptEntryError:  # a repr never raises: say what it is instead
+            raw = self._row[0]
+            key = raw.hex() if type(raw) is bytes else str(raw)
+            return f"<LazyCall key={key[:12]} damaged record (read .name for why)>"
 
     def _value(self) -> Any:
         row = self._row

@@ -102,6 +102,7 @@ def test_a_damaged_row_is_an_error_for_its_call_only_and_names_it(sshd: Any, tmp
                 with pytest.raises(CorruptEntryError) as caught:
                     call.name  # noqa: B018
                 assert keys[i][:16] in str(caught.value)
+                assert keys[i][:12] in repr(call) and "damaged" in repr(call)  # a repr never raises
             elif i in value_of:
                 assert call.name == "rows.f" and call.arguments == {"i": i, "tag": "t"}
                 with pytest.raises(CorruptEntryError) as caught:
