@@ -41,7 +41,7 @@ from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
 #: small lookups and their answers in the protocol's compact forms.
 FEATURES = ("small_entries", COMPACT_FEATURE)
 #: Listed too when the served cache hands on its rows (``Cache.hands_rows``; remote/rows.py).
-#: The rows' 14 columns are part of what it names: other columns need another name.
+#: The rows' columns (``READ_ENTRY``) are part of what it names: other columns need another name.
 ROWS_FEATURE = "entry_rows"
 
 #: A query page holds at most this many records, or about this many bytes.

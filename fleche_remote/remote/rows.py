@@ -28,14 +28,12 @@ from ..call import LEGACY_DIGEST_SCHEME, CallRecord, LazyCall
 from ..codec.values import decode_value
 from ..errors import CorruptEntryError, ProtocolError
 from ..storage.sql.db import blob_key
-from ..storage.sql.rows import record_from_row, row_blob
+from ..storage.sql.rows import ENTRY_COLUMNS, record_from_row, row_blob
 from .packing import unpack_small_entries
 from .receive import Unsigned
 
-#: A row as the server sends it: ``READ_CALL``'s columns, then the inline
-#: value's kind, meta, size and body.
+#: A row as the server sends it: the columns of ``READ_ENTRY``.
 Row = Tuple[Any, ...]
-ROW_COLUMNS = 14
 
 
 class RowCall(LazyCall):
@@ -77,12 +75,12 @@ class RowCall(LazyCall):
 
 
 def checked_rows(rows: Any, n: int, where: Any) -> List[Optional[Row]]:
-    """``rows`` if it is a list of ``n`` rows (or ``None``), each of the 14
+    """``rows`` if it is a list of ``n`` rows (or ``None``), each of the ``ENTRY_COLUMNS``
     columns; the contents are checked when read."""
     if type(rows) is not list or len(rows) != n:
         raise ProtocolError(f"{where!r} answered {n} keys with {type(rows).__name__} rows, not a list of {n}")
     for row in rows:
-        if row is not None and (type(row) is not tuple or len(row) != ROW_COLUMNS):
+        if row is not None and (type(row) is not tuple or len(row) != ENTRY_COLUMNS):
             raise ProtocolError(f"{where!r} sent a row that is not one: {type(row).__name__}")
     return rows
 

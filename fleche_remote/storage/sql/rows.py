@@ -139,6 +139,11 @@ CALL_COLUMNS = (
     "value", "value_kind", "value_size", "digest_scheme", "created",
 )  # fmt: skip
 READ_CALL = ", ".join(f"c.{c}" for c in CALL_COLUMNS[:-1])
+#: A call row joined with its inline value (kind, meta, size, body; NULL
+#: when the value is not inline): what a record and its small value are read
+#: from, and what a server hands on as a row (remote/rows.py).
+READ_ENTRY = READ_CALL + ", b.kind, b.meta, b.size, b.body"
+ENTRY_COLUMNS = len(CALL_COLUMNS) - 1 + 4
 BLOB_COLUMNS = ("digest", "kind", "meta", "size", "body")
 
 # PostgreSQL: a record, its argument rows and its inline value in one

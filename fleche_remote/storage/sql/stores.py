@@ -50,6 +50,7 @@ from .rows import (
     CALL_COLUMNS,
     PG_PUT_ONE,
     READ_CALL,
+    READ_ENTRY,
     blob_row,
     call_row,
     insert_rows,
@@ -256,8 +257,7 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
         self._has_call = db.sql("SELECT 1 FROM fr_calls WHERE key = ?")
         self._get_call = db.sql(f"SELECT {READ_CALL} FROM fr_calls c WHERE c.key = ?")
         self._get_entry = db.sql(
-            f"SELECT {READ_CALL}, b.kind, b.meta, b.size, b.body "
-            "FROM fr_calls c LEFT JOIN fr_blobs b ON b.digest = c.value WHERE c.key = ?"
+            f"SELECT {READ_ENTRY} FROM fr_calls c LEFT JOIN fr_blobs b ON b.digest = c.value WHERE c.key = ?"
         )
 
     # -- writing ------------------------------------------------------------------
@@ -509,22 +509,21 @@ class SqlCallStore(SqlQuota, _SqlStore, CallStore, InlineValues, KeptClaims):
             row = self._db.first(self._get_entry, (self._db.key_param(keys[0]),))
             return [None if row is None else self._entry(row)]
         found = {}
-        for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True):
+        for row in self._select(keys, READ_ENTRY, joined=True):
             entry = self._entry(row)
             found[entry[0].key] = entry
         return [found.get(k) for k in keys]
 
     def get_rows(self, keys: Sequence[str]) -> List[Optional[Tuple[Any, ...]]]:
         """The rows :meth:`get_entries` reads, as stored and unchecked:
-        ``READ_CALL``'s columns, then the inline value's kind, meta, size and
-        body (NULL when the value is not inline). For a reader that checks
+        ``READ_ENTRY``'s columns. For a reader that checks
         each with :func:`~.rows.record_from_row` and :func:`~.rows.row_blob`
         when it first needs it: a server passes them on to its client
         (remote/rows.py), which reads most listings' results only."""
         keys = [str(k) for k in keys]
         found: Dict[Any, Tuple[Any, ...]] = {}
         plain = self._db.backend == "sqlite"  # PostgreSQL's bytea comes as memoryview
-        for row in self._select(keys, READ_CALL + ", b.kind, b.meta, b.size, b.body", joined=True):
+        for row in self._select(keys, READ_ENTRY, joined=True):
             if not plain:
                 row = tuple(bytes(v) if type(v) is memoryview else v for v in row)
             found[self._db.key_text(row[0])] = tuple(row)
