@@ -45,10 +45,11 @@ from ..codec.digest import Digest
 from ..codec.values import Blob
 from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
-from ..storage.claims import Claims
+from ..storage.claims import Claims, LoadOrClaim
 from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
 from . import health, ssh_table
+from .claims import LOAD_OR_CLAIM, RemoteClaims, load_or_claim
 from .connection import Connection
 from .lifecycle import Lifecycle
 from .packing import SmallEntries, pipeline_parts, unpack_small_entries
@@ -562,10 +563,21 @@ class SshCache(Lifecycle, BaseCache):
             return None
         keeper = self.__dict__.get("_claims")
         if keeper is None:
-            from .claims import RemoteClaims
-
             keeper = self.__dict__["_claims"] = RemoteClaims(self._request, repr(self))
         return None if keeper.unsupported else keeper
+
+    def lookup_claims(self, entries: bool = False) -> Optional[Tuple[Claims, LoadOrClaim]]:
+        """The server's lookup that claims on a miss (``load_or_claim``),
+        so a ``@cached`` miss costs one round trip before computing, like a
+        hit; None when there are no claims or the server predates it."""
+        if LOAD_OR_CLAIM not in self._features():  # known once the server has said hello
+            return None
+        keeper = self.claim_keeper()
+        if keeper is None:
+            return None
+        assert isinstance(keeper, RemoteClaims)
+        run = load_or_claim(self._request, self._downloading, self._seal, self._where, keeper, entries)
+        return keeper, run
 
     # -- computing on the host (f.map(..., on=this)) ---------------------------
 
