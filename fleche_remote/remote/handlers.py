@@ -357,12 +357,14 @@ def _h_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> R
 def _h_load_or_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     """A ``@cached`` call's lookup and, on a miss, its claim, in one round
     trip: the answer of ``load_value`` when the call is stored, else the
-    claim's (None: the client's to compute; a holder: another's)."""
-    keeper, keys, holder = _claims_args(ctx, args)
+    claim's (None: the client's to compute; a holder: another's). A hit
+    leaves the holder and the lease unread."""
+    keys = _str_list(args, "keys")
     if len(keys) != 1:
         raise ProtocolError(f"load_or_claim takes one key, got {len(keys)}")
     record = ctx.cache.load_records(keys)[0]
     if record is None:
+        keeper, _, holder = _claims_args(ctx, args)
         found = keeper.claim(keys, holder, _lease(args))[0]
         if found is not None:
             return Reply(found.to_wire())
