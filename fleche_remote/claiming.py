@@ -500,12 +500,12 @@ def load_or_compute(
         asked = Claimed(keeper, [key], lease)
         try:
             found, answer = lookup(key, me(), lease)
-        except ClaimsUnsupported:  # nothing was looked up: look, then compute unclaimed
+        except ClaimsUnsupported:  # nothing was looked up: the two steps
             asked.release_local()
             try:
                 return load()
             except KeyError:
-                return compute()
+                return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
         except KeyError:
             asked.release_local()
             return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)

@@ -104,7 +104,9 @@ def load_or_claim(
     cannot be reached and ``on_error = "warn"``.
 
     Raises:
-        ClaimsUnsupported: the server keeps no claims (nothing was looked up).
+        ClaimsUnsupported: the server keeps no claims, or does not know the
+            operation (an earlier or ``--read-only`` server, asked before
+            its handshake was in): nothing was looked up.
         KeyError, CorruptEntryError: stored, but its value is missing or damaged.
     """
 
@@ -131,6 +133,10 @@ def load_or_claim(
         except Rejected as exc:  # the server's cache keeps no claims
             keeper.unsupported = True
             log.info("%s takes no claims (%s); computing without them", keeper.name, exc)
+            raise ClaimsUnsupported(str(exc)) from exc
+        except ProtocolError as exc:
+            if "unknown operation" not in str(exc):
+                raise
             raise ClaimsUnsupported(str(exc)) from exc
 
     return run

@@ -570,7 +570,13 @@ class SshCache(Lifecycle, BaseCache):
         """The server's lookup that claims on a miss (``load_or_claim``),
         so a ``@cached`` miss costs one round trip before computing, like a
         hit; None when there are no claims or the server predates it."""
-        if LOAD_OR_CLAIM not in self._features():  # known once the server has said hello
+        try:
+            conn = self._connection()
+        except RemoteConnectionError:
+            return None  # the two steps say what is wrong, as they did
+        # before the handshake, asked anyway: a first call goes out with the
+        # login, as a load_value does, and a server that lacks it says so
+        if conn.hello_received and LOAD_OR_CLAIM not in (conn.hello.info.get("features") or ()):
             return None
         keeper = self.claim_keeper()
         if keeper is None:

@@ -199,25 +199,36 @@ def test_a_damaged_stored_value_is_computed_again(
         remote.close()
 
 
-def test_a_server_without_the_combined_lookup_is_asked_in_two_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("first", ["after its handshake", "before its handshake"])
+def test_an_earlier_server_is_asked_in_two_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
 ) -> None:
-    # an older server: it claims, but lists no load_or_claim
+    # a server of an earlier version: it claims, but neither lists nor knows load_or_claim
     monkeypatch.setattr(handlers, "served_features", lambda cache, read_only=False: [])
+    monkeypatch.delitem(handlers.CLAIM_HANDLERS, "load_or_claim")
     remote = SshCache.in_process(cache_from_config({"template": "sql", "root": str(tmp_path / "store")}))
     try:
-        assert remote.lookup_claims() is None
         seen: Dict[str, Any] = {}
 
         @cached(cache=remote)
         def double(x: int) -> int:
             seen["requests"] = remote.request_count - before
+            keeper = remote.claim_keeper()
+            seen["claimed"] = keeper is not None and keeper.claimed([double.key(x)]) == [True]
             return 2 * x
 
-        remote.ping()
         before = remote.request_count
+        if first == "after its handshake":
+            remote.ping()
+            assert remote.lookup_claims() is None
+            before = remote.request_count
         assert double(1) == 2
-        assert seen == {"requests": 2}  # the lookup, then the claim
+        # the lookup, then the claim (and, asked before the handshake, the
+        # refused load_or_claim before them)
+        assert seen == {"requests": 2 if first == "after its handshake" else 3, "claimed": True}
+        assert remote.lookup_claims() is None
+        seen.clear()
+        assert double(1) == 2 and seen == {}
     finally:
         remote.close()
 
