@@ -255,3 +255,54 @@ def test_a_malformed_lookup_that_claims_is_refused_and_the_connection_goes_on(
         assert me().owner != "o"
     finally:
         remote.close()
+
+
+def test_threads_of_one_process_compute_a_call_once(sshd: Any, tmp_path: Path) -> None:
+    workdir = remote_dir(tmp_path)
+    remote = ssh_cache(sshd, workdir)
+    runs: List[int] = []
+    inside = threading.Event()
+    finish = threading.Event()
+    waiting: List[str] = []
+    all_waiting = threading.Event()
+
+    class Waiters(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for" in record.getMessage():
+                waiting.append(threading.current_thread().name)
+                if len(waiting) == 3:
+                    all_waiting.set()
+
+    try:
+
+        @cached(cache=remote)
+        def slow(x: int) -> int:
+            runs.append(x)
+            inside.set()
+            assert finish.wait(60)
+            return x + 1
+
+        results: List[int] = []
+        threads = [threading.Thread(target=lambda: results.append(slow(1))) for _ in range(4)]
+        claims_log = logging.getLogger("fleche_remote.claims")
+        handler = Waiters(logging.INFO)
+        claims_log.addHandler(handler)
+        old_level = claims_log.level
+        claims_log.setLevel(logging.INFO)
+        try:
+            threads[0].start()
+            assert inside.wait(60)
+            for t in threads[1:]:
+                t.start()
+            # the three others wait for the first (on its event, not the server)
+            assert all_waiting.wait(60), waiting
+            finish.set()
+            for t in threads:
+                t.join(60)
+        finally:
+            claims_log.removeHandler(handler)
+            claims_log.setLevel(old_level)
+            finish.set()
+        assert results == [2] * 4 and runs == [1]
+    finally:
+        remote.close()
