@@ -20,7 +20,6 @@ values a reply streams back is :mod:`~fleche_remote.remote.receive`.
 
 from __future__ import annotations
 
-import shlex
 import threading
 import time
 import weakref
@@ -50,18 +49,20 @@ from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
 from . import health, ssh_table
 from .claims import LOAD_OR_CLAIM, RemoteClaims, load_or_claim
+from .command import SshCommand
 from .connection import Connection
+from .host_compute import HostCompute
 from .lifecycle import Lifecycle
 from .packing import SmallEntries, pipeline_parts, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
 from .rows import entries as row_listing_entries
 from .rows import listing
-from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
+from .ssh_options import check_host
 from .transport import PipeTransport, Transport
 
 
-class SshCache(Lifecycle, BaseCache):
+class SshCache(Lifecycle, SshCommand, HostCompute, BaseCache):
     """A :class:`BaseCache` whose storage is a cache on another host.
 
     Args:
@@ -239,42 +240,6 @@ class SshCache(Lifecycle, BaseCache):
         served = f"cache {self.cache_name!r}" if self.cache_name else "its default cache"
         workdir = f" from {self.workdir}" if self.workdir else ""
         return f"{self.host} ({served}{workdir})"
-
-    def remote_command(self) -> str:
-        """The shell command line ssh runs on the remote."""
-        serve = [sh_path(self.python), "-m", "fleche_remote", "serve"]
-        if self.cache_name is not None:
-            serve += ["--cache", shlex.quote(self.cache_name)]
-        if self._local_read_only:
-            serve.append("--read-only")
-        steps = self.setup_steps()
-        if self.bootstrap == "never":
-            steps.append("exec " + " ".join(serve))
-        else:  # a stub that runs an installed server, or ships this one
-            steps.append("exec " + _bootstrap.stub_command(serve[0], serve[4:], self.bootstrap))
-        return " && ".join(steps)
-
-    def setup_steps(self) -> List[str]:
-        """What the remote shell does before the server: ``cd workdir`` and
-        the setup commands (``doctor`` runs its probe after the same steps)."""
-        steps = [f"cd {sh_path(self.workdir)}"] if self.workdir else []
-        return steps + list(self.setup_commands)
-
-    def argv(self) -> List[str]:
-        """The full local command that starts the connection."""
-        if self.command is not None:
-            return list(self.command)
-        return self.ssh_argv(self.remote_command())
-
-    def ssh_argv(self, remote_command: str) -> List[str]:
-        """``ssh`` with this layer's options (cipher, the user's, time-outs)
-        running ``remote_command``: one place builds it, for the server and
-        for ``doctor``'s probes alike."""
-        extra = fast_cipher_options(self.ssh, self.ssh_options, self.host) if self.fast_cipher else ()
-        # after the user's options: ssh keeps the first value, so theirs win
-        timeouts = timeout_options(self.ssh, self.ssh_options, self.host)
-        # "--": nothing after it is an option, whatever the host string holds
-        return [self.ssh, "-T", *extra, *self.ssh_options, *timeouts, "--", self.host, remote_command]
 
     def __repr__(self) -> str:
         name = f", cache_name={self.cache_name!r}" if self.cache_name else ""
@@ -612,43 +577,6 @@ class SshCache(Lifecycle, BaseCache):
         assert isinstance(keeper, RemoteClaims)
         run = load_or_claim(self._request, self._downloading, self._seal, self._where, keeper, entries)
         return keeper, run
-
-    # -- computing on the host (f.map(..., on=this)) ---------------------------
-
-    def compute_submit(
-        self,
-        function: bytes,
-        about: Dict[str, Any],
-        records: Sequence[CallRecord],
-        arguments: Sequence[bytes],
-    ) -> List[Optional[List[Any]]]:
-        """Have the host compute the points not stored there, in one round
-        trip; per point, ``[job, index]`` to poll, or None when the host has
-        it already. The function and the arguments are opaque bytes to the
-        server (its workers unpickle them). See :mod:`fleche_remote.compute`.
-
-        Raises:
-            Rejected: the host refuses (no ``[compute]`` table, a read-only
-                or forced-command key, sbatch failed), saying why.
-        """
-        args = {"function": function, "about": about, "records": list(records), "arguments": list(arguments)}
-        return list(self._compute_request("compute_submit", args))
-
-    def compute_status(self, points: Sequence[Sequence[Any]]) -> List[Dict[str, Any]]:
-        """The state of each ``[job, index]`` (one round trip)."""
-        wanted = {"points": [[str(j), int(i)] for j, i in points]}
-        return list(self._compute_request("compute_status", wanted)) if points else []
-
-    def _compute_request(self, op: str, args: Dict[str, Any]) -> Any:
-        try:
-            return self._request(op, args)
-        except ProtocolError as exc:
-            if "unknown operation" not in str(exc):
-                raise
-            raise Rejected(
-                f"{self!r} runs a fleche-remote server without computing (no {op!r}); "
-                f"update fleche-remote on the host to use f.map(..., on=...)"
-            ) from None
 
 
 def _absent(key: str) -> Callable[[], Any]:
