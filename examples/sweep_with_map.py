@@ -13,7 +13,9 @@ story:
    by a background thread.
 2. The sweep is widened to 300 points: only the 100 new ones are computed.
 3. A second process, with an empty local layer, asks for the same 300:
-   all come from the cluster in one batch and are kept locally.
+   all come from the cluster in one round trip and are kept locally (a
+   listing this long is asked in two parts sent back to back, so the
+   server reads one while the laptop unpacks the other: two requests).
 
 Run: ``.venv/bin/python examples/sweep_with_map.py``
 """

@@ -26,7 +26,8 @@ STORY = {
         "computed 200, requests to the cluster so far: 2",
         "computed 100,",  # widened: only the new points
         "pushed to the cluster in the background: True",
-        "computed 0, requests to the cluster so far: 1",  # another process: all hits, one batch
+        # another process: all hits, in two parts sent back to back (one round trip)
+        "computed 0, requests to the cluster so far: 2",
         "kept locally: 300",
     ],
     "read_only_colleague.py": [
