@@ -457,6 +457,13 @@ class SshCache(Lifecycle, BaseCache):
 
         return self._on_connection(run, offline=lambda: [None] * len(keys))
 
+    def contains(self, key: str) -> bool:
+        # the commonest request: straight to the connection, without
+        # BaseCache's detour through contains_many and its lists
+        keys = [str(key)]
+        found = self._on_connection(lambda conn: conn.request("contains_many", {"keys": keys}), _not_found)
+        return found[0]  # type: ignore[no-any-return]
+
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
             return []
@@ -603,6 +610,11 @@ class SshCache(Lifecycle, BaseCache):
                 f"{self!r} runs a fleche-remote server without computing (no {op!r}); "
                 f"update fleche-remote on the host to use f.map(..., on=...)"
             ) from None
+
+
+def _not_found() -> List[bool]:
+    """The offline answer of a one-key lookup (``on_error = "warn"``)."""
+    return [False]
 
 
 def _absent(key: str) -> Callable[[], Any]:

@@ -41,16 +41,17 @@ answer, remote errors rebuilt) is :mod:`~fleche_remote.remote.exchange`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
-from .exchange import Exchange, Pending, frame_size, plain_answer
+from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     COMPACT_FEATURE,
@@ -135,7 +136,10 @@ class Connection:
         self._queued_total = 0
         self._leading = False
         self._leader = 0  # thread ident of the leader, to spot a flag left by Ctrl-C
-        self._lone: Optional[Pending] = None  # the lone request whose thread leads (see _alone)
+        # the lone request whose thread leads (see _alone): its id (-1: none;
+        # never a frame's) and where its frames go, no lock taken
+        self._lone_rid = -1
+        self._lone_frames: Deque[Frame] = collections.deque()
         self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
@@ -265,6 +269,7 @@ class Connection:
             claim = self._decoder.claim_payload() if self._scanner is None else None
             if claim is not None:
                 self._fill(claim[0], claim[1], wait)
+                self._file_frames(self._next_frame())
             else:
                 data = self.transport.read_ready()
                 if data is None:
@@ -277,8 +282,11 @@ class Connection:
                     data = self._take_banner(data)
                     if not data:
                         return
-                self._decoder.feed(data)
-            self._file_frames()
+                try:
+                    frame = self._decoder.next_frame_from(data)
+                except ProtocolError as exc:
+                    raise self.fail(f"garbage from {self.target}: {exc}") from None
+                self._file_frames(frame)
         except RemoteConnectionError:
             raise
         except OSError as exc:
@@ -306,15 +314,23 @@ class Connection:
             have += n
         self._decoder.feed_claimed(buf)
 
-    def _file_frames(self) -> None:
+    def _next_frame(self) -> Any:
+        try:
+            return self._decoder.next_frame()
+        except ProtocolError as exc:
+            raise self.fail(f"garbage from {self.target}: {exc}") from None
+
+    def _file_frames(self, frame: Any) -> None:
+        """File ``frame`` (the decoder's next, maybe ``NEED_DATA``) and every
+        complete one after it."""
         while True:
-            try:
-                frame = self._decoder.next_frame()
-            except ProtocolError as exc:
-                raise self.fail(f"garbage from {self.target}: {exc}") from None
             if frame is NEED_DATA:
                 return
             assert isinstance(frame, Frame)
+            if frame.id == self._lone_rid:
+                self._lone_frames.append(frame)  # its own thread reads it: no lock, counted when it lets go
+                frame = self._next_frame()
+                continue
             if self._hello is None:
                 if frame.type != MSG or not isinstance(frame.message, Hello):
                     raise self.fail(
@@ -328,20 +344,17 @@ class Connection:
                     self._on_hello(frame.message)
                 with self._cond:
                     self._cond.notify_all()
-                continue
-            lone = self._lone
-            if lone is not None and frame.id == lone.rid:
-                lone.frames.append(frame)  # its own thread reads it: no lock, counted when it lets go
+                frame = self._next_frame()
                 continue
             with self._cond:
                 pending = self._pending.get(frame.id)
-                if pending is None:
-                    continue  # the tail of an abandoned request
-                size = frame_size(frame)
-                pending.frames.append(frame)
-                pending.queued += size
-                self._queued_total += size
-                self._wake()
+                if pending is not None:  # else the tail of an abandoned request
+                    size = frame_size(frame)
+                    pending.frames.append(frame)
+                    pending.queued += size
+                    self._queued_total += size
+                    self._wake()
+            frame = self._next_frame()
 
     def next_frame(self, pending: Optional[Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
@@ -506,28 +519,38 @@ class Connection:
         an answer the general reader takes from here (an error, values,
         pages), its frames counted in the queue like any other's.
         """
-        self._check_usable()
-        with self._cond:
+        if self.broken is not None:
+            self._check_usable()
+        with self._mutex:  # the condition's lock, without its Python-level __enter__
             if self._pending or self._leading or self._hello is None:
                 return None
             rid = self._next_id
             self._next_id = (rid % 0xFFFFFFFF) + 1
             self.requests_sent += 1
-            pending = self._pending[rid] = self._lone = Pending(rid)
+            pending = self._pending[rid] = Pending(rid)
+            frames = self._lone_frames = pending.frames
+            self._lone_rid = rid
             self._leading = True
             self._leader = threading.get_ident()
-        answer: Optional[Response] = None
+        answer: Any = None
         try:
             try:
-                self._send(Request(rid, op, dict(args or {}), []), ())
-                while not pending.frames and self._queued_total < MAX_QUEUED_BYTES:
+                head = encode_message(Request(rid, op, args), self._compact)  # encoded now: no copy of args
+                try:
+                    self._writer.small(head)
+                except RemoteConnectionError as exc:
+                    raise self._send_failed(exc) from None
+                while not frames and self._queued_total < MAX_QUEUED_BYTES:
                     self._read_some()
             finally:
-                with self._cond:
-                    self._lone = None
+                with self._mutex:
+                    self._lone_rid = -1
                     self._leading = False
-                    frames = pending.frames
-                    answer = plain_answer(frames[0]) if len(frames) == 1 else None
+                    if len(frames) == 1:
+                        frame = frames[0]
+                        answer = frame.message
+                        if type(answer) is not Response or frame.type != MSG or answer.blobs or answer.more:
+                            answer = None  # not a plain answer (see plain_answer)
                     if answer is not None:
                         del self._pending[rid]
                     else:  # the general reader's bookkeeping from here on
@@ -535,7 +558,8 @@ class Connection:
                             size = frame_size(frame)
                             pending.queued += size
                             self._queued_total += size
-                    self._wake()
+                    if self._waiting:
+                        self._cond.notify_all()
         except BaseException:
             with Exchange(self, pending):  # forgets it, and stops an answer nobody reads
                 raise

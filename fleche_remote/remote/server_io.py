@@ -115,6 +115,7 @@ class Input:
             claim = self.decoder.claim_payload() if self._readinto is not None else None
             if claim is not None:
                 self._fill(*claim)
+                frame = self.decoder.next_frame()
             else:
                 if self._read_some is not None:
                     n = self._read_some(self._scratch)
@@ -127,8 +128,7 @@ class Input:
                             f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
                         )
                     return None
-                self.decoder.feed(data)
-            frame = self.decoder.next_frame()
+                frame = self.decoder.next_frame_from(data)
             if frame is not NEED_DATA:
                 return frame
 
