@@ -123,8 +123,9 @@ class _Server:
     # -- the main thread --------------------------------------------------
 
     def run(self) -> None:
+        decoder = self.inp.decoder
         while True:
-            frame = self.inp.next_frame(block=False)
+            frame: Any = decoder.next_frame()
             if frame is NEED_DATA:
                 self.out.flush()  # nothing more to answer right now
                 frame = self.inp.read_frame()
