@@ -460,9 +460,8 @@ class SshCache(Lifecycle, BaseCache):
     def contains(self, key: str) -> bool:
         # the commonest request: straight to the connection, without
         # BaseCache's detour through contains_many and its lists
-        keys = [str(key)]
-        found = self._on_connection(lambda conn: conn.request("contains_many", {"keys": keys}), _not_found)
-        return found[0]  # type: ignore[no-any-return]
+        key = str(key)
+        return self._on_connection(lambda conn: conn.contains(key), _not_found)  # type: ignore[no-any-return]
 
     def contains_many(self, keys: Sequence[str]) -> List[bool]:
         if not keys:
@@ -612,9 +611,9 @@ class SshCache(Lifecycle, BaseCache):
             ) from None
 
 
-def _not_found() -> List[bool]:
-    """The offline answer of a one-key lookup (``on_error = "warn"``)."""
-    return [False]
+def _not_found() -> bool:
+    """The offline answer of ``contains`` (``on_error = "warn"``)."""
+    return False
 
 
 def _absent(key: str) -> Callable[[], Any]:

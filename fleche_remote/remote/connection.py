@@ -55,6 +55,7 @@ from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     COMPACT_FEATURE,
+    LOOKUP_OP,
     MSG,
     NEED_DATA,
     BannerScanner,
@@ -66,6 +67,7 @@ from .protocol import (
     Response,
     check_version,
     describe_noise,
+    encode_lookup,
     encode_message,
 )
 from .sending import RequestWriter
@@ -140,6 +142,7 @@ class Connection:
         # never a frame's) and where its frames go, no lock taken
         self._lone_rid = -1
         self._lone_frames: Deque[Frame] = collections.deque()
+        self._lone_found: Optional[List[bool]] = None  # its answer when read whole as a list of bools
         self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
@@ -281,6 +284,11 @@ class Connection:
                 if self._scanner is not None:
                     data = self._take_banner(data)
                     if not data:
+                        return
+                elif self._lone_rid >= 0:
+                    found = self._decoder.found_from(data, self._lone_rid)
+                    if found is not None:  # the lone request's answer, read whole (the lookup lane)
+                        self._lone_found = found
                         return
                 try:
                     frame = self._decoder.next_frame_from(data)
@@ -458,6 +466,19 @@ class Connection:
                 return answer if consume is None else consume(answer, [])
         return self._answer(self.exchange(op, args, blobs), consume)
 
+    def contains(self, key: str) -> bool:
+        """``request(LOOKUP_OP, {"keys": [key]})[0]``, the commonest request,
+        by the lookup lane (see the protocol module) when it goes alone."""
+        args = {"keys": [key]}
+        alone = self._alone(LOOKUP_OP, args, key)
+        if alone is None:
+            found = self._answer(self.exchange(LOOKUP_OP, args), None)
+        else:
+            plain, found = alone
+            if not plain:
+                found = self._answer(found, None)
+        return found[0]  # type: ignore[no-any-return]
+
     def pipelined(self, op: str, args_list: Sequence[Dict[str, Any]]) -> Generator[Any, None, None]:
         """Send several requests back to back, then yield their plain results
         in order.
@@ -506,7 +527,9 @@ class Connection:
                     pass
             return message.result
 
-    def _alone(self, op: str, args: Optional[Dict[str, Any]]) -> Optional[Tuple[bool, Any]]:
+    def _alone(
+        self, op: str, args: Optional[Dict[str, Any]], lookup: Optional[str] = None
+    ) -> Optional[Tuple[bool, Any]]:
         """A request while no other is in flight: its thread leads from the
         start and reads its answer with no lock taken per frame, and a plain
         answer (a result, no values, no pages) is returned as it arrives.
@@ -517,7 +540,9 @@ class Connection:
         fake transport). ``None`` when others are in flight (use
         :meth:`exchange`); ``(True, result)``; or ``(False, exchange)`` for
         an answer the general reader takes from here (an error, values,
-        pages), its frames counted in the queue like any other's.
+        pages), its frames counted in the queue like any other's. With
+        ``lookup``, the request is a :data:`LOOKUP_OP` of that one key, sent
+        and answered by the lookup lane where the compact forms allow.
         """
         if self.broken is not None:
             self._check_usable()
@@ -530,28 +555,33 @@ class Connection:
             pending = self._pending[rid] = Pending(rid)
             frames = self._lone_frames = pending.frames
             self._lone_rid = rid
+            self._lone_found = None
             self._leading = True
             self._leader = threading.get_ident()
-        answer: Any = None
+        plain, result = False, None  # a plain answer (a result, no values, no pages) and its result
         try:
             try:
-                head = encode_message(Request(rid, op, args), self._compact)  # encoded now: no copy of args
+                head = encode_lookup(rid, lookup) if lookup is not None and self._compact else None
+                if head is None:
+                    head = encode_message(Request(rid, op, args), self._compact)  # now: args not copied
                 try:
                     self._writer.small(head)
                 except RemoteConnectionError as exc:
                     raise self._send_failed(exc) from None
-                while not frames and self._queued_total < MAX_QUEUED_BYTES:
+                while not frames and self._lone_found is None and self._queued_total < MAX_QUEUED_BYTES:
                     self._read_some()
             finally:
                 with self._mutex:
                     self._lone_rid = -1
                     self._leading = False
-                    if len(frames) == 1:
+                    if self._lone_found is not None:  # read whole by the lookup lane
+                        plain, result, self._lone_found = True, self._lone_found, None
+                    elif len(frames) == 1:
                         frame = frames[0]
-                        answer = frame.message
-                        if type(answer) is not Response or frame.type != MSG or answer.blobs or answer.more:
-                            answer = None  # not a plain answer (see plain_answer)
-                    if answer is not None:
+                        message = frame.message
+                        if type(message) is Response and frame.type == MSG and not message.blobs:
+                            plain, result = not message.more, message.result  # see plain_answer
+                    if plain:
                         del self._pending[rid]
                     else:  # the general reader's bookkeeping from here on
                         for frame in frames:
@@ -563,8 +593,8 @@ class Connection:
         except BaseException:
             with Exchange(self, pending):  # forgets it, and stops an answer nobody reads
                 raise
-        if answer is not None:
-            return True, answer.result
+        if plain:
+            return True, result
         return False, Exchange(self, pending)
 
     def exchange(
