@@ -2,10 +2,8 @@
 
 Design rules (everything that shapes the bytes lives here):
 
-* The server speaks first: a fixed magic banner, then a 2-byte protocol
-  version, then frames. The client scans for the banner and treats every
-  byte before it as login-shell noise (motd, ``module``, conda), which it
-  reports but never parses.
+* The server speaks first: a magic banner and its protocol version (see
+  :mod:`.banner`), then frames.
 * After the banner everything is a frame: a 14-byte header
   ``marker(0xFE) type(u8) id(u32) length(u64)`` and ``length`` payload
   bytes. The marker makes garbage on the wire fail loudly at the first
@@ -63,13 +61,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ..codec.plain import dumps_plain, loads_plain, register_plain
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-
-#: PNG-style magic: the high-bit byte and CR LF / ^Z catch text-mode
-#: mangling; the name makes a hexdump self-explanatory.
-MAGIC = b"\x89FLECHE-REMOTE\r\n\x1a\n"
-_VERSION = struct.Struct(">H")
-BANNER = MAGIC + _VERSION.pack(PROTOCOL_VERSION)
+# what the server says first is .banner's; its names are the wire's, so they are here too
+from .banner import BANNER as BANNER
+from .banner import DEFAULT_MAX_NOISE as DEFAULT_MAX_NOISE
+from .banner import MAGIC as MAGIC
+from .banner import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .banner import BannerScanner as BannerScanner
+from .banner import check_version as check_version
+from .banner import describe_noise as describe_noise
 
 MARKER = 0xFE
 _HEADER = struct.Struct(">BBIQ")
@@ -86,8 +85,6 @@ FRAME_TYPES = {MSG: "MSG", DATA: "DATA", END: "END", ABORT: "ABORT"}
 DEFAULT_MAX_MESSAGE = 1 << 30
 #: Data chunks are sent at 1 MiB; allow 16x slack for other senders.
 DEFAULT_MAX_CHUNK = 16 << 20
-#: How much login noise to wade through before deciding no server is there.
-DEFAULT_MAX_NOISE = 1 << 20
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -615,56 +612,3 @@ class FrameDecoder:
         if mid != fid:
             raise ProtocolError(f"MSG frame id {fid} does not match its message id {mid}")
         return Frame(MSG, fid, b"", message)
-
-
-class BannerScanner:
-    """Finds the server's banner in bytes that may start with login noise.
-
-    ``feed`` returns ``None`` until the banner and version are complete,
-    then ``(noise, version, rest)``: the bytes skipped, the server's
-    protocol version and the bytes after the banner (the first frames).
-    """
-
-    def __init__(self, max_noise: int = DEFAULT_MAX_NOISE) -> None:
-        self.max_noise = max_noise
-        self._buf = bytearray()
-
-    @property
-    def noise(self) -> bytes:
-        idx = self._buf.find(MAGIC)
-        return bytes(self._buf if idx < 0 else self._buf[:idx])
-
-    def feed(self, data: BytesLike) -> Optional[Tuple[bytes, int, bytes]]:
-        self._buf += data
-        idx = self._buf.find(MAGIC)
-        if idx < 0:
-            if len(self._buf) > self.max_noise + len(MAGIC):
-                raise ProtocolError(
-                    f"no fleche-remote banner in the first {self.max_noise} bytes from the remote; "
-                    f"it starts with {describe_noise(bytes(self._buf))}"
-                )
-            return None
-        end = idx + len(MAGIC) + _VERSION.size
-        if len(self._buf) < end:
-            return None
-        (version,) = _VERSION.unpack_from(self._buf, idx + len(MAGIC))
-        return bytes(self._buf[:idx]), version, bytes(self._buf[end:])
-
-
-def describe_noise(noise: bytes, limit: int = 200) -> str:
-    """Printable, escaped head of unexpected bytes, for logs and errors."""
-    text = noise[:limit].decode("ascii", "backslashreplace")
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    more = f" (+{len(noise) - limit} more bytes)" if len(noise) > limit else ""
-    return f"{text!r}{more}"
-
-
-def check_version(remote: int) -> None:
-    """Refuse a server speaking another protocol, naming both versions."""
-    if remote != PROTOCOL_VERSION:
-        from ..errors import IncompatibleProtocolError
-
-        raise IncompatibleProtocolError(
-            f"the remote speaks fleche-remote protocol {remote}, this client speaks "
-            f"protocol {PROTOCOL_VERSION}; install matching fleche-remote versions on both sides"
-        )
