@@ -7,8 +7,9 @@ all that is timed), and for an ssh cache the round trips and time of one
 miss and of ``f.map`` over 400 misses, with claims on and off, straight to
 the private sshd and through a link with 10 ms added each way.
 
-Goal: a miss costs at most one extra round trip (the claim; the release
-goes out in the background), and ``f.map`` of 400 misses at most two.
+Goal: over ssh, a miss costs no extra round trip (its lookup takes the
+claim in the same request; the release goes out in the background), and
+``f.map`` of 400 misses at most one (its claim of the misses, as a batch).
 
     .venv/bin/python benchmarks/bench_claims.py [--delays 0,10] [--misses 200]
 """

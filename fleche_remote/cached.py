@@ -74,7 +74,7 @@ from .compute.here import run_timed, sweep_misses
 from .errors import CorruptEntryError, Rejected
 from .query import plan_function_query
 from .results import find_stored, save_result, save_results
-from .storage.claims import DEFAULT_LEASE
+from .storage.claims import DEFAULT_LEASE, Claims, Holder, LoadOrClaim
 
 log = logging.getLogger("fleche_remote.cached")
 
@@ -493,6 +493,9 @@ class CachedFunction:
         arguments = self.arguments(*args, **kwargs)
         key = self._key(arguments)
         cache = self.cache
+        lookup = cache.lookup_claims() if self.claims else None
+        if lookup is not None:  # a miss claims in the lookup's round trip
+            return self._load_or_compute(cache, key, lookup, arguments, args, kwargs)
         try:
             return self._stored(cache, key)
         except KeyError:
@@ -506,8 +509,12 @@ class CachedFunction:
         try:
             return cache.load_value(key)
         except CorruptEntryError as exc:
-            log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
-            raise KeyError(key) from None
+            raise self._corrupt(key, exc) from None
+
+    def _corrupt(self, key: str, exc: CorruptEntryError) -> KeyError:
+        """Log a stored result that cannot be read: it is computed again."""
+        log.warning("stored result of %s (key %s) is corrupt, recomputing: %s", self.name, key[:12], exc)
+        return KeyError(key)
 
     def _miss(
         self,
@@ -526,6 +533,39 @@ class CachedFunction:
             cache.contains_many,
             lambda: self._stored(cache, key),  # a holder we waited for saved it
             lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
+        )
+
+    def _load_or_compute(
+        self,
+        cache: BaseCache,
+        key: Digest,
+        lookup: Tuple[Claims, LoadOrClaim],
+        arguments: Dict[str, Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
+        keeper, load_or_claim = lookup
+
+        def look(full: str, holder: Holder, lease: float) -> Tuple[bool, Any]:
+            try:
+                return load_or_claim(full, holder, lease)
+            except CorruptEntryError as exc:
+                raise self._corrupt(full, exc) from None
+
+        def compute() -> Any:
+            self._keys.explain_miss(cache, arguments)
+            return self._compute_and_save(cache, key, arguments, args, kwargs)
+
+        return claiming.load_or_compute(
+            keeper,
+            look,
+            key,
+            self.name,
+            self.lease,
+            self.claim_timeout,
+            cache.contains_many,
+            lambda: self._stored(cache, key),
+            compute,
         )
 
     def _compute_and_save(

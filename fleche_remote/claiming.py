@@ -11,7 +11,10 @@ holder's result.
 Design rules:
 
 * **One claim round trip per miss, or per sweep.** ``f.map`` claims all
-  its misses in one batch. Releases of a remote claim go out from a
+  its misses in one batch. Where the claims are on an ssh server, a
+  ``@cached`` call's lookup claims its key when it misses, in the same
+  request (:func:`load_or_compute`): a miss waits one round trip before
+  computing, like a hit. Releases of a remote claim go out from a
   background thread, so the caller does not wait for them.
 * **Leases, renewed in one batch per cache.** One daemon thread per
   process renews every claim the process holds, each third of the
@@ -46,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import ClaimWaitTimeout, RecursiveCallError
 from .exiting import before_connections_close
-from .storage.claims import DEFAULT_LEASE, STORED, Claims, Holder
+from .storage.claims import DEFAULT_LEASE, STORED, UNREACHED, Claims, Holder, LoadOrClaim
 
 log = logging.getLogger("fleche_remote.claims")
 
@@ -430,19 +433,94 @@ def compute_once(
     (and save) when it is still missing; release. ``stored`` is the
     cache's ``contains_many``."""
     with computing(name, [key]):
-        mine, busy = claim(keeper, [key], lease, stored=stored)
+        return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
+
+
+def _claim_and_compute(
+    keeper: Optional[Claims],
+    key: str,
+    name: str,
+    lease: float,
+    timeout: Optional[float],
+    stored: Callable[[List[str]], List[bool]],
+    load: Callable[[], T],
+    compute: Callable[[], T],
+    claimed: Optional[Tuple[Claimed, Dict[str, Holder]]] = None,
+) -> T:
+    """:func:`compute_once` after its check for recursion; ``claimed``: the
+    claim's outcome when the lookup took it already."""
+    mine, busy = claim(keeper, [key], lease, stored=stored) if claimed is None else claimed
+    try:
+        if busy:
+            assert keeper is not None
+            mine, _ = wait(keeper, busy, lease, timeout, name, stored=stored)
+        if mine.stored:
+            try:
+                return load()
+            except KeyError:
+                pass
+        return compute()
+    finally:
+        mine.release()
+
+
+def load_or_compute(
+    keeper: Claims,
+    lookup: LoadOrClaim,
+    key: str,
+    name: str,
+    lease: float,
+    timeout: Optional[float],
+    stored: Callable[[List[str]], List[bool]],
+    load: Callable[[], T],
+    compute: Callable[[], T],
+) -> T:
+    """A call whose lookup claims its key when it misses, in the same round
+    trip (``BaseCache.lookup_claims``): its result, or what
+    :func:`compute_once` does after the lookup missed, one round trip
+    sooner. ``lookup`` raises ``KeyError`` for a stored result it cannot
+    read (a lost or damaged value): that call is claimed and computed as
+    a miss.
+
+    Another thread of this process may hold the key (computing it, or
+    looking it up): then this one only looks (``load()``), and waits for
+    that thread as :func:`compute_once` does, rather than claiming a key
+    its own process holds."""
+    with computing(name, [key]):
+        local = (id(keeper), key)
+        with _local.lock:
+            first = local not in _local.events
+            if first:
+                _local.events[local] = (threading.Event(), False)
+        if not first:
+            try:
+                return load()
+            except KeyError:
+                return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
+        asked = Claimed(keeper, [key], lease)
         try:
-            if busy:
-                assert keeper is not None
-                mine, _ = wait(keeper, busy, lease, timeout, name, stored=stored)
-            if mine.stored:
-                try:
-                    return load()
-                except KeyError:
-                    pass
-            return compute()
-        finally:
-            mine.release()
+            found, answer = lookup(key, me(), lease)
+        except ClaimsUnsupported:  # nothing was looked up: the two steps
+            asked.release_local()
+            try:
+                return load()
+            except KeyError:
+                return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
+        except KeyError:
+            asked.release_local()
+            return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
+        except BaseException:
+            asked.release_local()
+            raise
+        if found or answer is UNREACHED:
+            asked.release_local()
+            return answer if found else compute()
+        if answer is None:  # ours
+            _renewer.add(keeper, [key], lease)
+            return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute, (asked, {}))
+        asked.release_local()  # another process holds it: wait for it, as compute_once does
+        claimed = (Claimed(keeper, [], lease), {key: answer})
+        return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute, claimed)
 
 
 def compute_batch(
@@ -483,6 +561,7 @@ __all__ = [
     "compute_batch",
     "compute_once",
     "computing",
+    "load_or_compute",
     "me",
     "wait",
 ]

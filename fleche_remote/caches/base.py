@@ -27,7 +27,7 @@ from ..codec.digest import Digest
 from ..codec.values import Blob, blob_digest, decode_value, encode_value
 from ..errors import Rejected
 from ..query import QueryPlan, check_keywords, plan_query
-from ..storage.claims import Claims
+from ..storage.claims import Claims, LoadOrClaim
 
 #: Filter keys with this name match metadata instead of an argument (one of
 #: the reserved fields, :data:`fleche_remote.query.FIELDS`).
@@ -342,6 +342,15 @@ class BaseCache(abc.ABC):
         computing it: the place its saves are shared through. None: no
         claims (a read-only cache, or storage that cannot hold them), and
         a miss is computed as it comes."""
+        return None
+
+    def lookup_claims(self, entries: bool = False) -> Optional[Tuple[Claims, LoadOrClaim]]:
+        """This cache's claim keeper and a lookup of one key that, on a miss,
+        claims it there in the same round trip (see
+        :data:`~fleche_remote.storage.claims.LoadOrClaim`); with ``entries``,
+        a hit gives the ``(record, blob)`` rather than the result. None (the
+        default) where the lookup and the claim are two steps anyway, as on
+        a local store, where neither costs a round trip."""
         return None
 
 

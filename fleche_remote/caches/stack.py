@@ -42,7 +42,7 @@ from ..call import CallRecord
 from ..codec.digest import Digest
 from ..codec.values import Blob, decode_value
 from ..errors import AmbiguousDigestError, Rejected
-from ..storage.claims import Claims, Holder
+from ..storage.claims import Claims, Holder, LoadOrClaim
 from .base import BaseCache
 from .writebehind import WRITE_BEHIND_KEY, WriteBehind
 
@@ -184,9 +184,11 @@ class CacheStack(BaseCache):
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Entry]]:
         return self._entries_from(keys, 0)
 
-    def _entries_from(self, keys: Sequence[str], start: int) -> List[Optional[Entry]]:
-        """Entries from ``layers[start:]``, each asked once for what the ones
-        above lacked; hits below the first layer back-filled in one batch."""
+    def _entries_from(
+        self, keys: Sequence[str], start: int, stop: Optional[int] = None
+    ) -> List[Optional[Entry]]:
+        """Entries from ``layers[start:stop]``, each asked once for what the
+        ones above lacked; hits below the first layer back-filled in one batch."""
         backfill: List[Entry] = []
 
         def fetch(layer: BaseCache, some: List[str]) -> List[Optional[Entry]]:
@@ -195,7 +197,7 @@ class CacheStack(BaseCache):
                 backfill.extend(entry for entry in found if entry is not None)
             return found
 
-        result = first_found(self.layers[start:], keys, fetch)
+        result = first_found(self.layers[start:stop], keys, fetch)
         if self._backfilling():
             self._save_backfill(backfill)
         return result
@@ -392,6 +394,32 @@ class CacheStack(BaseCache):
                     kept = self._pushed_claims = PushedFirst(keeper, writer)
                 return kept
         return self.layers[0].claim_keeper()
+
+    def lookup_claims(self, entries: bool = False) -> Optional[Tuple[Claims, LoadOrClaim]]:
+        """When this stack claims in its last layer (a write-behind ssh
+        layer), a lookup that asks the layers above as :meth:`load_value`
+        does, then looks up and claims in that layer in one round trip: a
+        miss then costs the same round trips as a hit there."""
+        keeper = self.claim_keeper()
+        last = self.layers[-1]
+        below = last.lookup_claims(entries=True) if keeper is not None and len(self.layers) > 1 else None
+        if below is None or below[0] is not getattr(keeper, "inner", keeper):
+            return None
+        assert keeper is not None
+        lookup = below[1]
+
+        def run(key: str, holder: Holder, lease: float) -> Tuple[bool, Any]:
+            entry = self._entries_from([key], 0, len(self.layers) - 1)[0]
+            if entry is None:
+                found, answer = lookup(key, holder, lease)
+                if not found:
+                    return False, answer
+                entry = answer
+                if self._backfilling():
+                    self._save_backfill([entry])
+            return True, entry if entries else decode_value(entry[1])
+
+        return keeper, run
 
 
 _T = TypeVar("_T")

@@ -1,7 +1,9 @@
 """Claims held by an ssh cache's server, for every client that shares it.
 
 Each operation is one request, whatever the number of keys (``claim``,
-``renew_claims``, ``release_claims``, ``claimed``). The server computes
+``renew_claims``, ``release_claims``, ``claimed``). A ``@cached`` call's
+lookup and, when it misses, its claim go together (``load_or_claim``), so
+a miss costs one round trip before computing, as a hit does. The server computes
 expiries in its own clock, so clients' clocks do not matter. A server of
 an earlier version does not know the operations, and a ``--read-only``
 one leaves them out of its table: both answer with an error, which turns
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..claiming import ClaimsUnsupported
 from ..errors import ProtocolError, Rejected
-from ..storage.claims import STORED, Claims, Holder
+from ..storage.claims import STORED, UNREACHED, Claims, Holder, LoadOrClaim
+from .protocol import BlobHeader
+from .receive import spool
+
+#: What a server that answers ``load_or_claim`` lists in its handshake.
+LOAD_OR_CLAIM = "load_or_claim"
 
 log = logging.getLogger("fleche_remote.claims")
 
@@ -80,4 +87,59 @@ class RemoteClaims(Claims):
         return [bool(x) for x in self._ask("claimed", keys, None, None)]  # type: ignore[attr-defined]
 
 
-__all__ = ["RemoteClaims"]
+def load_or_claim(
+    request: Callable[..., Any],
+    downloading: Callable[[Callable[..., Any]], Callable[..., Any]],
+    seal: Any,
+    where: Any,
+    keeper: RemoteClaims,
+    entry: bool,
+) -> LoadOrClaim:
+    """An ``SshCache``'s lookup of one key that, on a miss, claims it in
+    ``keeper`` in the same request (``request``, ``downloading``, ``seal``
+    and ``where`` are the cache's): ``(True, result)`` (or
+    ``(True, (record, blob))`` with ``entry``, for a stack to back-fill)
+    when stored; else ``(False, None)`` when the claim is now ours, ``(False,
+    holder)`` when another holds it, ``(False, UNREACHED)`` when the remote
+    cannot be reached and ``on_error = "warn"``.
+
+    Raises:
+        ClaimsUnsupported: the server keeps no claims, or does not know the
+            operation (an earlier or ``--read-only`` server, asked before
+            its handshake was in): nothing was looked up.
+        KeyError, CorruptEntryError: stored, but its value is missing or damaged.
+    """
+
+    def run(key: str, holder: Holder, lease: float) -> Tuple[bool, Any]:
+        def consume(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Tuple[bool, Any]:
+            if not streams:  # a claim's answer
+                try:
+                    return False, None if result is None else Holder.from_wire(result)
+                except ValueError as exc:
+                    raise ProtocolError(f"a load_or_claim answer: {exc}") from None
+            if entry:
+                found = seal.open_entries([(result, spool(result, streams))], where, [key])[0]
+                return True, found
+            return True, seal.stream_decoder(where, key=key)(result, streams)
+
+        args = {"keys": [str(key)], "holder": holder.to_wire(), "lease": float(lease)}
+        try:
+            return request(  # type: ignore[no-any-return]
+                LOAD_OR_CLAIM,
+                args,
+                consume=downloading(consume),
+                offline=lambda: (False, UNREACHED),
+            )
+        except Rejected as exc:  # the server's cache keeps no claims
+            keeper.unsupported = True
+            log.info("%s takes no claims (%s); computing without them", keeper.name, exc)
+            raise ClaimsUnsupported(str(exc)) from exc
+        except ProtocolError as exc:
+            if "unknown operation" not in str(exc):
+                raise
+            raise ClaimsUnsupported(str(exc)) from exc
+
+    return run
+
+
+__all__ = ["LOAD_OR_CLAIM", "RemoteClaims", "load_or_claim"]

@@ -45,15 +45,17 @@ from ..codec.digest import Digest
 from ..codec.values import Blob
 from ..errors import ConfigError, ProtocolError, Rejected, RemoteConnectionError
 from ..signing import SecretKeyArg, Signer
-from ..storage.claims import Claims
+from ..storage.claims import Claims, LoadOrClaim
 from ..storage.quota import SSH_LIMITS_MESSAGE
 from . import bootstrap as _bootstrap
 from . import health, ssh_table
+from .claims import LOAD_OR_CLAIM, RemoteClaims, load_or_claim
 from .connection import Connection
 from .lifecycle import Lifecycle
 from .packing import SmallEntries, pipeline_parts, unpack_small_entries
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
+from .rows import entries as row_listing_entries
 from .rows import listing
 from .ssh_options import check_host, fast_cipher_options, sh_path, timeout_options
 from .transport import PipeTransport, Transport
@@ -399,9 +401,15 @@ class SshCache(Lifecycle, BaseCache):
         return self._seal.open_blobs(blobs, value_digests, self._where)
 
     def load_entries(self, keys: Sequence[str]) -> List[Optional[Tuple[CallRecord, Blob]]]:
-        """Records and their result blobs in one round trip."""
+        """Records and their result blobs in one round trip. A long unsigned
+        listing (a stack back-filling from this layer) goes in parts back
+        to back, as rows where the server keeps them, and its large values
+        follow in one more request, only if there are any."""
         if not keys:
             return []
+        parts = pipeline_parts([str(k) for k in keys])
+        if len(parts) > 1 and isinstance(self._seal, Unsigned) and "small_entries" in self._features():
+            return self._entries_in_parts(keys, parts)
 
         def consume(result: Any, streams: List[Tuple[BlobHeader, Iterator[bytes]]]) -> Any:
             blobs = unpack_blobs([None if e is None else e[1] for e in result], streams)
@@ -414,6 +422,27 @@ class SshCache(Lifecycle, BaseCache):
             offline=lambda: [None] * len(keys),
         )
         return self._seal.open_entries(entries, self._where, keys)
+
+    def _entries_in_parts(
+        self, keys: Sequence[str], parts: List[List[str]]
+    ) -> List[Optional[Tuple[CallRecord, Blob]]]:
+        if "entry_rows" in self._features():
+            found = self._on_connection(
+                lambda conn: row_listing_entries(self, conn, parts), offline=lambda: [None] * len(keys)
+            )
+        else:
+            found = self.load_records_and_small_blobs(keys)
+        elsewhere = [e[0].value for e in found if e is not None and e[1] is None]
+        fetched = dict(zip(elsewhere, self.load_blobs(elsewhere)))
+        out: List[Optional[Tuple[CallRecord, Blob]]] = []
+        for entry in found:
+            if entry is not None and entry[1] is None:
+                blob = fetched.get(entry[0].value)
+                entry = (
+                    None if blob is None else (entry[0], blob)
+                )  # a value lost is no entry, as in one request
+            out.append(entry)
+        return out
 
     def load_many(self, keys: Sequence[str], *, results: bool = False) -> List[Optional[LazyCall]]:
         # an unsigned listing of a server that hands on its rows: each
@@ -568,10 +597,27 @@ class SshCache(Lifecycle, BaseCache):
             return None
         keeper = self.__dict__.get("_claims")
         if keeper is None:
-            from .claims import RemoteClaims
-
             keeper = self.__dict__["_claims"] = RemoteClaims(self._request, repr(self))
         return None if keeper.unsupported else keeper
+
+    def lookup_claims(self, entries: bool = False) -> Optional[Tuple[Claims, LoadOrClaim]]:
+        """The server's lookup that claims on a miss (``load_or_claim``),
+        so a ``@cached`` miss costs one round trip before computing, like a
+        hit; None when there are no claims or the server predates it."""
+        try:
+            conn = self._connection()
+        except RemoteConnectionError:
+            return None  # the two steps say what is wrong, as they did
+        # before the handshake, asked anyway: a first call goes out with the
+        # login, as a load_value does, and a server that lacks it says so
+        if conn.hello_received and LOAD_OR_CLAIM not in (conn.hello.info.get("features") or ()):
+            return None
+        keeper = self.claim_keeper()
+        if keeper is None:
+            return None
+        assert isinstance(keeper, RemoteClaims)
+        run = load_or_claim(self._request, self._downloading, self._seal, self._where, keeper, entries)
+        return keeper, run
 
     # -- computing on the host (f.map(..., on=this)) ---------------------------
 

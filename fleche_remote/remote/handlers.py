@@ -40,6 +40,9 @@ from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
 #: ``load_entries`` with ``small_only``, records with their small values;
 #: small lookups and their answers in the protocol's compact forms.
 FEATURES = ("small_entries", COMPACT_FEATURE)
+#: Listed too by a server that takes claims (not ``--read-only``): a
+#: ``@cached`` call's lookup and, on a miss, its claim in one request.
+LOAD_OR_CLAIM_FEATURE = "load_or_claim"
 #: Listed too when the served cache hands on its rows (``Cache.hands_rows``; remote/rows.py).
 #: The rows' columns (``READ_ENTRY``) are part of what it names: other columns need another name.
 ROWS_FEATURE = "entry_rows"
@@ -351,6 +354,29 @@ def _h_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> R
     )
 
 
+def _h_load_or_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
+    """A ``@cached`` call's lookup and, on a miss, its claim, in one round
+    trip: the answer of ``load_value`` when the call is stored, else the
+    claim's (None: the client's to compute; a holder: another's). A hit
+    leaves the holder and the lease unread."""
+    keys = _str_list(args, "keys")
+    if len(keys) != 1:
+        raise ProtocolError(f"load_or_claim takes one key, got {len(keys)}")
+    record = ctx.cache.load_records(keys)[0]
+    if record is None:
+        keeper, _, holder = _claims_args(ctx, args)
+        found = keeper.claim(keys, holder, _lease(args))[0]
+        if found is not None:
+            return Reply(found.to_wire())
+        # claimed: the last holder may have saved and released between the
+        # lookup and the claim, so look again before the client computes
+        record = ctx.cache.load_records(keys)[0]
+        if record is None:
+            return Reply(None)
+        keeper.release(keys, holder)
+    return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
+
+
 def _h_renew_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
     keeper, keys, holder = _claims_args(ctx, args)
     return Reply(keeper.renew(keys, holder, _lease(args)))
@@ -372,6 +398,7 @@ def _h_claimed(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) ->
 #: a read-only one drops them (its clients compute without claims).
 CLAIM_HANDLERS: Dict[str, Handler] = {
     "claim": _h_claim,
+    "load_or_claim": _h_load_or_claim,
     "renew_claims": _h_renew_claims,
     "release_claims": _h_release_claims,
     "claimed": _h_claimed,
@@ -470,10 +497,13 @@ def handler_table(read_only: bool, debug_ops: bool = False, append_only: bool = 
     return table
 
 
-def served_features(cache: BaseCache) -> List[str]:
+def served_features(cache: BaseCache, read_only: bool = False) -> List[str]:
     """What this server answers beyond protocol 2's first form, for ``cache``."""
     rows = getattr(cache, "hands_rows", None)
-    return [*FEATURES, *([ROWS_FEATURE] if rows is not None and rows() else [])]
+    more = [ROWS_FEATURE] if rows is not None and rows() else []
+    if not read_only:
+        more.append(LOAD_OR_CLAIM_FEATURE)
+    return [*FEATURES, *more]
 
 
 def server_info(
@@ -495,7 +525,7 @@ def server_info(
         "append_only": bool(append_only),
         # what this server answers beyond protocol 2's first form: a client
         # asks for these only when they are listed (an older server lacks them)
-        "features": served_features(cache),
+        "features": served_features(cache, read_only),
         "versions": {
             "library": __version__,
             "protocol": PROTOCOL_VERSION,

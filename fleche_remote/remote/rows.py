@@ -109,12 +109,10 @@ def row_entries(rows: Sequence[Optional[Row]], where: Any) -> List[Optional[Tupl
     return out
 
 
-def listing(cache: Any, conn: Any, parts: Sequence[List[str]], results: bool) -> List[Optional[LazyCall]]:
-    """``cache.load_many`` of ``parts`` (the keys, split as
-    :func:`~fleche_remote.remote.packing.pipeline_parts` splits them) on
-    ``conn``, asking for rows: the parts go back to back, and each answer
-    is rows or, from a cache that keeps none, records with small values."""
-    got: List[Tuple[bool, Any]] = []  # per part: (rows?, rows or small entries)
+def _gather(cache: Any, conn: Any, parts: Sequence[List[str]]) -> List[Tuple[bool, Any]]:
+    """Per part: ``(True, rows)``, or ``(False, small entries)`` from a
+    cache that keeps no rows; the parts go back to back."""
+    got: List[Tuple[bool, Any]] = []
     answers = conn.pipelined(
         "load_entries", [{"keys": part, "small_only": True, "rows": True} for part in parts]
     )
@@ -128,6 +126,25 @@ def listing(cache: Any, conn: Any, parts: Sequence[List[str]], results: bool) ->
                 got.append((False, unpack_small_entries(found, listed, Unsigned(), cache)))
     finally:
         answers.close()
+    return got
+
+
+def entries(cache: Any, conn: Any, parts: Sequence[List[str]]) -> List[Optional[Tuple[CallRecord, Any]]]:
+    """Records (checked now) with the values that travel in the rows (None
+    for those kept elsewhere) of ``parts``, asked as :func:`listing` asks:
+    what a stack back-fills from, without the server building records."""
+    out: List[Optional[Tuple[CallRecord, Any]]] = []
+    for is_rows, found in _gather(cache, conn, parts):
+        out.extend(row_entries(found, cache) if is_rows else found)
+    return out
+
+
+def listing(cache: Any, conn: Any, parts: Sequence[List[str]], results: bool) -> List[Optional[LazyCall]]:
+    """``cache.load_many`` of ``parts`` (the keys, split as
+    :func:`~fleche_remote.remote.packing.pipeline_parts` splits them) on
+    ``conn``, asking for rows: the parts go back to back, and each answer
+    is rows or, from a cache that keeps none, records with small values."""
+    got = _gather(cache, conn, parts)
     if all(is_rows and all_inline(rows) for is_rows, rows in got):
         return [call for _, rows in got for call in row_calls(rows, cache)]
     # some values stay on the server: one batch over the whole listing

@@ -44,7 +44,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 #: Claims live this long unless renewed: what a dead holder costs its
 #: waiters at most (plus one poll). Long enough that a busy machine's
@@ -92,6 +92,17 @@ class Holder:
 #: server checks, after taking the claim, so a result saved just before its
 #: holder released is never computed again): read it, compute nothing.
 STORED = Holder("", "", 0)
+
+#: What a lookup that claims answers when the place that keeps the claims
+#: cannot be reached and its cache is set to carry on (``on_error =
+#: "warn"``): not stored there, and not claimed; compute without a claim.
+UNREACHED = Holder("", "", -1)
+
+#: A cache's lookup of one key that claims it when it misses, in one round
+#: trip (``BaseCache.lookup_claims``): ``(key, holder, lease)`` gives
+#: ``(True, result)`` when stored, else ``(False, answer)`` with the
+#: claim's answer: None (now the holder's), another holder, or UNREACHED.
+LoadOrClaim = Callable[[str, Holder, float], Tuple[bool, Any]]
 
 
 class Claims(ABC):
@@ -356,4 +367,14 @@ def _unlink(path: Path) -> None:
         pass
 
 
-__all__ = ["DEFAULT_LEASE", "STORED", "Claims", "FileClaims", "Holder", "KeptClaims", "MemoryClaims"]
+__all__ = [
+    "DEFAULT_LEASE",
+    "STORED",
+    "UNREACHED",
+    "Claims",
+    "FileClaims",
+    "Holder",
+    "KeptClaims",
+    "LoadOrClaim",
+    "MemoryClaims",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import string
 import time
 from pathlib import Path
@@ -29,8 +30,12 @@ from fleche_remote import (
     Digest,
     LazyCall,
     Rejected,
+    SshCache,
 )
+from fleche_remote.claiming import me
+from fleche_remote.codec.values import decode_value
 from fleche_remote.storage.base import InlineValues
+from fleche_remote.storage.claims import Holder
 
 from .factories import FACTORIES, CacheUnderTest, params, params_with
 from .values import SSH_VALUE_CASES, VALUES, Point, assert_same
@@ -225,6 +230,35 @@ def test_contains_and_contains_many(cache_under_test: CacheUnderTest) -> None:
     assert cache.contains_many([k1, MISSING, k2, k1]) == [True, False, True, True]
     assert cache.contains_many([]) == []
     assert not cache.contains(MISSING)
+
+
+def test_a_lookup_that_claims_finds_what_is_stored_and_claims_what_is_not(
+    cache_under_test: CacheUnderTest,
+) -> None:
+    cache = cache_under_test.cache
+    # an ssh cache that may write offers it; a local store has no round
+    # trip to save, and a read-only cache takes no claims (known once the
+    # server's handshake is in: read_only waits for it)
+    expected = isinstance(cache, SshCache) and not cache.read_only
+    offered = cache.lookup_claims()
+    assert (offered is not None) == expected
+    if offered is None:
+        return
+    keeper, lookup = offered
+    (call,) = make_calls(1)
+    key = cache_under_test.writer.save(call)
+    assert lookup(key, me(), 30.0) == (True, call.result)
+    found, (record, blob) = cache.lookup_claims(entries=True)[1](key, me(), 30.0)  # type: ignore[index]
+    assert found and record.key == key and decode_value(blob) == call.result
+    assert keeper.claimed([key]) == [False]  # a hit claims nothing
+
+    missing = secrets.token_hex(32)
+    assert lookup(missing, me(), 30.0) == (False, None)
+    assert keeper.claimed([missing]) == [True]
+    found, holder = lookup(missing, Holder(secrets.token_hex(16), "elsewhere", 1), 30.0)
+    assert not found and holder.owner == me().owner  # held: the holder is named
+    keeper.release([missing], me())
+    assert keeper.claimed([missing]) == [False]
 
 
 def test_load_many_keeps_order_and_gives_none_for_missing(cache_under_test: CacheUnderTest) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 from fleche_remote.remote.client import SshCache
 
@@ -41,6 +41,19 @@ def remote_dir(tmp_path: Path, toml: str = REMOTE_TOML) -> Path:
     path.mkdir(exist_ok=True)
     (path / "fleche.toml").write_text(toml)
     return path
+
+
+def ssh_table(sshd: Any, workdir: Path, **more: Any) -> Dict[str, Any]:
+    """The fleche.toml table of an ``ssh`` layer on the test sshd."""
+    return {
+        "type": "ssh",
+        "host": sshd.host,
+        "python": sys.executable,
+        "workdir": str(workdir),
+        "ssh_options": list(sshd.ssh_options),
+        "timeout": 30,
+        **more,
+    }
 
 
 def ssh_cache(sshd: Any, workdir: Path, **kwargs: Any) -> SshCache:

@@ -4,7 +4,6 @@ takes no claims leaves computing as it was."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -14,21 +13,13 @@ from claims_world import World
 from fleche_remote import cached
 from fleche_remote.claiming import me
 
-from .helpers import remote_dir, ssh_cache
+from .helpers import remote_dir, ssh_cache, ssh_table
 
 
 def laptop(tmp_path: Path, name: str, sshd: Any, workdir: Path) -> List[Dict[str, Any]]:
     return [
         {"template": "cloudpickle", "root": str(tmp_path / name)},
-        {
-            "type": "ssh",
-            "host": sshd.host,
-            "python": sys.executable,
-            "workdir": str(workdir),
-            "ssh_options": list(sshd.ssh_options),
-            "timeout": 30,
-            "write_behind": True,
-        },
+        ssh_table(sshd, workdir, write_behind=True),
     ]
 
 

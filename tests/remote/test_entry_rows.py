@@ -16,9 +16,11 @@ from typing import Any, List
 
 import pytest
 
-from fleche_remote import Call
+from fleche_remote import CacheStack, Call
+from fleche_remote.codec.values import decode_value
 from fleche_remote.config import cache_from_config
 from fleche_remote.errors import CorruptEntryError, ProtocolError
+from fleche_remote.remote.packing import pipeline_parts
 from fleche_remote.remote.rows import checked_rows
 
 from .helpers import SQL_TOML, remote_dir, ssh_cache
@@ -183,3 +185,80 @@ def test_a_server_of_files_lists_no_rows_and_answers_as_before(sshd: Any, tmp_pa
         assert remote.request_count - before == 1
     finally:
         remote.close()
+
+
+def expected_entries(workdir: Path, keys: List[str]) -> List[Any]:
+    """What the server's own store gives, as (key, result) or None."""
+    cache = cache_from_config(
+        {
+            "template": "sql" if (workdir / "store" / "calls.db").exists() else "cloudpickle",
+            "root": str(workdir / "store"),
+        }
+    )
+    try:
+        return [None if e is None else (e[0].key, decode_value(e[1])) for e in cache.load_entries(keys)]
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("toml", ["sql", "files"])
+def test_a_long_entry_listing_goes_in_parts_and_reads_as_one_request(
+    sshd: Any, tmp_path: Path, toml: str
+) -> None:
+    # what a stack back-fills from: 600 calls, two of them with values kept
+    # outside the rows (or, from a server of files, outside the reply)
+    workdir = remote_dir(tmp_path, SQL_TOML) if toml == "sql" else remote_dir(tmp_path)
+    template = "sql" if toml == "sql" else "cloudpickle"
+    cache = cache_from_config({"template": template, "root": str(workdir / "store")})
+    calls = [Call("rows.long", {"i": i}, [float(i)] * 10) for i in range(598)]
+    calls += [Call("rows.long", {"i": i}, b"x" * (200 << 10) + bytes([i % 256])) for i in (598, 599)]
+    keys = [str(k) for k in cache.save_many(calls)]
+    cache.close()
+    asked = [*keys[:300], "0" * 64, *keys[300:]]
+    remote = ssh_cache(sshd, workdir)
+    try:
+        remote.ping()
+        before = remote.request_count
+        entries = remote.load_entries(asked)
+        # the parts back to back (one round trip), then the two large values in one more
+        assert remote.request_count - before == len(pipeline_parts(asked)) + 1
+        got = [None if e is None else (e[0].key, decode_value(e[1])) for e in entries]
+        assert got == expected_entries(workdir, asked)
+        assert got[300] is None and got[-1] == (keys[-1], calls[-1].result)
+        one = remote.load(keys[5]).record
+        assert entries[5] is not None and entries[5][0] == one  # the same record as the server builds
+    finally:
+        remote.close()
+
+
+def test_a_long_entry_listing_leaves_out_a_call_whose_value_is_lost(sshd: Any, tmp_path: Path) -> None:
+    workdir = remote_dir(tmp_path, SQL_TOML)
+    cache = cache_from_config({"template": "sql", "root": str(workdir / "store")})
+    calls = [Call("rows.lost", {"i": i}, i) for i in range(299)]
+    calls.append(Call("rows.lost", {"i": 299}, b"y" * (200 << 10)))
+    keys = [str(k) for k in cache.save_many(calls)]
+    lost = cache.load_records([keys[-1]])[0].value
+    cache.close()
+    (path,) = (workdir / "store").rglob(lost)  # the value kept outside the rows
+    path.unlink()
+    remote = ssh_cache(sshd, workdir)
+    try:
+        entries = remote.load_entries(keys)
+        assert entries[-1] is None  # as one request answers: no entry without its value
+        assert [decode_value(e[1]) for e in entries[:-1]] == list(range(299))
+    finally:
+        remote.close()
+
+
+def test_a_stack_back_fills_a_long_listing_from_an_ssh_layer(sshd: Any, tmp_path: Path) -> None:
+    workdir = remote_dir(tmp_path, SQL_TOML)
+    keys = stored(workdir, 400)
+    remote = ssh_cache(sshd, workdir)
+    top = cache_from_config({"template": "sql", "root": str(tmp_path / "laptop")})
+    stack = CacheStack([top, remote])
+    try:
+        assert [c.result for c in stack.load_many(keys)] == [[float(i)] * 10 for i in range(400)]
+        assert top.contains_many(keys) == [True] * 400
+        assert [top.load(k).record for k in keys[:3]] == [remote.load(k).record for k in keys[:3]]
+    finally:
+        stack.close()

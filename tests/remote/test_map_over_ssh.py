@@ -28,7 +28,7 @@ from fleche_remote.config import cache_from_config
 from fleche_remote.remote.packing import pipeline_parts
 from fleche_remote.testing import wait_until
 
-from .helpers import remote_dir, ssh_cache
+from .helpers import remote_dir, ssh_cache, ssh_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,15 +192,7 @@ def test_write_behind_from_fleche_toml_pushes_over_ssh(
     stack = cache_from_config(
         [
             {"template": "cloudpickle", "root": str(tmp_path / "laptop")},
-            {
-                "type": "ssh",
-                "host": sshd.host,
-                "python": sys.executable,
-                "workdir": str(workdir),
-                "ssh_options": list(sshd.ssh_options),
-                "timeout": 30,
-                "write_behind": True,
-            },
+            ssh_table(sshd, workdir, write_behind=True),
         ]
     )
     assert isinstance(stack, CacheStack) and len(stack.write_behind) == 1

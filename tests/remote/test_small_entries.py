@@ -138,7 +138,7 @@ def test_a_server_without_the_form_is_asked_for_records_then_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # an older server lists no features: the client asks as it did before
-    monkeypatch.setattr(handlers, "served_features", lambda cache: [])
+    monkeypatch.setattr(handlers, "served_features", lambda cache, read_only=False: [])
     keys = fill(tmp_path / "store")
     remote = SshCache.in_process(cache_from_config({"template": "sql", "root": str(tmp_path / "store")}))
     try:
