@@ -35,8 +35,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_by_name() -> Dict[int, tuple]:
-    """``{pid: (name, cpu seconds)}`` of every process this user can read."""
-    out = {}
+    """``{pid: (name, cpu seconds)}`` of this process's descendants (the
+    ssh clients, the private sshd, the remote Pythons): on a shared
+    machine other users' Pythons would count too."""
+    out, parent = {}, {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -48,7 +50,16 @@ def cpu_by_name() -> Dict[int, tuple]:
         except OSError:
             continue
         out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / TICKS)
-    return out
+        parent[int(pid)] = int(fields[1])
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: got for pid, got in out.items() if ours(pid)}
 
 
 def spent(fn: Callable[[], object], calls: int) -> Dict[str, float]:

@@ -41,19 +41,21 @@ answer, remote errors rebuilt) is :mod:`~fleche_remote.remote.exchange`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
-from .exchange import Exchange, Pending, frame_size, plain_answer
+from .exchange import Exchange, Pending, frame_size
 from .exchange import rebuild_exception as rebuild_exception  # still importable from here
 from .protocol import (
     COMPACT_FEATURE,
+    LOOKUP_OP,
     MSG,
     NEED_DATA,
     BannerScanner,
@@ -65,6 +67,7 @@ from .protocol import (
     Response,
     check_version,
     describe_noise,
+    encode_lookup,
     encode_message,
 )
 from .sending import RequestWriter
@@ -135,7 +138,11 @@ class Connection:
         self._queued_total = 0
         self._leading = False
         self._leader = 0  # thread ident of the leader, to spot a flag left by Ctrl-C
-        self._lone: Optional[Pending] = None  # the lone request whose thread leads (see _alone)
+        # the lone request whose thread leads (see _alone): its id (-1: none;
+        # never a frame's) and where its frames go, no lock taken
+        self._lone_rid = -1
+        self._lone_frames: Deque[Frame] = collections.deque()
+        self._lone_found: Optional[List[bool]] = None  # its answer when read whole as a list of bools
         self._last_taken = time.monotonic()  # when a waiting thread last took a frame
         self._next_id = 1
         self._hello: Optional[Hello] = None
@@ -265,6 +272,7 @@ class Connection:
             claim = self._decoder.claim_payload() if self._scanner is None else None
             if claim is not None:
                 self._fill(claim[0], claim[1], wait)
+                self._file_frames(self._next_frame())
             else:
                 data = self.transport.read_ready()
                 if data is None:
@@ -277,8 +285,16 @@ class Connection:
                     data = self._take_banner(data)
                     if not data:
                         return
-                self._decoder.feed(data)
-            self._file_frames()
+                elif self._lone_rid >= 0:
+                    found = self._decoder.found_from(data, self._lone_rid)
+                    if found is not None:  # the lone request's answer, read whole (the lookup lane)
+                        self._lone_found = found
+                        return
+                try:
+                    frame = self._decoder.next_frame_from(data)
+                except ProtocolError as exc:
+                    raise self.fail(f"garbage from {self.target}: {exc}") from None
+                self._file_frames(frame)
         except RemoteConnectionError:
             raise
         except OSError as exc:
@@ -306,15 +322,23 @@ class Connection:
             have += n
         self._decoder.feed_claimed(buf)
 
-    def _file_frames(self) -> None:
+    def _next_frame(self) -> Any:
+        try:
+            return self._decoder.next_frame()
+        except ProtocolError as exc:
+            raise self.fail(f"garbage from {self.target}: {exc}") from None
+
+    def _file_frames(self, frame: Any) -> None:
+        """File ``frame`` (the decoder's next, maybe ``NEED_DATA``) and every
+        complete one after it."""
         while True:
-            try:
-                frame = self._decoder.next_frame()
-            except ProtocolError as exc:
-                raise self.fail(f"garbage from {self.target}: {exc}") from None
             if frame is NEED_DATA:
                 return
             assert isinstance(frame, Frame)
+            if frame.id == self._lone_rid:
+                self._lone_frames.append(frame)  # its own thread reads it: no lock, counted when it lets go
+                frame = self._next_frame()
+                continue
             if self._hello is None:
                 if frame.type != MSG or not isinstance(frame.message, Hello):
                     raise self.fail(
@@ -328,20 +352,17 @@ class Connection:
                     self._on_hello(frame.message)
                 with self._cond:
                     self._cond.notify_all()
-                continue
-            lone = self._lone
-            if lone is not None and frame.id == lone.rid:
-                lone.frames.append(frame)  # its own thread reads it: no lock, counted when it lets go
+                frame = self._next_frame()
                 continue
             with self._cond:
                 pending = self._pending.get(frame.id)
-                if pending is None:
-                    continue  # the tail of an abandoned request
-                size = frame_size(frame)
-                pending.frames.append(frame)
-                pending.queued += size
-                self._queued_total += size
-                self._wake()
+                if pending is not None:  # else the tail of an abandoned request
+                    size = frame_size(frame)
+                    pending.frames.append(frame)
+                    pending.queued += size
+                    self._queued_total += size
+                    self._wake()
+            frame = self._next_frame()
 
     def next_frame(self, pending: Optional[Pending]) -> Optional[Frame]:
         """The next frame for ``pending`` (or, with ``None``, the Hello)."""
@@ -445,6 +466,19 @@ class Connection:
                 return answer if consume is None else consume(answer, [])
         return self._answer(self.exchange(op, args, blobs), consume)
 
+    def contains(self, key: str) -> bool:
+        """``request(LOOKUP_OP, {"keys": [key]})[0]``, the commonest request,
+        by the lookup lane (see the protocol module) when it goes alone."""
+        args = {"keys": [key]}
+        alone = self._alone(LOOKUP_OP, args, key)
+        if alone is None:
+            found = self._answer(self.exchange(LOOKUP_OP, args), None)
+        else:
+            plain, found = alone
+            if not plain:
+                found = self._answer(found, None)
+        return found[0]  # type: ignore[no-any-return]
+
     def pipelined(self, op: str, args_list: Sequence[Dict[str, Any]]) -> Generator[Any, None, None]:
         """Send several requests back to back, then yield their plain results
         in order.
@@ -493,7 +527,9 @@ class Connection:
                     pass
             return message.result
 
-    def _alone(self, op: str, args: Optional[Dict[str, Any]]) -> Optional[Tuple[bool, Any]]:
+    def _alone(
+        self, op: str, args: Optional[Dict[str, Any]], lookup: Optional[str] = None
+    ) -> Optional[Tuple[bool, Any]]:
         """A request while no other is in flight: its thread leads from the
         start and reads its answer with no lock taken per frame, and a plain
         answer (a result, no values, no pages) is returned as it arrives.
@@ -504,43 +540,61 @@ class Connection:
         fake transport). ``None`` when others are in flight (use
         :meth:`exchange`); ``(True, result)``; or ``(False, exchange)`` for
         an answer the general reader takes from here (an error, values,
-        pages), its frames counted in the queue like any other's.
+        pages), its frames counted in the queue like any other's. With
+        ``lookup``, the request is a :data:`LOOKUP_OP` of that one key, sent
+        and answered by the lookup lane where the compact forms allow.
         """
-        self._check_usable()
-        with self._cond:
+        if self.broken is not None:
+            self._check_usable()
+        with self._mutex:  # the condition's lock, without its Python-level __enter__
             if self._pending or self._leading or self._hello is None:
                 return None
             rid = self._next_id
             self._next_id = (rid % 0xFFFFFFFF) + 1
             self.requests_sent += 1
-            pending = self._pending[rid] = self._lone = Pending(rid)
+            pending = self._pending[rid] = Pending(rid)
+            frames = self._lone_frames = pending.frames
+            self._lone_rid = rid
+            self._lone_found = None
             self._leading = True
             self._leader = threading.get_ident()
-        answer: Optional[Response] = None
+        plain, result = False, None  # a plain answer (a result, no values, no pages) and its result
         try:
             try:
-                self._send(Request(rid, op, dict(args or {}), []), ())
-                while not pending.frames and self._queued_total < MAX_QUEUED_BYTES:
+                head = encode_lookup(rid, lookup) if lookup is not None and self._compact else None
+                if head is None:
+                    head = encode_message(Request(rid, op, args), self._compact)  # now: args not copied
+                try:
+                    self._writer.small(head)
+                except RemoteConnectionError as exc:
+                    raise self._send_failed(exc) from None
+                while not frames and self._lone_found is None and self._queued_total < MAX_QUEUED_BYTES:
                     self._read_some()
             finally:
-                with self._cond:
-                    self._lone = None
+                with self._mutex:
+                    self._lone_rid = -1
                     self._leading = False
-                    frames = pending.frames
-                    answer = plain_answer(frames[0]) if len(frames) == 1 else None
-                    if answer is not None:
+                    if self._lone_found is not None:  # read whole by the lookup lane
+                        plain, result, self._lone_found = True, self._lone_found, None
+                    elif len(frames) == 1:
+                        frame = frames[0]
+                        message = frame.message
+                        if type(message) is Response and frame.type == MSG and not message.blobs:
+                            plain, result = not message.more, message.result  # see plain_answer
+                    if plain:
                         del self._pending[rid]
                     else:  # the general reader's bookkeeping from here on
                         for frame in frames:
                             size = frame_size(frame)
                             pending.queued += size
                             self._queued_total += size
-                    self._wake()
+                    if self._waiting:
+                        self._cond.notify_all()
         except BaseException:
             with Exchange(self, pending):  # forgets it, and stops an answer nobody reads
                 raise
-        if answer is not None:
-            return True, answer.result
+        if plain:
+            return True, result
         return False, Exchange(self, pending)
 
     def exchange(

@@ -2,10 +2,8 @@
 
 Design rules (everything that shapes the bytes lives here):
 
-* The server speaks first: a fixed magic banner, then a 2-byte protocol
-  version, then frames. The client scans for the banner and treats every
-  byte before it as login-shell noise (motd, ``module``, conda), which it
-  reports but never parses.
+* The server speaks first: a magic banner and its protocol version (see
+  :mod:`.banner`), then frames.
 * After the banner everything is a frame: a 14-byte header
   ``marker(0xFE) type(u8) id(u32) length(u64)`` and ``length`` payload
   bytes. The marker makes garbage on the wire fail loudly at the first
@@ -63,13 +61,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ..codec.plain import dumps_plain, loads_plain, register_plain
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-
-#: PNG-style magic: the high-bit byte and CR LF / ^Z catch text-mode
-#: mangling; the name makes a hexdump self-explanatory.
-MAGIC = b"\x89FLECHE-REMOTE\r\n\x1a\n"
-_VERSION = struct.Struct(">H")
-BANNER = MAGIC + _VERSION.pack(PROTOCOL_VERSION)
+# what the server says first is .banner's; its names are the wire's, so they are here too
+from .banner import BANNER as BANNER
+from .banner import DEFAULT_MAX_NOISE as DEFAULT_MAX_NOISE
+from .banner import MAGIC as MAGIC
+from .banner import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .banner import BannerScanner as BannerScanner
+from .banner import check_version as check_version
+from .banner import describe_noise as describe_noise
 
 MARKER = 0xFE
 _HEADER = struct.Struct(">BBIQ")
@@ -86,8 +85,6 @@ FRAME_TYPES = {MSG: "MSG", DATA: "DATA", END: "END", ABORT: "ABORT"}
 DEFAULT_MAX_MESSAGE = 1 << 30
 #: Data chunks are sent at 1 MiB; allow 16x slack for other senders.
 DEFAULT_MAX_CHUNK = 16 << 20
-#: How much login noise to wade through before deciding no server is there.
-DEFAULT_MAX_NOISE = 1 << 20
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -364,6 +361,44 @@ def decode_compact(payload: BytesLike, fid: int) -> Message:
     return Request(fid, op, {"keys": rest.split("\n")})
 
 
+# -- the lookup lane ------------------------------------------------------------
+#
+# A lone ``contains`` is one compact frame each way, each read whole in one
+# read. Building its Request, Response and Frame objects and walking the
+# generic checks of encode_compact and decode_compact cost more than the
+# store's own answer (~1.5 us a side, measured), so these go from the bytes
+# to what the caller needs and back. They agree exactly with the generic
+# path (tests/protocol holds them to it); for anything else they return
+# None and the caller takes the generic path.
+
+#: The operation the lane carries (a lookup of keys).
+LOOKUP_OP = "contains_many"
+_LOOKUP_HEAD = bytes((_C_KEYS, len(LOOKUP_OP))) + LOOKUP_OP.encode("ascii")
+
+
+def encode_lookup(rid: int, key: str) -> Optional[bytes]:
+    """``encode_message(Request(rid, LOOKUP_OP, {"keys": [key]}), True)``,
+    or ``None`` for a key the compact form cannot carry."""
+    if type(key) is not str or "\n" in key:
+        return None
+    payload = _LOOKUP_HEAD + key.encode("utf-8", "surrogatepass")
+    if len(payload) > COMPACT_MAX:
+        return None
+    return _HEADER.pack(MARKER, MSG, rid, len(payload)) + payload
+
+
+def encode_found(rid: int, found: Any) -> bytes:
+    """``encode_message(Response(rid, found), True)``: a lookup's answer to
+    a client that speaks the compact forms."""
+    if type(found) is list and len(found) < COMPACT_MAX:
+        for r in found:
+            if type(r) is not bool:
+                break
+        else:
+            return _HEADER.pack(MARKER, MSG, rid, len(found) + 1) + b"\x03" + bytes(found)
+    return encode_message(Response(rid, found), True)
+
+
 def encode_end(fid: int) -> bytes:
     return frame_header(END, fid, 0)
 
@@ -502,67 +537,78 @@ class FrameDecoder:
             del self._buf[:length]
         self._header = None
         if ftype == MSG:
-            if length and payload[0] < 0x20:  # no pickle opcode is a control byte
-                self.compact_seen = True
-                return Frame(MSG, fid, b"", decode_compact(payload, fid))
-            message = loads_plain(payload) if self.check_budget else loads_plain(payload, None)
-            if not isinstance(message, _MESSAGE_TYPES):
-                raise ProtocolError(f"MSG frame holds a {type(message).__name__}, expected a message")
-            mid = getattr(message, "id", fid)
-            if mid != fid:
-                raise ProtocolError(f"MSG frame id {fid} does not match its message id {mid}")
-            return Frame(MSG, fid, b"", message)
+            return self._message(fid, payload)
         return Frame(ftype, fid, payload)  # type: ignore[arg-type]
 
+    def next_frame_from(self, data: bytes) -> Union[Frame, NeedData]:
+        """:meth:`feed` ``data``, then :meth:`next_frame`, with the same
+        result and errors; faster when ``data`` is exactly one whole
+        message frame and nothing is buffered, as a small request or its
+        answer arrives in one read: the frame is decoded from ``data``
+        without passing through the buffer (a compact lookup's read-to-frame
+        ~1.6 -> ~0.8 us on either end).
+        """
+        if self._header is None and not self._buf and len(data) > HEADER_SIZE:
+            marker, ftype, fid, length = _HEADER.unpack_from(data)
+            if (
+                length == len(data) - HEADER_SIZE
+                and marker == MARKER
+                and ftype == MSG
+                and length <= self.max_message
+            ):
+                return self._message(fid, data[HEADER_SIZE:])
+        self.feed(data)
+        return self.next_frame()
 
-class BannerScanner:
-    """Finds the server's banner in bytes that may start with login noise.
-
-    ``feed`` returns ``None`` until the banner and version are complete,
-    then ``(noise, version, rest)``: the bytes skipped, the server's
-    protocol version and the bytes after the banner (the first frames).
-    """
-
-    def __init__(self, max_noise: int = DEFAULT_MAX_NOISE) -> None:
-        self.max_noise = max_noise
-        self._buf = bytearray()
-
-    @property
-    def noise(self) -> bytes:
-        idx = self._buf.find(MAGIC)
-        return bytes(self._buf if idx < 0 else self._buf[:idx])
-
-    def feed(self, data: BytesLike) -> Optional[Tuple[bytes, int, bytes]]:
-        self._buf += data
-        idx = self._buf.find(MAGIC)
-        if idx < 0:
-            if len(self._buf) > self.max_noise + len(MAGIC):
-                raise ProtocolError(
-                    f"no fleche-remote banner in the first {self.max_noise} bytes from the remote; "
-                    f"it starts with {describe_noise(bytes(self._buf))}"
-                )
+    def lookup_from(self, data: bytes) -> Optional[Tuple[int, List[str]]]:
+        """``(id, keys)`` of a read that is exactly one whole compact
+        :data:`LOOKUP_OP` request, nothing being buffered: what
+        :meth:`next_frame_from` would decode, without the objects (the
+        lookup lane, above). ``None``, with nothing consumed, for anything
+        else: then call :meth:`next_frame_from`."""
+        if self._header is not None or self._buf or not data.startswith(_LOOKUP_HEAD, HEADER_SIZE):
             return None
-        end = idx + len(MAGIC) + _VERSION.size
-        if len(self._buf) < end:
+        marker, ftype, fid, length = _HEADER.unpack_from(data)
+        if marker != MARKER or ftype != MSG or length != len(data) - HEADER_SIZE or length > COMPACT_MAX:
             return None
-        (version,) = _VERSION.unpack_from(self._buf, idx + len(MAGIC))
-        return bytes(self._buf[:idx]), version, bytes(self._buf[end:])
+        if length > self.max_message:
+            return None
+        try:
+            keys = data[HEADER_SIZE + len(_LOOKUP_HEAD) :].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return None  # the generic path says what is wrong
+        self.compact_seen = True
+        return fid, keys.split("\n")
 
+    def found_from(self, data: bytes, rid: int) -> Optional[List[bool]]:
+        """The list of a read that is exactly one whole compact answer of
+        booleans to request ``rid``, nothing being buffered: the result of
+        the ``Response`` :meth:`next_frame_from` would decode, without the
+        objects (the lookup lane, above). ``None``, with nothing consumed,
+        for anything else: then call :meth:`next_frame_from`."""
+        if self._header is not None or self._buf or len(data) <= HEADER_SIZE or data[HEADER_SIZE] != _C_BOOLS:
+            return None
+        marker, ftype, fid, length = _HEADER.unpack_from(data)
+        if fid != rid or marker != MARKER or ftype != MSG or length != len(data) - HEADER_SIZE:
+            return None
+        if length > COMPACT_MAX or length > self.max_message:
+            return None
+        try:
+            found = [_C_TRUE_FALSE[b] for b in data[HEADER_SIZE + 1 :]]
+        except IndexError:
+            return None  # the generic path says what is wrong
+        self.compact_seen = True
+        return found
 
-def describe_noise(noise: bytes, limit: int = 200) -> str:
-    """Printable, escaped head of unexpected bytes, for logs and errors."""
-    text = noise[:limit].decode("ascii", "backslashreplace")
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    more = f" (+{len(noise) - limit} more bytes)" if len(noise) > limit else ""
-    return f"{text!r}{more}"
-
-
-def check_version(remote: int) -> None:
-    """Refuse a server speaking another protocol, naming both versions."""
-    if remote != PROTOCOL_VERSION:
-        from ..errors import IncompatibleProtocolError
-
-        raise IncompatibleProtocolError(
-            f"the remote speaks fleche-remote protocol {remote}, this client speaks "
-            f"protocol {PROTOCOL_VERSION}; install matching fleche-remote versions on both sides"
-        )
+    def _message(self, fid: int, payload: BytesLike) -> Frame:
+        """The frame of a whole MSG payload (compact form or pickle)."""
+        if payload and payload[0] < 0x20:  # no pickle opcode is a control byte
+            self.compact_seen = True
+            return Frame(MSG, fid, b"", decode_compact(payload, fid))
+        message = loads_plain(payload) if self.check_budget else loads_plain(payload, None)
+        if not isinstance(message, _MESSAGE_TYPES):
+            raise ProtocolError(f"MSG frame holds a {type(message).__name__}, expected a message")
+        mid = getattr(message, "id", fid)
+        if mid != fid:
+            raise ProtocolError(f"MSG frame id {fid} does not match its message id {mid}")
+        return Frame(MSG, fid, b"", message)

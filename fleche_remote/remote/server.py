@@ -67,6 +67,7 @@ from .handlers import (
 from .protocol import (
     BANNER,
     DATA,
+    LOOKUP_OP,
     MSG,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -78,6 +79,7 @@ from .protocol import (
     Response,
     encode_abort,
     encode_end,
+    encode_found,
     encode_message,
     frame_header,
 )
@@ -123,8 +125,9 @@ class _Server:
     # -- the main thread --------------------------------------------------
 
     def run(self) -> None:
+        decoder = self.inp.decoder
         while True:
-            frame = self.inp.next_frame(block=False)
+            frame: Any = decoder.next_frame()
             if frame is NEED_DATA:
                 self.out.flush()  # nothing more to answer right now
                 frame = self.inp.read_frame()
@@ -133,9 +136,12 @@ class _Server:
                 return
             if self.out.broken:
                 return
+            if type(frame) is tuple:  # a lookup read whole (see Input.read_frame)
+                self._answer_lookup(*frame)
+                continue
             if frame.type == MSG:
                 request = frame.message
-                if type(request) is Request and request.op == "contains_many" and self._lookup(request):
+                if type(request) is Request and request.op == LOOKUP_OP and self._lookup(request):
                     continue
                 if not isinstance(request, Request):
                     raise ProtocolError(f"expected a request, got a {type(request).__name__}")
@@ -199,15 +205,20 @@ class _Server:
         for key in keys:
             if type(key) is not str:
                 return False
+        self._answer_lookup(rid, keys)
+        return True
+
+    def _answer_lookup(self, rid: int, keys: List[str]) -> None:
+        """Answer a well-formed lookup (id int, keys a non-empty list of str)."""
         try:
             found = self.ctx.cache.contains_many(keys)
         except Exception as exc:
-            self._send_error(request, exc, flush=False)
-            return True
-        answer = encode_message(Response(rid, found), self.inp.decoder.compact_seen)
+            self._send_error(Request(rid, LOOKUP_OP, {"keys": keys}), exc, flush=False)
+            return
+        decoder = self.inp.decoder
+        answer = encode_found(rid, found) if decoder.compact_seen else encode_message(Response(rid, found))
         # nothing more has arrived: the answer goes now, not after the next look at the input
-        self.out.send([answer], flush=not self.inp.decoder.buffered)
-        return True
+        self.out.send([answer], flush=not decoder.buffered)
 
     def _flow_control(self, request: Request) -> None:
         target = request.args.get("id") if isinstance(request.args, dict) else None

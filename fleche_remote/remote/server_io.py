@@ -110,11 +110,15 @@ class Input:
 
     def read_frame(self) -> Any:
         """Read until the next frame is complete (the decoder holds none:
-        ``next_frame(block=False)`` said ``NEED_DATA``); ``None`` at end of input."""
+        ``next_frame(block=False)`` said ``NEED_DATA``); ``None`` at end of
+        input. A read that is exactly one compact lookup comes back as its
+        ``(id, keys)`` instead of a frame (see ``FrameDecoder.lookup_from``)."""
         while True:
+            frame: Any
             claim = self.decoder.claim_payload() if self._readinto is not None else None
             if claim is not None:
                 self._fill(*claim)
+                frame = self.decoder.next_frame()
             else:
                 if self._read_some is not None:
                     n = self._read_some(self._scratch)
@@ -127,8 +131,7 @@ class Input:
                             f"input ended inside a frame ({self.decoder.buffered} bytes buffered)"
                         )
                     return None
-                self.decoder.feed(data)
-            frame = self.decoder.next_frame()
+                frame = self.decoder.lookup_from(data) or self.decoder.next_frame_from(data)
             if frame is not NEED_DATA:
                 return frame
 

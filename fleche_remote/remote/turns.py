@@ -20,9 +20,10 @@ until its last byte is out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: Size of the DATA frames a value is streamed in, each way.
 BULK_FRAME = 256 << 10
@@ -35,17 +36,15 @@ class WriteTurns:
         self._lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._urgent = 0
-
-    def try_small(self) -> bool:
-        """Take the pipe for a small write if it is free at once (then
-        :meth:`release` it): nobody is ahead to step aside, so this skips
-        the bookkeeping of :meth:`small`, a third of a small answer's cost
-        in the server's write path (measured)."""
-        return self._lock.acquire(blocking=False)
-
-    def release(self) -> None:
-        """Give back the pipe taken with :meth:`try_small`."""
-        self._lock.release()
+        #: Take the pipe for a small write if it is free at once (then
+        #: :attr:`release` it): nobody is ahead to step aside, so this skips
+        #: the bookkeeping of :meth:`small`, a third of a small answer's cost
+        #: in the server's write path (measured). The lock's own methods, not
+        #: Python ones wrapping them: a lone request takes and gives back the
+        #: pipe once on each end (taking and giving back 0.25 -> 0.12 us).
+        self.try_small: Callable[[], bool] = functools.partial(self._lock.acquire, False)
+        #: Give back the pipe taken with :attr:`try_small`.
+        self.release: Callable[[], None] = self._lock.release
 
     @contextlib.contextmanager
     def small(self) -> Iterator[None]:

@@ -108,6 +108,65 @@ def test_random_splits(seed):
     assert got == expected
 
 
+def drain_reads(decoder: FrameDecoder, data: bytes) -> list:
+    """What a reader gets from one read of ``data``: ``next_frame_from``
+    for its first frame, ``next_frame`` for the rest."""
+    first = decoder.next_frame_from(data)
+    if first is NEED_DATA:
+        return []
+    return [(first.type, first.id, first.message if first.type == MSG else first.payload), *drain(decoder)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reads_handed_over_whole_decode_as_fed_ones(seed):
+    # next_frame_from takes a whole one-frame read without the buffer and
+    # anything else through it: the frames must not depend on which way
+    data, expected = sample_stream()
+    rng = random.Random(seed)
+    frame_ends = []
+    decoder = FrameDecoder()
+    for i in range(len(data)):
+        decoder.feed(data[i : i + 1])
+        if drain(decoder):
+            frame_ends.append(i + 1)
+    cuts = sorted(set(rng.sample(range(1, len(data)), 12) + frame_ends[: rng.randint(1, len(frame_ends))]))
+    decoder = FrameDecoder()
+    got = []
+    for start, end in zip([0, *cuts], [*cuts, len(data)]):
+        got.extend(drain_reads(decoder, data[start:end]))
+    assert got == expected
+    assert decoder.buffered == 0
+
+
+def test_a_read_of_exactly_one_small_message_leaves_nothing_buffered():
+    decoder = FrameDecoder()
+    for rid in (1, 2):
+        frame = decoder.next_frame_from(
+            encode_message(Request(rid, "contains_many", {"keys": ["ab" * 32]}), True)
+        )
+        assert (frame.type, frame.id, frame.message) == (
+            MSG,
+            rid,
+            Request(rid, "contains_many", {"keys": ["ab" * 32]}),
+        )
+        assert decoder.buffered == 0 and decoder.compact_seen
+    frame = decoder.next_frame_from(encode_message(Response(3, [True, None])))
+    assert frame.message == Response(3, [True, None]) and decoder.buffered == 0
+
+
+def test_a_whole_read_is_refused_as_a_fed_one_would_be():
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError, match="frame marker"):
+        decoder.next_frame_from(b"Last login: Mon from 10.0.0.1\n")
+    small = FrameDecoder(max_message=10)
+    with pytest.raises(ProtocolError, match="exceeds the limit of 10 bytes"):
+        small.next_frame_from(encode_message(Response(1, list(range(100)))))
+    whole = encode_message(Response(6))
+    framed_as_5 = whole[:2] + (5).to_bytes(4, "big") + whole[6:]  # the frame's id: 4 bytes after marker, type
+    with pytest.raises(ProtocolError, match="does not match its message id"):
+        FrameDecoder().next_frame_from(framed_as_5)
+
+
 def test_truncated_stream_never_yields_a_partial_frame():
     data, expected = sample_stream()
     for cut in range(len(data)):
