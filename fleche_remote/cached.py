@@ -494,14 +494,12 @@ class CachedFunction:
         key = self._key(arguments)
         cache = self.cache
         lookup = cache.lookup_claims() if self.claims else None
-        if lookup is not None:  # a miss claims in the lookup's round trip
-            return self._load_or_compute(cache, key, lookup, arguments, args, kwargs)
-        try:
-            return self._stored(cache, key)
-        except KeyError:
-            pass
-        self._keys.explain_miss(cache, arguments)
-        return self._miss(cache, key, arguments, args, kwargs)
+        if lookup is None:
+            try:
+                return self._stored(cache, key)
+            except KeyError:
+                pass
+        return self._miss(cache, key, arguments, args, kwargs, lookup)
 
     def _stored(self, cache: BaseCache, key: Digest) -> Any:
         """The stored result of ``key``; a corrupt one is logged and, like
@@ -523,27 +521,24 @@ class CachedFunction:
         arguments: Dict[str, Any],
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
+        lookup: Optional[Tuple[Claims, LoadOrClaim]],
     ) -> Any:
-        return claiming.compute_once(
-            cache.claim_keeper() if self.claims else None,
-            key,
-            self.name,
-            self.lease,
-            self.claim_timeout,
-            cache.contains_many,
-            lambda: self._stored(cache, key),  # a holder we waited for saved it
-            lambda: self._compute_and_save(cache, key, arguments, args, kwargs),
-        )
+        """A call that missed, computed once across threads, processes and
+        machines (:mod:`.claiming`); with ``lookup``, one not looked up yet,
+        whose lookup claims it if it misses (one round trip, not two)."""
 
-    def _load_or_compute(
-        self,
-        cache: BaseCache,
-        key: Digest,
-        lookup: Tuple[Claims, LoadOrClaim],
-        arguments: Dict[str, Any],
-        args: Tuple[Any, ...],
-        kwargs: Dict[str, Any],
-    ) -> Any:
+        def compute() -> Any:
+            self._keys.explain_miss(cache, arguments)
+            return self._compute_and_save(cache, key, arguments, args, kwargs)
+
+        def load() -> Any:  # a holder we waited for saved it
+            return self._stored(cache, key)
+
+        if lookup is None:
+            keeper = cache.claim_keeper() if self.claims else None
+            return claiming.compute_once(
+                keeper, key, self.name, self.lease, self.claim_timeout, cache.contains_many, load, compute
+            )
         keeper, load_or_claim = lookup
 
         def look(full: str, holder: Holder, lease: float) -> Tuple[bool, Any]:
@@ -552,20 +547,8 @@ class CachedFunction:
             except CorruptEntryError as exc:
                 raise self._corrupt(full, exc) from None
 
-        def compute() -> Any:
-            self._keys.explain_miss(cache, arguments)
-            return self._compute_and_save(cache, key, arguments, args, kwargs)
-
         return claiming.load_or_compute(
-            keeper,
-            look,
-            key,
-            self.name,
-            self.lease,
-            self.claim_timeout,
-            cache.contains_many,
-            lambda: self._stored(cache, key),
-            compute,
+            keeper, look, key, self.name, self.lease, self.claim_timeout, cache.contains_many, load, compute
         )
 
     def _compute_and_save(

@@ -10,6 +10,7 @@ module notes give the rules of the frames that follow the banner.
 from __future__ import annotations
 
 import struct
+import warnings
 from typing import Optional, Tuple, Union
 
 from ..errors import ProtocolError
@@ -78,4 +79,16 @@ def check_version(remote: int) -> None:
         raise IncompatibleProtocolError(
             f"the remote speaks fleche-remote protocol {remote}, this client speaks "
             f"protocol {PROTOCOL_VERSION}; install matching fleche-remote versions on both sides"
+        )
+
+
+def warn_on_skew(host: str, remote_version: str) -> None:
+    """Library-version skew is allowed (the protocol matches); say so once."""
+    from .. import __version__
+
+    if remote_version != __version__:
+        warnings.warn(
+            f"{host} runs fleche-remote {remote_version}, this client {__version__}; "
+            f"consider upgrading the older side",
+            stacklevel=2,
         )

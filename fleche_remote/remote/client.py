@@ -54,6 +54,7 @@ from .connection import Connection
 from .host_compute import HostCompute
 from .lifecycle import Lifecycle
 from .packing import SmallEntries, pipeline_parts, unpack_small_entries
+from .pipeline import pipelined
 from .protocol import BlobHeader, Inline, inline_choices
 from .receive import Unsigned, spool, unpack_blobs
 from .rows import entries as row_listing_entries
@@ -439,7 +440,7 @@ class SshCache(Lifecycle, SshCommand, HostCompute, BaseCache):
 
         def run(conn: Connection) -> SmallEntries:
             out: SmallEntries = []
-            answers = conn.pipelined("load_entries", [{"keys": part, "small_only": True} for part in parts])
+            answers = pipelined(conn, "load_entries", [{"keys": part, "small_only": True} for part in parts])
             try:
                 for part, found in zip(parts, answers):
                     listed = [None if f is None else f[0] for f in found]

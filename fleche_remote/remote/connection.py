@@ -46,8 +46,7 @@ import copy
 import logging
 import threading
 import time
-import warnings
-from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..codec.values import Blob
 from ..errors import ProtocolError, RemoteConnectionError
@@ -462,9 +461,9 @@ class Connection:
             if alone is not None:
                 plain, answer = alone
                 if not plain:
-                    return self._answer(answer, consume)
+                    return self.answer(answer, consume)
                 return answer if consume is None else consume(answer, [])
-        return self._answer(self.exchange(op, args, blobs), consume)
+        return self.answer(self.exchange(op, args, blobs), consume)
 
     def contains(self, key: str) -> bool:
         """``request(LOOKUP_OP, {"keys": [key]})[0]``, the commonest request,
@@ -472,51 +471,16 @@ class Connection:
         args = {"keys": [key]}
         alone = self._alone(LOOKUP_OP, args, key)
         if alone is None:
-            found = self._answer(self.exchange(LOOKUP_OP, args), None)
+            found = self.answer(self.exchange(LOOKUP_OP, args), None)
         else:
             plain, found = alone
             if not plain:
-                found = self._answer(found, None)
+                found = self.answer(found, None)
         return found[0]  # type: ignore[no-any-return]
 
-    def pipelined(self, op: str, args_list: Sequence[Dict[str, Any]]) -> Generator[Any, None, None]:
-        """Send several requests back to back, then yield their plain results
-        in order.
-
-        The server answers one while the caller is still working through
-        the previous answer, so the two ends overlap instead of taking
-        turns: a listing of 1000 small calls split in 8 took 17 against
-        21 ms over loopback ssh (both ends were busy about half the time
-        while the other worked). All requests leave before the first answer
-        is read, so over a slow link it still costs one round trip; when
-        other threads hold most of the ``MAX_IN_FLIGHT`` slots, the answers
-        already asked for are read first to free one, rather than waiting
-        for a slot while holding them.
-
-        Leaving early (an exception, or the caller closing the iterator)
-        forgets the answers not read yet.
-        """
-        if len(args_list) == 1:  # one request takes the lone request's path
-            yield self.request(op, args_list[0])
-            return
-        sent: List[Exchange] = []  # in order, not answered yet
-        todo = list(args_list)
-        try:
-            while todo or sent:
-                if todo:
-                    # never wait for a slot while holding answers of our own:
-                    # with every slot taken, ours are read first, which frees one
-                    exchange = self._exchange(op, todo[0], (), wait=not sent)
-                    if exchange is not None:
-                        sent.append(exchange)
-                        del todo[0]
-                        continue
-                yield self._answer(sent.pop(0), None)  # _answer forgets it, whatever happens
-        finally:
-            for exchange in sent:
-                exchange.__exit__(None, None, None)
-
-    def _answer(self, exchange: Exchange, consume: Optional[Callable[..., Any]]) -> Any:
+    def answer(self, exchange: Exchange, consume: Optional[Callable[..., Any]] = None) -> Any:
+        """The result of ``exchange`` (read by ``consume`` with its value
+        streams, if given); the request is forgotten, whatever happens."""
         with exchange as reply:
             message = reply.first()
             streams = [(h, reply.stream(h)) for h in message.blobs]
@@ -605,6 +569,11 @@ class Connection:
         assert exchange is not None
         return exchange
 
+    def try_exchange(self, op: str, args: Dict[str, Any]) -> Optional[Exchange]:
+        """:meth:`exchange` if one of the ``MAX_IN_FLIGHT`` slots is free
+        now, else ``None`` (nothing sent)."""
+        return self._exchange(op, args, (), wait=False)
+
     def _exchange(
         self, op: str, args: Optional[Dict[str, Any]], blobs: Sequence[Tuple[BlobHeader, Blob]], wait: bool
     ) -> Optional[Exchange]:
@@ -688,15 +657,3 @@ class Connection:
                 self._error = RemoteConnectionError(f"the connection to {self.target} was closed")
             self._cond.notify_all()
         self.transport.close()
-
-
-def warn_on_skew(host: str, remote_version: str) -> None:
-    """Library-version skew is allowed (the protocol matches); say so once."""
-    from .. import __version__
-
-    if remote_version != __version__:
-        warnings.warn(
-            f"{host} runs fleche-remote {remote_version}, this client {__version__}; "
-            f"consider upgrading the older side",
-            stacklevel=2,
-        )

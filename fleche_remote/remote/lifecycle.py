@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from ..errors import RemoteConnectionError
 from . import bootstrap as _bootstrap
 from . import health
-from .connection import Connection, warn_on_skew
+from .banner import warn_on_skew
+from .connection import Connection
 from .ssh_options import connection_needs_no_prompt
 from .transport import SubprocessTransport, Transport
 

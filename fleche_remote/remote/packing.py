@@ -23,7 +23,7 @@ SmallEntries = List[Optional[Tuple[CallRecord, Optional[Blob]]]]
 
 #: A listing of at least twice this many keys is asked in parts, each of at
 #: least this many, at most :data:`PIPELINE_PARTS` of them, sent back to back
-#: (:meth:`~fleche_remote.remote.connection.Connection.pipelined`): the
+#: (:func:`~fleche_remote.remote.pipeline.pipelined`): the
 #: server reads and packs one part while the client unpacks the one before.
 #: Measured over loopback ssh, 1000 small calls: 21 ms in one request, 19 in
 #: 2 parts, 18 in 4, 17 in 8; smaller parts would cost a request's overhead

@@ -30,6 +30,7 @@ from ..errors import CorruptEntryError, ProtocolError
 from ..storage.sql.db import blob_key
 from ..storage.sql.rows import ENTRY_COLUMNS, record_from_row, row_blob
 from .packing import unpack_small_entries
+from .pipeline import pipelined
 from .receive import Unsigned
 
 #: A row as the server sends it: the columns of ``READ_ENTRY``.
@@ -113,8 +114,8 @@ def _gather(cache: Any, conn: Any, parts: Sequence[List[str]]) -> List[Tuple[boo
     """Per part: ``(True, rows)``, or ``(False, small entries)`` from a
     cache that keeps no rows; the parts go back to back."""
     got: List[Tuple[bool, Any]] = []
-    answers = conn.pipelined(
-        "load_entries", [{"keys": part, "small_only": True, "rows": True} for part in parts]
+    answers = pipelined(
+        conn, "load_entries", [{"keys": part, "small_only": True, "rows": True} for part in parts]
     )
     try:
         for part, found in zip(parts, answers):

@@ -71,13 +71,13 @@ def test_a_long_listing_is_asked_in_parts_all_sent_before_the_first_answer_is_re
     keys = cache.save_many([Call("loop.h", {"i": i}, [float(i)] * 10) for i in range(1500)])
     asked = [k if i % 7 else f"{i:064x}" for i, k in enumerate(keys)]  # every 7th is not stored
     in_flight_at_answers = []
-    answer = Connection._answer
+    answer = Connection.answer
 
-    def counting(self: Connection, exchange: Any, consume: Any) -> Any:
+    def counting(self: Connection, exchange: Any, consume: Any = None) -> Any:
         in_flight_at_answers.append(self.in_flight)
         return answer(self, exchange, consume)
 
-    monkeypatch.setattr(Connection, "_answer", counting)
+    monkeypatch.setattr(Connection, "answer", counting)
     remote = ssh_cache(sshd, workdir)
     try:
         remote.ping()
