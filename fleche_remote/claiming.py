@@ -38,6 +38,7 @@ Design rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -487,40 +488,37 @@ def load_or_compute(
     that thread as :func:`compute_once` does, rather than claiming a key
     its own process holds."""
     with computing(name, [key]):
+        then = functools.partial(_claim_and_compute, keeper, key, name, lease, timeout, stored, load, compute)
         local = (id(keeper), key)
         with _local.lock:
             first = local not in _local.events
             if first:
                 _local.events[local] = (threading.Event(), False)
-        if not first:
+        if first:
+            asked = Claimed(keeper, [key], lease)
             try:
-                return load()
-            except KeyError:
-                return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
-        asked = Claimed(keeper, [key], lease)
+                found, answer = lookup(key, me(), lease)
+            except ClaimsUnsupported:  # nothing was looked up: the two steps, below
+                asked.release_local()
+            except KeyError:  # stored, but unreadable: a miss
+                asked.release_local()
+                return then()
+            except BaseException:
+                asked.release_local()
+                raise
+            else:
+                if found or answer is UNREACHED:
+                    asked.release_local()
+                    return answer if found else compute()
+                if answer is None:  # ours
+                    _renewer.add(keeper, [key], lease)
+                    return then((asked, {}))
+                asked.release_local()  # another process holds it: wait for it, as compute_once does
+                return then((Claimed(keeper, [], lease), {key: answer}))
         try:
-            found, answer = lookup(key, me(), lease)
-        except ClaimsUnsupported:  # nothing was looked up: the two steps
-            asked.release_local()
-            try:
-                return load()
-            except KeyError:
-                return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
+            return load()
         except KeyError:
-            asked.release_local()
-            return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute)
-        except BaseException:
-            asked.release_local()
-            raise
-        if found or answer is UNREACHED:
-            asked.release_local()
-            return answer if found else compute()
-        if answer is None:  # ours
-            _renewer.add(keeper, [key], lease)
-            return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute, (asked, {}))
-        asked.release_local()  # another process holds it: wait for it, as compute_once does
-        claimed = (Claimed(keeper, [], lease), {key: answer})
-        return _claim_and_compute(keeper, key, name, lease, timeout, stored, load, compute, claimed)
+            return then()
 
 
 def compute_batch(

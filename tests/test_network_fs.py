@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from remote.helpers import remote_dir, ssh_cache
+from remote.helpers import SQL_TOML, remote_dir, ssh_cache
 
 from fleche_remote import Call
 from fleche_remote.config import cache_from_config
@@ -213,18 +213,7 @@ print(json.dumps({{
 
 
 def test_server_refuses_a_sqlite_cache_on_lustre_through_ssh(sshd, tmp_path):
-    remote = remote_dir(
-        tmp_path,
-        """\
-[default]
-cache = "main"
-root = true
-
-[main]
-template = "sql"
-root = "store"
-""",
-    )
+    remote = remote_dir(tmp_path, SQL_TOML)
     table = tmp_path / "mountinfo"
     table.write_text(f"27 1 254:0 / / rw - ext4 /dev/vda rw\n70 27 0:60 / {remote} rw - lustre fs rw\n")
     export = f"export {_fs.ENV_MOUNT_TABLE}={table}"

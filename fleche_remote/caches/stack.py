@@ -402,10 +402,11 @@ class CacheStack(BaseCache):
         miss then costs the same round trips as a hit there."""
         keeper = self.claim_keeper()
         last = self.layers[-1]
-        below = last.lookup_claims(entries=True) if keeper is not None and len(self.layers) > 1 else None
-        if below is None or below[0] is not getattr(keeper, "inner", keeper):
+        if not isinstance(keeper, PushedFirst) or keeper.writer.layer is not last or len(self.layers) < 2:
             return None
-        assert keeper is not None
+        below = last.lookup_claims(entries=True)
+        if below is None or below[0] is not keeper.inner:
+            return None
         lookup = below[1]
 
         def run(key: str, holder: Holder, lease: float) -> Tuple[bool, Any]:

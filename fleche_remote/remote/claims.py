@@ -3,8 +3,8 @@
 Each operation is one request, whatever the number of keys (``claim``,
 ``renew_claims``, ``release_claims``, ``claimed``). A ``@cached`` call's
 lookup and, when it misses, its claim go together (``load_or_claim``), so
-a miss costs one round trip before computing, as a hit does. The server computes
-expiries in its own clock, so clients' clocks do not matter. A server of
+a miss costs one round trip before computing, as a hit does. The server
+computes expiries in its own clock, so clients' clocks do not matter. A server of
 an earlier version does not know the operations, and a ``--read-only``
 one leaves them out of its table: both answer with an error, which turns
 claims off for this cache (computing goes on without them).
@@ -60,9 +60,13 @@ class RemoteClaims(Claims):
             return request(op, args)
         except (ProtocolError, Rejected) as exc:
             # an earlier server ("unknown operation") or a read-only one
-            self.unsupported = True
-            log.info("%s takes no claims (%s); computing without them", self.name, exc)
-            raise ClaimsUnsupported(str(exc)) from exc
+            raise self.refused(exc) from exc
+
+    def refused(self, exc: Exception) -> ClaimsUnsupported:
+        """The server turned claims down: there are none from now on."""
+        self.unsupported = True
+        log.info("%s takes no claims (%s); computing without them", self.name, exc)
+        return ClaimsUnsupported(str(exc))
 
     def claim(self, keys: Sequence[str], holder: Holder, lease: float) -> List[Optional[Holder]]:
         if not keys:
@@ -131,9 +135,7 @@ def load_or_claim(
                 offline=lambda: (False, UNREACHED),
             )
         except Rejected as exc:  # the server's cache keeps no claims
-            keeper.unsupported = True
-            log.info("%s takes no claims (%s); computing without them", keeper.name, exc)
-            raise ClaimsUnsupported(str(exc)) from exc
+            raise keeper.refused(exc) from exc
         except ProtocolError as exc:
             if "unknown operation" not in str(exc):
                 raise

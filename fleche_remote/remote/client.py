@@ -403,10 +403,8 @@ class SshCache(Lifecycle, SshCommand, HostCompute, BaseCache):
         out: List[Optional[Tuple[CallRecord, Blob]]] = []
         for entry in found:
             if entry is not None and entry[1] is None:
-                blob = fetched.get(entry[0].value)
-                entry = (
-                    None if blob is None else (entry[0], blob)
-                )  # a value lost is no entry, as in one request
+                blob = fetched.get(entry[0].value)  # a value lost is no entry, as in one request
+                entry = None if blob is None else (entry[0], blob)
             out.append(entry)
         return out
 
@@ -536,12 +534,11 @@ class SshCache(Lifecycle, SshCommand, HostCompute, BaseCache):
 
     def _known_read_only(self) -> bool:
         """Read-only as the server said, if it has said yet: a first save
-        does not wait for the handshake (the server refuses it anyway)."""
-        try:
-            conn = self._connection()
-        except RemoteConnectionError:
-            return False  # the write itself says what is wrong
-        return conn.hello_received and bool(conn.hello.info.get("read_only"))
+        does not wait for the handshake (the server refuses it anyway), and
+        nothing is opened to ask (a stack whose calls all hit its local
+        layer never starts ssh; the write itself says what is wrong)."""
+        conn = self._conn
+        return conn is not None and conn.hello_received and bool(conn.hello.info.get("read_only"))
 
     # -- one-round-trip overrides ---------------------------------------------
 
@@ -569,15 +566,14 @@ class SshCache(Lifecycle, SshCommand, HostCompute, BaseCache):
     def lookup_claims(self, entries: bool = False) -> Optional[Tuple[Claims, LoadOrClaim]]:
         """The server's lookup that claims on a miss (``load_or_claim``),
         so a ``@cached`` miss costs one round trip before computing, like a
-        hit; None when there are no claims or the server predates it."""
-        try:
-            conn = self._connection()
-        except RemoteConnectionError:
-            return None  # the two steps say what is wrong, as they did
+        hit; None when there are no claims or the server predates it.
+        Nothing is opened to decide: the lookup itself connects."""
         # before the handshake, asked anyway: a first call goes out with the
         # login, as a load_value does, and a server that lacks it says so
-        if conn.hello_received and LOAD_OR_CLAIM not in (conn.hello.info.get("features") or ()):
-            return None
+        conn = self._conn
+        if conn is not None and conn.hello_received:
+            if LOAD_OR_CLAIM not in (conn.hello.info.get("features") or ()):
+                return None
         keeper = self.claim_keeper()
         if keeper is None:
             return None

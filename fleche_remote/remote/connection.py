@@ -544,7 +544,7 @@ class Connection:
                         frame = frames[0]
                         message = frame.message
                         if type(message) is Response and frame.type == MSG and not message.blobs:
-                            plain, result = not message.more, message.result  # see plain_answer
+                            plain, result = not message.more, message.result
                     if plain:
                         del self._pending[rid]
                     else:  # the general reader's bookkeeping from here on

@@ -115,14 +115,6 @@ def frame_size(frame: Frame) -> int:
     return len(frame.payload) + 64
 
 
-def plain_answer(frame: Frame) -> Optional[Response]:
-    """``frame``'s answer if it is a whole one: a result, no values, no more pages."""
-    message = frame.message
-    if frame.type == MSG and type(message) is Response and not message.blobs and not message.more:
-        return message
-    return None
-
-
 class Exchange:
     """The answer side of one request: its messages and value streams.
 

@@ -33,6 +33,7 @@ from ..codec.peek import PEEK_BUDGET
 from ..codec.values import Blob, BytesBlob, StreamBlob, VerifyingBlob, blob_digest
 from ..errors import ProtocolError, Rejected
 from ..storage.claims import Claims, Holder
+from .claims import LOAD_OR_CLAIM
 from .packing import pack_blobs, pack_small_entries
 from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
 
@@ -40,9 +41,6 @@ from .protocol import COMPACT_FEATURE, PROTOCOL_VERSION, BlobHeader, Inline
 #: ``load_entries`` with ``small_only``, records with their small values;
 #: small lookups and their answers in the protocol's compact forms.
 FEATURES = ("small_entries", COMPACT_FEATURE)
-#: Listed too by a server that takes claims (not ``--read-only``): a
-#: ``@cached`` call's lookup and, on a miss, its claim in one request.
-LOAD_OR_CLAIM_FEATURE = "load_or_claim"
 #: Listed too when the served cache hands on its rows (``Cache.hands_rows``; remote/rows.py).
 #: The rows' columns (``READ_ENTRY``) are part of what it names: other columns need another name.
 ROWS_FEATURE = "entry_rows"
@@ -223,6 +221,11 @@ def _h_load_value(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob])
     record = ctx.cache.load_records([ctx.cache._full_key(key)])[0]
     if record is None:
         raise KeyError(key)
+    return _with_value(ctx, record)
+
+
+def _with_value(ctx: Context, record: CallRecord) -> Reply:
+    """``record`` with its value streamed after it (``load_value``'s answer)."""
     return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
 
 
@@ -374,7 +377,7 @@ def _h_load_or_claim(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlo
         if record is None:
             return Reply(None)
         keeper.release(keys, holder)
-    return Reply(record, [(record.value, ctx.cache.load_blob(record.value))])
+    return _with_value(ctx, record)
 
 
 def _h_renew_claims(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) -> Reply:
@@ -398,7 +401,7 @@ def _h_claimed(ctx: Context, args: Dict[str, Any], blobs: List[IncomingBlob]) ->
 #: a read-only one drops them (its clients compute without claims).
 CLAIM_HANDLERS: Dict[str, Handler] = {
     "claim": _h_claim,
-    "load_or_claim": _h_load_or_claim,
+    LOAD_OR_CLAIM: _h_load_or_claim,
     "renew_claims": _h_renew_claims,
     "release_claims": _h_release_claims,
     "claimed": _h_claimed,
@@ -502,7 +505,7 @@ def served_features(cache: BaseCache, read_only: bool = False) -> List[str]:
     rows = getattr(cache, "hands_rows", None)
     more = [ROWS_FEATURE] if rows is not None and rows() else []
     if not read_only:
-        more.append(LOAD_OR_CLAIM_FEATURE)
+        more.append(LOAD_OR_CLAIM)  # claims are taken: not on a --read-only server
     return [*FEATURES, *more]
 
 

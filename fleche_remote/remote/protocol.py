@@ -395,7 +395,7 @@ def encode_found(rid: int, found: Any) -> bytes:
             if type(r) is not bool:
                 break
         else:
-            return _HEADER.pack(MARKER, MSG, rid, len(found) + 1) + b"\x03" + bytes(found)
+            return _HEADER.pack(MARKER, MSG, rid, len(found) + 1) + bytes((_C_BOOLS, *found))
     return encode_message(Response(rid, found), True)
 
 

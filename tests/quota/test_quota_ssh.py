@@ -8,18 +8,9 @@ from pathlib import Path
 
 from fleche_remote import Call
 from fleche_remote.config import cache_from_config
-from tests.remote.helpers import remote_dir, ssh_cache
+from tests.remote.helpers import SQL_TOML, remote_dir, ssh_cache
 
-REMOTE = """\
-[default]
-cache = "main"
-root = true
-
-[main]
-template = "sql"
-root = "store"
-max_bytes = "200 kB"
-"""
+REMOTE = SQL_TOML + 'max_bytes = "200 kB"\n'
 
 
 def test_a_remote_cache_keeps_its_own_limit_against_a_client_that_saves_more(sshd, tmp_path: Path) -> None:

@@ -108,6 +108,27 @@ def test_a_stack_claiming_in_its_write_behind_layer_misses_in_one_round_trip(
         observer.close()
 
 
+def tripled(x: int) -> int:
+    return 3 * x
+
+
+def test_a_stack_whose_calls_hit_its_local_layer_never_starts_ssh(
+    sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    laptop = {"template": "cloudpickle", "root": str(tmp_path / "laptop")}
+    local = cached(cache=cache_from_config(laptop))(tripled)
+    assert local(2) == 6  # stored on the laptop alone
+    stack = cache_from_config([laptop, ssh_table(sshd, remote_dir(tmp_path), write_behind=True)])
+    try:
+        f = cached(cache=stack)(tripled)
+        assert f.key(2) == local.key(2)
+        assert f(2) == 6
+        assert not stack.layers[-1].connected  # the claims' place was not even asked
+    finally:
+        stack.close()
+
+
 def test_two_processes_on_one_ssh_cache_compute_once(sshd: Any, tmp_path: Path) -> None:
     workdir = remote_dir(tmp_path)
     world = World(tmp_path, None)
