@@ -445,15 +445,22 @@ class FrameDecoder:
         self._buf = bytearray()
         self._whole: Optional[BytesLike] = None
         self._header: Optional[Tuple[int, int, int]] = None
+        # a read handed to next_frame_from, and how far its frames are taken
+        # (see _next_from_read); set only while _buf, _whole and _header are empty
+        self._read = b""
+        self._at = 0
         #: a compact message arrived: the peer speaks the compact forms
         self.compact_seen = False
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) + (len(self._whole) if self._whole is not None else 0)
+        whole = len(self._whole) if self._whole is not None else 0
+        return len(self._buf) + whole + len(self._read) - self._at
 
     def feed(self, data: BytesLike) -> None:
+        if self._read:
+            self._keep_rest()
         if self._header is not None and not self._buf and type(data) in (bytes, bytearray):
             if len(data) == self._header[2]:
                 self._whole = data  # exactly the awaited payload: keep it, no copy
@@ -503,6 +510,8 @@ class FrameDecoder:
             ProtocolError: garbage, an unknown frame type, an oversized
                 length, or a MSG that does not decode to a message.
         """
+        if self._read:
+            return self._next_from_read()
         if self._header is None:
             if len(self._buf) < HEADER_SIZE:
                 return NEED_DATA
@@ -548,17 +557,62 @@ class FrameDecoder:
         without passing through the buffer (a compact lookup's read-to-frame
         ~1.6 -> ~0.8 us on either end).
         """
-        if self._header is None and not self._buf and len(data) > HEADER_SIZE:
-            marker, ftype, fid, length = _HEADER.unpack_from(data)
-            if (
-                length == len(data) - HEADER_SIZE
-                and marker == MARKER
-                and ftype == MSG
-                and length <= self.max_message
-            ):
-                return self._message(fid, data[HEADER_SIZE:])
+        if self._header is None and not self._buf and not self._read and self._whole is None:
+            if len(data) > HEADER_SIZE:
+                marker, ftype, fid, length = _HEADER.unpack_from(data)
+                if (
+                    length == len(data) - HEADER_SIZE
+                    and marker == MARKER
+                    and ftype == MSG
+                    and length <= self.max_message
+                ):
+                    return self._message(fid, data[HEADER_SIZE:])
+            if type(data) is bytes:
+                self._read, self._at = data, 0
+                return self._next_from_read()
         self.feed(data)
         return self.next_frame()
+
+    def _next_from_read(self) -> Union[Frame, NeedData]:
+        """The next frame of the read :meth:`next_frame_from` kept, sliced
+        out of it: a read of several frames (a value streaming in, 256 KiB
+        frames in reads of up to 1 MiB) is not first appended to the buffer
+        and then cut out of it again, two copies of every byte; a message is
+        now copied once out of the read, a value's chunk not at all. The first
+        frame that is not whole in the read, or not as expected, and what
+        follows it go to the buffer and the usual path (which says what is
+        wrong with a bad one)."""
+        data, at = self._read, self._at
+        if len(data) - at >= HEADER_SIZE:
+            marker, ftype, fid, length = _HEADER.unpack_from(data, at)
+            start = at + HEADER_SIZE
+            end = start + length
+            if (
+                end <= len(data)
+                and marker == MARKER
+                and ftype in FRAME_TYPES
+                and length <= (self.max_message if ftype == MSG else self.max_chunk)
+                and not (ftype == END and length)
+            ):
+                if end == len(data):
+                    self._read, self._at = b"", 0
+                else:
+                    self._at = end
+                if ftype == MSG:
+                    return self._message(fid, data[start:end])
+                if ftype == DATA and length >= _SWAP_ABOVE:
+                    # a value's chunk: a view, not a copy; it keeps the read (at
+                    # most 1 MiB, mostly this and its neighbouring chunks) alive
+                    return Frame(ftype, fid, memoryview(data)[start:end])
+                return Frame(ftype, fid, data[start:end])
+        self._keep_rest()
+        return self.next_frame()
+
+    def _keep_rest(self) -> None:
+        """Move what is left of the kept read to the buffer."""
+        with memoryview(self._read) as view:
+            self._buf += view[self._at :]
+        self._read, self._at = b"", 0
 
     def lookup_from(self, data: bytes) -> Optional[Tuple[int, List[str]]]:
         """``(id, keys)`` of a read that is exactly one whole compact
@@ -566,7 +620,12 @@ class FrameDecoder:
         :meth:`next_frame_from` would decode, without the objects (the
         lookup lane, above). ``None``, with nothing consumed, for anything
         else: then call :meth:`next_frame_from`."""
-        if self._header is not None or self._buf or not data.startswith(_LOOKUP_HEAD, HEADER_SIZE):
+        if (
+            self._header is not None
+            or self._buf
+            or self._read
+            or not data.startswith(_LOOKUP_HEAD, HEADER_SIZE)
+        ):
             return None
         marker, ftype, fid, length = _HEADER.unpack_from(data)
         if marker != MARKER or ftype != MSG or length != len(data) - HEADER_SIZE or length > COMPACT_MAX:
@@ -586,7 +645,9 @@ class FrameDecoder:
         the ``Response`` :meth:`next_frame_from` would decode, without the
         objects (the lookup lane, above). ``None``, with nothing consumed,
         for anything else: then call :meth:`next_frame_from`."""
-        if self._header is not None or self._buf or len(data) <= HEADER_SIZE or data[HEADER_SIZE] != _C_BOOLS:
+        if self._header is not None or self._buf or self._read or len(data) <= HEADER_SIZE:
+            return None
+        if data[HEADER_SIZE] != _C_BOOLS:
             return None
         marker, ftype, fid, length = _HEADER.unpack_from(data)
         if fid != rid or marker != MARKER or ftype != MSG or length != len(data) - HEADER_SIZE:

@@ -138,6 +138,88 @@ def test_reads_handed_over_whole_decode_as_fed_ones(seed):
     assert decoder.buffered == 0
 
 
+def value_stream(chunks: int, size: int = 256 << 10) -> tuple[bytes, list[bytes]]:
+    """A value streaming in as the sender frames it: a request, then
+    ``chunks`` DATA frames of ``size`` distinct bytes each, then END."""
+    rng = random.Random(chunks)
+    bodies = [rng.randbytes(size) for _ in range(chunks)]
+    header = BlobHeader("bytes", {}, chunks * size, "cd" * 32)
+    req = Request(3, "save_records", {"records": [RECORD]}, [header])
+    data = encode_message(req) + b"".join(frame_header(DATA, 3, len(b)) + b for b in bodies) + encode_end(3)
+    return data, bodies
+
+
+def read_as_a_reader(decoder: FrameDecoder, data: bytes, read_size: int) -> list:
+    """What the client's and the server's readers do with ``data`` arriving
+    ``read_size`` bytes at a time: each read to ``next_frame_from`` and then
+    ``next_frame`` until it needs data; a big frame whose header has come
+    is claimed and the rest of it read straight into its buffer."""
+    got, pos = [], 0
+    while pos < len(data):
+        claim = decoder.claim_payload()
+        if claim is not None:
+            buf, have = claim
+            buf[have:] = data[pos : pos + len(buf) - have]
+            pos += len(buf) - have
+            decoder.feed_claimed(buf)
+            got.extend(drain(decoder))
+            continue
+        got.extend(drain_reads(decoder, data[pos : pos + read_size]))
+        pos += read_size
+    return got
+
+
+@pytest.mark.parametrize("read_size", [1 << 20, (1 << 20) + 64, 300 << 10, 100 << 10])
+def test_value_chunks_read_several_at_a_time_arrive_whole_and_in_order(read_size):
+    data, bodies = value_stream(9)
+    decoder = FrameDecoder()
+    got = read_as_a_reader(decoder, data, read_size)
+    assert [t for t, _, _ in got] == [MSG, *[DATA] * 9, END]
+    assert [bytes(p) for _, _, p in got[1:-1]] == bodies
+    assert decoder.buffered == 0
+
+
+def test_a_chunk_taken_from_a_read_stays_as_it_was_while_later_reads_arrive():
+    # chunks sliced out of a read are views of it: the reader's next reads
+    # must never change what an earlier chunk holds
+    data, bodies = value_stream(8)
+    decoder = FrameDecoder()
+    got = read_as_a_reader(decoder, data, 1 << 20)
+    held = [p for t, _, p in got if t == DATA]
+    assert any(isinstance(p, memoryview) for p in held)  # the view path was taken
+    read_as_a_reader(decoder, value_stream(8)[0], 1 << 20)  # another value, same decoder
+    assert [bytes(p) for p in held] == bodies
+
+
+def test_a_read_is_kept_in_order_with_what_is_fed_after_it():
+    data, expected = sample_stream()
+    head = len(encode_message(expected[0][2]))
+    cut = head + len(frame_header(DATA, 7, 3)) + 3 + 5  # the request, a chunk, part of the next
+    decoder = FrameDecoder()
+    first = decoder.next_frame_from(data[:cut])
+    assert first is not NEED_DATA and decoder.buffered == cut - head
+    lookup = encode_message(Request(1, "contains_many", {"keys": ["ab" * 32]}), True)
+    assert decoder.lookup_from(lookup) is None  # not while a read is being taken apart
+    decoder.feed(data[cut:])  # more bytes before the kept read was drained
+    got = [(first.type, first.id, first.message), *drain(decoder)]
+    assert got == expected and decoder.buffered == 0
+
+
+def test_a_bad_frame_inside_a_read_is_refused_after_the_good_ones_before_it():
+    good = encode_message(Response(1, [True])) + frame_header(DATA, 1, 70000) + b"x" * 70000
+    decoder = FrameDecoder()
+    first = decoder.next_frame_from(good + b"\x00garbage" + b"." * 64)
+    assert first.message == Response(1, [True])
+    chunk = decoder.next_frame()
+    assert (chunk.type, bytes(chunk.payload)) == (DATA, b"x" * 70000)
+    with pytest.raises(ProtocolError, match="frame marker"):
+        decoder.next_frame()
+    limited = FrameDecoder(max_chunk=100)
+    assert limited.next_frame_from(good).message == Response(1, [True])
+    with pytest.raises(ProtocolError, match="exceeds the limit of 100 bytes"):
+        limited.next_frame()
+
+
 def test_a_read_of_exactly_one_small_message_leaves_nothing_buffered():
     decoder = FrameDecoder()
     for rid in (1, 2):
