@@ -354,6 +354,64 @@ def test_bit_flipped_and_truncated_frames(frame: bytes, flips: List[int], cut: i
     assert drain(decoder) == []
 
 
+def decode_reads(data: bytes, splits: List[int], in_place: bool) -> List[Any]:
+    """Frames and the first error from ``data`` arriving in reads of the
+    given sizes: fed to the buffer, or each read handed to
+    ``next_frame_from`` as the readers do (then ``next_frame``)."""
+    decoder = FrameDecoder(max_message=256, max_chunk=64)  # limits the frames below reach
+    out: List[Any] = []
+
+    def take(frame: Any) -> bool:
+        if frame is NEED_DATA:
+            return False
+        out.append((frame.type, frame.id, frame.message if frame.type == MSG else bytes(frame.payload)))
+        return True
+
+    pos = 0
+    try:
+        for size in [*splits, len(data)]:
+            read, pos = data[pos : pos + size], pos + size
+            if not read:
+                continue
+            if in_place:
+                more = take(decoder.next_frame_from(read))
+            else:
+                decoder.feed(read)
+                more = True
+            while more:
+                more = take(decoder.next_frame())
+    except ProtocolError as exc:
+        out.append(("refused", str(exc)))
+    return out
+
+
+# frames of any type, mostly well formed: a length that mostly fits the payload
+small_frames = st.builds(
+    lambda marker, ftype, fid, payload, skew: (
+        bytes([marker, ftype, *fid.to_bytes(4, "big"), *max(0, len(payload) + skew).to_bytes(8, "big")])
+        + payload
+    ),
+    st.sampled_from([MARKER, MARKER, MARKER, 0]),
+    st.integers(0, 5),
+    st.integers(0, 9),
+    st.binary(max_size=120),
+    st.sampled_from([0, 0, 0, 0, 1, -1, 200]),
+)
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from(VALID) | small_frames | st.binary(max_size=40), min_size=1, max_size=10),
+    st.lists(st.integers(1, 700), max_size=10),
+)
+def test_reads_taken_apart_in_place_decode_as_fed_ones(pieces: List[bytes], splits: List[int]) -> None:
+    """Several frames in one read are sliced out of it; whatever the bytes
+    and however they arrive, the frames and the error must be those of the
+    buffer's way."""
+    data = b"".join(pieces)
+    assert decode_reads(data, splits, in_place=True) == decode_reads(data, splits, in_place=False)
+
+
 # -- the server -------------------------------------------------------------------
 
 
